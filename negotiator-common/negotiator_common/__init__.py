@@ -1,0 +1,21 @@
+"""
+negotiator-common: what the host and guest sides of negotiator share.
+
+- :mod:`~negotiator_common.protocol`: the wire protocol, with no I/O (line-delimited JSON-RPC 2.0).
+- :mod:`~negotiator_common.errors`: the one exception tree, with stable wire codes.
+- :mod:`~negotiator_common.transport`: bytes over one file descriptor (socket or port).
+- :mod:`~negotiator_common.endpoint`: requests out and in over a transport, routed by id.
+- :mod:`~negotiator_common.dispatcher`: the explicit registry of callable methods.
+- :mod:`~negotiator_common.commands` and :mod:`~negotiator_common.runner`: which commands
+  exist, and how one runs (argv list, no shell, bounded in time and output).
+- :mod:`~negotiator_common.service` and :mod:`~negotiator_common.client`: the four standard
+  methods, served and called.
+
+The library never configures logging (a :class:`logging.NullHandler` is installed); the CLIs do.
+"""
+
+import logging
+
+__version__ = '0.1.0'
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -1,0 +1,161 @@
+"""
+Commands written in Python that every agent offers without any installation.
+
+They read the facts that operators ask for most (the OS release, IP addresses, disk usage,
+host name, uptime) straight from the kernel and ``/etc``, in-process: no shell script, no
+``lsb_release``, no fork. Each takes an argument list like an executable would, prints text
+by default and JSON with ``--json``, and returns ``(exit_status, stdout, stderr)``.
+"""
+
+import fcntl
+import json
+import os
+import socket
+import struct
+from typing import Callable, Dict, List, Sequence, Tuple
+
+__all__ = ('BUILTIN_COMMANDS', 'BuiltinCommand')
+
+BuiltinResult = Tuple[int, bytes, bytes]
+
+_IGNORED_FILESYSTEMS = frozenset((
+    'autofs', 'binfmt_misc', 'bpf', 'cgroup', 'cgroup2', 'configfs', 'debugfs', 'devpts', 'devtmpfs',
+    'fusectl', 'hugetlbfs', 'mqueue', 'nsfs', 'proc', 'pstore', 'securityfs', 'sysfs', 'tracefs',
+    'rpc_pipefs', 'efivarfs', 'ramfs', 'squashfs', 'overlay_internal',
+))
+
+
+class BuiltinCommand(object):
+    """A named Python function that behaves like a command."""
+
+    def __init__(self, name: str, description: str, function: Callable[[Sequence[str]], BuiltinResult]) -> None:
+        self.name = name
+        self.description = description
+        self.function = function
+
+    def __call__(self, args: Sequence[str]) -> BuiltinResult:
+        return self.function(args)
+
+
+def _output(args: Sequence[str], data: object, text: str) -> BuiltinResult:
+    """Print ``data`` as JSON with ``--json``, else ``text``; refuse any other argument."""
+    unknown = [a for a in args if a != '--json']
+    if unknown:
+        return 2, b'', ('unknown argument %r (the only option is --json)\n' % unknown[0]).encode('utf-8')
+    if '--json' in args:
+        return 0, (json.dumps(data, indent=2, sort_keys=True) + '\n').encode('utf-8'), b''
+    return 0, text.encode('utf-8'), b''
+
+
+def parse_os_release(text: str) -> Dict[str, str]:
+    """Parse the ``KEY=value`` lines of os-release(5), with its shell-like quoting."""
+    facts = {}
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith('#') or '=' not in line:
+            continue
+        key, _, value = line.partition('=')
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in '"\'':
+            value = value[1:-1]
+            if line.partition('=')[2][0] == '"':
+                for escaped in ('\\\\', '\\"', '\\$', '\\`'):
+                    value = value.replace(escaped, escaped[1])
+        facts[key.strip()] = value
+    return facts
+
+
+def os_release(args: Sequence[str]) -> BuiltinResult:
+    for path in ('/etc/os-release', '/usr/lib/os-release'):
+        try:
+            with open(path, encoding='utf-8', errors='replace') as handle:
+                facts = parse_os_release(handle.read())
+            break
+        except OSError:
+            continue
+    else:
+        return 1, b'', b'neither /etc/os-release nor /usr/lib/os-release exists\n'
+    return _output(args, facts, ''.join('%s=%s\n' % item for item in sorted(facts.items())))
+
+
+def hostname(args: Sequence[str]) -> BuiltinResult:
+    name = socket.gethostname()
+    return _output(args, {'hostname': name}, name + '\n')
+
+
+def uptime(args: Sequence[str]) -> BuiltinResult:
+    with open('/proc/uptime') as handle:
+        seconds = float(handle.read().split()[0])
+    from humanfriendly import format_timespan
+    return _output(args, {'uptime_seconds': seconds}, 'up %s (%.2f seconds)\n' % (format_timespan(seconds), seconds))
+
+
+def _ipv4_address(interface: str) -> str:
+    siocgifaddr = 0x8915
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        request = struct.pack('256s', interface.encode('utf-8')[:15])
+        reply = fcntl.ioctl(probe.fileno(), siocgifaddr, request)
+    return socket.inet_ntoa(reply[20:24])
+
+
+def _ipv6_addresses() -> List[Tuple[str, str]]:
+    found = []
+    try:
+        with open('/proc/net/if_inet6') as handle:
+            for line in handle:
+                fields = line.split()
+                if len(fields) >= 6:
+                    packed = bytes.fromhex(fields[0])
+                    found.append((fields[5], socket.inet_ntop(socket.AF_INET6, packed)))
+    except OSError:
+        pass
+    return found
+
+
+def ip_addresses(args: Sequence[str]) -> BuiltinResult:
+    addresses = []  # type: List[Dict[str, str]]
+    for _, interface in socket.if_nameindex():
+        try:
+            addresses.append({'interface': interface, 'family': 'inet', 'address': _ipv4_address(interface)})
+        except OSError:
+            pass  # the interface has no IPv4 address
+    addresses.extend({'interface': i, 'family': 'inet6', 'address': a} for i, a in _ipv6_addresses())
+    text = ''.join('%(interface)s %(family)s %(address)s\n' % entry for entry in addresses)
+    return _output(args, addresses, text)
+
+
+def disk_usage(args: Sequence[str]) -> BuiltinResult:
+    filesystems = []
+    seen = set()
+    with open('/proc/mounts') as handle:
+        for line in handle:
+            fields = line.split()
+            if len(fields) < 3 or fields[2] in _IGNORED_FILESYSTEMS:
+                continue
+            mountpoint = fields[1].replace('\\040', ' ')
+            try:
+                stats = os.statvfs(mountpoint)
+            except OSError:
+                continue
+            if stats.f_blocks == 0 or mountpoint in seen:
+                continue
+            seen.add(mountpoint)
+            total = stats.f_blocks * stats.f_frsize
+            available = stats.f_bavail * stats.f_frsize
+            used = total - stats.f_bfree * stats.f_frsize
+            filesystems.append({'mountpoint': mountpoint, 'device': fields[0], 'type': fields[2],
+                                'total_bytes': total, 'used_bytes': used, 'available_bytes': available,
+                                'used_percent': round(100.0 * used / (used + available), 1) if used + available else 0.0})
+    lines = ['%-24s %8s %14s %14s %14s' % ('MOUNTPOINT', 'USED%', 'USED', 'AVAILABLE', 'TOTAL')]
+    lines.extend('%-24s %7.1f%% %14d %14d %14d' % (fs['mountpoint'], fs['used_percent'], fs['used_bytes'],
+                                                   fs['available_bytes'], fs['total_bytes']) for fs in filesystems)
+    return _output(args, filesystems, '\n'.join(lines) + '\n')
+
+
+BUILTIN_COMMANDS = {command.name: command for command in (
+    BuiltinCommand('os-release', 'the operating system release (/etc/os-release)', os_release),
+    BuiltinCommand('hostname', 'the host name', hostname),
+    BuiltinCommand('uptime', 'time since boot', uptime),
+    BuiltinCommand('ip-addresses', 'IPv4 and IPv6 addresses by interface', ip_addresses),
+    BuiltinCommand('disk-usage', 'size, use and free space of each mounted file system', disk_usage),
+)}  # type: Dict[str, BuiltinCommand]
+"""Built-in commands by name; a file of the same name in a commands directory takes precedence."""

@@ -1,0 +1,281 @@
+"""
+One side of a channel: it sends requests and serves requests at the same time.
+
+An :class:`Endpoint` puts the protocol of :mod:`negotiator_common.protocol` on a
+:class:`~negotiator_common.transport.Transport`. One reading thread decodes lines and routes
+them: replies go to the caller waiting for that id (unknown ids are dropped with a log line),
+requests go to the :class:`~negotiator_common.dispatcher.Dispatcher`, cheap methods on the
+reading thread and the others on threads of their own (at most ``max_concurrent`` at once;
+more get a :class:`~negotiator_common.errors.LimitExceeded` reply). Every call has a timeout.
+
+A client starts with :meth:`Endpoint.handshake`, the resynchronisation of ``docs/protocol.rst``
+("Resynchronisation"): a virtio-serial port keeps bytes across clients, so a new client sends
+a newline (ending any partial line left behind) and ``hello`` with a fresh random id, and
+drops every line until the reply to that ``hello`` arrives.
+"""
+
+import itertools
+import logging
+import threading
+import time
+import uuid
+from typing import Any, Callable, Dict, Optional
+
+from negotiator_common.dispatcher import CallContext, Dispatcher
+from negotiator_common.errors import (
+    CallTimeout, ConnectionClosed, LimitExceeded, MethodNotFound, NegotiatorError,
+)
+from negotiator_common.protocol import (
+    DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, DecodeError, LineDecoder, Message, Notification,
+    Request, Response, encode_message,
+)
+from negotiator_common.transport import Transport
+
+__all__ = ('Endpoint', 'DEFAULT_TIMEOUT', 'DEFAULT_MAX_CONCURRENT', 'REPLY_WRITE_TIMEOUT')
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds that a call waits for its reply unless the caller says otherwise."""
+
+DEFAULT_MAX_CONCURRENT = 16
+"""Requests that one connection may have running at once; more are refused, not queued."""
+
+REPLY_WRITE_TIMEOUT = 60.0
+"""Seconds a reply may wait for a peer that does not read, before the connection is dropped."""
+
+_log = logging.getLogger(__name__)
+
+
+class _PendingCall(object):
+    __slots__ = ('method', 'done', 'response', 'on_notification')
+
+    def __init__(self, method: str, on_notification: Optional[Callable[[Dict[str, Any]], None]]) -> None:
+        self.method = method
+        self.done = threading.Event()
+        self.response = None  # type: Optional[Response]
+        self.on_notification = on_notification
+
+
+class Endpoint(object):
+    """
+    Requests out, requests in, over one transport.
+
+    :param transport: the channel's :class:`Transport`.
+    :param dispatcher: the methods this side serves (None: a pure client).
+    :param name: names the peer in logs (a guest's name on the host); handlers see it as
+                 ``context.peer``.
+    """
+
+    def __init__(self, transport: Transport, dispatcher: Optional[Dispatcher] = None, name: str = 'peer',
+                 max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+                 max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> None:
+        self.transport = transport
+        self.dispatcher = dispatcher
+        self.name = name
+        self.log = _log.getChild(name.replace('.', '_') or 'peer')
+        self._decoder = LineDecoder(max_line_length)
+        self._pending = {}  # type: Dict[Any, _PendingCall]
+        self._pending_lock = threading.Lock()
+        self._ids = itertools.count(1)
+        self._handler_slots = threading.BoundedSemaphore(max_concurrent)
+        self._sync_id = None  # type: Any
+        self._closed = threading.Event()
+        self._cancelled = threading.Event()
+        self._reader = None  # type: Optional[threading.Thread]
+        self.close_reason = ''
+
+    # Lifecycle.
+
+    def start(self) -> 'Endpoint':
+        """Start the reading thread (a daemon thread); return self."""
+        self._reader = threading.Thread(target=self.run, name='negotiator-reader-%s' % self.name)
+        self._reader.daemon = True
+        self._reader.start()
+        return self
+
+    def run(self) -> None:
+        """Read and route messages on the calling thread until end of stream or :meth:`close`."""
+        reason = 'peer closed the channel'
+        try:
+            while not self._closed.is_set():
+                data = self.transport.read()
+                if not data:
+                    break
+                for event in self._decoder.feed(data):
+                    self._handle(event)
+        except ConnectionClosed:
+            reason = 'closed locally'
+        except OSError as exc:
+            reason = 'read failed: %s' % exc
+            self.log.warning("Reading from %s failed: %s", self.name, exc)
+        finally:
+            self.close(reason)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    def wait_closed(self, timeout: Optional[float] = None) -> bool:
+        """Block until the endpoint is closed; return False if ``timeout`` passed first."""
+        return self._closed.wait(timeout)
+
+    def close(self, reason: str = 'closed locally') -> None:
+        """Close the channel: waiting calls fail with :class:`ConnectionClosed`, handlers are cancelled."""
+        if self._closed.is_set():
+            return
+        self.close_reason = reason
+        self._closed.set()
+        self._cancelled.set()
+        self.log.debug("Connection to %s closed: %s", self.name, reason)
+        self.transport.close()
+        with self._pending_lock:
+            pending, self._pending = self._pending, {}
+        for call in pending.values():
+            call.response = Response(None, error=ConnectionClosed(
+                'connection to %s closed before the reply to %s arrived (%s)' % (self.name, call.method, reason)))
+            call.done.set()
+
+    def __enter__(self) -> 'Endpoint':
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # Calling the peer.
+
+    def handshake(self, timeout: Optional[float] = DEFAULT_TIMEOUT, agent: str = '') -> Dict[str, Any]:
+        """
+        Resynchronise with the peer and exchange ``hello``; return the peer's hello result.
+
+        Every line that arrives before the reply to this ``hello`` is dropped: it belongs to an
+        earlier client of the same port.
+        """
+        sync_id = 'hello-' + uuid.uuid4().hex
+        self._sync_id = sync_id
+        self.transport.write_all(b'\n', self._deadline(timeout))
+        result = self._call(Request(sync_id, 'hello', {'protocol': PROTOCOL_VERSION, 'agent': agent}),
+                            timeout, None)
+        return result if isinstance(result, dict) else {}
+
+    def call(self, method: str, params: Optional[Dict[str, Any]] = None, timeout: Optional[float] = DEFAULT_TIMEOUT,
+             on_notification: Optional[Callable[[Dict[str, Any]], None]] = None) -> Any:
+        """
+        Call ``method`` and return its result, or raise the error the peer replied with.
+
+        ``timeout`` bounds the whole call in seconds (None: no bound). ``on_notification``
+        receives the params of every notification the peer sends about this call (streamed
+        command output), on the reading thread, in order.
+        """
+        return self._call(Request(next(self._ids), method, params), timeout, on_notification)
+
+    def _call(self, request: Request, timeout: Optional[float],
+              on_notification: Optional[Callable[[Dict[str, Any]], None]]) -> Any:
+        deadline = self._deadline(timeout)
+        call = _PendingCall(request.method, on_notification)
+        with self._pending_lock:
+            if self._closed.is_set():
+                raise ConnectionClosed('connection to %s is closed (%s)' % (self.name, self.close_reason))
+            self._pending[request.id] = call
+        try:
+            self._send(request, deadline)
+            if not call.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+                raise CallTimeout('%s did not reply to %s within %s seconds' % (self.name, request.method, timeout))
+        finally:
+            with self._pending_lock:
+                self._pending.pop(request.id, None)
+        response = call.response
+        if response is None:  # pragma: no cover (done is only set with a response)
+            raise ConnectionClosed('no reply from %s' % self.name)
+        if response.error is not None:
+            raise response.error
+        return response.result
+
+    def notify(self, notification: Notification) -> None:
+        """Send a notification (no reply expected); dropped silently once the channel is closed."""
+        self._send(notification, self._deadline(REPLY_WRITE_TIMEOUT))
+
+    # Internals.
+
+    @staticmethod
+    def _deadline(timeout: Optional[float]) -> Optional[float]:
+        return None if timeout is None else time.monotonic() + timeout
+
+    def _send(self, message: Message, deadline: Optional[float]) -> None:
+        if self._closed.is_set():
+            if isinstance(message, Request):
+                raise ConnectionClosed('connection to %s is closed (%s)' % (self.name, self.close_reason))
+            return
+        self.log.debug("Sending %r to %s", message, self.name)
+        try:
+            self.transport.write_all(encode_message(message), deadline)
+        except CallTimeout:
+            if isinstance(message, Request):
+                raise
+            self.close('peer stopped reading: a reply could not be written in time')
+        except ConnectionClosed as exc:
+            self.close(str(exc))
+            if isinstance(message, Request):
+                raise
+
+    def _handle(self, event: Any) -> None:
+        if self._sync_id is not None:
+            if isinstance(event, Response) and event.id == self._sync_id:
+                self._sync_id = None
+            else:
+                self.log.debug("Dropping %r from %s while resynchronising", event, self.name)
+                return
+        if isinstance(event, Response):
+            self._route_response(event)
+        elif isinstance(event, Request):
+            self._serve(event)
+        elif isinstance(event, Notification):
+            self._route_notification(event)
+        elif isinstance(event, DecodeError):
+            self.log.warning("Bad line from %s: %s", self.name, event.error)
+            if self.dispatcher is not None:
+                self._send(Response(event.id, error=event.error), self._deadline(REPLY_WRITE_TIMEOUT))
+
+    def _route_response(self, response: Response) -> None:
+        with self._pending_lock:
+            call = self._pending.get(response.id)
+        if call is None:
+            self.log.info("Dropping reply from %s to unknown request id %r", self.name, response.id)
+            return
+        call.response = response
+        call.done.set()
+
+    def _route_notification(self, notification: Notification) -> None:
+        params = notification.params if isinstance(notification.params, dict) else {}
+        with self._pending_lock:
+            call = self._pending.get(params.get('id'))
+        if call is not None and call.on_notification is not None:
+            call.on_notification(params)
+        else:
+            self.log.debug("Dropping %r from %s: no call waits for it", notification, self.name)
+
+    def _serve(self, request: Request) -> None:
+        if self.dispatcher is None:
+            self._reply(Response(request.id, error=MethodNotFound('%s serves no methods' % self.name)))
+            return
+        context = CallContext(request.id, peer=self.name, notify=self.notify, cancelled=self._cancelled)
+        if self.dispatcher.is_inline(request.method):
+            self._reply(self.dispatcher.dispatch(request, context))
+            return
+        if not self._handler_slots.acquire(blocking=False):
+            self._reply(Response(request.id, error=LimitExceeded(
+                'too many requests in flight on this connection; try again when one has finished')))
+            return
+        worker = threading.Thread(target=self._serve_in_thread, args=(request, context),
+                                  name='negotiator-%s-%s' % (request.method, request.id))
+        worker.daemon = True
+        worker.start()
+
+    def _serve_in_thread(self, request: Request, context: CallContext) -> None:
+        try:
+            self._reply(self.dispatcher.dispatch(request, context))  # type: ignore
+        except NegotiatorError as exc:
+            self.log.debug("Reply to %r not sent: %s", request, exc)
+        finally:
+            self._handler_slots.release()
+
+    def _reply(self, response: Response) -> None:
+        self._send(response, self._deadline(REPLY_WRITE_TIMEOUT))

@@ -1,0 +1,288 @@
+"""
+The wire protocol, with no I/O: bytes in, messages out; messages in, bytes out.
+
+Framing and message shapes follow ``docs/protocol.rst`` (sections "Framing" and "Messages"):
+each message is one JSON-RPC 2.0 object, encoded as UTF-8 JSON on a single line ending in
+``\\n``. :class:`LineDecoder` is fed byte chunks of any size and returns events; it never
+raises on bad input and never holds more than ``max_line_length`` bytes, whatever it is fed.
+The caller owns the transport, as in h11: the same core serves sockets and character devices.
+"""
+
+import base64
+import json
+from typing import Any, Dict, List, Optional, Union
+
+from negotiator_common.errors import (
+    InvalidRequest, MessageTooLarge, NegotiatorError, ParseError, ProtocolError, error_from_wire,
+)
+
+__all__ = (
+    'PROTOCOL_VERSION', 'DEFAULT_MAX_LINE_LENGTH', 'Request', 'Response', 'Notification',
+    'DecodeError', 'Message', 'Event', 'LineDecoder', 'encode_message', 'encode_bytes',
+    'decode_bytes', 'valid_id',
+)
+
+PROTOCOL_VERSION = 1
+"""The version of the protocol that this code speaks (exchanged by ``hello``)."""
+
+DEFAULT_MAX_LINE_LENGTH = 16 * 1024 * 1024
+"""The longest line (without its newline) that a decoder accepts by default: 16 MiB."""
+
+MAX_NESTING = 64
+"""JSON deeper than this is refused as invalid, before it can exhaust the parser's stack."""
+
+
+class Request(object):
+    """A call that expects a reply with the same ``id``."""
+
+    __slots__ = ('id', 'method', 'params')
+
+    def __init__(self, id: Any, method: str, params: Any = None) -> None:
+        self.id = id
+        self.method = method
+        self.params = {} if params is None else params
+
+    def to_wire(self) -> Dict[str, Any]:
+        message = {'jsonrpc': '2.0', 'id': self.id, 'method': self.method}  # type: Dict[str, Any]
+        if self.params:
+            message['params'] = self.params
+        return message
+
+    def __repr__(self) -> str:
+        return 'Request(id=%r, method=%r)' % (self.id, self.method)
+
+
+class Notification(object):
+    """A one-way message (no ``id``, no reply): used for streamed command output."""
+
+    __slots__ = ('method', 'params')
+
+    def __init__(self, method: str, params: Any = None) -> None:
+        self.method = method
+        self.params = {} if params is None else params
+
+    def to_wire(self) -> Dict[str, Any]:
+        return {'jsonrpc': '2.0', 'method': self.method, 'params': self.params}
+
+    def __repr__(self) -> str:
+        return 'Notification(method=%r)' % (self.method,)
+
+
+class Response(object):
+    """The reply to a request: a ``result``, or an ``error`` (a :class:`NegotiatorError`)."""
+
+    __slots__ = ('id', 'result', 'error')
+
+    def __init__(self, id: Any, result: Any = None, error: Optional[NegotiatorError] = None) -> None:
+        self.id = id
+        self.result = result
+        self.error = error
+
+    def to_wire(self) -> Dict[str, Any]:
+        message = {'jsonrpc': '2.0', 'id': self.id}  # type: Dict[str, Any]
+        if self.error is not None:
+            message['error'] = self.error.to_wire()
+        else:
+            message['result'] = self.result
+        return message
+
+    def __repr__(self) -> str:
+        return 'Response(id=%r, %s)' % (self.id, 'error=%r' % self.error if self.error else 'ok')
+
+
+class DecodeError(object):
+    """
+    An event that reports a bad line (the decoder carries on with the next line).
+
+    ``error`` is the :class:`ProtocolError` to answer with; ``id`` is the request id when the
+    line was a recognisable request with bad fields (so the reply can name it), else None.
+    """
+
+    __slots__ = ('error', 'id')
+
+    def __init__(self, error: ProtocolError, id: Any = None) -> None:
+        self.error = error
+        self.id = id
+
+    def __repr__(self) -> str:
+        return 'DecodeError(%r, id=%r)' % (self.error, self.id)
+
+
+Message = Union[Request, Notification, Response]
+Event = Union[Request, Notification, Response, DecodeError]
+
+
+def valid_id(value: Any) -> bool:
+    """JSON-RPC ids this protocol accepts: strings, integers (not booleans) and null."""
+    return value is None or isinstance(value, str) or (isinstance(value, int) and not isinstance(value, bool))
+
+
+def encode_message(message: Message) -> bytes:
+    """One message as one line of bytes (``json.dumps`` escapes every newline inside strings)."""
+    return json.dumps(message.to_wire(), ensure_ascii=False, separators=(',', ':'),
+                      allow_nan=False).encode('utf-8', 'surrogateescape') + b'\n'
+
+
+def encode_bytes(data: bytes, name: str) -> Dict[str, str]:
+    """Carry bytes as ``{name: text}`` when they are valid UTF-8, else as ``{name_b64: base64}``."""
+    try:
+        return {name: data.decode('utf-8')}
+    except UnicodeDecodeError:
+        return {name + '_b64': base64.b64encode(data).decode('ascii')}
+
+
+def decode_bytes(fields: Dict[str, Any], name: str, default: Optional[bytes] = b'') -> Optional[bytes]:
+    """The inverse of :func:`encode_bytes`; raises :class:`ValueError` on a field of the wrong type."""
+    if name + '_b64' in fields:
+        value = fields[name + '_b64']
+        if not isinstance(value, str):
+            raise ValueError('%s_b64 must be a string' % name)
+        return base64.b64decode(value.encode('ascii'), validate=True)
+    if name in fields:
+        value = fields[name]
+        if not isinstance(value, str):
+            raise ValueError('%s must be a string' % name)
+        return value.encode('utf-8')
+    return default
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError('%s is not valid JSON' % name)
+
+
+def _reject_duplicates(pairs: List[Any]) -> Dict[str, Any]:
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise ValueError('duplicate keys in a JSON object')
+    return result
+
+
+def _nesting_depth_exceeds(line: bytes, limit: int) -> bool:
+    """Cheap pre-check: count bracket depth outside strings, so json never recurses too deep."""
+    depth = 0
+    in_string = False
+    escaped = False
+    # Most lines are shallow: skip the byte-by-byte scan when there are few brackets at all.
+    if line.count(b'[') + line.count(b'{') <= limit:
+        return False
+    for byte in line:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif byte == 0x5C:  # backslash
+                escaped = True
+            elif byte == 0x22:  # quote
+                in_string = False
+        elif byte == 0x22:
+            in_string = True
+        elif byte in (0x5B, 0x7B):
+            depth += 1
+            if depth > limit:
+                return True
+        elif byte in (0x5D, 0x7D):
+            depth -= 1
+    return False
+
+
+def parse_line(line: bytes) -> Event:
+    """Parse one line (without its newline) into a message, or a :class:`DecodeError`."""
+    try:
+        text = line.decode('utf-8')
+    except UnicodeDecodeError as exc:
+        return DecodeError(ParseError('line is not valid UTF-8: %s' % exc))
+    if _nesting_depth_exceeds(line, MAX_NESTING):
+        return DecodeError(InvalidRequest('JSON nested deeper than %d levels' % MAX_NESTING))
+    try:
+        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicates)
+    except (ValueError, RecursionError) as exc:
+        return DecodeError(ParseError('line is not valid JSON: %s' % exc))
+    return _message_from_value(value)
+
+
+def _message_from_value(value: Any) -> Event:
+    if not isinstance(value, dict):
+        return DecodeError(InvalidRequest('a message must be a JSON object, not %s' % type(value).__name__))
+    has_id = 'id' in value
+    msg_id = value.get('id')
+    reply_id = msg_id if valid_id(msg_id) else None
+    if value.get('jsonrpc') != '2.0':
+        return DecodeError(InvalidRequest('"jsonrpc" must be "2.0"'), reply_id)
+    if has_id and not valid_id(msg_id):
+        return DecodeError(InvalidRequest('"id" must be a string, an integer or null'))
+    if 'method' in value:
+        method = value['method']
+        params = value.get('params', {})
+        if not isinstance(method, str):
+            return DecodeError(InvalidRequest('"method" must be a string'), reply_id)
+        if not isinstance(params, (dict, list)):
+            return DecodeError(InvalidRequest('"params" must be an object or an array'), reply_id)
+        if 'result' in value or 'error' in value:
+            return DecodeError(InvalidRequest('a request cannot carry "result" or "error"'), reply_id)
+        if not has_id:
+            return Notification(method, params)
+        return Request(msg_id, method, params)
+    if not has_id:
+        return DecodeError(InvalidRequest('a response must have an "id"'))
+    if ('result' in value) == ('error' in value):
+        return DecodeError(InvalidRequest('a response carries exactly one of "result" and "error"'))
+    if 'error' in value:
+        return Response(msg_id, error=error_from_wire(value['error']))
+    return Response(msg_id, result=value['result'])
+
+
+class LineDecoder(object):
+    """
+    Turn a byte stream into messages, one per line, within a fixed memory bound.
+
+    Feed it chunks of any size with :meth:`feed`; it returns the events completed so far.
+    A line longer than ``max_line_length`` is dropped up to its newline and reported once
+    as a :class:`DecodeError` with :class:`MessageTooLarge`; blank lines are ignored.
+    """
+
+    def __init__(self, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
+        if max_line_length < 1:
+            raise ValueError('max_line_length must be positive')
+        self.max_line_length = max_line_length
+        self._buffer = bytearray()
+        self._discarding = False
+
+    @property
+    def buffered(self) -> int:
+        """How many bytes of an incomplete line the decoder holds (never above the maximum)."""
+        return len(self._buffer)
+
+    def reset(self) -> None:
+        """Forget any partial line (the peer went away; the next bytes start afresh)."""
+        self._buffer = bytearray()
+        self._discarding = False
+
+    def feed(self, data: bytes) -> List[Event]:
+        """Take a chunk of bytes; return every event that the chunk completed, in order."""
+        events = []  # type: List[Event]
+        position, end = 0, len(data)
+        while position < end:
+            newline = data.find(b'\n', position)
+            if self._discarding:
+                if newline < 0:
+                    break
+                position, self._discarding = newline + 1, False
+                continue
+            stop = end if newline < 0 else newline
+            if len(self._buffer) + stop - position > self.max_line_length:
+                events.append(DecodeError(MessageTooLarge(
+                    'line longer than %d bytes discarded' % self.max_line_length)))
+                self._buffer = bytearray()
+                if newline < 0:
+                    self._discarding = True
+                    break
+                position = newline + 1
+                continue
+            self._buffer += data[position:stop]
+            if newline < 0:
+                break
+            position = newline + 1
+            line = bytes(self._buffer).strip()
+            self._buffer = bytearray()
+            if line:
+                events.append(parse_line(line))
+        return events

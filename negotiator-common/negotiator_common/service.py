@@ -1,0 +1,175 @@
+"""
+The methods that every negotiator agent serves: ``hello``, ``ping``, ``list_commands``, ``execute``.
+
+The guest daemon and the host daemon serve the same four methods (``docs/protocol.rst``,
+"Methods"); they differ only in which commands they offer, who may run them (``policy``) and
+which ``NEGOTIATOR_*`` variables a command sees. :class:`AgentService` holds those choices and
+registers the methods on a :class:`~negotiator_common.dispatcher.Dispatcher`.
+"""
+
+import logging
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+from negotiator_common import __version__
+from negotiator_common.commands import CommandInfo, CommandRegistry
+from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
+from negotiator_common.errors import (
+    CommandFailed, CommandNotAllowed, CommandNotFound, InvalidParams, LimitExceeded, CommandTimedOut,
+)
+from negotiator_common.protocol import (
+    DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, Notification, decode_bytes, encode_bytes,
+)
+from negotiator_common.runner import run_process
+
+__all__ = ('AgentService', 'Limits', 'Policy', 'CAPABILITIES')
+
+logger = logging.getLogger(__name__)
+
+CAPABILITIES = ('ping', 'list_commands', 'execute', 'stream')
+"""What ``hello`` announces; ``stream`` means ``execute`` can send its output as notifications."""
+
+Policy = Callable[[str, str], bool]
+"""``policy(peer, command_name)``: may this peer run this command?"""
+
+
+class Limits(object):
+    """The resource bounds of one agent (each a number of bytes or seconds; see the spec's "Limits")."""
+
+    def __init__(self, max_line_length: int = DEFAULT_MAX_LINE_LENGTH, max_stdin: int = 8 * 1024 * 1024,
+                 max_args: int = 1024 * 1024, max_collected_output: int = 4 * 1024 * 1024,
+                 max_streamed_output: int = 1024 * 1024 * 1024, default_timeout: float = 60.0,
+                 max_timeout: float = 24 * 3600.0) -> None:
+        self.max_line_length = max_line_length
+        self.max_stdin = max_stdin
+        self.max_args = max_args
+        self.max_collected_output = max_collected_output
+        self.max_streamed_output = max_streamed_output
+        self.default_timeout = default_timeout
+        self.max_timeout = max_timeout
+
+    def to_wire(self) -> Dict[str, Any]:
+        return dict(vars(self))
+
+
+def _allow_everything(peer: str, command: str) -> bool:
+    return True
+
+
+class AgentService(object):
+    """
+    The standard methods, bound to one command registry and policy.
+
+    :param agent: names this side in ``hello`` (``negotiator-guest`` or ``negotiator-host``).
+    :param environment: ``NEGOTIATOR_*`` variables for a command, from the caller's name
+                        (the host daemon sets ``NEGOTIATOR_GUEST``).
+    """
+
+    def __init__(self, agent: str, registry: CommandRegistry, version: str = __version__,
+                 policy: Policy = _allow_everything, limits: Optional[Limits] = None,
+                 environment: Optional[Callable[[str], Dict[str, str]]] = None) -> None:
+        self.agent = agent
+        self.version = version
+        self.registry = registry
+        self.policy = policy
+        self.limits = limits or Limits()
+        self.environment = environment or (lambda peer: {})
+
+    def register(self, dispatcher: Dispatcher) -> Dispatcher:
+        dispatcher.register('hello', self.hello, inline=True)
+        dispatcher.register('ping', self.ping, inline=True)
+        dispatcher.register('list_commands', self.list_commands)
+        dispatcher.register('execute', self.execute)
+        return dispatcher
+
+    def dispatcher(self) -> Dispatcher:
+        """A new dispatcher with the four methods registered."""
+        return self.register(Dispatcher())
+
+    def hello(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
+        return {'protocol': PROTOCOL_VERSION, 'agent': self.agent, 'version': self.version,
+                'capabilities': list(CAPABILITIES), 'limits': self.limits.to_wire()}
+
+    def ping(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
+        return {'time': time.time()}
+
+    def list_commands(self, params: Dict[str, Any], context: CallContext) -> Dict[str, List[Dict[str, Any]]]:
+        commands = [c for c in self.registry.list() if self.policy(context.peer, c.name)]
+        return {'commands': [c.to_wire() for c in commands]}
+
+    def _resolve(self, name: object, peer: str) -> CommandInfo:
+        command = self.registry.resolve(name)
+        if not self.policy(peer, command.name):
+            logger.warning("Refused %s for %s: not allowed by the policy", command.name, peer or 'the peer')
+            raise CommandNotAllowed('%s may not run %r (the policy does not allow it)' % (peer or 'this peer', command.name))
+        return command
+
+    def _parse_execute(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        args = get_param(params, 'args', (list,), [])
+        if not all(isinstance(a, str) for a in args):
+            raise InvalidParams('every argument must be a string')
+        if any('\0' in a for a in args):
+            raise InvalidParams('arguments cannot contain NUL characters')
+        if sum(len(a.encode('utf-8', 'surrogatepass')) + 1 for a in args) > self.limits.max_args:
+            raise LimitExceeded('arguments exceed %d bytes' % self.limits.max_args)
+        try:
+            stdin = decode_bytes(params, 'stdin')
+        except ValueError as exc:
+            raise InvalidParams('bad stdin: %s' % exc) from exc
+        if len(stdin or b'') > self.limits.max_stdin:
+            raise LimitExceeded('stdin exceeds %d bytes' % self.limits.max_stdin)
+        timeout = get_param(params, 'timeout', (int, float, type(None)), None)
+        if timeout is not None and not 0 < timeout <= self.limits.max_timeout:
+            raise InvalidParams('timeout must be above 0 and at most %s seconds' % self.limits.max_timeout)
+        return {'args': args, 'stdin': stdin or b'', 'stream': get_param(params, 'stream', (bool,), False),
+                'check': get_param(params, 'check', (bool,), False),
+                'timeout': self.limits.default_timeout if timeout is None else float(timeout)}
+
+    def execute(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
+        command = self._resolve(get_param(params, 'command', (str,)), context.peer)
+        options = self._parse_execute(params)
+        collected = {'stdout': bytearray(), 'stderr': bytearray()}
+
+        def on_output(stream: str, chunk: bytes) -> None:
+            if options['stream']:
+                data = {'id': context.request_id, 'stream': stream}
+                data.update(encode_bytes(chunk, 'data'))
+                context.notify(Notification('output', data))
+            else:
+                collected[stream] += chunk
+
+        max_output = self.limits.max_streamed_output if options['stream'] else self.limits.max_collected_output
+        if command.builtin is not None:
+            started = time.monotonic()
+            exit_status, stdout, stderr = command.builtin(options['args'])
+            result = {'exit_status': exit_status, 'signal': None, 'duration': time.monotonic() - started,
+                      'stdout_truncated': False, 'stderr_truncated': False}
+            on_output('stdout', stdout)
+            on_output('stderr', stderr)
+        else:
+            assert command.path is not None
+            environment = {'NEGOTIATOR_COMMAND': command.name}
+            environment.update(self.environment(context.peer))
+            logger.info("Running %s for %s", command.name, context.peer or 'the peer')
+            process = run_process([command.path] + options['args'], stdin=options['stdin'],
+                                  timeout=options['timeout'], max_output=max_output, on_output=on_output,
+                                  environment=environment, cancelled=context.cancelled)
+            result = {'exit_status': process.exit_status, 'signal': process.signal, 'duration': process.duration,
+                      'stdout_truncated': process.stdout_truncated, 'stderr_truncated': process.stderr_truncated}
+            if process.timed_out:
+                result.update(self._output_fields(collected, options['stream']))
+                raise CommandTimedOut('%s ran longer than %s seconds and was killed' % (
+                    command.name, options['timeout']), result)
+        result.update(self._output_fields(collected, options['stream']))
+        if options['check'] and result['exit_status'] != 0:
+            raise CommandFailed('%s exited with status %s' % (command.name, result['exit_status']), result)
+        return result
+
+    @staticmethod
+    def _output_fields(collected: Dict[str, bytearray], streamed: bool) -> Dict[str, Any]:
+        if streamed:
+            return {'streamed': True}
+        fields = {'streamed': False}  # type: Dict[str, Any]
+        for name, data in collected.items():
+            fields.update(encode_bytes(bytes(data), name))
+        return fields

@@ -1,0 +1,138 @@
+"""
+A thin byte transport over one file descriptor: a UNIX socket or a virtio-serial port.
+
+Both ends of a negotiator channel are plain file descriptors, so one small class serves both:
+non-blocking I/O driven by ``poll()``, so that every wait has a deadline and another thread
+can wake a blocked reader (:meth:`Transport.close`) without closing the descriptor under it.
+It knows nothing of messages; :mod:`negotiator_common.endpoint` puts the protocol on top.
+
+Two facts of virtio-serial ports shape it (``docs/protocol.rst``, "Transports"): with no host
+connected, ``read()`` returns 0 bytes at once and ``poll()`` reports POLLHUP at once, so EOF
+is reported to the caller instead of being retried here; and a ``write()`` may be partial, so
+:meth:`Transport.write_all` loops.
+"""
+
+import errno
+import os
+import select
+import socket
+import threading
+import time
+from typing import Optional
+
+from negotiator_common.errors import CallTimeout, ConnectionClosed
+
+__all__ = ('Transport', 'READ_SIZE')
+
+READ_SIZE = 256 * 1024
+"""How much one read asks for: large enough to move 64 MiB outputs in few system calls."""
+
+_EOF_ERRNOS = (errno.EIO, errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
+
+
+class Transport(object):
+    """
+    Non-blocking reads and writes on one descriptor, each bounded by an optional deadline.
+
+    ``owner`` keeps the object that owns the descriptor (a :class:`socket.socket`) alive.
+    With ``close_fd=False`` the descriptor outlives the transport: a guest daemon reuses its
+    port for one host session after another.
+    """
+
+    def __init__(self, fd: int, close_fd: bool = True, owner: object = None) -> None:
+        self.fd = fd
+        self._close_fd = close_fd
+        self._owner = owner
+        self._closed = False
+        self._lock = threading.Lock()
+        os.set_blocking(fd, False)
+        self._wake_read, self._wake_write = os.pipe()
+
+    @classmethod
+    def from_socket(cls, sock: socket.socket) -> 'Transport':
+        """Wrap a connected socket; the transport closes it when closed."""
+        return cls(sock.fileno(), close_fd=False, owner=sock)
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _wait(self, events: int, deadline: Optional[float]) -> int:
+        """Wait until the descriptor is ready for ``events``; return the poll flags seen."""
+        poller = select.poll()
+        poller.register(self.fd, events)
+        poller.register(self._wake_read, select.POLLIN)
+        while True:
+            if self._closed:
+                raise ConnectionClosed('channel closed locally')
+            if deadline is None:
+                timeout_ms = None
+            else:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise CallTimeout('channel not ready within the timeout')
+                timeout_ms = max(1, int(remaining * 1000))
+            for fd, flags in poller.poll(timeout_ms):
+                if fd == self.fd:
+                    return flags
+            # Only the wake-up pipe fired (or the poll timed out): loop to re-check.
+
+    def read(self, size: int = READ_SIZE, deadline: Optional[float] = None) -> bytes:
+        """
+        Read up to ``size`` bytes; ``b''`` means end of stream (for a port: no host connected).
+
+        Raises :class:`ConnectionClosed` when :meth:`close` is called while waiting, and
+        :class:`CallTimeout` when ``deadline`` (a :func:`time.monotonic` value) passes.
+        """
+        while True:
+            self._wait(select.POLLIN, deadline)
+            try:
+                return os.read(self.fd, size)
+            except BlockingIOError:
+                continue
+            except OSError as exc:
+                if exc.errno in _EOF_ERRNOS:
+                    return b''
+                raise
+
+    def write_all(self, data: bytes, deadline: Optional[float] = None) -> None:
+        """Write every byte, looping over partial writes (a port may take 32 KiB of 1 MiB)."""
+        view = memoryview(data)
+        with self._lock:
+            while view:
+                try:
+                    written = os.write(self.fd, view)
+                except BlockingIOError:
+                    flags = self._wait(select.POLLOUT, deadline)
+                    if flags & (select.POLLERR | select.POLLNVAL):
+                        raise ConnectionClosed('channel failed while writing')
+                    continue
+                except OSError as exc:
+                    if exc.errno in _EOF_ERRNOS or exc.errno == errno.ENODEV:
+                        raise ConnectionClosed('peer closed the channel: %s' % exc) from exc
+                    raise
+                view = view[written:]
+
+    def close(self) -> None:
+        """Wake any thread blocked in :meth:`read` or :meth:`write_all`, then release the descriptor."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            os.write(self._wake_write, b'x')
+        except OSError:
+            pass
+        # Take the write lock so that no writer is between poll() and write() on a closed fd.
+        with self._lock:
+            if self._close_fd:
+                os.close(self.fd)
+            if isinstance(self._owner, socket.socket):
+                self._owner.close()
+
+    def __del__(self) -> None:
+        # The wake-up pipe is released last, when no thread can still be polling it.
+        for fd in (self._wake_read, self._wake_write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
