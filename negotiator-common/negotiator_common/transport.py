@@ -44,7 +44,8 @@ class Transport(object):
         self._close_fd = close_fd
         self._owner = owner
         self._closed = False
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # held while writing
+        self._read_lock = threading.Lock()  # held while reading
         os.set_blocking(fd, False)
         self._wake_read, self._wake_write = os.pipe()
 
@@ -84,16 +85,17 @@ class Transport(object):
         Raises :class:`ConnectionClosed` when :meth:`close` is called while waiting, and
         :class:`CallTimeout` when ``deadline`` (a :func:`time.monotonic` value) passes.
         """
-        while True:
-            self._wait(select.POLLIN, deadline)
-            try:
-                return os.read(self.fd, size)
-            except BlockingIOError:
-                continue
-            except OSError as exc:
-                if exc.errno in _EOF_ERRNOS:
-                    return b''
-                raise
+        with self._read_lock:
+            while True:
+                self._wait(select.POLLIN, deadline)
+                try:
+                    return os.read(self.fd, size)
+                except BlockingIOError:
+                    continue
+                except OSError as exc:
+                    if exc.errno in _EOF_ERRNOS:
+                        return b''
+                    raise
 
     def write_all(self, data: bytes, deadline: Optional[float] = None) -> None:
         """Write every byte, looping over partial writes (a port may take 32 KiB of 1 MiB)."""
@@ -118,21 +120,13 @@ class Transport(object):
         if self._closed:
             return
         self._closed = True
-        try:
-            os.write(self._wake_write, b'x')
-        except OSError:
-            pass
-        # Take the write lock so that no writer is between poll() and write() on a closed fd.
-        with self._lock:
+        os.write(self._wake_write, b'x')
+        # Wait until no reader or writer is between poll() and its system call: the descriptor
+        # number may be reused at once by another channel, whose bytes must never be read here.
+        with self._read_lock, self._lock:
             if self._close_fd:
                 os.close(self.fd)
             if isinstance(self._owner, socket.socket):
                 self._owner.close()
-
-    def __del__(self) -> None:
-        # The wake-up pipe is released last, when no thread can still be polling it.
-        for fd in (self._wake_read, self._wake_write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+            os.close(self._wake_write)
+            os.close(self._wake_read)

@@ -1,0 +1,201 @@
+"""Two endpoints wired over a socket pair: routing, concurrency, resynchronisation, timeouts."""
+
+import socket
+import threading
+import time
+
+import pytest
+
+from negotiator_common.dispatcher import Dispatcher
+from negotiator_common.endpoint import Endpoint
+from negotiator_common.errors import (
+    CallTimeout, ConnectionClosed, InternalError, InvalidParams, LimitExceeded, MethodNotFound, ParseError,
+)
+from negotiator_common.protocol import LineDecoder, Request, Response, encode_message
+from negotiator_common.transport import Transport
+
+
+def make_dispatcher(gates=None):
+    """Methods for the tests: echo, sleep (releases in the order the test decides), fail."""
+    dispatcher = Dispatcher()
+    gates = gates if gates is not None else {}
+    dispatcher.register('echo', lambda params, ctx: params.get('value'), inline=True)
+
+    def wait(params, ctx):
+        gates[params['gate']].wait(5)
+        return params['gate']
+    dispatcher.register('wait', wait)
+
+    def boom(params, ctx):
+        raise RuntimeError('handler exploded')
+    dispatcher.register('boom', boom)
+
+    def typed(params, ctx):
+        from negotiator_common.dispatcher import get_param
+        return get_param(params, 'n', (int,)) * 2
+    dispatcher.register('typed', typed)
+    return dispatcher
+
+
+@pytest.fixture
+def pair():
+    left_sock, right_sock = socket.socketpair()
+    gates = {name: threading.Event() for name in 'abcd'}
+    left = Endpoint(Transport.from_socket(left_sock), make_dispatcher(gates), name='left').start()
+    right = Endpoint(Transport.from_socket(right_sock), make_dispatcher(gates), name='right').start()
+    yield left, right, gates
+    left.close()
+    right.close()
+
+
+def test_both_sides_call_each_other_concurrently(pair):
+    left, right, gates = pair
+    results = {}
+
+    def call(endpoint, key, gate):
+        results[key] = endpoint.call('wait', {'gate': gate}, timeout=5)
+    threads = [threading.Thread(target=call, args=(left, 'L-a', 'a')),
+               threading.Thread(target=call, args=(right, 'R-b', 'b')),
+               threading.Thread(target=call, args=(left, 'L-c', 'c'))]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.2)
+    # Release in reverse order: replies come back out of order and must still be routed by id.
+    for gate in 'cba':
+        gates[gate].set()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(5)
+    assert results == {'L-a': 'a', 'R-b': 'b', 'L-c': 'c'}
+    # While handlers were blocked, inline methods were still answered.
+    assert left.call('echo', {'value': [1, 'x']}) == [1, 'x']
+
+
+def test_slow_handler_never_delays_an_inline_call(pair):
+    left, right, gates = pair
+    thread = threading.Thread(target=left.call, args=('wait', {'gate': 'd'}), kwargs={'timeout': 5})
+    thread.start()
+    started = time.monotonic()
+    assert left.call('echo', {'value': 1}, timeout=2) == 1
+    assert time.monotonic() - started < 1.0
+    gates['d'].set()
+    thread.join(5)
+
+
+def test_errors_travel_with_their_class(pair):
+    left, right, _ = pair
+    with pytest.raises(MethodNotFound):
+        left.call('no_such_method')
+    with pytest.raises(InternalError, match='handler exploded'):
+        left.call('boom')
+    with pytest.raises(InvalidParams):
+        left.call('typed', {'n': 'seven'})
+    with pytest.raises(InvalidParams):
+        left.call('typed', {'n': True})
+    # The server lives on after each failure.
+    assert left.call('typed', {'n': 21}) == 42
+
+
+def test_timeout_then_late_reply_is_dropped(pair):
+    left, right, gates = pair
+    with pytest.raises(CallTimeout):
+        left.call('wait', {'gate': 'a'}, timeout=0.2)
+    gates['a'].set()  # the late reply arrives now, for an id nobody waits for
+    time.sleep(0.1)
+    assert left.call('echo', {'value': 'next'}) == 'next'
+
+
+def test_too_many_requests_in_flight_get_an_error_reply():
+    left_sock, right_sock = socket.socketpair()
+    gate = threading.Event()
+    dispatcher = Dispatcher()
+    dispatcher.register('block', lambda params, ctx: gate.wait(5))
+    server = Endpoint(Transport.from_socket(left_sock), dispatcher, name='server', max_concurrent=2).start()
+    client = Endpoint(Transport.from_socket(right_sock), name='client').start()
+    outcomes = []
+
+    def call():
+        try:
+            outcomes.append(client.call('block', timeout=5))
+        except LimitExceeded as exc:
+            outcomes.append(exc)
+    threads = [threading.Thread(target=call) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    time.sleep(0.3)
+    gate.set()
+    for thread in threads:
+        thread.join(5)
+    assert sum(isinstance(o, LimitExceeded) for o in outcomes) == 2
+    assert outcomes.count(True) == 2
+    client.close()
+    server.close()
+
+
+def test_peer_closing_fails_waiting_calls(pair):
+    left, right, gates = pair
+    errors = []
+
+    def call():
+        try:
+            left.call('wait', {'gate': 'b'}, timeout=5)
+        except ConnectionClosed as exc:
+            errors.append(exc)
+    thread = threading.Thread(target=call)
+    thread.start()
+    time.sleep(0.1)
+    right.close()
+    thread.join(5)
+    assert len(errors) == 1
+    assert left.wait_closed(2)
+    with pytest.raises(ConnectionClosed):
+        left.call('echo')
+
+
+def test_handshake_drops_stale_lines_left_by_an_earlier_client():
+    server_sock, client_sock = socket.socketpair()
+    dispatcher = make_dispatcher()
+    dispatcher.register('hello', lambda params, ctx: {'protocol': 1}, inline=True)
+    # What an earlier client left in the channel: a reply it never read, a half line.
+    server_sock.sendall(encode_message(Response(1, result='stale')) + b'{"jsonrpc": "2.0", "id": 1, "res')
+    client = Endpoint(Transport.from_socket(client_sock), name='client').start()
+    server_decoder_sees = []
+
+    def serve():
+        # A server that has been half-fed by the earlier client too.
+        server = Endpoint(Transport.from_socket(server_sock), dispatcher, name='server')
+        server._decoder.feed(b'{"jsonrpc": "2.0", "id": 5, "method": "ec')
+        server_decoder_sees.append(True)
+        server.run()
+    threading.Thread(target=serve, daemon=True).start()
+    assert client.handshake(timeout=2) == {'protocol': 1}
+    # Request id 1 again: the stale reply with id 1 must not be mistaken for its answer.
+    assert client.call('echo', {'value': 'fresh'}, timeout=2) == 'fresh'
+    client.close()
+
+
+def test_garbage_from_a_peer_gets_error_replies_and_the_server_lives_on():
+    server_sock, raw = socket.socketpair()
+    server = Endpoint(Transport.from_socket(server_sock), make_dispatcher(), name='server').start()
+    raw.sendall(b'\x00\xff garbage\n' + b'[' * 50 + b'\n' + encode_message(Request(8, 'echo', {'value': 'ok'})))
+    decoder = LineDecoder()
+    events = []
+    raw.settimeout(5)
+    while len(events) < 3:
+        events.extend(decoder.feed(raw.recv(65536)))
+    assert type(events[0].error) is ParseError and events[0].id is None
+    assert events[2].id == 8 and events[2].result == 'ok'
+    server.close()
+
+
+def test_large_messages_survive_partial_writes():
+    left_sock, right_sock = socket.socketpair()
+    for sock in (left_sock, right_sock):
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    left = Endpoint(Transport.from_socket(left_sock), make_dispatcher(), name='left').start()
+    right = Endpoint(Transport.from_socket(right_sock), make_dispatcher(), name='right').start()
+    value = 'x' * (3 * 1024 * 1024)
+    assert left.call('echo', {'value': value}, timeout=10) == value
+    left.close()
+    right.close()
