@@ -1,0 +1,277 @@
+"""
+Usage: negotiator-guest [OPTIONS]
+
+Serve the host's requests inside a KVM/QEMU guest (--daemon), or ask the host's
+negotiator daemon from inside the guest (--list-commands, --execute), over
+virtio-serial ports: no networking needed.
+
+Supported options:
+
+  -d, --daemon
+
+    Serve the host's requests on the port of the channel negotiator-host-to-guest.0
+    (or the older negotiator-channel.0) until SIGTERM or SIGINT. Logs go to standard
+    error. Meant to run under systemd or supervisord.
+
+  -l, --list-commands
+
+    List the commands that the host offers this guest.
+
+  -e, --execute=COMMAND
+
+    Run COMMAND (with its arguments, split as a shell would, with shlex; no shell runs
+    it) on the host. Its standard output and error become ours, byte for byte, and its
+    exit status becomes ours (128 + N when signal N killed it).
+
+  -i, --stdin
+
+    Forward standard input to the command (without it the command gets empty input).
+
+  -t, --timeout=SECONDS
+
+    Bound on the whole call, connecting included (fractional; 0 = none; default 10).
+
+  -j, --json
+
+    Print a JSON object instead of text (for scripts): the command's exit status and
+    output, the list of commands, or the error.
+
+  -c, --character-device=PATH
+
+    Use this port instead of finding it by channel name.
+
+  --commands-dir=DIR
+
+    Where this guest's commands live (repeatable; default /usr/lib/negotiator/commands).
+
+  --syslog
+
+    Also log to the system log (daemon mode).
+
+  -v, --verbose
+
+    Log more (repeatable).
+
+  -q, --quiet
+
+    Log less (repeatable).
+
+  -h, --help
+
+    Show this message and exit.
+
+Exit statuses of negotiator's own failures (a command's own status passes through):
+
+  64  usage error (a wrong option or argument)
+  69  channel unavailable: no such port, port busy, or no host daemon connected
+  70  internal or protocol error
+  75  timeout: no reply in time, or the command ran too long and was killed
+  77  command refused by the host's policy, or no such command
+"""
+
+import sys
+from typing import Any, Dict, List, Optional
+
+__all__ = ('main', 'EXIT_USAGE', 'EXIT_UNAVAILABLE', 'EXIT_SOFTWARE', 'EXIT_TIMEOUT', 'EXIT_REFUSED',
+           'exit_status_for')
+
+EXIT_USAGE = 64
+EXIT_UNAVAILABLE = 69
+EXIT_SOFTWARE = 70
+EXIT_TIMEOUT = 75
+EXIT_REFUSED = 77
+
+DEFAULT_TIMEOUT = 10.0
+
+_SHORT_OPTIONS = 'dle:it:jc:vqh'
+_LONG_OPTIONS = ['daemon', 'list-commands', 'execute=', 'stdin', 'timeout=', 'json', 'character-device=',
+                 'commands-dir=', 'syslog', 'verbose', 'quiet', 'help']
+
+
+class UsageError(Exception):
+    """A wrong command line."""
+
+
+class Options(object):
+    """What the command line asked for."""
+
+    def __init__(self) -> None:
+        self.action = None  # type: Optional[str]
+        self.command = []  # type: List[str]
+        self.stdin = False
+        self.timeout = DEFAULT_TIMEOUT  # type: Optional[float]
+        self.json = False
+        self.character_device = None  # type: Optional[str]
+        self.commands_dirs = []  # type: List[str]
+        self.syslog = False
+        self.verbosity = 0
+
+
+def parse_arguments(arguments: List[str]) -> Options:
+    """Turn the command line into :class:`Options`; raise :class:`UsageError` if it is wrong."""
+    import getopt
+    import shlex
+    options = Options()
+    try:
+        pairs, rest = getopt.gnu_getopt(arguments, _SHORT_OPTIONS, _LONG_OPTIONS)
+    except getopt.GetoptError as exc:
+        raise UsageError(str(exc)) from exc
+    if rest:
+        raise UsageError('unexpected argument %r (quote the whole command: -e "COMMAND ARG...")' % rest[0])
+    actions = []
+    for option, value in pairs:
+        if option in ('-d', '--daemon'):
+            actions.append('daemon')
+        elif option in ('-l', '--list-commands'):
+            actions.append('list-commands')
+        elif option in ('-e', '--execute'):
+            actions.append('execute')
+            try:
+                options.command = shlex.split(value)
+            except ValueError as exc:
+                raise UsageError('cannot split %r: %s' % (value, exc)) from exc
+            if not options.command:
+                raise UsageError('--execute needs a command')
+        elif option in ('-i', '--stdin'):
+            options.stdin = True
+        elif option in ('-t', '--timeout'):
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise UsageError('--timeout wants a number of seconds, not %r' % value) from None
+            if not seconds >= 0 or seconds == float('inf'):
+                raise UsageError('--timeout must be 0 (no limit) or a positive number of seconds')
+            options.timeout = seconds or None
+        elif option in ('-j', '--json'):
+            options.json = True
+        elif option in ('-c', '--character-device'):
+            options.character_device = value
+        elif option == '--commands-dir':
+            options.commands_dirs.append(value)
+        elif option == '--syslog':
+            options.syslog = True
+        elif option in ('-v', '--verbose'):
+            options.verbosity += 1
+        elif option in ('-q', '--quiet'):
+            options.verbosity -= 1
+        elif option in ('-h', '--help'):
+            actions.append('help')
+    if 'help' in actions:
+        options.action = 'help'
+    elif len(set(actions)) > 1:
+        raise UsageError('choose one of --daemon, --list-commands and --execute')
+    elif actions:
+        options.action = actions[0]
+    return options
+
+
+def exit_status_for(error: BaseException) -> int:
+    """The documented exit status for one of negotiator's own failures."""
+    from negotiator_common.errors import (
+        CallTimeout, ChannelError, CommandNotAllowed, CommandNotFound, CommandTimedOut,
+    )
+    if isinstance(error, (CallTimeout, CommandTimedOut)):
+        return EXIT_TIMEOUT
+    if isinstance(error, (CommandNotAllowed, CommandNotFound)):
+        return EXIT_REFUSED
+    if isinstance(error, ChannelError):
+        return EXIT_UNAVAILABLE
+    return EXIT_SOFTWARE
+
+
+def _advice(error: BaseException) -> str:
+    from negotiator_common.errors import CallTimeout, CommandNotFound, CommandTimedOut
+    if isinstance(error, CommandTimedOut):
+        return ' (raise --timeout if the command needs longer)'
+    if isinstance(error, CallTimeout):
+        return ' (is negotiator-host --daemon running on the host? raise --timeout for slow commands)'
+    if isinstance(error, CommandNotFound):
+        return ' (see negotiator-guest --list-commands)'
+    return ''
+
+
+def _setup_logging(options: Options, daemon: bool) -> None:
+    import coloredlogs
+    import logging
+    levels = [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL]
+    default = 1 if daemon else 2
+    level = levels[max(0, min(len(levels) - 1, default - options.verbosity))]
+    coloredlogs.install(level=level, stream=sys.stderr, syslog=options.syslog,
+                        fmt='%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s')
+
+
+def _print_json(data: Dict[str, Any]) -> None:
+    import json
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + '\n')
+    sys.stdout.flush()
+
+
+def _run_daemon(options: Options) -> int:
+    from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
+    from negotiator_common.service import AgentService
+    from negotiator_guest import __version__
+    from negotiator_guest.daemon import GuestDaemon
+    registry = CommandRegistry(options.commands_dirs or [DEFAULT_COMMANDS_DIR])
+    service = AgentService('negotiator-guest', registry, version=__version__)
+    return GuestDaemon(service, path=options.character_device).run()
+
+
+def _run_client(options: Options) -> int:
+    from negotiator_guest.client import HostClient
+    client = HostClient(options.character_device, timeout=options.timeout)
+    if options.action == 'list-commands':
+        commands = client.list_commands()
+        if options.json:
+            _print_json({'commands': [c.to_dict() for c in commands]})
+        else:
+            width = max([len(c.name) for c in commands] + [0])
+            for command in commands:
+                line = command.name.ljust(width) + ('  ' + command.description if command.description else '')
+                sys.stdout.write(line.rstrip() + '\n')
+        return 0
+    stdin = sys.stdin.buffer.read() if options.stdin else None
+    if options.json:
+        result = client.execute(options.command[0], *options.command[1:], input=stdin)
+        _print_json(result.to_dict())
+    else:
+        result = client.execute(options.command[0], *options.command[1:], input=stdin,
+                                stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
+    if result.exit_status is not None:
+        return result.exit_status
+    return 128 + (result.signal or 0)
+
+
+def main(arguments: Optional[List[str]] = None) -> None:
+    """The command line interface of negotiator-guest (exits the process)."""
+    sys.exit(run(sys.argv[1:] if arguments is None else arguments))
+
+
+def run(arguments: List[str]) -> int:
+    """Run the command line ``arguments``; return the exit status."""
+    try:
+        options = parse_arguments(arguments)
+    except UsageError as exc:
+        sys.stderr.write('negotiator-guest: %s (see negotiator-guest --help)\n' % exc)
+        return EXIT_USAGE
+    if options.action in (None, 'help'):
+        from humanfriendly.terminal import usage
+        usage(__doc__.strip())
+        return 0 if options.action == 'help' else EXIT_USAGE
+    _setup_logging(options, daemon=options.action == 'daemon')
+    from negotiator_common.errors import CommandFailed, NegotiatorError
+    try:
+        if options.action == 'daemon':
+            return _run_daemon(options)
+        return _run_client(options)
+    except NegotiatorError as exc:
+        if isinstance(exc, CommandFailed) and exc.exit_status is not None:
+            return exc.exit_status
+        status = exit_status_for(exc)
+        if options.json:
+            _print_json({'error': {'type': type(exc).__name__, 'code': exc.code, 'message': exc.message,
+                                   'data': exc.data}, 'exit_status': status})
+        sys.stderr.write('negotiator-guest: %s%s\n' % (exc.message, _advice(exc)))
+        return status
+    except KeyboardInterrupt:
+        sys.stderr.write('negotiator-guest: interrupted\n')
+        return 130

@@ -1,0 +1,349 @@
+"""
+The guest daemon: serve one host session after another on the port, until told to stop.
+
+A virtio-serial port has no ``accept()``. While no host client is connected, ``read()``
+returns 0 bytes at once and ``poll()`` reports POLLIN|POLLHUP at once (``DESIGN.md`` §5), so
+a read loop that simply retries spins at 100% CPU. The daemon therefore alternates between
+two states:
+
+- **a session**: a new :class:`~negotiator_common.endpoint.Endpoint` reads and serves the
+  port on a thread of its own until end of stream (the host client went away). A new
+  endpoint per session means that a late reply to an earlier client's request is dropped
+  instead of reaching the next client, and that closing it cancels that client's commands.
+- **waiting for a host** (:func:`wait_for_host`): the port is opened with ``O_ASYNC`` and
+  owned by this process (``F_SETOWN``), so the ``virtio_console`` driver sends SIGIO when the
+  host side opens the port (and when data arrives). The main thread sleeps in ``poll()`` on
+  the wake-up pipe of :func:`signal.set_wakeup_fd` and, as a safety net for a lost signal,
+  wakes every :data:`RECHECK_INTERVAL` seconds. After a wake-up, ``poll()`` with timeout 0
+  tells whether a host is connected (no POLLHUP), and a session starts.
+
+Signals are handled as gunicorn does: the handlers only queue the signal number; the main
+loop acts. SIGTERM and SIGINT take one shutdown path: close the session (which cancels its
+running commands: the runner sends their process groups SIGTERM), wait for the handlers to
+finish, SIGKILL any process group still left near the deadline, release the port, and return
+exit status 0 within :data:`STOP_TIMEOUT` seconds (plus a little).
+"""
+
+import errno
+import fcntl
+import logging
+import os
+import select
+import signal
+import threading
+import time
+from typing import Any, Callable, List, Optional
+
+from negotiator_common.dispatcher import CallContext, Dispatcher
+from negotiator_common.endpoint import Endpoint
+from negotiator_common.protocol import Request, Response
+from negotiator_common.service import AgentService
+from negotiator_common.transport import READ_SIZE, Transport
+
+from negotiator_guest.port import FALLBACK_DEVICE, HOST_TO_GUEST_CHANNELS, find_port, host_connected, open_port
+
+__all__ = ('GuestDaemon', 'SignalQueue', 'wait_for_host', 'RECHECK_INTERVAL', 'STOP_TIMEOUT', 'STOP_SIGNALS')
+
+logger = logging.getLogger(__name__)
+
+RECHECK_INTERVAL = 3.0
+"""Seconds between checks for a host while waiting, in case a SIGIO was missed."""
+
+STOP_TIMEOUT = 1.5
+"""Seconds that running commands get to die after SIGTERM or SIGINT before their groups are SIGKILLed."""
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class SignalQueue(object):
+    """
+    Signals delivered as a queue that the main loop reads (handlers do nothing else).
+
+    :func:`signal.set_wakeup_fd` makes the interpreter write to a pipe as soon as a signal
+    arrives, so a main loop that sleeps in ``poll()`` on that pipe wakes at once; other
+    threads wake it with :meth:`wake`.
+    """
+
+    def __init__(self, signals: List[int]) -> None:
+        self.signals = list(signals)
+        self._queue = []  # type: List[int]
+        self._read_fd, self._write_fd = os.pipe()
+        for fd in (self._read_fd, self._write_fd):
+            os.set_blocking(fd, False)
+            os.set_inheritable(fd, False)
+        self._previous = {}  # type: dict
+        self._previous_wakeup_fd = -1
+
+    def install(self) -> None:
+        """Install the handlers and the wake-up pipe (only the main thread may do this)."""
+        for signum in self.signals:
+            self._previous[signum] = signal.signal(signum, self._handler)
+        self._previous_wakeup_fd = signal.set_wakeup_fd(self._write_fd)
+
+    def _handler(self, signum: int, frame: Any) -> None:
+        self._queue.append(signum)
+
+    def wake(self) -> None:
+        """Wake the main loop from another thread."""
+        try:
+            os.write(self._write_fd, b'\0')
+        except OSError:
+            pass  # the pipe is full: the loop will wake anyway
+
+    def wait(self, timeout: Optional[float]) -> List[int]:
+        """Sleep until a signal or :meth:`wake` (or ``timeout`` seconds); return the queued signals."""
+        poller = select.poll()
+        poller.register(self._read_fd, select.POLLIN)
+        if not self._queue:
+            try:
+                poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+            except InterruptedError:  # pragma: no cover (Python 3.5+ retries poll itself)
+                pass
+        try:
+            while os.read(self._read_fd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        queued, self._queue = self._queue, []
+        return queued
+
+    def restore(self) -> None:
+        """Put back the previous handlers and wake-up descriptor; release the pipe."""
+        signal.set_wakeup_fd(self._previous_wakeup_fd)
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self._previous.clear()
+        for fd in (self._read_fd, self._write_fd):
+            os.close(fd)
+
+
+def wait_for_host(signals: SignalQueue, recheck_interval: float) -> List[int]:
+    """
+    The waiting strategy while no host is connected: sleep until SIGIO (the port driver's news
+    that the host side opened), a stop signal, or ``recheck_interval`` seconds.
+
+    This is the one place to change if a guest kernel turns out not to send SIGIO on connect
+    (then: a shorter interval, at the cost of more wake-ups at rest).
+    """
+    return signals.wait(recheck_interval)
+
+
+class _TrackingDispatcher(Dispatcher):
+    """A dispatcher that counts the requests being handled, so that shutdown can wait for them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._busy = 0
+        self._idle = threading.Condition()
+
+    def dispatch(self, request: Request, context: CallContext) -> Response:
+        with self._idle:
+            self._busy += 1
+        try:
+            return super().dispatch(request, context)
+        finally:
+            with self._idle:
+                self._busy -= 1
+                self._idle.notify_all()
+
+    @property
+    def busy(self) -> int:
+        return self._busy
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no request is being handled; False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._idle:
+            while self._busy:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._idle.wait(remaining)
+        return True
+
+
+class _CountingTransport(Transport):
+    """A transport that remembers whether anything was read: an empty session is no reason to hurry."""
+
+    bytes_read = 0
+
+    def read(self, size: int = READ_SIZE, deadline: Optional[float] = None) -> bytes:
+        data = super().read(size, deadline)
+        self.bytes_read += len(data)
+        return data
+
+
+class _Session(object):
+    """One host session: an endpoint reading the port on its own thread until end of stream."""
+
+    def __init__(self, fd: int, dispatcher: Dispatcher, number: int, on_end: Callable[[], None]) -> None:
+        self.number = number
+        self.transport = _CountingTransport(fd, close_fd=False)
+        self.endpoint = Endpoint(self.transport, dispatcher, name='host')
+        self._on_end = on_end
+        self.thread = threading.Thread(target=self._run, name='negotiator-session-%d' % number)
+        self.thread.daemon = True
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.endpoint.run()
+        finally:
+            self._on_end()
+
+    @property
+    def finished(self) -> bool:
+        return not self.thread.is_alive()
+
+
+def _children(pid: int) -> List[int]:
+    """The process ids whose parent is ``pid`` (read from /proc)."""
+    found = []
+    for name in os.listdir('/proc'):
+        if not name.isdigit():
+            continue
+        try:
+            with open('/proc/%s/stat' % name, 'rb') as handle:
+                fields = handle.read().rsplit(b')', 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if len(fields) > 2 and int(fields[1]) == pid:
+            found.append(int(name))
+    return found
+
+
+def _kill_children() -> None:
+    """SIGKILL the process group of every child (commands run in groups of their own)."""
+    for child in _children(os.getpid()):
+        try:
+            target = os.getpgid(child)
+            if target == child:
+                os.killpg(target, signal.SIGKILL)
+            else:
+                os.kill(child, signal.SIGKILL)
+            logger.warning("Killed process group %d: it did not stop in time", child)
+        except OSError:
+            pass
+
+
+class GuestDaemon(object):
+    """
+    Serve the host's requests on a port, one host session after another, until SIGTERM/SIGINT.
+
+    :param service: the methods and commands to serve (an :class:`AgentService`).
+    :param path: the port's device path (None: find it by channel name, see
+                 :func:`~negotiator_guest.port.find_port`).
+    :param fd: an open descriptor to serve instead of opening ``path`` (the daemon owns and
+               closes it).
+    :param root: where ``/dev`` and ``/sys`` are looked up (tests use a fake tree).
+    """
+
+    def __init__(self, service: AgentService, path: Optional[str] = None, fd: Optional[int] = None,
+                 recheck_interval: float = RECHECK_INTERVAL, stop_timeout: float = STOP_TIMEOUT,
+                 root: str = '/') -> None:
+        self.service = service
+        self.path = path
+        self.fd = fd
+        self.recheck_interval = recheck_interval
+        self.stop_timeout = stop_timeout
+        self.root = root
+        self.dispatcher = service.register(_TrackingDispatcher())
+        self.sessions_served = 0
+        self._session = None  # type: Optional[_Session]
+        self._signals = SignalQueue(list(STOP_SIGNALS) + [signal.SIGIO])
+        self._stop_reason = None  # type: Optional[str]
+
+    def open(self) -> None:
+        """Find and open the port (raises ChannelNotFound or ChannelBusy)."""
+        if self.fd is None:
+            if self.path is None:
+                self.path = find_port(HOST_TO_GUEST_CHANNELS, self.root, fallback=FALLBACK_DEVICE)
+            self.fd = open_port(self.path)
+        else:
+            os.set_inheritable(self.fd, False)
+            os.set_blocking(self.fd, False)
+            self.path = self.path or '<descriptor %d>' % self.fd
+
+    def _arm_sigio(self) -> None:
+        """Ask the kernel to send this process SIGIO when the port changes (host opens, data)."""
+        assert self.fd is not None
+        try:
+            fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
+            flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
+            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+        except OSError as exc:
+            logger.warning("No SIGIO from %s (%s): checking for a host every %s seconds instead",
+                           self.path, exc, self.recheck_interval)
+
+    def stop(self, reason: str = 'stop requested') -> None:
+        """Ask the main loop to stop (any thread); it returns within about ``stop_timeout`` seconds."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        self._signals.wake()
+
+    def run(self) -> int:
+        """Serve until stopped; return the exit status (0). Must run on the main thread."""
+        if self.fd is None:
+            self.open()
+        assert self.fd is not None
+        self._signals.install()
+        try:
+            self._arm_sigio()
+            logger.info("Serving host requests on %s (pid %d)", self.path, os.getpid())
+            self._loop()
+        finally:
+            self._shutdown()
+        return 0
+
+    def _loop(self) -> None:
+        assert self.fd is not None
+        check = True
+        while self._stop_reason is None:
+            if self._session is None and check and host_connected(self.fd):
+                self._start_session()
+            if self._session is None:
+                received = wait_for_host(self._signals, self.recheck_interval)
+                # Woken by SIGIO or by the timer (nothing received): look again.
+                check = not received or signal.SIGIO in received
+            else:
+                received = self._signals.wait(None)
+            for signum in received:
+                if signum in STOP_SIGNALS:
+                    self.stop('received %s' % signal.Signals(signum).name)
+            if self._session is not None and self._session.finished:
+                session, self._session = self._session, None
+                logger.debug("Host session %d ended: %s", session.number, session.endpoint.close_reason)
+                # A session that read nothing (the host left at once) is no reason to look again
+                # before the next SIGIO or timer: that keeps an odd device from spinning us.
+                check = session.transport.bytes_read > 0 or signal.SIGIO in received
+
+    def _start_session(self) -> None:
+        assert self.fd is not None
+        self.sessions_served += 1
+        self._session = _Session(self.fd, self.dispatcher, self.sessions_served, self._signals.wake)
+        logger.debug("Host connected: session %d", self.sessions_served)
+        self._session.start()
+
+    def _shutdown(self) -> None:
+        reason = self._stop_reason or 'stopped'
+        logger.info("Stopping (%s)", reason)
+        deadline = time.monotonic() + self.stop_timeout
+        session, self._session = self._session, None
+        if session is not None:
+            session.endpoint.close('daemon stopping: %s' % reason)
+        if not self.dispatcher.wait_idle(self.stop_timeout):
+            _kill_children()
+            self.dispatcher.wait_idle(0.4)
+        if session is not None:
+            session.thread.join(max(0.1, deadline - time.monotonic()))
+        if self.fd is not None:
+            try:
+                os.close(self.fd)
+            except OSError as exc:
+                if exc.errno != errno.EBADF:
+                    raise
+            self.fd = None
+        self._signals.restore()
+        logger.info("Stopped; port %s released", self.path)
