@@ -1,0 +1,50 @@
+"""
+negotiator-host: the host side of negotiator, a generic KVM/QEMU guest agent.
+
+Talk to the agent in a guest (by libvirt name, or by socket path)::
+
+    from negotiator_host import GuestChannel
+
+    with GuestChannel('web-1', timeout=5) as guest:
+        print('%.2f ms' % (guest.ping() * 1000))
+        for command in guest.list_commands():
+            print(command.name)
+        result = guest.execute('df', '-h', '/')
+        print(result.exit_status, result.stdout.decode())
+
+Ask many guests at once::
+
+    from negotiator_host import list_guests, map_guests
+
+    running = [g for g in list_guests() if g.socket_for()]
+    for outcome in map_guests(lambda g: g.execute('uptime').stdout, running):
+        print(outcome.guest, outcome.result if outcome.ok else outcome.error)
+
+Every error is a :class:`~negotiator_common.errors.NegotiatorError` (re-exported here):
+:class:`GuestNotFound`, :class:`ChannelNotFound`, :class:`ChannelBusy`,
+:class:`CallTimeout`, :class:`CommandNotAllowed`, ... The host daemon lives in
+:mod:`negotiator_host.daemon` and its policy in :mod:`negotiator_host.policy`; they are not
+imported here, so that ``import negotiator_host`` stays quick.
+"""
+
+from negotiator_common.client import CommandDescription, ExecuteResult
+from negotiator_common.errors import (
+    CallTimeout, ChannelBusy, ChannelNotFound, CommandFailed, CommandNotAllowed, CommandNotFound,
+    CommandTimedOut, ConnectionClosed, GuestNotFound, NegotiatorError,
+)
+
+from negotiator_host.channel import DEFAULT_TIMEOUT, GuestChannel, GuestOutcome, connect_socket, map_guests
+from negotiator_host.discovery import (
+    GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNELS, Guest, LibvirtPaths, LibvirtUnavailable, default_uri,
+    find_guest, list_guests,
+)
+
+__version__ = '0.1.0'
+
+__all__ = (
+    'GuestChannel', 'GuestOutcome', 'map_guests', 'connect_socket', 'DEFAULT_TIMEOUT',
+    'Guest', 'LibvirtPaths', 'LibvirtUnavailable', 'list_guests', 'find_guest', 'default_uri',
+    'HOST_TO_GUEST_CHANNELS', 'GUEST_TO_HOST_CHANNEL', 'ExecuteResult', 'CommandDescription',
+    'NegotiatorError', 'GuestNotFound', 'ChannelNotFound', 'ChannelBusy', 'CallTimeout', 'ConnectionClosed',
+    'CommandNotAllowed', 'CommandNotFound', 'CommandFailed', 'CommandTimedOut', '__version__',
+)

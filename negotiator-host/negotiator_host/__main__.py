@@ -1,0 +1,5 @@
+"""``python -m negotiator_host``: the same as the ``negotiator-host`` program."""
+
+from negotiator_host.cli import main
+
+main()

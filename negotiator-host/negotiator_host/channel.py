@@ -1,0 +1,291 @@
+"""
+The host's Python API: talk to the agent in one guest, or in many guests at once.
+
+:class:`GuestChannel` connects to a guest's ``negotiator-host-to-guest.0`` socket (found by
+:mod:`negotiator_host.discovery`, or given as a path), resynchronises with ``hello`` and then
+carries any number of calls, from any number of threads, over that one connection. Every
+wait is bounded: the connect, the handshake and each call.
+
+>>> from negotiator_host import GuestChannel
+>>> with GuestChannel('web-1') as guest:
+...     print(guest.ping())
+...     result = guest.execute('hostname')
+...     print(result.exit_status, result.stdout)
+
+:func:`map_guests` runs one function on many guests in parallel and returns, per guest,
+the function's value or the exception it raised.
+"""
+
+import errno
+import logging
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Union
+
+from negotiator_common.client import AgentClient, CommandDescription, ExecuteResult
+from negotiator_common.endpoint import Endpoint
+from negotiator_common.errors import (
+    CallTimeout, ChannelBusy, ChannelNotFound, ConnectionClosed, NegotiatorError,
+)
+from negotiator_common.transport import Transport
+
+from negotiator_host.discovery import HOST_TO_GUEST_CHANNELS, Guest, LibvirtPaths, find_guest
+
+__all__ = ('GuestChannel', 'GuestOutcome', 'map_guests', 'connect_socket', 'DEFAULT_TIMEOUT')
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds that connecting and each call may take unless the caller says otherwise."""
+
+logger = logging.getLogger(__name__)
+
+
+def _remaining(deadline: Optional[float]) -> Optional[float]:
+    if deadline is None:
+        return None
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise CallTimeout('the timeout passed before the call could be made')
+    return left
+
+
+def connect_socket(path: str, timeout: Optional[float] = DEFAULT_TIMEOUT, name: str = '') -> socket.socket:
+    """
+    Connect to a guest's channel socket within ``timeout`` seconds.
+
+    A libvirt channel socket takes one client at a time; while another client holds it the
+    kernel's backlog fills and a connect would wait: here it is retried until the deadline,
+    then :class:`ChannelBusy` is raised. A missing or dead socket raises
+    :class:`ChannelNotFound`.
+    """
+    label = name or path
+    deadline = None if timeout is None else time.monotonic() + timeout
+    delay = 0.005
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+            return sock
+        except (BlockingIOError, InterruptedError) as exc:
+            sock.close()
+            if exc.errno not in (errno.EAGAIN, errno.EWOULDBLOCK, errno.EINPROGRESS, errno.EINTR):
+                raise
+        except FileNotFoundError as exc:
+            sock.close()
+            raise ChannelNotFound('the channel socket of %s does not exist (%s): is the guest running?' % (label, path)) from exc
+        except ConnectionRefusedError as exc:
+            sock.close()
+            raise ChannelNotFound('nothing listens on the channel socket of %s (%s): the guest stopped?' % (label, path)) from exc
+        except PermissionError as exc:
+            sock.close()
+            raise ChannelNotFound('no permission to open %s: run as root (or as the owner of the socket)' % path) from exc
+        except OSError as exc:
+            sock.close()
+            raise ChannelNotFound('cannot connect to the channel socket of %s (%s): %s' % (label, path, exc)) from exc
+        if deadline is not None and time.monotonic() + delay > deadline:
+            raise ChannelBusy('the channel of %s is busy: another client holds it (the socket serves one client at'
+                              ' a time); try again later' % label)
+        time.sleep(delay)
+        delay = min(delay * 2, 0.1)
+
+
+class GuestChannel(object):
+    """
+    One guest's agent, over one connection shared by every thread.
+
+    :param name: the guest's libvirt name (its socket is found by discovery), or
+    :param socket_path: the channel's UNIX socket (no discovery at all).
+    :param uri: the libvirt URI (default: ``$LIBVIRT_DEFAULT_URI``, else ``qemu:///system``).
+    :param timeout: seconds for connecting and for each call unless a call says otherwise
+                    (None: no bound).
+    :param channel_names: the channels to look for, in order of preference.
+    :param paths: libvirt's directories (tests use a fake tree).
+
+    The connection opens at the first call (or :meth:`connect`) and closes with
+    :meth:`close` or at the end of a ``with`` block. If it closes under a call (the guest
+    stopped, the agent restarted), the call raises :class:`ConnectionClosed` and the next
+    call connects again.
+    """
+
+    def __init__(self, name: Optional[str] = None, socket_path: Optional[str] = None, uri: Optional[str] = None,
+                 timeout: Optional[float] = DEFAULT_TIMEOUT,
+                 channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS,
+                 paths: Optional[LibvirtPaths] = None) -> None:
+        if not name and not socket_path:
+            raise ValueError('GuestChannel needs a guest name or a socket path')
+        self.name = name or socket_path or ''
+        self.socket_path = socket_path
+        self.uri = uri
+        self.timeout = timeout
+        self.channel_names = tuple(channel_names)
+        self.paths = paths
+        self.agent_info = {}  # type: Dict[str, Any]
+        self._lock = threading.Lock()
+        self._endpoint = None  # type: Optional[Endpoint]
+        self._client = None  # type: Optional[AgentClient]
+
+    def __repr__(self) -> str:
+        return 'GuestChannel(%r)' % self.name
+
+    # Lifecycle.
+
+    def connect(self, timeout: Optional[float] = None) -> 'GuestChannel':
+        """Find the socket, connect and handshake (a no-op when connected); return self."""
+        self._connected_client(self._call_timeout(timeout))
+        return self
+
+    def _connected_client(self, timeout: Optional[float]) -> AgentClient:
+        with self._lock:
+            if self._client is not None and self._endpoint is not None and not self._endpoint.closed:
+                return self._client
+            deadline = None if timeout is None else time.monotonic() + timeout
+            path = self.socket_path
+            if path is None:
+                guest = find_guest(self.name, uri=self.uri, paths=self.paths)  # type: Guest
+                path = guest.require_socket(self.channel_names)
+            sock = connect_socket(path, _remaining(deadline), self.name)
+            endpoint = Endpoint(Transport.from_socket(sock), name=self.name)
+            endpoint.start()
+            try:
+                self.agent_info = endpoint.handshake(_remaining(deadline), agent='negotiator-host')
+            except CallTimeout as exc:
+                endpoint.close('no hello reply')
+                raise CallTimeout('the agent in %s did not answer within %s seconds: is negotiator-guest --daemon'
+                                  ' running in the guest? (another client may also hold the channel)'
+                                  % (self.name, timeout)) from exc
+            except NegotiatorError:
+                endpoint.close('handshake failed')
+                raise
+            self._endpoint, self._client = endpoint, AgentClient(endpoint)
+            return self._client
+
+    def close(self) -> None:
+        """Close the connection (calls in flight fail with :class:`ConnectionClosed`)."""
+        with self._lock:
+            endpoint, self._endpoint, self._client = self._endpoint, None, None
+        if endpoint is not None:
+            endpoint.close()
+
+    def __enter__(self) -> 'GuestChannel':
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # Calls. ``timeout=None`` means the channel's timeout.
+
+    def _call_timeout(self, timeout: Optional[float]) -> Optional[float]:
+        return self.timeout if timeout is None else timeout
+
+    def hello(self, timeout: Optional[float] = None) -> Dict[str, Any]:
+        """Connect if needed and return what the agent said in ``hello`` (``agent``, ``version``...)."""
+        self._connected_client(self._call_timeout(timeout))
+        return dict(self.agent_info)
+
+    def ping(self, timeout: Optional[float] = None) -> float:
+        """The round-trip time of one ``ping``, in seconds (the connection is made first, untimed)."""
+        timeout = self._call_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        client = self._connected_client(timeout)
+        return client.ping(timeout=_remaining(deadline))
+
+    def list_commands(self, timeout: Optional[float] = None) -> List[CommandDescription]:
+        """The commands that the guest's agent offers (each with ``name``, ``builtin``, ``description``)."""
+        timeout = self._call_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        client = self._connected_client(timeout)
+        return client.list_commands(timeout=_remaining(deadline))
+
+    def execute(self, command: str, *args: str, input: Optional[bytes] = None, timeout: Optional[float] = None,
+                check: bool = False, stdout: Optional[BinaryIO] = None,
+                stderr: Optional[BinaryIO] = None) -> ExecuteResult:
+        """
+        Run ``command`` with ``args`` in the guest and return an :class:`ExecuteResult`
+        (``exit_status``, ``stdout``, ``stderr`` as bytes, ``duration``).
+
+        ``input`` (bytes) is the command's standard input. With ``stdout``/``stderr`` binary
+        file objects the output is written there as it arrives instead of being collected.
+        ``timeout`` bounds the whole call (the guest kills the command a little earlier).
+        With ``check``, a non-zero exit status raises :class:`CommandFailed`.
+
+        >>> GuestChannel('web-1').execute('cat', input=b'hello').stdout
+        b'hello'
+        """
+        timeout = self._call_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        client = self._connected_client(timeout)
+        return client.execute(command, *args, input=input, timeout=_remaining(deadline), check=check,
+                              stdout=stdout, stderr=stderr)
+
+
+class GuestOutcome(object):
+    """What :func:`map_guests` got from one guest: ``result`` or ``error`` (an exception)."""
+
+    __slots__ = ('guest', 'result', 'error', 'duration')
+
+    def __init__(self, guest: str, result: Any = None, error: Optional[BaseException] = None,
+                 duration: float = 0.0) -> None:
+        self.guest = guest
+        self.result = result
+        self.error = error
+        self.duration = duration
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def value(self) -> Any:
+        """The result, or raise the error."""
+        if self.error is not None:
+            raise self.error
+        return self.result
+
+    def __repr__(self) -> str:
+        return 'GuestOutcome(%r, %s)' % (self.guest, 'result=%r' % (self.result,) if self.ok else 'error=%r' % (self.error,))
+
+
+def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[str, Guest, GuestChannel]],
+               max_workers: int = 16, uri: Optional[str] = None, timeout: Optional[float] = DEFAULT_TIMEOUT,
+               paths: Optional[LibvirtPaths] = None,
+               channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS) -> List[GuestOutcome]:
+    """
+    Call ``function(channel)`` for every guest in parallel; one :class:`GuestOutcome` per guest,
+    in the order given.
+
+    ``guests`` are names, :class:`~negotiator_host.discovery.Guest` objects (from
+    :func:`~negotiator_host.discovery.list_guests`: no more discovery) or open channels.
+    An exception in one guest never stops the others: it is kept in that guest's outcome.
+
+    >>> for outcome in map_guests(lambda g: g.execute('uptime').stdout, ['web-1', 'web-2']):
+    ...     print(outcome.guest, outcome.result if outcome.ok else outcome.error)
+    """
+    items = list(guests)
+
+    def run(item: Union[str, Guest, GuestChannel]) -> GuestOutcome:
+        started = time.monotonic()
+        owned = not isinstance(item, GuestChannel)
+        if isinstance(item, GuestChannel):
+            channel = item
+        elif isinstance(item, Guest):
+            path = item.socket_for(channel_names)
+            channel = GuestChannel(item.name, socket_path=path, uri=uri, timeout=timeout,
+                                   channel_names=channel_names, paths=paths)
+        else:
+            channel = GuestChannel(item, uri=uri, timeout=timeout, channel_names=channel_names, paths=paths)
+        name = channel.name
+        try:
+            if isinstance(item, Guest) and channel.socket_path is None:
+                item.require_socket(channel_names)
+            return GuestOutcome(name, result=function(channel), duration=time.monotonic() - started)
+        except Exception as exc:
+            return GuestOutcome(name, error=exc, duration=time.monotonic() - started)
+        finally:
+            if owned:
+                channel.close()
+
+    if not items:
+        return []
+    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items)))) as pool:
+        return list(pool.map(run, items))

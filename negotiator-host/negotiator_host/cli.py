@@ -1,0 +1,466 @@
+"""
+Usage: negotiator-host [OPTIONS] [GUEST...]
+
+Talk to the negotiator agents in the KVM/QEMU guests of this host through virtio-serial
+channels (no network, no SSH), or answer the guests' own requests (--daemon).
+
+Examples:
+
+  negotiator-host --list-guests
+  negotiator-host --ping web-1
+  negotiator-host --list-commands web-1
+  negotiator-host --execute 'df -h /' web-1
+  echo hello | negotiator-host web-1 web-2 --stdin --execute cat
+  negotiator-host --all --json --execute uptime
+
+Supported options:
+
+  -g, --list-guests
+
+    List the running guests that have a negotiator channel: name, state, whether the
+    agent answers, its version and the round-trip time (--json: a list of objects).
+
+  -c, --list-commands
+
+    List the commands that each GUEST offers.
+
+  -e, --execute=COMMAND
+
+    Run COMMAND (with its arguments, split as a shell would) on each GUEST. With one
+    guest its standard output and error are passed on byte for byte and its exit status
+    becomes ours; with several guests they run in parallel, each output line is prefixed
+    with the guest's name, and the exit status is non-zero when any failed.
+
+  -p, --ping
+
+    Check each GUEST's agent and print the round-trip time.
+
+  -i, --stdin
+
+    Forward standard input to the command (without it the command gets empty input).
+
+  -t, --timeout=SECONDS
+
+    Bound on the whole call, fractional seconds (0 means no bound; default 10).
+
+  -a, --all
+
+    Every running guest that has the channel, in parallel.
+
+  -j, --json
+
+    Machine-readable output: one JSON object per guest (a list for --list-guests).
+
+  --connect=URI
+
+    The libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system).
+
+  -d, --daemon
+
+    Answer the guests' requests on their negotiator-guest-to-host.0 channels, following
+    guests as they start and stop, until SIGTERM or SIGINT.
+
+  --commands-dir=DIR
+
+    Where the host's commands live (repeatable; default /usr/lib/negotiator/commands).
+
+  --policy=FILE
+
+    Which guests may run which host commands (an INI file; see the documentation).
+    Without it every guest may run every command of the commands directories.
+
+  -v, --verbose
+
+    Log more (repeatable).
+
+  -q, --quiet
+
+    Log less (repeatable).
+
+  -h, --help
+
+    Show this message and exit.
+
+Exit statuses: 0 success; with one guest and --execute, the command's own status (128+N
+when signal N ended it); 64 usage error; 69 guest, channel or libvirt not available (unknown
+or stopped guest, no channel, channel busy, agent gone); 70 internal or protocol error;
+75 timeout; 77 command refused by the guest's policy or not found. With several guests:
+the status of the first guest (in the order given; --all: by name) that failed.
+"""
+
+import getopt
+import sys
+import time
+from typing import Any, Dict, List, Optional, Sequence
+
+__all__ = ('main', 'run', 'exit_status_for', 'EX_USAGE', 'EX_UNAVAILABLE', 'EX_SOFTWARE', 'EX_TEMPFAIL',
+           'EX_NOPERM')
+
+EX_USAGE = 64
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_TEMPFAIL = 75
+EX_NOPERM = 77
+
+PROGRAM = 'negotiator-host'
+
+
+class UsageError(Exception):
+    """Wrong options or arguments (exit status 64)."""
+
+
+def exit_status_for(error: BaseException) -> int:
+    """The CLI's exit status for one of negotiator's own failures (shared with negotiator-guest)."""
+    from negotiator_common import errors
+    from negotiator_host.discovery import LibvirtUnavailable
+
+    if isinstance(error, UsageError):
+        return EX_USAGE
+    if isinstance(error, (errors.CallTimeout, errors.CommandTimedOut)):
+        return EX_TEMPFAIL
+    if isinstance(error, (errors.CommandNotAllowed, errors.CommandNotFound)):
+        return EX_NOPERM
+    if isinstance(error, errors.CommandFailed):
+        status = error.exit_status
+        return status if isinstance(status, int) and 0 < status < 256 else 1
+    if isinstance(error, (LibvirtUnavailable, errors.GuestNotFound, errors.ChannelNotFound, errors.ChannelBusy,
+                          errors.ConnectionClosed)):
+        return EX_UNAVAILABLE
+    return EX_SOFTWARE
+
+
+def _result_status(result: Any) -> int:
+    if result.exit_status is not None:
+        return int(result.exit_status)
+    return 128 + int(result.signal or 0) if result.signal else EX_SOFTWARE
+
+
+def _error_line(guest: str, error: BaseException) -> str:
+    message = ' '.join(str(error).split()) or type(error).__name__
+    return '%s: %s%s' % (PROGRAM, '%s: ' % guest if guest else '', message)
+
+
+def _error_object(error: BaseException) -> Dict[str, Any]:
+    return {'type': type(error).__name__, 'code': getattr(error, 'code', None),
+            'message': ' '.join(str(error).split()), 'exit_status': exit_status_for(error)}
+
+
+class _Options(object):
+    def __init__(self) -> None:
+        self.action = None  # type: Optional[str]
+        self.command = ''
+        self.stdin = False
+        self.timeout = 10.0  # type: Optional[float]
+        self.all = False
+        self.json = False
+        self.uri = None  # type: Optional[str]
+        self.commands_dirs = []  # type: List[str]
+        self.policy = None  # type: Optional[str]
+        self.verbosity = 0
+        self.guests = []  # type: List[str]
+
+
+def parse_options(argv: Sequence[str]) -> _Options:
+    """Parse the command line (options may come before and after guest names)."""
+    try:
+        options, arguments = getopt.gnu_getopt(list(argv), 'gce:pit:ajdvqh', [
+            'list-guests', 'list-commands', 'execute=', 'ping', 'stdin', 'timeout=', 'all', 'json', 'connect=',
+            'daemon', 'commands-dir=', 'policy=', 'verbose', 'quiet', 'help'])
+    except getopt.GetoptError as exc:
+        raise UsageError(str(exc))
+    parsed = _Options()
+
+    def set_action(action: str) -> None:
+        if parsed.action not in (None, action):
+            raise UsageError('choose one of --list-guests, --list-commands, --execute, --ping and --daemon')
+        parsed.action = action
+
+    for option, value in options:
+        if option in ('-g', '--list-guests'):
+            set_action('list-guests')
+        elif option in ('-c', '--list-commands'):
+            set_action('list-commands')
+        elif option in ('-e', '--execute'):
+            set_action('execute')
+            parsed.command = value
+        elif option in ('-p', '--ping'):
+            set_action('ping')
+        elif option in ('-d', '--daemon'):
+            set_action('daemon')
+        elif option in ('-i', '--stdin'):
+            parsed.stdin = True
+        elif option in ('-t', '--timeout'):
+            try:
+                seconds = float(value)
+            except ValueError:
+                raise UsageError('--timeout needs a number of seconds, not %r' % value)
+            if not seconds >= 0 or seconds == float('inf'):
+                raise UsageError('--timeout needs a number of seconds of 0 or more, not %r' % value)
+            parsed.timeout = seconds or None
+        elif option in ('-a', '--all'):
+            parsed.all = True
+        elif option in ('-j', '--json'):
+            parsed.json = True
+        elif option == '--connect':
+            parsed.uri = value
+        elif option == '--commands-dir':
+            parsed.commands_dirs.append(value)
+        elif option == '--policy':
+            parsed.policy = value
+        elif option in ('-v', '--verbose'):
+            parsed.verbosity += 1
+        elif option in ('-q', '--quiet'):
+            parsed.verbosity -= 1
+        elif option in ('-h', '--help'):
+            set_action('help')
+    parsed.guests = arguments
+    if parsed.action is None:
+        raise UsageError('nothing to do: give --list-guests, --ping, --list-commands, --execute or --daemon')
+    if parsed.action in ('ping', 'list-commands', 'execute') and not parsed.guests and not parsed.all:
+        raise UsageError('name at least one GUEST (or give --all)')
+    if parsed.action == 'daemon' and (parsed.guests or parsed.all):
+        raise UsageError('--daemon serves every guest; it takes no guest names')
+    if parsed.action == 'execute':
+        import shlex
+        try:
+            parsed.argv = shlex.split(parsed.command)  # type: ignore
+        except ValueError as exc:
+            raise UsageError('cannot split --execute=%r: %s' % (parsed.command, exc))
+        if not parsed.argv:  # type: ignore
+            raise UsageError('--execute needs a command')
+    return parsed
+
+
+def _setup_logging(verbosity: int, daemon: bool) -> None:
+    # coloredlogs costs tens of milliseconds: a quick call without -v does not need it, since
+    # its own failures are printed as one line each. The daemon and -v/-q always log.
+    if verbosity == 0 and not daemon:
+        return
+    import logging
+    import coloredlogs
+    levels = [logging.WARNING, logging.INFO, logging.DEBUG]
+    base = 1 if daemon else 0
+    level = levels[max(0, min(len(levels) - 1, base + verbosity))] if verbosity >= 0 or daemon else logging.ERROR
+    if verbosity < 0:
+        level = logging.ERROR if verbosity == -1 else logging.CRITICAL
+    coloredlogs.install(level=level, fmt='%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s'
+                        if daemon else '%(name)s %(levelname)s %(message)s')
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    """The ``negotiator-host`` program: run and exit with its status."""
+    sys.exit(run(sys.argv[1:] if argv is None else argv))
+
+
+def run(argv: Sequence[str]) -> int:
+    """Run the CLI with ``argv`` (without the program name) and return the exit status."""
+    try:
+        options = parse_options(argv)
+    except UsageError as exc:
+        sys.stderr.write('%s: error: %s (see %s --help)\n' % (PROGRAM, exc, PROGRAM))
+        return EX_USAGE
+    if options.action == 'help':
+        from humanfriendly.terminal import usage
+        usage(__doc__)
+        return 0
+    _setup_logging(options.verbosity, options.action == 'daemon')
+    try:
+        if options.action == 'daemon':
+            return _run_daemon(options)
+        if options.action == 'list-guests':
+            return _list_guests(options)
+        return _run_on_guests(options)
+    except KeyboardInterrupt:
+        sys.stderr.write('%s: interrupted\n' % PROGRAM)
+        return 130
+    except Exception as exc:
+        from negotiator_common.errors import NegotiatorError
+        from negotiator_host.policy import PolicyError
+        if not isinstance(exc, (NegotiatorError, PolicyError)):
+            raise
+        sys.stderr.write(_error_line('', exc) + '\n')
+        return EX_USAGE if isinstance(exc, PolicyError) else exit_status_for(exc)
+
+
+def _run_daemon(options: _Options) -> int:
+    from negotiator_common.commands import DEFAULT_COMMANDS_DIR
+    from negotiator_host.daemon import HostDaemon
+    from negotiator_host.policy import Policy, allow_everything
+
+    policy = Policy.load(options.policy) if options.policy else allow_everything
+    daemon = HostDaemon(uri=options.uri, commands_dirs=options.commands_dirs or [DEFAULT_COMMANDS_DIR], policy=policy)
+    return daemon.run()
+
+
+def _targets(options: _Options) -> List[Any]:
+    """The guests to talk to: names as given, or every running guest with the channel (--all)."""
+    from negotiator_host.discovery import list_guests
+
+    targets = list(options.guests)  # type: List[Any]
+    if options.all:
+        named = set(options.guests)
+        found = [g for g in list_guests(options.uri) if g.socket_for() is not None and g.name not in named]
+        targets.extend(found)
+    return targets
+
+
+def _write_json(value: Any) -> None:
+    import json
+    sys.stdout.write(json.dumps(value, sort_keys=True) + '\n')
+    sys.stdout.flush()
+
+
+class _LinePrefixer(object):
+    """A binary sink that writes whole lines, each prefixed with a guest's name, under a shared lock."""
+
+    def __init__(self, prefix: bytes, target: Any, lock: Any) -> None:
+        self.prefix = prefix
+        self.target = target
+        self.lock = lock
+        self.partial = b''
+
+    def write(self, data: bytes) -> int:
+        lines = (self.partial + data).split(b'\n')
+        self.partial = lines.pop()
+        if lines:
+            with self.lock:
+                self.target.write(b''.join(self.prefix + line + b'\n' for line in lines))
+                self.target.flush()
+        return len(data)
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        if self.partial:
+            with self.lock:
+                self.target.write(self.prefix + self.partial + b'\n')
+                self.target.flush()
+            self.partial = b''
+
+
+def _run_on_guests(options: _Options) -> int:
+    from negotiator_host.channel import GuestChannel, map_guests
+
+    targets = _targets(options)
+    if not targets:
+        sys.stderr.write('%s: no running guest has a negotiator channel (see --list-guests)\n' % PROGRAM)
+        return EX_UNAVAILABLE
+    stdin = sys.stdin.buffer.read() if options.stdin and options.action == 'execute' else None
+    argv = getattr(options, 'argv', [])
+    if len(targets) == 1 and not options.all and not options.json:
+        return _one_guest(options, GuestChannel(targets[0], uri=options.uri, timeout=options.timeout), argv, stdin)
+
+    import threading
+    lock = threading.Lock()
+    stdout = getattr(sys.stdout, 'buffer', sys.stdout)
+    stderr = getattr(sys.stderr, 'buffer', sys.stderr)
+    single = len(targets) == 1
+
+    def work(channel: GuestChannel) -> Any:
+        if options.action == 'ping':
+            info = channel.hello()
+            return {'rtt': channel.ping(), 'agent': info.get('agent'), 'version': info.get('version')}
+        if options.action == 'list-commands':
+            return channel.list_commands()
+        if options.json:
+            return channel.execute(argv[0], *argv[1:], input=stdin)
+        prefix = channel.name.encode('utf-8', 'surrogateescape') + b': '
+        out, err = _LinePrefixer(prefix, stdout, lock), _LinePrefixer(prefix, stderr, lock)
+        try:
+            return channel.execute(argv[0], *argv[1:], input=stdin, stdout=out, stderr=err)
+        finally:
+            out.close()
+            err.close()
+
+    outcomes = map_guests(work, targets, uri=options.uri, timeout=options.timeout)
+    status = 0
+    for outcome in outcomes:
+        guest_status = 0
+        if not outcome.ok:
+            guest_status = exit_status_for(outcome.error)
+            if options.json:
+                _write_json({'guest': outcome.guest, 'ok': False, 'error': _error_object(outcome.error)})
+            else:
+                sys.stderr.write(_error_line(outcome.guest, outcome.error) + '\n')
+        elif options.action == 'ping':
+            if options.json:
+                data = dict(outcome.result, guest=outcome.guest, ok=True)
+                _write_json(data)
+            else:
+                sys.stdout.write('%s: agent %s %s answered in %.2f ms\n' % (
+                    outcome.guest, outcome.result['agent'], outcome.result['version'], outcome.result['rtt'] * 1000))
+        elif options.action == 'list-commands':
+            if options.json:
+                _write_json({'guest': outcome.guest, 'ok': True, 'commands': [c.to_dict() for c in outcome.result]})
+            else:
+                for command in outcome.result:
+                    sys.stdout.write(('%s: %s\n' % (outcome.guest, command.name)) if not single else command.name + '\n')
+        else:
+            guest_status = _result_status(outcome.result)
+            if options.json:
+                data = outcome.result.to_dict()
+                data.update(guest=outcome.guest, ok=guest_status == 0)
+                _write_json(data)
+        if guest_status and not status:
+            status = guest_status
+    sys.stdout.flush()
+    return status
+
+
+def _one_guest(options: _Options, channel: Any, argv: List[str], stdin: Optional[bytes]) -> int:
+    """One guest, plain output: the command's bytes and status pass straight through."""
+    with channel:
+        if options.action == 'ping':
+            info = channel.hello()
+            rtt = channel.ping()
+            sys.stdout.write('%s: agent %s %s answered in %.2f ms\n' % (
+                channel.name, info.get('agent'), info.get('version'), rtt * 1000))
+            return 0
+        if options.action == 'list-commands':
+            for command in channel.list_commands():
+                sys.stdout.write(command.name + '\n')
+            return 0
+        stdout = sys.stdout.buffer
+        stderr = sys.stderr.buffer
+        sys.stdout.flush()
+        result = channel.execute(argv[0], *argv[1:], input=stdin, stdout=stdout, stderr=stderr)
+        stdout.flush()
+        return _result_status(result)
+
+
+def _list_guests(options: _Options) -> int:
+    from negotiator_host.channel import map_guests
+    from negotiator_host.discovery import list_guests
+
+    guests = [g for g in list_guests(options.uri) if g.socket_for() is not None]
+    if options.guests:
+        named = set(options.guests)
+        guests = [g for g in guests if g.name in named]
+
+    def probe(channel: Any) -> Dict[str, Any]:
+        info = channel.hello()
+        return {'agent': info.get('agent'), 'version': info.get('version'), 'rtt': channel.ping()}
+
+    outcomes = map_guests(probe, guests, uri=options.uri, timeout=options.timeout)
+    rows = []
+    for guest, outcome in zip(guests, outcomes):
+        row = {'name': guest.name, 'id': guest.id, 'state': guest.state, 'channel': guest.socket_for(),
+               'reachable': outcome.ok, 'agent': None, 'version': None, 'rtt': None, 'error': None}
+        if outcome.ok:
+            row.update(outcome.result)
+        else:
+            row['error'] = _error_object(outcome.error)
+        rows.append(row)
+    if options.json:
+        _write_json(rows)
+        return 0
+    if not rows:
+        sys.stderr.write('%s: no running guest has a negotiator channel\n' % PROGRAM)
+        return 0
+    from humanfriendly.tables import format_pretty_table
+    table = [[r['name'], r['state'], 'yes' if r['reachable'] else 'no: %s' % r['error']['type'],
+              r['version'] or '-', '%.2f ms' % (r['rtt'] * 1000) if r['rtt'] is not None else '-'] for r in rows]
+    sys.stdout.write(format_pretty_table(table, ['Guest', 'State', 'Agent reachable', 'Agent version', 'Round trip']))
+    sys.stdout.write('\n')
+    return 0

@@ -1,0 +1,376 @@
+"""
+Discovery: which guests run, and where their channel sockets are.
+
+libvirt gives every ``<channel type='unix'><source mode='bind'/>...`` a UNIX socket on the
+host and fills in its path itself. This module finds those sockets cheaply, because every
+CLI call starts here:
+
+1. The live status XML that libvirt keeps for each running guest
+   (``/var/run/libvirt/qemu/NAME.xml`` for ``qemu:///system``) names every socket exactly
+   (``devices/channel/source/@path``) and the guest's id and state. Reading it costs no
+   process at all, so a single-guest call usually runs no ``virsh``.
+2. The channel directory (``/var/lib/libvirt/qemu/channel/target``): current libvirt uses
+   ``domain-ID-SHORTNAME/CHANNEL``, where SHORTNAME is the name cut to 20 characters (or 20
+   bytes, depending on libvirtd's locale), so a directory is matched by the guest's id and a
+   prefix of its name, never by the prefix alone; older libvirt used ``NAME.CHANNEL``.
+3. Only for a single guest whose files say nothing: ``virsh dumpxml NAME`` (one process).
+
+Listing every running guest costs exactly one process (``virsh list``), however many guests
+run: the rest comes from the files of steps 1 and 2. The roots of those files are parameters
+(:class:`LibvirtPaths`), so tests run against a fake tree and a stand-in ``virsh``.
+"""
+
+import os
+import re
+import xml.etree.ElementTree as ElementTree
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+
+from negotiator_common.errors import ChannelNotFound, GuestNotFound, NegotiatorError
+
+__all__ = (
+    'HOST_TO_GUEST_CHANNELS', 'GUEST_TO_HOST_CHANNEL', 'DEFAULT_URI', 'SHORT_NAME_MAX', 'CHANNEL_XML',
+    'LibvirtUnavailable', 'LibvirtPaths', 'Guest', 'default_uri', 'run_virsh', 'list_guests',
+    'find_guest', 'parse_domain_xml', 'parse_virsh_list', 'missing_channel_message',
+)
+
+HOST_TO_GUEST_CHANNELS = ('negotiator-host-to-guest.0', 'negotiator-channel.0')
+"""Channels that the host CLI and API use, in order of preference (the second is the seed's name)."""
+
+GUEST_TO_HOST_CHANNEL = 'negotiator-guest-to-host.0'
+"""The channel on which the host daemon serves the guest's requests."""
+
+DEFAULT_URI = 'qemu:///system'
+
+SHORT_NAME_MAX = 20
+"""libvirt cuts guest names to this many characters in per-domain directory names."""
+
+VIRSH_TIMEOUT = 15.0
+"""Seconds a ``virsh`` call may take before discovery gives up on it."""
+
+CHANNEL_XML = ("<channel type='unix'><source mode='bind'/>"
+               "<target type='virtio' name='%s'/></channel>")
+
+
+class LibvirtUnavailable(NegotiatorError):
+    """``virsh`` could not talk to libvirt (libvirtd down, wrong URI, no permission)."""
+
+
+def default_uri() -> str:
+    """The libvirt URI to use: ``$LIBVIRT_DEFAULT_URI``, else ``qemu:///system``."""
+    return os.environ.get('LIBVIRT_DEFAULT_URI') or DEFAULT_URI
+
+
+class LibvirtPaths(object):
+    """
+    Where libvirt keeps the files that discovery reads.
+
+    :param status_dir: live status XML of running guests (``NAME.xml``); None: do not read it.
+    :param channel_dir: the root of the channel sockets; None: do not look there.
+    """
+
+    def __init__(self, status_dir: Optional[str], channel_dir: Optional[str]) -> None:
+        self.status_dir = status_dir
+        self.channel_dir = channel_dir
+
+    @classmethod
+    def for_uri(cls, uri: str) -> 'LibvirtPaths':
+        """libvirt's own directories for a local ``qemu:///system`` or ``qemu:///session`` URI."""
+        if re.match(r'^qemu(\+unix)?:///system/?(\?.*)?$', uri):
+            return cls('/var/run/libvirt/qemu', '/var/lib/libvirt/qemu/channel/target')
+        if re.match(r'^qemu(\+unix)?:///session/?(\?.*)?$', uri):
+            runtime = os.environ.get('XDG_RUNTIME_DIR') or os.path.expanduser('~/.cache')
+            config = os.environ.get('XDG_CONFIG_HOME') or os.path.expanduser('~/.config')
+            return cls(os.path.join(runtime, 'libvirt', 'qemu', 'run'),
+                       os.path.join(config, 'libvirt', 'qemu', 'channel', 'target'))
+        # A remote or unusual URI: its sockets are not ours to find in files.
+        return cls(None, None)
+
+    def __repr__(self) -> str:
+        return 'LibvirtPaths(%r, %r)' % (self.status_dir, self.channel_dir)
+
+
+class Guest(object):
+    """
+    One guest as discovery saw it: ``name``, ``id`` (None when not known or not running),
+    ``state`` (``running``, ``paused``, ... or ``''`` when not known) and ``channels``, a
+    dictionary of channel name to socket path.
+    """
+
+    __slots__ = ('name', 'id', 'state', 'channels')
+
+    def __init__(self, name: str, id: Optional[int] = None, state: str = '',
+                 channels: Optional[Dict[str, str]] = None) -> None:
+        self.name = name
+        self.id = id
+        self.state = state
+        self.channels = dict(channels or {})
+
+    def socket_for(self, channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS) -> Optional[str]:
+        """The socket of the first of ``channel_names`` that the guest has, or None."""
+        for channel in channel_names:
+            if channel in self.channels:
+                return self.channels[channel]
+        return None
+
+    def require_socket(self, channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS) -> str:
+        """Like :meth:`socket_for`, but raise :class:`ChannelNotFound` with what to do."""
+        path = self.socket_for(channel_names)
+        if path is None:
+            raise ChannelNotFound(missing_channel_message(self.name, channel_names[0]))
+        return path
+
+    def to_dict(self) -> Dict[str, object]:
+        return {'name': self.name, 'id': self.id, 'state': self.state, 'channels': dict(self.channels)}
+
+    def __repr__(self) -> str:
+        return 'Guest(%r, id=%r, state=%r, channels=%r)' % (self.name, self.id, self.state, sorted(self.channels))
+
+
+def missing_channel_message(name: str, channel: str) -> str:
+    """The one-line explanation of a missing channel, with the XML to add."""
+    return ("guest %s has no %s channel: add %s to its <devices> (virsh edit %s), then shut the guest"
+            " down and start it (a reboot does not add channels)" % (name, channel, CHANNEL_XML % channel, name))
+
+
+# Running virsh.
+
+def run_virsh(uri: str, *args: str, timeout: float = VIRSH_TIMEOUT) -> Tuple[int, bytes, str]:
+    """
+    Run ``virsh -c URI ARGS...`` (an argv list through executor, never a shell).
+
+    Returns ``(exit status, stdout bytes, stderr text)``; raises :class:`LibvirtUnavailable`
+    when ``virsh`` is not installed or does not finish within ``timeout`` seconds.
+    """
+    from executor import ExternalCommand  # imported lazily: the fast paths need no process
+
+    argv = ['virsh', '-q', '-c', uri] + list(args)
+    command = ExternalCommand(*argv, shell=False, capture=True, capture_stderr=True, check=False,
+                              silent=True, asynchronous=True, encoding='utf-8')
+    try:
+        command.start()
+        command.wait(timeout=timeout)
+    except OSError as exc:
+        raise LibvirtUnavailable('cannot run virsh (%s): install the libvirt client tools (libvirt-clients)' % exc)
+    except Exception as exc:  # executor's own errors (missing program, timeout)
+        try:
+            command.terminate()
+        except Exception:
+            pass
+        raise LibvirtUnavailable('virsh -c %s %s did not finish: %s' % (uri, ' '.join(args), exc))
+    stdout = command.stdout or b''
+    stderr = (command.stderr or b'').decode('utf-8', 'replace').strip()
+    return command.returncode, stdout, stderr
+
+
+def _virsh_error(uri: str, stderr: str) -> str:
+    lines = [line for line in stderr.splitlines() if line.strip()]
+    return lines[-1].replace('error: ', '').strip() if lines else 'virsh failed with no message'
+
+
+def _unavailable(uri: str, stderr: str) -> LibvirtUnavailable:
+    return LibvirtUnavailable('cannot reach libvirt at %s (%s): is libvirtd (or virtqemud) running, and may you use'
+                              ' it? (systemctl start libvirtd; run as root for qemu:///system)'
+                              % (uri, _virsh_error(uri, stderr)))
+
+
+_STATES = ('running', 'idle', 'paused', 'in shutdown', 'shut off', 'crashed', 'pmsuspended', 'no state', 'blocked')
+
+
+def _unescape_table(text: str) -> str:
+    # virsh's table escapes unprintable bytes (and literal "\x") as \xNN: undo it.
+    if '\\x' not in text:
+        return text
+    raw = re.sub(rb'\\x([0-9a-fA-F]{2})', lambda m: bytes([int(m.group(1), 16)]),
+                 text.encode('utf-8', 'surrogateescape'))
+    return raw.decode('utf-8', 'surrogateescape')
+
+
+def parse_virsh_list(output: bytes) -> List[Guest]:
+    """
+    Parse the table of ``virsh list`` (``Id  Name  State`` rows; the header may be absent).
+
+    Names may hold spaces, hyphens, dots and non-ASCII letters: a row is the id, then the
+    name, then one of libvirt's state names at the end of the line.
+    """
+    guests = []
+    for line in output.decode('utf-8', 'surrogateescape').splitlines():
+        line = line.strip()
+        match = re.match(r'^(\d+|-)\s+(.+?)\s+(%s)$' % '|'.join(_STATES), line)
+        if not match:
+            continue  # the header, the dashes, blank lines
+        id_text, name, state = match.groups()
+        guests.append(Guest(_unescape_table(name), None if id_text == '-' else int(id_text), state))
+    return guests
+
+
+# Reading libvirt's files.
+
+def parse_domain_xml(text: bytes, fallback_name: Optional[str] = None) -> Guest:
+    """
+    Read a guest from a domain XML (``virsh dumpxml``) or a status XML (``<domstatus>``).
+
+    Every ``<channel>`` with a ``source/@path`` and a ``target/@name`` becomes an entry of
+    :attr:`Guest.channels`.
+    """
+    root = ElementTree.fromstring(text)
+    state = ''
+    domain = root
+    if root.tag == 'domstatus':
+        state = root.get('state', '')
+        found = root.find('domain')
+        if found is None:
+            raise ValueError('status XML without a <domain>')
+        domain = found
+    name_element = domain.find('name')
+    name = name_element.text if name_element is not None and name_element.text else (fallback_name or '')
+    id_text = domain.get('id')
+    channels = {}
+    for channel in domain.iterfind('devices/channel'):
+        source = channel.find('source')
+        target = channel.find('target')
+        if source is None or target is None:
+            continue
+        path, channel_name = source.get('path'), target.get('name')
+        if path and channel_name:
+            channels[channel_name] = path
+    guest_id = int(id_text) if id_text and id_text.lstrip('-').isdigit() and int(id_text) > 0 else None
+    return Guest(name, guest_id, state or ('running' if guest_id is not None else 'shut off'), channels)
+
+
+def _read_status(paths: LibvirtPaths, name: str) -> Optional[Guest]:
+    if not paths.status_dir or '/' in name:
+        return None
+    try:
+        with open(os.path.join(paths.status_dir, name + '.xml'), 'rb') as handle:
+            data = handle.read()
+    except OSError:
+        return None
+    try:
+        guest = parse_domain_xml(data, name)
+    except (ValueError, ElementTree.ParseError):
+        return None
+    return guest if guest.name == name else None
+
+
+def _short_name_prefixes(name: str) -> List[str]:
+    # libvirt cuts to 20 characters when libvirtd's locale decodes the name, else to 20 bytes.
+    prefixes = [name[:SHORT_NAME_MAX]]
+    raw = name.encode('utf-8')[:SHORT_NAME_MAX]
+    prefixes.append(raw.decode('utf-8', 'surrogateescape'))
+    return prefixes
+
+
+def _listdir(directory: Optional[str]) -> List[str]:
+    if not directory:
+        return []
+    try:
+        return os.listdir(directory)
+    except OSError:
+        return []
+
+
+def _domain_directories(entries: Iterable[str]) -> Dict[int, List[str]]:
+    """``domain-ID-SHORTNAME`` entries by id."""
+    found = {}  # type: Dict[int, List[str]]
+    for entry in entries:
+        match = re.match(r'^domain-(\d+)-(.*)$', entry, re.DOTALL)
+        if match:
+            found.setdefault(int(match.group(1)), []).append(entry)
+    return found
+
+
+def _channels_in(directory: str) -> Dict[str, str]:
+    return {entry: os.path.join(directory, entry) for entry in _listdir(directory)}
+
+
+def _channels_from_tree(paths: LibvirtPaths, guest: Guest, entries: List[str],
+                        by_id: Dict[int, List[str]]) -> Dict[str, str]:
+    """Channel sockets of ``guest`` in the channel directory, for both layouts."""
+    root = paths.channel_dir
+    if not root:
+        return {}
+    channels = {}
+    prefixes = _short_name_prefixes(guest.name)
+    candidates = []
+    if guest.id is not None:
+        # Ids are unique among running guests; the name part must still fit this guest.
+        candidates = [e for e in by_id.get(guest.id, []) if e.split('-', 2)[2] in prefixes]
+    else:
+        # No id: only a directory that carries the whole name, and only one, is safe. A cut
+        # name could belong to another guest that shares its first 20 characters.
+        matching = [e for ids in by_id.values() for e in ids if e.split('-', 2)[2] == guest.name]
+        if len(matching) == 1:
+            candidates = matching
+    for entry in candidates:
+        channels.update(_channels_in(os.path.join(root, entry)))
+    # The older flat layout: NAME.CHANNEL, the full name.
+    prefix = guest.name + '.'
+    for entry in entries:
+        if entry.startswith(prefix) and not entry.startswith('domain-'):
+            channels.setdefault(entry[len(prefix):], os.path.join(root, entry))
+    return channels
+
+
+# The two public questions.
+
+def list_guests(uri: Optional[str] = None, paths: Optional[LibvirtPaths] = None) -> List[Guest]:
+    """
+    Every running guest, with the channel sockets that the files of ``paths`` show.
+
+    Costs one ``virsh list`` process however many guests run. Raises
+    :class:`LibvirtUnavailable` when libvirt cannot be reached.
+    """
+    uri = uri or default_uri()
+    paths = paths or LibvirtPaths.for_uri(uri)
+    status, output, stderr = run_virsh(uri, 'list')
+    if status != 0:
+        raise _unavailable(uri, stderr)
+    guests = parse_virsh_list(output)
+    entries = _listdir(paths.channel_dir)
+    by_id = _domain_directories(entries)
+    for guest in guests:
+        live = _read_status(paths, guest.name)
+        if live is not None and (guest.id is None or live.id == guest.id):
+            guest.channels = live.channels
+            guest.state = guest.state or live.state
+        else:
+            guest.channels = _channels_from_tree(paths, guest, entries, by_id)
+    return sorted(guests, key=lambda g: g.name)
+
+
+def find_guest(name: str, uri: Optional[str] = None, paths: Optional[LibvirtPaths] = None,
+               use_virsh: bool = True) -> Guest:
+    """
+    One running guest by name, with its channel sockets.
+
+    Reads libvirt's files first (no process); only when they do not show a channel does it
+    run one ``virsh dumpxml NAME``. Raises :class:`GuestNotFound` (no such guest, or not
+    running) and :class:`LibvirtUnavailable`.
+    """
+    uri = uri or default_uri()
+    paths = paths or LibvirtPaths.for_uri(uri)
+    live = _read_status(paths, name)
+    if live is not None and live.channels:
+        return live
+    if live is None:
+        entries = _listdir(paths.channel_dir)
+        channels = _channels_from_tree(paths, Guest(name), entries, _domain_directories(entries))
+        if channels:
+            return Guest(name, None, 'running', channels)
+    if not use_virsh:
+        if live is not None:
+            return live
+        raise GuestNotFound('no running guest %s was found in libvirt\'s files' % name)
+    status, output, stderr = run_virsh(uri, 'dumpxml', '--', name)
+    if status != 0:
+        message = _virsh_error(uri, stderr)
+        if 'failed to get domain' in message or 'not found' in message.lower():
+            raise GuestNotFound('there is no guest %s at %s (virsh -c %s list --all shows the guests)' % (name, uri, uri))
+        raise _unavailable(uri, stderr)
+    try:
+        guest = parse_domain_xml(output, name)
+    except (ValueError, ElementTree.ParseError) as exc:
+        raise LibvirtUnavailable('virsh dumpxml %s printed XML that does not parse: %s' % (name, exc))
+    if guest.id is None:
+        raise GuestNotFound('guest %s is not running: start it (virsh -c %s start %s)' % (name, uri, name))
+    return guest
