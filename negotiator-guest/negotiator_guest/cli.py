@@ -275,3 +275,7 @@ def run(arguments: List[str]) -> int:
     except KeyboardInterrupt:
         sys.stderr.write('negotiator-guest: interrupted\n')
         return 130
+
+
+if __name__ == '__main__':
+    main()

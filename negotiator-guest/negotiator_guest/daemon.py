@@ -49,7 +49,7 @@ logger = logging.getLogger(__name__)
 RECHECK_INTERVAL = 3.0
 """Seconds between checks for a host while waiting, in case a SIGIO was missed."""
 
-STOP_TIMEOUT = 1.5
+STOP_TIMEOUT = 1.2
 """Seconds that running commands get to die after SIGTERM or SIGINT before their groups are SIGKILLed."""
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)

@@ -1,0 +1,259 @@
+"""
+The guest daemon in real processes, with a pseudo-terminal standing in for the port.
+
+Why a pty: its master behaves like a virtio-serial port seen from the guest. While no
+process has the slave open, reading the master fails at once (EIO, which the transport
+treats as end of stream) and ``poll()`` reports POLLHUP at once, as a port does with no host
+connected; opening the slave path again "connects a host", and data written to the slave
+raises SIGIO on an ``O_ASYNC`` master. So the daemon gets the master (as a descriptor) and the
+test plays the host on the slave.
+
+What a pty does not simulate: the SIGIO that the virtio_console driver sends when the host
+merely opens its end (a pty signals on data only, which is what the tests rely on), and
+EBUSY (see test_guest_client.py). Those are for the real-VM tests.
+"""
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+import tty
+
+import pytest
+
+from negotiator_common.client import AgentClient
+from negotiator_common.endpoint import Endpoint
+from negotiator_common.transport import Transport
+from negotiator_guest.port import host_connected
+
+DRIVER = r"""
+import logging, sys
+logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
+                    format='%(relativeCreated)d %(name)s %(message)s')
+from negotiator_common.commands import CommandRegistry
+from negotiator_common.service import AgentService
+from negotiator_guest.daemon import GuestDaemon
+service = AgentService('negotiator-guest', CommandRegistry([sys.argv[2]], builtins=False))
+daemon = GuestDaemon(service, fd=int(sys.argv[1]), recheck_interval=float(sys.argv[3]))
+sys.exit(daemon.run())
+"""
+
+
+def cpu_seconds(pid):
+    with open('/proc/%d/stat' % pid) as handle:
+        fields = handle.read().rsplit(')', 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+
+
+def process_gone(pid):
+    try:
+        with open('/proc/%d/stat' % pid) as handle:
+            return handle.read().rsplit(')', 1)[1].split()[0] in ('Z', 'X')
+    except OSError:
+        return True
+
+
+def write_command(directory, name, body):
+    path = os.path.join(str(directory), name)
+    with open(path, 'w') as handle:
+        handle.write('#!/bin/sh\n' + body + '\n')
+    os.chmod(path, 0o755)
+    return path
+
+
+class FakeHost(object):
+    """The host side of the port: the pty slave, opened and closed like a host client would."""
+
+    def __init__(self, name):
+        self.name = name
+        self.fd = None
+
+    def connect(self):
+        self.fd = os.open(self.name, os.O_RDWR | os.O_NOCTTY)
+        tty.setraw(self.fd)
+        return self
+
+    def disconnect(self):
+        os.close(self.fd)
+        self.fd = None
+
+    def send(self, message):
+        os.write(self.fd, json.dumps(message).encode() + b'\n')
+
+    def lines(self, seconds):
+        """Every line that arrives within ``seconds``."""
+        data = b''
+        deadline = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while time.monotonic() < deadline:
+            if poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                data += os.read(self.fd, 65536)
+        return [json.loads(line) for line in data.split(b'\n') if line.strip()]
+
+    def wait_for(self, request_id, seconds=2.0):
+        """The reply to ``request_id``, or None; other lines are ignored."""
+        buffer = b''
+        deadline = time.monotonic() + seconds
+        poller = select.poll()
+        poller.register(self.fd, select.POLLIN)
+        while time.monotonic() < deadline:
+            if not poller.poll(max(1, int((deadline - time.monotonic()) * 1000))):
+                continue
+            buffer += os.read(self.fd, 65536)
+            while b'\n' in buffer:
+                line, buffer = buffer.split(b'\n', 1)
+                if line.strip():
+                    message = json.loads(line)
+                    if message.get('id') == request_id:
+                        return message
+        return None
+
+
+@pytest.fixture
+def daemon_on_pty(tmp_path):
+    """Start the daemon on a pty master with no host connected; yield (process, FakeHost, commands dir)."""
+    commands = tmp_path / 'commands'
+    commands.mkdir(mode=0o755)
+    master, slave = os.openpty()
+    tty.setraw(master)
+    host = FakeHost(os.ttyname(slave))
+    os.close(slave)  # no host connected
+    process = subprocess.Popen([sys.executable, '-c', DRIVER, str(master), str(commands), '30'],
+                               pass_fds=[master], stderr=subprocess.PIPE)
+    os.close(master)  # only the daemon holds the port now
+    time.sleep(0.6)  # interpreter start-up
+    assert process.poll() is None, process.stderr.read().decode()
+    try:
+        yield process, host, commands
+    finally:
+        if host.fd is not None:
+            host.disconnect()
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        process.stderr.close()
+
+
+def test_no_busy_loop_without_host_then_prompt_answer(daemon_on_pty):
+    process, host, _ = daemon_on_pty
+    before = cpu_seconds(process.pid)
+    time.sleep(1.0)
+    idle_cpu = cpu_seconds(process.pid) - before
+    # A loop that retried the EOF would burn about a whole second of CPU here.
+    assert idle_cpu < 0.1, 'daemon used %.2f s of CPU in 1 s without a host' % idle_cpu
+    host.connect()
+    started = time.monotonic()
+    host.send({'jsonrpc': '2.0', 'id': 'p1', 'method': 'ping', 'params': {}})
+    reply = host.wait_for('p1', seconds=2.0)
+    latency = time.monotonic() - started
+    assert reply is not None and 'result' in reply
+    # The recheck timer is 30 s here, so this answer came from the SIGIO wake-up.
+    assert latency < 0.1, 'answered after %.3f s' % latency
+
+
+def test_sessions_one_after_another_without_spinning_in_between(daemon_on_pty):
+    process, host, _ = daemon_on_pty
+    for number in range(3):
+        host.connect()
+        endpoint = Endpoint(Transport(host.fd, close_fd=False), name='guest').start()
+        hello = endpoint.handshake(timeout=2.0)
+        assert hello['agent'] == 'negotiator-guest'
+        assert AgentClient(endpoint).ping(timeout=2.0) < 0.5
+        endpoint.close()
+        host.disconnect()
+        before = cpu_seconds(process.pid)
+        time.sleep(0.5)
+        assert cpu_seconds(process.pid) - before < 0.1, 'spinning after session %d' % number
+
+
+def test_late_reply_of_a_departed_host_never_reaches_the_next(daemon_on_pty, tmp_path):
+    process, host, commands = daemon_on_pty
+    marker = tmp_path / 'ran'
+    write_command(commands, 'slow', 'touch %s; sleep 0.7; echo late' % marker)
+    host.connect()
+    host.send({'jsonrpc': '2.0', 'id': 'old-1', 'method': 'execute', 'params': {'command': 'slow'}})
+    deadline = time.monotonic() + 3
+    while not marker.exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert marker.exists(), 'the command never started'
+    host.disconnect()  # the first host client vanishes mid-request
+    time.sleep(0.1)
+    host.connect()
+    host.send({'jsonrpc': '2.0', 'id': 'new-1', 'method': 'ping', 'params': {}})
+    lines = host.lines(1.5)
+    assert [line.get('id') for line in lines] == ['new-1']
+
+
+def test_sigterm_kills_commands_releases_port_and_exits_zero(tmp_path):
+    """The real CLI, on a pty slave (the test holds the master as an always-connected host)."""
+    commands = tmp_path / 'commands'
+    commands.mkdir(mode=0o755)
+    pids = tmp_path / 'pids'
+    pids.mkdir()
+    write_command(commands, 'obedient', 'echo $$ > %s/obedient; exec sleep 60' % pids)
+    # Ignores SIGTERM (and so does the sleep it becomes): only the daemon's SIGKILL ends it.
+    write_command(commands, 'stubborn', "trap '' TERM; echo $$ > %s/stubborn; exec sleep 60" % pids)
+    master, slave = os.openpty()
+    tty.setraw(master)
+    name = os.ttyname(slave)
+    os.close(slave)
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_guest.cli', '--daemon', '-c', name,
+                                '--commands-dir', str(commands), '-v'], stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 5
+        while not host_connected(master) and time.monotonic() < deadline:
+            time.sleep(0.02)  # until the daemon has opened the port (the slave)
+        transport = Transport(master, close_fd=False)
+        endpoint = Endpoint(transport, name='guest').start()
+        endpoint.handshake(timeout=5.0)
+        client = AgentClient(endpoint)
+        for command in ('obedient', 'stubborn'):
+            worker = threading.Thread(target=lambda c=command: _ignore_errors(client.execute, c, timeout=60))
+            worker.daemon = True
+            worker.start()
+        deadline = time.monotonic() + 5
+        while len(os.listdir(str(pids))) < 2 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        time.sleep(0.1)
+        running = {n: int((pids / n).read_text()) for n in ('obedient', 'stubborn')}
+        assert not any(process_gone(pid) for pid in running.values())
+        started = time.monotonic()
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=5)
+        took = time.monotonic() - started
+        log = process.stderr.read().decode()
+        assert status == 0, log
+        assert took < 2.0, 'took %.2f s to stop' % took
+        time.sleep(0.1)
+        assert all(process_gone(pid) for pid in running.values()), log
+        # Released: with nobody holding the slave any more, the master reports POLLHUP.
+        poller = select.poll()
+        poller.register(master, select.POLLIN)
+        assert any(flags & select.POLLHUP for _, flags in poller.poll(500)), 'the port is still held open'
+        assert 'Stopping (received SIGTERM)' in log
+        endpoint.close()
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+        os.close(master)
+
+
+def test_sigint_also_stops_cleanly(daemon_on_pty):
+    process, host, _ = daemon_on_pty
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=2) == 0
+    assert b'KeyboardInterrupt' not in process.stderr.read()
+
+
+def _ignore_errors(function, *args, **kw):
+    try:
+        function(*args, **kw)
+    except Exception:
+        pass
