@@ -74,7 +74,19 @@ class LibvirtPaths(object):
 
     @classmethod
     def for_uri(cls, uri: str) -> 'LibvirtPaths':
-        """libvirt's own directories for a local ``qemu:///system`` or ``qemu:///session`` URI."""
+        """
+        libvirt's own directories for a local ``qemu:///system`` or ``qemu:///session`` URI.
+
+        ``$NEGOTIATOR_LIBVIRT_STATUS_DIR`` and ``$NEGOTIATOR_LIBVIRT_CHANNEL_DIR`` override
+        them (a libvirt built with another prefix; tests).
+        """
+        paths = cls._for_uri(uri)
+        paths.status_dir = os.environ.get('NEGOTIATOR_LIBVIRT_STATUS_DIR') or paths.status_dir
+        paths.channel_dir = os.environ.get('NEGOTIATOR_LIBVIRT_CHANNEL_DIR') or paths.channel_dir
+        return paths
+
+    @classmethod
+    def _for_uri(cls, uri: str) -> 'LibvirtPaths':
         if re.match(r'^qemu(\+unix)?:///system/?(\?.*)?$', uri):
             return cls('/var/run/libvirt/qemu', '/var/lib/libvirt/qemu/channel/target')
         if re.match(r'^qemu(\+unix)?:///session/?(\?.*)?$', uri):
