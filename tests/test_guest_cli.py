@@ -1,0 +1,80 @@
+"""The negotiator-guest command line: parsing, usage text and the exit status table."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from negotiator_common.errors import (
+    CallTimeout, ChannelBusy, ChannelNotFound, CommandNotAllowed, CommandNotFound, CommandTimedOut,
+    ConnectionClosed, InternalError, InvalidRequest,
+)
+from negotiator_guest import cli
+
+
+def test_execute_is_split_with_shlex():
+    options = cli.parse_arguments(['-e', "backup --name 'my host' \"a b\""])
+    assert options.action == 'execute'
+    assert options.command == ['backup', '--name', 'my host', 'a b']
+
+
+def test_long_and_short_spellings():
+    options = cli.parse_arguments(['--execute=uptime', '--stdin', '--timeout=2.5', '--json',
+                                   '--character-device=/dev/vport1p2', '-v', '-v', '-q'])
+    assert (options.command, options.stdin, options.timeout, options.json, options.character_device,
+            options.verbosity) == (['uptime'], True, 2.5, True, '/dev/vport1p2', 1)
+    options = cli.parse_arguments(['-d', '--commands-dir', '/a', '--commands-dir=/b', '--syslog'])
+    assert options.action == 'daemon' and options.commands_dirs == ['/a', '/b'] and options.syslog
+    assert cli.parse_arguments(['-l']).action == 'list-commands'
+
+
+def test_timeout_default_zero_and_bad_values():
+    assert cli.parse_arguments(['-l']).timeout == 10.0
+    assert cli.parse_arguments(['-l', '-t', '0']).timeout is None
+    for bad in ('-1', 'soon', 'nan', 'inf'):
+        with pytest.raises(cli.UsageError):
+            cli.parse_arguments(['-l', '-t', bad])
+
+
+@pytest.mark.parametrize('arguments', [['-d', '-l'], ['-e', ''], ['-e', "'unclosed"], ['-l', 'stray'], ['--bogus']])
+def test_usage_errors_exit_64(arguments, capsys):
+    assert cli.run(arguments) == cli.EXIT_USAGE == 64
+    err = capsys.readouterr().err
+    assert err.startswith('negotiator-guest: ') and '--help' in err and len(err.splitlines()) == 1
+
+
+def test_help_is_the_module_docstring(capsys):
+    assert cli.run(['--help']) == 0
+    out = capsys.readouterr().out
+    for spelling in ('--daemon', '--list-commands', '--execute=COMMAND', '--stdin', '--timeout=SECONDS', '--json',
+                     '--character-device=PATH', '--commands-dir=DIR', '--verbose', '--quiet'):
+        assert spelling in out
+    for status in ('64', '69', '70', '75', '77'):
+        assert '  %s  ' % status in out
+
+
+@pytest.mark.parametrize('error, status', [
+    (ChannelNotFound('x'), 69), (ChannelBusy('x'), 69), (ConnectionClosed('x'), 69),
+    (CallTimeout('x'), 75), (CommandTimedOut('x'), 75),
+    (CommandNotFound('x'), 77), (CommandNotAllowed('x'), 77),
+    (InternalError('x'), 70), (InvalidRequest('x'), 70),
+])
+def test_exit_status_table(error, status):
+    assert cli.exit_status_for(error) == status
+
+
+def test_docs_list_the_same_exit_statuses():
+    here = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(here, 'docs', 'guest.rst')) as handle:
+        docs = handle.read()
+    for status in (cli.EXIT_USAGE, cli.EXIT_UNAVAILABLE, cli.EXIT_SOFTWARE, cli.EXIT_TIMEOUT, cli.EXIT_REFUSED):
+        assert '``%d``' % status in docs
+
+
+def test_importing_the_cli_is_lazy():
+    # The CLI module must not pull in coloredlogs, executor or the protocol before it needs them.
+    code = ('import sys, negotiator_guest.cli; '
+            'print(sorted(m for m in ("coloredlogs", "executor", "negotiator_common.endpoint") if m in sys.modules))')
+    output = subprocess.check_output([sys.executable, '-c', code])
+    assert output.strip() == b'[]'
