@@ -1,0 +1,182 @@
+"""The host daemon: serving a guest's socket, following libvirt's events, policy, clean stop."""
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from negotiator_common.endpoint import Endpoint
+from negotiator_common.client import AgentClient
+from negotiator_common.errors import CommandNotAllowed, CommandNotFound
+from negotiator_common.transport import Transport
+from negotiator_host.daemon import HostDaemon
+from negotiator_host.discovery import GUEST_TO_HOST_CHANNEL, LibvirtPaths
+from negotiator_host.policy import Policy, PolicyError
+
+from test_host_support import GUEST_COMMANDS, FakeLibvirt, listening_socket, make_commands_dir, short_tempdir
+
+
+class FakeGuestSide(object):
+    """The guest end of a guest-to-host channel: a listening socket that the daemon connects to."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = listening_socket(path)
+        self.sock.settimeout(10)
+        self.endpoint = None
+
+    def accept(self, timeout: float = 10) -> AgentClient:
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        conn.setblocking(True)
+        self.endpoint = Endpoint(Transport.from_socket(conn), name='host').start()
+        self.endpoint.handshake(5, agent='negotiator-guest')
+        return AgentClient(self.endpoint)
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+        self.sock.close()
+
+
+def wait_until(predicate, timeout=5.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.fixture
+def host_commands():
+    return make_commands_dir(short_tempdir(), GUEST_COMMANDS)
+
+
+def test_serves_a_guest_socket_with_negotiator_guest_set(host_commands):
+    guest = FakeGuestSide(os.path.join(short_tempdir(), 'g2h'))
+    daemon = HostDaemon(commands_dirs=[host_commands], watch=False, paths=LibvirtPaths(None, None))
+    connection = daemon.serve_socket('web-1.ä', guest.path)
+    try:
+        client = guest.accept()
+        assert client.endpoint.call('hello')['agent'] == 'negotiator-host'
+        assert client.execute('whoami-guest').stdout == 'web-1.ä\n'.encode()
+        assert client.execute('cat-stdin', input=b'\xff\x00').stdout == b'\xff\x00'
+        assert 'echo-args' in [c.name for c in client.list_commands()]
+        with pytest.raises(CommandNotFound):
+            client.execute('../../bin/sh')
+    finally:
+        connection.endpoint.close()
+        guest.close()
+
+
+def test_policy_refuses_and_narrows_the_listing(host_commands):
+    policy = Policy.parse('[web-*]\nallow = echo-* whoami-guest\n\n[*]\nallow = hostname\n')
+    guests = {}
+    daemon = HostDaemon(commands_dirs=[host_commands], watch=False, policy=policy, paths=LibvirtPaths(None, None))
+    try:
+        for name in ('web-1', 'db-1'):
+            guests[name] = FakeGuestSide(os.path.join(short_tempdir(), 'g2h'))
+            daemon.serve_socket(name, guests[name].path)
+        web, db = guests['web-1'].accept(), guests['db-1'].accept()
+        assert web.execute('echo-args', 'x').stdout == b'x\n'
+        with pytest.raises(CommandNotAllowed):
+            web.execute('cat-stdin')
+        with pytest.raises(CommandNotAllowed):
+            db.execute('echo-args')
+        assert [c.name for c in db.list_commands()] == ['hostname']
+        assert sorted(c.name for c in web.list_commands()) == ['echo-args', 'hostname', 'whoami-guest']
+    finally:
+        daemon.stop()
+        for connection in list(daemon.connections.values()):
+            connection.endpoint.close()
+        for guest in guests.values():
+            guest.close()
+
+
+def test_policy_file_format():
+    policy = Policy.parse('# comment\n[gäste-*]\nallow = a-* b\n[DEFAULT]\nallow = c\n')
+    assert policy.allows('gäste-1', 'a-1') and policy.allows('gäste-1', 'b')
+    assert not policy.allows('gäste-1', 'c') and not policy.allows('other', 'b')
+    assert policy.allows('DEFAULT', 'c') and not policy.allows('x', 'c')
+    with pytest.raises(PolicyError):
+        Policy.parse('[web-*]\nalow = x\n')
+    with pytest.raises(PolicyError):
+        Policy.parse('allow = x\n')
+    with pytest.raises(PolicyError):
+        Policy.load('/nonexistent/policy.ini')
+
+
+def test_follows_guests_through_libvirt_events(monkeypatch, host_commands):
+    fake = FakeLibvirt().activate(monkeypatch)
+    daemon = HostDaemon(commands_dirs=[host_commands], paths=LibvirtPaths(fake.status_dir, fake.channel_dir))
+    thread = threading.Thread(target=daemon.run)
+    thread.start()
+    guest = None
+    try:
+        assert wait_until(lambda: any('event' in i for i in fake.invocations()))
+        # A guest starts: it is listed by virsh, its socket appears, libvirt sends an event.
+        path = fake.socket_path('new-guest', 7, GUEST_TO_HOST_CHANNEL)
+        guest = FakeGuestSide(path)
+        fake.add_running('new-guest', 7)
+        started = time.monotonic()
+        fake.trigger_event()
+        client = guest.accept(timeout=5)
+        assert time.monotonic() - started < 2
+        assert client.execute('whoami-guest').stdout == b'new-guest\n'
+        # It stops: the next event drops it.
+        fake.rows = []
+        fake.write_list()
+        fake.trigger_event()
+        assert wait_until(lambda: 'new-guest' not in daemon.connections)
+        assert wait_until(lambda: guest.endpoint.closed)
+        # libvirtd restarts: the watcher ends and is started again.
+        watchers = len([i for i in fake.invocations() if 'event' in i])
+        fake.set_down()
+        time.sleep(0.3)
+        fake.set_down(False)
+        assert wait_until(lambda: len([i for i in fake.invocations() if 'event' in i]) > watchers, timeout=8)
+    finally:
+        daemon.stop()
+        thread.join(10)
+        assert not thread.is_alive()
+        if guest is not None:
+            guest.close()
+        fake.cleanup()
+
+
+def test_sigterm_stops_cleanly_and_kills_commands(host_commands):
+    fake = FakeLibvirt()
+    path = fake.socket_path('victim', 3, GUEST_TO_HOST_CHANNEL)
+    guest = FakeGuestSide(path)
+    fake.add_running('victim', 3)
+    environ = fake.environ
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--commands-dir', host_commands],
+                               env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        client = guest.accept(timeout=10)
+        caller = threading.Thread(target=lambda: _ignore(client.execute, 'sleep', '30', timeout=60))
+        caller.start()
+        time.sleep(0.5)
+        children = subprocess.run(['pgrep', '-f', os.path.join(host_commands, 'sleep') + ' 30'], stdout=subprocess.PIPE).stdout.split()
+        assert children
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        assert wait_until(lambda: not any(os.path.exists('/proc/%s' % pid.decode()) for pid in children))
+        assert b'Stopping (signal 15)' in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        guest.close()
+        fake.cleanup()
+
+
+def _ignore(function, *args, **kwargs):
+    try:
+        function(*args, **kwargs)
+    except Exception:
+        pass
