@@ -21,7 +21,6 @@ import logging
 import socket
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from negotiator_common.client import AgentClient, CommandDescription, ExecuteResult
@@ -287,5 +286,7 @@ def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[s
 
     if not items:
         return []
+    from concurrent.futures import ThreadPoolExecutor  # imported lazily: a one-guest call needs no pool
+
     with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items)))) as pool:
         return list(pool.map(run, items))

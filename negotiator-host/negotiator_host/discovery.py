@@ -22,8 +22,7 @@ run: the rest comes from the files of steps 1 and 2. The roots of those files ar
 
 import os
 import re
-import xml.etree.ElementTree as ElementTree
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from negotiator_common.errors import ChannelNotFound, GuestNotFound, NegotiatorError
 
@@ -222,31 +221,61 @@ def parse_domain_xml(text: bytes, fallback_name: Optional[str] = None) -> Guest:
     Read a guest from a domain XML (``virsh dumpxml``) or a status XML (``<domstatus>``).
 
     Every ``<channel>`` with a ``source/@path`` and a ``target/@name`` becomes an entry of
-    :attr:`Guest.channels`.
+    :attr:`Guest.channels`. Raises :class:`ValueError` for XML that does not parse. (A few
+    lines over expat rather than ElementTree: this runs at every CLI call, and importing
+    ElementTree costs more than the parse.)
     """
-    root = ElementTree.fromstring(text)
-    state = ''
-    domain = root
-    if root.tag == 'domstatus':
-        state = root.get('state', '')
-        found = root.find('domain')
-        if found is None:
-            raise ValueError('status XML without a <domain>')
-        domain = found
-    name_element = domain.find('name')
-    name = name_element.text if name_element is not None and name_element.text else (fallback_name or '')
-    id_text = domain.get('id')
-    channels = {}
-    for channel in domain.iterfind('devices/channel'):
-        source = channel.find('source')
-        target = channel.find('target')
-        if source is None or target is None:
-            continue
-        path, channel_name = source.get('path'), target.get('name')
-        if path and channel_name:
-            channels[channel_name] = path
-    guest_id = int(id_text) if id_text and id_text.lstrip('-').isdigit() and int(id_text) > 0 else None
-    return Guest(name, guest_id, state or ('running' if guest_id is not None else 'shut off'), channels)
+    from xml.parsers import expat
+
+    found = {'state': '', 'id': None, 'name': None}  # type: Dict[str, Any]
+    channels = {}  # type: Dict[str, str]
+    stack = []  # type: List[str]
+    channel = {}  # type: Dict[str, str]
+    name_parts = []  # type: List[str]
+
+    def start(tag: str, attributes: Dict[str, str]) -> None:
+        where = '/'.join(stack)
+        stack.append(tag)
+        if tag == 'domstatus' and where == '':
+            found['state'] = attributes.get('state', '')
+        elif tag == 'domain' and where in ('', 'domstatus'):
+            found['id'] = attributes.get('id')
+            found['domain'] = '/'.join(stack)
+        elif where == found.get('domain', '\0') + '/devices' and tag == 'channel':
+            channel.clear()
+        elif where == found.get('domain', '\0') + '/devices/channel':
+            if tag == 'source' and attributes.get('path'):
+                channel['path'] = attributes['path']
+            elif tag == 'target' and attributes.get('name'):
+                channel['name'] = attributes['name']
+
+    def end(tag: str) -> None:
+        stack.pop()
+        where = '/'.join(stack)
+        if tag == 'channel' and where == found.get('domain', '\0') + '/devices':
+            if 'path' in channel and 'name' in channel:
+                channels[channel['name']] = channel['path']
+        elif tag == 'name' and where == found.get('domain'):
+            found['name'] = ''.join(name_parts)
+
+    def data(text: str) -> None:
+        if stack and stack[-1] == 'name' and '/'.join(stack[:-1]) == found.get('domain'):
+            name_parts.append(text)
+
+    parser = expat.ParserCreate()
+    parser.StartElementHandler = start
+    parser.EndElementHandler = end
+    parser.CharacterDataHandler = data
+    try:
+        parser.Parse(text, True)
+    except expat.ExpatError as exc:
+        raise ValueError('not valid XML: %s' % exc) from exc
+    if 'domain' not in found:
+        raise ValueError('no <domain> element')
+    id_text = found['id']
+    guest_id = int(id_text) if id_text and id_text.isdigit() and int(id_text) > 0 else None
+    state = found['state'] or ('running' if guest_id is not None else 'shut off')
+    return Guest(found['name'] or fallback_name or '', guest_id, state, channels)
 
 
 def _read_status(paths: LibvirtPaths, name: str) -> Optional[Guest]:
@@ -259,7 +288,7 @@ def _read_status(paths: LibvirtPaths, name: str) -> Optional[Guest]:
         return None
     try:
         guest = parse_domain_xml(data, name)
-    except (ValueError, ElementTree.ParseError):
+    except ValueError:
         return None
     return guest if guest.name == name else None
 
@@ -381,7 +410,7 @@ def find_guest(name: str, uri: Optional[str] = None, paths: Optional[LibvirtPath
         raise _unavailable(uri, stderr)
     try:
         guest = parse_domain_xml(output, name)
-    except (ValueError, ElementTree.ParseError) as exc:
+    except ValueError as exc:
         raise LibvirtUnavailable('virsh dumpxml %s printed XML that does not parse: %s' % (name, exc))
     if guest.id is None:
         raise GuestNotFound('guest %s is not running: start it (virsh -c %s start %s)' % (name, uri, name))
