@@ -47,8 +47,8 @@ def test_udev_link_is_preferred(tmp_path):
 
 def test_sysfs_name_without_udev(tmp_path):
     # As measured on the test guest: the port was vport1p1, not vport0p1, and no udev links.
-    root = make_tree(tmp_path, sysfs=[('vport1p1', 'negotiator-host-to-guest.0'), ('vport1p2', 'org.qemu.guest_agent.0')],
-                     devices=['/dev/vport0p1'])
+    root = make_tree(tmp_path, devices=['/dev/vport0p1'],
+                     sysfs=[('vport1p1', 'negotiator-host-to-guest.0'), ('vport1p2', 'org.qemu.guest_agent.0')])
     assert find_port(HOST_TO_GUEST_CHANNELS, root, fallback=FALLBACK_DEVICE) == os.path.join(root, 'dev/vport1p1')
 
 
@@ -64,7 +64,8 @@ def test_the_seeds_channel_name_is_accepted(tmp_path):
 
 def test_fallback_device_comes_last(tmp_path):
     root = make_tree(tmp_path, sysfs=[('vport1p2', 'something.else')], devices=['/dev/vport0p1'])
-    assert candidate_paths(HOST_TO_GUEST_CHANNELS, root, fallback=FALLBACK_DEVICE) == [os.path.join(root, 'dev/vport0p1')]
+    found = candidate_paths(HOST_TO_GUEST_CHANNELS, root, fallback=FALLBACK_DEVICE)
+    assert found == [os.path.join(root, 'dev/vport0p1')]
     # The client never falls back: vport0p1 would be somebody else's port.
     with pytest.raises(ChannelNotFound):
         find_port((GUEST_TO_HOST_CHANNEL,), root)
