@@ -8,7 +8,8 @@ import time
 import pytest
 
 from negotiator_common.errors import (
-    CallTimeout, ChannelBusy, ChannelNotFound, CommandFailed, CommandNotAllowed, CommandNotFound, CommandTimedOut, GuestNotFound,
+    CallTimeout, ChannelBusy, ChannelNotFound, CommandFailed, CommandNotAllowed, CommandNotFound, CommandTimedOut,
+    GuestNotFound,
 )
 from negotiator_host import GuestChannel, LibvirtPaths, list_guests, map_guests
 from negotiator_host.channel import connect_socket

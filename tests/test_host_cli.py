@@ -1,7 +1,6 @@
 """The negotiator-host CLI, as a subprocess (real exit statuses and byte streams) and in-process."""
 
 import json
-import os
 import subprocess
 import sys
 

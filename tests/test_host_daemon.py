@@ -162,7 +162,8 @@ def test_sigterm_stops_cleanly_and_kills_commands(host_commands):
         caller = threading.Thread(target=lambda: _ignore(client.execute, 'sleep', '30', timeout=60))
         caller.start()
         time.sleep(0.5)
-        children = subprocess.run(['pgrep', '-f', os.path.join(host_commands, 'sleep') + ' 30'], stdout=subprocess.PIPE).stdout.split()
+        pattern = os.path.join(host_commands, 'sleep') + ' 30'
+        children = subprocess.run(['pgrep', '-f', pattern], stdout=subprocess.PIPE).stdout.split()
         assert children
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0

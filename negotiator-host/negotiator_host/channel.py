@@ -26,7 +26,7 @@ from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequ
 from negotiator_common.client import AgentClient, CommandDescription, ExecuteResult
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import (
-    CallTimeout, ChannelBusy, ChannelNotFound, ConnectionClosed, NegotiatorError,
+    CallTimeout, ChannelBusy, ChannelNotFound, NegotiatorError,
 )
 from negotiator_common.transport import Transport
 
@@ -73,13 +73,16 @@ def connect_socket(path: str, timeout: Optional[float] = DEFAULT_TIMEOUT, name: 
                 raise
         except FileNotFoundError as exc:
             sock.close()
-            raise ChannelNotFound('the channel socket of %s does not exist (%s): is the guest running?' % (label, path)) from exc
+            raise ChannelNotFound('the channel socket of %s does not exist (%s): is the guest running?'
+                                  % (label, path)) from exc
         except ConnectionRefusedError as exc:
             sock.close()
-            raise ChannelNotFound('nothing listens on the channel socket of %s (%s): the guest stopped?' % (label, path)) from exc
+            raise ChannelNotFound('nothing listens on the channel socket of %s (%s): the guest stopped?'
+                                  % (label, path)) from exc
         except PermissionError as exc:
             sock.close()
-            raise ChannelNotFound('no permission to open %s: run as root (or as the owner of the socket)' % path) from exc
+            raise ChannelNotFound('no permission to open %s: run as root (or as the owner of the socket)'
+                                  % path) from exc
         except OSError as exc:
             sock.close()
             raise ChannelNotFound('cannot connect to the channel socket of %s (%s): %s' % (label, path, exc)) from exc
@@ -242,7 +245,8 @@ class GuestOutcome(object):
         return self.result
 
     def __repr__(self) -> str:
-        return 'GuestOutcome(%r, %s)' % (self.guest, 'result=%r' % (self.result,) if self.ok else 'error=%r' % (self.error,))
+        detail = 'result=%r' % (self.result,) if self.ok else 'error=%r' % (self.error,)
+        return 'GuestOutcome(%r, %s)' % (self.guest, detail)
 
 
 def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[str, Guest, GuestChannel]],

@@ -90,7 +90,6 @@ the status of the first guest (in the order given; --all: by name) that failed.
 
 import getopt
 import sys
-import time
 from typing import Any, Dict, List, Optional, Sequence
 
 __all__ = ('main', 'run', 'exit_status_for', 'EX_USAGE', 'EX_UNAVAILABLE', 'EX_SOFTWARE', 'EX_TEMPFAIL',
@@ -167,7 +166,7 @@ def parse_options(argv: Sequence[str]) -> _Options:
             'list-guests', 'list-commands', 'execute=', 'ping', 'stdin', 'timeout=', 'all', 'json', 'connect=',
             'daemon', 'commands-dir=', 'policy=', 'verbose', 'quiet', 'help'])
     except getopt.GetoptError as exc:
-        raise UsageError(str(exc))
+        raise UsageError(str(exc)) from None
     parsed = _Options()
 
     def set_action(action: str) -> None:
@@ -193,7 +192,7 @@ def parse_options(argv: Sequence[str]) -> _Options:
             try:
                 seconds = float(value)
             except ValueError:
-                raise UsageError('--timeout needs a number of seconds, not %r' % value)
+                raise UsageError('--timeout needs a number of seconds, not %r' % value) from None
             if not seconds >= 0 or seconds == float('inf'):
                 raise UsageError('--timeout needs a number of seconds of 0 or more, not %r' % value)
             parsed.timeout = seconds or None
@@ -225,7 +224,7 @@ def parse_options(argv: Sequence[str]) -> _Options:
         try:
             parsed.argv = shlex.split(parsed.command)  # type: ignore
         except ValueError as exc:
-            raise UsageError('cannot split --execute=%r: %s' % (parsed.command, exc))
+            raise UsageError('cannot split --execute=%r: %s' % (parsed.command, exc)) from None
         if not parsed.argv:  # type: ignore
             raise UsageError('--execute needs a command')
     return parsed
@@ -395,7 +394,8 @@ def _run_on_guests(options: _Options) -> int:
                 _write_json({'guest': outcome.guest, 'ok': True, 'commands': [c.to_dict() for c in outcome.result]})
             else:
                 for command in outcome.result:
-                    sys.stdout.write(('%s: %s\n' % (outcome.guest, command.name)) if not single else command.name + '\n')
+                    line = command.name if single else '%s: %s' % (outcome.guest, command.name)
+                    sys.stdout.write(line + '\n')
         else:
             guest_status = _result_status(outcome.result)
             if options.json:

@@ -30,7 +30,7 @@ import select
 import signal
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 from negotiator_common import __version__
 from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry

@@ -22,7 +22,7 @@ run: the rest comes from the files of steps 1 and 2. The roots of those files ar
 
 import os
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from negotiator_common.errors import ChannelNotFound, GuestNotFound, NegotiatorError
 
@@ -161,13 +161,14 @@ def run_virsh(uri: str, *args: str, timeout: float = VIRSH_TIMEOUT) -> Tuple[int
         command.start()
         command.wait(timeout=timeout)
     except OSError as exc:
-        raise LibvirtUnavailable('cannot run virsh (%s): install the libvirt client tools (libvirt-clients)' % exc)
+        raise LibvirtUnavailable('cannot run virsh (%s): install the libvirt client tools (libvirt-clients)'
+                                 % exc) from exc
     except Exception as exc:  # executor's own errors (missing program, timeout)
         try:
             command.terminate()
         except Exception:
             pass
-        raise LibvirtUnavailable('virsh -c %s %s did not finish: %s' % (uri, ' '.join(args), exc))
+        raise LibvirtUnavailable('virsh -c %s %s did not finish: %s' % (uri, ' '.join(args), exc)) from exc
     stdout = command.stdout or b''
     stderr = (command.stderr or b'').decode('utf-8', 'replace').strip()
     return command.returncode, stdout, stderr
@@ -406,12 +407,13 @@ def find_guest(name: str, uri: Optional[str] = None, paths: Optional[LibvirtPath
     if status != 0:
         message = _virsh_error(uri, stderr)
         if 'failed to get domain' in message or 'not found' in message.lower():
-            raise GuestNotFound('there is no guest %s at %s (virsh -c %s list --all shows the guests)' % (name, uri, uri))
+            raise GuestNotFound('there is no guest %s at %s (virsh -c %s list --all shows the guests)'
+                                % (name, uri, uri))
         raise _unavailable(uri, stderr)
     try:
         guest = parse_domain_xml(output, name)
     except ValueError as exc:
-        raise LibvirtUnavailable('virsh dumpxml %s printed XML that does not parse: %s' % (name, exc))
+        raise LibvirtUnavailable('virsh dumpxml %s printed XML that does not parse: %s' % (name, exc)) from exc
     if guest.id is None:
         raise GuestNotFound('guest %s is not running: start it (virsh -c %s start %s)' % (name, uri, name))
     return guest
