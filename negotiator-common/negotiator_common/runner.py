@@ -143,7 +143,8 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
             elif kill_at is not None and now >= kill_at:
                 _signal_group(pid, signal.SIGKILL)
                 kill_at = float('inf')
-            wake_at = min(t for t in (deadline if kill_at is None else kill_at, now + 0.5) if t is not None)
+            # Wake at least every 0.1 s to notice cancellation (an Event cannot be selected on).
+            wake_at = min(t for t in (deadline if kill_at is None else kill_at, now + 0.1) if t is not None)
             for key, _ in selector.select(max(0.0, wake_at - now)):
                 fd = key.fd
                 if fd == stdin_fd:

@@ -15,12 +15,12 @@ from negotiator_common import __version__
 from negotiator_common.commands import CommandInfo, CommandRegistry
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
 from negotiator_common.errors import (
-    CommandFailed, CommandNotAllowed, CommandNotFound, InvalidParams, LimitExceeded, CommandTimedOut,
+    CommandFailed, CommandNotAllowed, CommandTimedOut, InvalidParams, LimitExceeded,
 )
 from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, Notification, decode_bytes, encode_bytes,
 )
-from negotiator_common.runner import run_process
+from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
 
 __all__ = ('AgentService', 'Limits', 'Policy', 'CAPABILITIES')
 
@@ -39,7 +39,7 @@ class Limits(object):
     def __init__(self, max_line_length: int = DEFAULT_MAX_LINE_LENGTH, max_stdin: int = 8 * 1024 * 1024,
                  max_args: int = 1024 * 1024, max_collected_output: int = 4 * 1024 * 1024,
                  max_streamed_output: int = 1024 * 1024 * 1024, default_timeout: float = 60.0,
-                 max_timeout: float = 24 * 3600.0) -> None:
+                 max_timeout: float = 24 * 3600.0, kill_grace: float = DEFAULT_KILL_GRACE) -> None:
         self.max_line_length = max_line_length
         self.max_stdin = max_stdin
         self.max_args = max_args
@@ -47,6 +47,7 @@ class Limits(object):
         self.max_streamed_output = max_streamed_output
         self.default_timeout = default_timeout
         self.max_timeout = max_timeout
+        self.kill_grace = kill_grace
 
     def to_wire(self) -> Dict[str, Any]:
         return dict(vars(self))
@@ -153,7 +154,8 @@ class AgentService(object):
             logger.info("Running %s for %s", command.name, context.peer or 'the peer')
             process = run_process([command.path] + options['args'], stdin=options['stdin'],
                                   timeout=options['timeout'], max_output=max_output, on_output=on_output,
-                                  environment=environment, cancelled=context.cancelled)
+                                  environment=environment, cancelled=context.cancelled,
+                                  kill_grace=self.limits.kill_grace)
             result = {'exit_status': process.exit_status, 'signal': process.signal, 'duration': process.duration,
                       'stdout_truncated': process.stdout_truncated, 'stderr_truncated': process.stderr_truncated}
             if process.timed_out:

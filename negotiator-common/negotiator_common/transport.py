@@ -106,8 +106,9 @@ class Transport(object):
                     written = os.write(self.fd, view)
                 except BlockingIOError:
                     flags = self._wait(select.POLLOUT, deadline)
-                    if flags & (select.POLLERR | select.POLLNVAL):
-                        raise ConnectionClosed('channel failed while writing')
+                    if flags & (select.POLLERR | select.POLLNVAL | select.POLLHUP) and not flags & select.POLLOUT:
+                        # A port with no host connected reports POLLHUP at once: waiting would spin.
+                        raise ConnectionClosed('peer is not connected (hang-up while writing)')
                     continue
                 except OSError as exc:
                     if exc.errno in _EOF_ERRNOS or exc.errno == errno.ENODEV:
