@@ -1,6 +1,7 @@
 """The negotiator-host CLI, as a subprocess (real exit statuses and byte streams) and in-process."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -141,3 +142,20 @@ def test_parse_options_contract():
     assert options.json and options.uri == 'qemu:///session'
     assert cli.parse_options(['-t', '0', '-p', 'g']).timeout is None
     assert cli.parse_options(['-d', '--commands-dir', '/a', '--commands-dir=/b']).commands_dirs == ['/a', '/b']
+
+
+def test_docs_page_carries_the_usage_text_verbatim():
+    here = os.path.dirname(os.path.abspath(__file__))
+    with open(os.path.join(here, '..', 'docs', 'host.rst'), encoding='utf-8') as handle:
+        page = handle.read()
+    usage = '\n'.join(('   ' + line) if line.strip() else '' for line in cli.__doc__.strip('\n').splitlines())
+    assert usage in page
+
+
+def test_daemon_refuses_a_bad_policy_file(world, tmp_path):
+    policy = tmp_path / 'policy.ini'
+    policy.write_text('[web-*]\nalow = typo\n')
+    status, out, err = run_cli(world, '--daemon', '--policy', str(policy))
+    assert status == 64 and b'unknown keys alow' in err
+    status, out, err = run_cli(world, '--daemon', '--policy', str(tmp_path / 'missing.ini'))
+    assert status == 64 and b'cannot read the policy file' in err

@@ -124,3 +124,22 @@ def test_paths_follow_the_uri_and_environment(monkeypatch):
     assert LibvirtPaths.for_uri('qemu+ssh://elsewhere/system').channel_dir is None
     monkeypatch.setenv('NEGOTIATOR_LIBVIRT_CHANNEL_DIR', '/x')
     assert LibvirtPaths.for_uri('qemu:///system').channel_dir == '/x'
+
+
+def test_virsh_missing_is_a_clear_error(fake, monkeypatch):
+    monkeypatch.setenv('PATH', fake.root)
+    with pytest.raises(LibvirtUnavailable) as info:
+        list_guests(paths=paths_of(fake))
+    assert 'virsh is not installed' in str(info.value)
+
+
+def test_xml_parser_ignores_names_and_channels_outside_the_domain_devices():
+    text = ("<domstatus state='running'><domain type='kvm' id='3'><name>real</name>"
+            "<metadata><x:name xmlns:x='urn:x'>decoy</x:name><name>decoy</name></metadata>"
+            "<devices><channel type='pty'><target type='virtio' name='no-path.0'/></channel>"
+            "<channel type='unix'><source mode='bind' path='/s/ok'/><target type='virtio' name='ok.0'/></channel>"
+            "</devices></domain></domstatus>")
+    guest = parse_domain_xml(text.encode())
+    assert (guest.name, guest.id, guest.channels) == ('real', 3, {'ok.0': '/s/ok'})
+    with pytest.raises(ValueError):
+        parse_domain_xml(b'<domain><unclosed></domain>')

@@ -152,9 +152,14 @@ def run_virsh(uri: str, *args: str, timeout: float = VIRSH_TIMEOUT) -> Tuple[int
     Returns ``(exit status, stdout bytes, stderr text)``; raises :class:`LibvirtUnavailable`
     when ``virsh`` is not installed or does not finish within ``timeout`` seconds.
     """
+    import shutil
     from executor import ExternalCommand  # imported lazily: the fast paths need no process
 
-    argv = ['virsh', '-q', '-c', uri] + list(args)
+    virsh = shutil.which('virsh')
+    if virsh is None:
+        raise LibvirtUnavailable('virsh is not installed (or not on $PATH): install the libvirt client tools'
+                                 ' (apt-get install libvirt-clients)')
+    argv = [virsh, '-q', '-c', uri] + list(args)
     command = ExternalCommand(*argv, shell=False, capture=True, capture_stderr=True, check=False,
                               silent=True, asynchronous=True, encoding='utf-8')
     try:
