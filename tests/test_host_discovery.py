@@ -1,10 +1,13 @@
 """Discovery of guests and channel sockets, against a fake libvirt tree and a stand-in virsh."""
 
+import os
+import time
+
 import pytest
 
 from negotiator_common.errors import ChannelNotFound, GuestNotFound
 from negotiator_host.discovery import (
-    HOST_TO_GUEST_CHANNELS, LibvirtPaths, LibvirtUnavailable, find_guest, list_guests, parse_domain_xml,
+    HOST_TO_GUEST_CHANNELS, run_virsh, LibvirtPaths, LibvirtUnavailable, find_guest, list_guests, parse_domain_xml,
     parse_virsh_list,
 )
 
@@ -143,3 +146,12 @@ def test_xml_parser_ignores_names_and_channels_outside_the_domain_devices():
     assert (guest.name, guest.id, guest.channels) == ('real', 3, {'ok.0': '/s/ok'})
     with pytest.raises(ValueError):
         parse_domain_xml(b'<domain><unclosed></domain>')
+
+
+def test_a_hung_virsh_is_killed_at_the_timeout(fake):
+    open(os.path.join(fake.root, 'hang'), 'w').close()
+    started = time.monotonic()
+    with pytest.raises(LibvirtUnavailable) as info:
+        run_virsh('qemu:///system', 'list', timeout=0.5)
+    assert time.monotonic() - started < 5
+    assert 'did not finish within 0.5 seconds' in str(info.value)

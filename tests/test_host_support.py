@@ -36,6 +36,8 @@ if os.path.exists(os.path.join(root, 'down')):
     sys.stderr.write("error: failed to connect to the hypervisor\n"
                      "error: Failed to connect socket to '/var/run/libvirt/libvirt-sock': No such file or directory\n")
     sys.exit(1)
+if os.path.exists(os.path.join(root, 'hang')):
+    time.sleep(60)
 if args[0] == 'list':
     with open(os.path.join(root, 'list'), 'rb') as handle:
         sys.stdout.buffer.write(handle.read())

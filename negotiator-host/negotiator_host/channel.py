@@ -145,7 +145,8 @@ class GuestChannel(object):
             deadline = None if timeout is None else time.monotonic() + timeout
             path = self.socket_path
             if path is None:
-                guest = find_guest(self.name, uri=self.uri, paths=self.paths)  # type: Guest
+                guest = find_guest(self.name, uri=self.uri, paths=self.paths,
+                                   timeout=_remaining(deadline))  # type: Guest
                 path = guest.require_socket(self.channel_names)
             sock = connect_socket(path, _remaining(deadline), self.name)
             endpoint = Endpoint(Transport.from_socket(sock), name=self.name)

@@ -160,23 +160,23 @@ def run_virsh(uri: str, *args: str, timeout: float = VIRSH_TIMEOUT) -> Tuple[int
         raise LibvirtUnavailable('virsh is not installed (or not on $PATH): install the libvirt client tools'
                                  ' (apt-get install libvirt-clients)')
     argv = [virsh, '-q', '-c', uri] + list(args)
+    # executor starts it (an argv list, shell=False); the pipes are read with communicate(),
+    # which has a real timeout (executor's own wait() polls, and may draw a spinner).
     command = ExternalCommand(*argv, shell=False, capture=True, capture_stderr=True, check=False,
-                              silent=True, asynchronous=True, encoding='utf-8')
+                              silent=True, asynchronous=True, buffered=False)
     try:
         command.start()
-        command.wait(timeout=timeout)
     except OSError as exc:
-        raise LibvirtUnavailable('cannot run virsh (%s): install the libvirt client tools (libvirt-clients)'
-                                 % exc) from exc
-    except Exception as exc:  # executor's own errors (missing program, timeout)
-        try:
-            command.terminate()
-        except Exception:
-            pass
-        raise LibvirtUnavailable('virsh -c %s %s did not finish: %s' % (uri, ' '.join(args), exc)) from exc
-    stdout = command.stdout or b''
-    stderr = (command.stderr or b'').decode('utf-8', 'replace').strip()
-    return command.returncode, stdout, stderr
+        raise LibvirtUnavailable('cannot run virsh: %s' % exc) from exc
+    process = command.subprocess
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except Exception as exc:  # subprocess.TimeoutExpired, imported lazily with executor
+        process.kill()
+        process.communicate()
+        raise LibvirtUnavailable('virsh -c %s %s did not finish within %s seconds: is libvirtd stuck?'
+                                 % (uri, ' '.join(args), timeout)) from exc
+    return process.returncode, stdout or b'', (stderr or b'').decode('utf-8', 'replace').strip()
 
 
 def _virsh_error(uri: str, stderr: str) -> str:
@@ -386,13 +386,13 @@ def list_guests(uri: Optional[str] = None, paths: Optional[LibvirtPaths] = None)
 
 
 def find_guest(name: str, uri: Optional[str] = None, paths: Optional[LibvirtPaths] = None,
-               use_virsh: bool = True) -> Guest:
+               use_virsh: bool = True, timeout: Optional[float] = VIRSH_TIMEOUT) -> Guest:
     """
     One running guest by name, with its channel sockets.
 
     Reads libvirt's files first (no process); only when they do not show a channel does it
-    run one ``virsh dumpxml NAME``. Raises :class:`GuestNotFound` (no such guest, or not
-    running) and :class:`LibvirtUnavailable`.
+    run one ``virsh dumpxml NAME`` (bounded by ``timeout`` seconds). Raises
+    :class:`GuestNotFound` (no such guest, or not running) and :class:`LibvirtUnavailable`.
     """
     uri = uri or default_uri()
     paths = paths or LibvirtPaths.for_uri(uri)
@@ -408,7 +408,8 @@ def find_guest(name: str, uri: Optional[str] = None, paths: Optional[LibvirtPath
         if live is not None:
             return live
         raise GuestNotFound('no running guest %s was found in libvirt\'s files' % name)
-    status, output, stderr = run_virsh(uri, 'dumpxml', '--', name)
+    status, output, stderr = run_virsh(uri, 'dumpxml', '--', name,
+                                       timeout=VIRSH_TIMEOUT if timeout is None else max(0.1, timeout))
     if status != 0:
         message = _virsh_error(uri, stderr)
         if 'failed to get domain' in message or 'not found' in message.lower():
