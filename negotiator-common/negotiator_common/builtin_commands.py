@@ -142,9 +142,10 @@ def disk_usage(args: Sequence[str]) -> BuiltinResult:
             total = stats.f_blocks * stats.f_frsize
             available = stats.f_bavail * stats.f_frsize
             used = total - stats.f_bfree * stats.f_frsize
+            percent = round(100.0 * used / (used + available), 1) if used + available else 0.0
             filesystems.append({'mountpoint': mountpoint, 'device': fields[0], 'type': fields[2],
                                 'total_bytes': total, 'used_bytes': used, 'available_bytes': available,
-                                'used_percent': round(100.0 * used / (used + available), 1) if used + available else 0.0})
+                                'used_percent': percent})
     lines = ['%-24s %8s %14s %14s %14s' % ('MOUNTPOINT', 'USED%', 'USED', 'AVAILABLE', 'TOTAL')]
     lines.extend('%-24s %7.1f%% %14d %14d %14d' % (fs['mountpoint'], fs['used_percent'], fs['used_bytes'],
                                                    fs['available_bytes'], fs['total_bytes']) for fs in filesystems)

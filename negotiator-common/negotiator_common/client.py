@@ -81,7 +81,8 @@ class ExecuteResult(object):
         return data
 
     def __repr__(self) -> str:
-        return 'ExecuteResult(%r, exit_status=%r, %d bytes of stdout)' % (self.command, self.exit_status, len(self.stdout))
+        return 'ExecuteResult(%r, exit_status=%r, %d bytes of stdout)' % (
+            self.command, self.exit_status, len(self.stdout))
 
 
 def command_timeout_for(timeout: float) -> float:

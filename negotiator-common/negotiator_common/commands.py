@@ -80,7 +80,8 @@ class CommandRegistry(object):
             self._refuse(directory, 'not a directory')
             return False
         if info.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-            self._refuse(directory, 'the directory is writable by others than its owner (mode %o)' % (info.st_mode & 0o7777))
+            self._refuse(directory, 'the directory is writable by others than its owner (mode %o)'
+                         % (info.st_mode & 0o7777))
             return False
         return True
 

@@ -102,7 +102,8 @@ class AgentService(object):
         command = self.registry.resolve(name)
         if not self.policy(peer, command.name):
             logger.warning("Refused %s for %s: not allowed by the policy", command.name, peer or 'the peer')
-            raise CommandNotAllowed('%s may not run %r (the policy does not allow it)' % (peer or 'this peer', command.name))
+            raise CommandNotAllowed('%s may not run %r (the policy does not allow it)'
+                                    % (peer or 'this peer', command.name))
         return command
 
     def _parse_execute(self, params: Dict[str, Any]) -> Dict[str, Any]:

@@ -108,7 +108,7 @@ class Transport(object):
                     flags = self._wait(select.POLLOUT, deadline)
                     if flags & (select.POLLERR | select.POLLNVAL | select.POLLHUP) and not flags & select.POLLOUT:
                         # A port with no host connected reports POLLHUP at once: waiting would spin.
-                        raise ConnectionClosed('peer is not connected (hang-up while writing)')
+                        raise ConnectionClosed('peer is not connected (hang-up while writing)') from None
                     continue
                 except OSError as exc:
                     if exc.errno in _EOF_ERRNOS or exc.errno == errno.ENODEV:
