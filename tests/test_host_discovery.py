@@ -155,3 +155,13 @@ def test_a_hung_virsh_is_killed_at_the_timeout(fake):
         run_virsh('qemu:///system', 'list', timeout=0.5)
     assert time.monotonic() - started < 5
     assert 'did not finish within 0.5 seconds' in str(info.value)
+
+
+def test_long_non_ascii_name_as_libvirt_9_cuts_it(fake):
+    # Seen on libvirt 9.0: 'nh-probe.gäste-very-long-name-1' got 'domain-1-nh-probe.gäste-very-'.
+    name = 'nh-probe.gäste-very-long-name-1'
+    paths = fake.add_guest(name, 1, status=False)
+    assert '/domain-1-nh-probe.gäste-very-/' in paths['negotiator-host-to-guest.0']
+    guests = list_guests(paths=paths_of(fake))
+    assert guests[0].socket_for() == paths['negotiator-host-to-guest.0']
+    assert len(fake.invocations()) == 1

@@ -242,6 +242,8 @@ def _setup_logging(verbosity: int, daemon: bool) -> None:
     level = levels[max(0, min(len(levels) - 1, base + verbosity))] if verbosity >= 0 or daemon else logging.ERROR
     if verbosity < 0:
         level = logging.ERROR if verbosity == -1 else logging.CRITICAL
+    # executor logs every process it starts at DEBUG: only with -vv (daemon) or -vvv.
+    logging.getLogger('executor').setLevel(logging.DEBUG if verbosity >= 2 else max(level, logging.INFO))
     coloredlogs.install(level=level, fmt='%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s'
                         if daemon else '%(name)s %(levelname)s %(message)s')
 
