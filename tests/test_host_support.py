@@ -8,6 +8,7 @@ Shared fixtures of the negotiator-host tests (no tests here).
   listening on a UNIX socket, one client at a time, like QEMU's chardev socket.
 """
 
+import atexit
 import os
 import shutil
 import socket
@@ -64,8 +65,10 @@ else:
 
 
 def short_tempdir() -> str:
-    """A temporary directory with a short path (UNIX socket paths are limited to 107 bytes)."""
-    return tempfile.mkdtemp(prefix='nh-', dir='/tmp')
+    """A temporary directory with a short path (UNIX socket paths are limited to 107 bytes), removed at exit."""
+    path = tempfile.mkdtemp(prefix='nh-', dir='/tmp')
+    atexit.register(shutil.rmtree, path, True)
+    return path
 
 
 def listening_socket(path: str) -> socket.socket:
