@@ -74,6 +74,8 @@ class Dispatcher(object):
 
     def __init__(self) -> None:
         self._methods = {}  # type: Dict[str, Tuple[Handler, bool]]
+        self._in_flight = 0
+        self._idle = threading.Condition()
 
     def register(self, name: str, handler: Handler, inline: bool = False) -> None:
         """Make ``handler(params, context)`` callable from the wire as ``name``."""
@@ -97,8 +99,28 @@ class Dispatcher(object):
         entry = self._methods.get(name)
         return entry is None or entry[1]
 
+    @property
+    def in_flight(self) -> int:
+        """How many requests are being handled now (across every connection that shares this dispatcher)."""
+        return self._in_flight
+
+    def wait_idle(self, timeout: Optional[float]) -> bool:
+        """Wait until no request is being handled (a daemon stopping); False if ``timeout`` passed first."""
+        with self._idle:
+            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
+
     def dispatch(self, request: Request, context: CallContext) -> Response:
         """Run the request's handler and turn whatever happens into a :class:`Response`."""
+        with self._idle:
+            self._in_flight += 1
+        try:
+            return self._dispatch(request, context)
+        finally:
+            with self._idle:
+                self._in_flight -= 1
+                self._idle.notify_all()
+
+    def _dispatch(self, request: Request, context: CallContext) -> Response:
         entry = self._methods.get(request.method)
         if entry is None:
             return Response(request.id, error=MethodNotFound('method %r not found' % request.method))

@@ -72,14 +72,13 @@ Exit statuses of negotiator's own failures (a command's own status passes throug
 import sys
 from typing import Any, Dict, List, Optional
 
+from negotiator_common.exit_status import (  # the one table of both CLIs
+    EXIT_REFUSED, EXIT_SOFTWARE, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE, exit_status_for, exit_status_of_result,
+)
+
 __all__ = ('main', 'EXIT_USAGE', 'EXIT_UNAVAILABLE', 'EXIT_SOFTWARE', 'EXIT_TIMEOUT', 'EXIT_REFUSED',
            'exit_status_for')
 
-EXIT_USAGE = 64
-EXIT_UNAVAILABLE = 69
-EXIT_SOFTWARE = 70
-EXIT_TIMEOUT = 75
-EXIT_REFUSED = 77
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -165,20 +164,6 @@ def parse_arguments(arguments: List[str]) -> Options:
     return options
 
 
-def exit_status_for(error: BaseException) -> int:
-    """The documented exit status for one of negotiator's own failures."""
-    from negotiator_common.errors import (
-        CallTimeout, ChannelError, CommandNotAllowed, CommandNotFound, CommandTimedOut,
-    )
-    if isinstance(error, (CallTimeout, CommandTimedOut)):
-        return EXIT_TIMEOUT
-    if isinstance(error, (CommandNotAllowed, CommandNotFound)):
-        return EXIT_REFUSED
-    if isinstance(error, ChannelError):
-        return EXIT_UNAVAILABLE
-    return EXIT_SOFTWARE
-
-
 def _advice(error: BaseException) -> str:
     from negotiator_common.errors import CallTimeout, CommandNotFound, CommandTimedOut
     if isinstance(error, CommandTimedOut):
@@ -236,9 +221,7 @@ def _run_client(options: Options) -> int:
     else:
         result = client.execute(options.command[0], *options.command[1:], input=stdin,
                                 stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
-    if result.exit_status is not None:
-        return result.exit_status
-    return 128 + (result.signal or 0)
+    return exit_status_of_result(result.exit_status, result.signal)
 
 
 def main(arguments: Optional[List[str]] = None) -> None:

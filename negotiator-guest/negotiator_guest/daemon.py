@@ -34,9 +34,8 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
-from negotiator_common.dispatcher import CallContext, Dispatcher
+from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
-from negotiator_common.protocol import Request, Response
 from negotiator_common.service import AgentService
 from negotiator_common.transport import READ_SIZE, Transport
 
@@ -128,40 +127,6 @@ def wait_for_host(signals: SignalQueue, recheck_interval: float) -> List[int]:
     return signals.wait(recheck_interval)
 
 
-class _TrackingDispatcher(Dispatcher):
-    """A dispatcher that counts the requests being handled, so that shutdown can wait for them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self._busy = 0
-        self._idle = threading.Condition()
-
-    def dispatch(self, request: Request, context: CallContext) -> Response:
-        with self._idle:
-            self._busy += 1
-        try:
-            return super().dispatch(request, context)
-        finally:
-            with self._idle:
-                self._busy -= 1
-                self._idle.notify_all()
-
-    @property
-    def busy(self) -> int:
-        return self._busy
-
-    def wait_idle(self, timeout: float) -> bool:
-        """Wait until no request is being handled; False if ``timeout`` passed first."""
-        deadline = time.monotonic() + timeout
-        with self._idle:
-            while self._busy:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    return False
-                self._idle.wait(remaining)
-        return True
-
-
 class _CountingTransport(Transport):
     """A transport that remembers whether anything was read: an empty session is no reason to hurry."""
 
@@ -249,7 +214,7 @@ class GuestDaemon(object):
         self.recheck_interval = recheck_interval
         self.stop_timeout = stop_timeout
         self.root = root
-        self.dispatcher = service.register(_TrackingDispatcher())
+        self.dispatcher = service.register(Dispatcher())
         self.sessions_served = 0
         self._session = None  # type: Optional[_Session]
         self._signals = SignalQueue(list(STOP_SIGNALS) + [signal.SIGIO])

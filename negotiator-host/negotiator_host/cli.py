@@ -92,14 +92,13 @@ import getopt
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from negotiator_common.exit_status import (  # the one table of both CLIs
+    EXIT_REFUSED as EX_NOPERM, EXIT_SOFTWARE as EX_SOFTWARE, EXIT_TIMEOUT as EX_TEMPFAIL,
+    EXIT_UNAVAILABLE as EX_UNAVAILABLE, EXIT_USAGE as EX_USAGE,
+)
+
 __all__ = ('main', 'run', 'exit_status_for', 'EX_USAGE', 'EX_UNAVAILABLE', 'EX_SOFTWARE', 'EX_TEMPFAIL',
            'EX_NOPERM')
-
-EX_USAGE = 64
-EX_UNAVAILABLE = 69
-EX_SOFTWARE = 70
-EX_TEMPFAIL = 75
-EX_NOPERM = 77
 
 PROGRAM = 'negotiator-host'
 
@@ -109,29 +108,20 @@ class UsageError(Exception):
 
 
 def exit_status_for(error: BaseException) -> int:
-    """The CLI's exit status for one of negotiator's own failures (shared with negotiator-guest)."""
-    from negotiator_common import errors
+    """The CLI's exit status for one of negotiator's own failures (the table it shares with negotiator-guest)."""
+    from negotiator_common.exit_status import exit_status_for as common_exit_status_for
     from negotiator_host.discovery import LibvirtUnavailable
 
     if isinstance(error, UsageError):
         return EX_USAGE
-    if isinstance(error, (errors.CallTimeout, errors.CommandTimedOut)):
-        return EX_TEMPFAIL
-    if isinstance(error, (errors.CommandNotAllowed, errors.CommandNotFound)):
-        return EX_NOPERM
-    if isinstance(error, errors.CommandFailed):
-        status = error.exit_status
-        return status if isinstance(status, int) and 0 < status < 256 else 1
-    if isinstance(error, (LibvirtUnavailable, errors.GuestNotFound, errors.ChannelNotFound, errors.ChannelBusy,
-                          errors.ConnectionClosed)):
+    if isinstance(error, LibvirtUnavailable):
         return EX_UNAVAILABLE
-    return EX_SOFTWARE
+    return common_exit_status_for(error)
 
 
 def _result_status(result: Any) -> int:
-    if result.exit_status is not None:
-        return int(result.exit_status)
-    return 128 + int(result.signal or 0) if result.signal else EX_SOFTWARE
+    from negotiator_common.exit_status import exit_status_of_result
+    return exit_status_of_result(result.exit_status, result.signal)
 
 
 def _error_line(guest: str, error: BaseException) -> str:

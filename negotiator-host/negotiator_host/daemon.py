@@ -34,10 +34,9 @@ from typing import Any, Callable, Optional, Sequence
 
 from negotiator_common import __version__
 from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
-from negotiator_common.dispatcher import CallContext, Dispatcher
+from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import NegotiatorError
-from negotiator_common.protocol import Request, Response
 from negotiator_common.service import AgentService, Limits
 from negotiator_common.transport import Transport
 
@@ -66,29 +65,6 @@ def default_limits() -> Limits:
     """The host's bounds per request: smaller than a guest's, since many guests share one host."""
     return Limits(max_line_length=4 * 1024 * 1024, max_stdin=1024 * 1024, max_args=256 * 1024,
                   max_collected_output=4 * 1024 * 1024, default_timeout=60.0, max_timeout=3600.0)
-
-
-class _TrackingDispatcher(Dispatcher):
-    """A dispatcher that counts handlers in flight, so that stopping can wait for them."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.in_flight = 0
-        self._idle = threading.Condition()
-
-    def dispatch(self, request: Request, context: CallContext) -> Response:
-        with self._idle:
-            self.in_flight += 1
-        try:
-            return super().dispatch(request, context)
-        finally:
-            with self._idle:
-                self.in_flight -= 1
-                self._idle.notify_all()
-
-    def wait_idle(self, timeout: float) -> bool:
-        with self._idle:
-            return self._idle.wait_for(lambda: self.in_flight == 0, timeout)
 
 
 class GuestConnection(object):
@@ -130,7 +106,7 @@ class HostDaemon(object):
         self.service = AgentService('negotiator-host', CommandRegistry(list(commands_dirs)), version=__version__,
                                     policy=policy, limits=self.limits,
                                     environment=lambda peer: {'NEGOTIATOR_GUEST': peer})
-        self.dispatcher = _TrackingDispatcher()
+        self.dispatcher = Dispatcher()
         self.service.register(self.dispatcher)
         self.connections = {}  # type: Dict[str, GuestConnection]
         self._lock = threading.Lock()
