@@ -1,0 +1,459 @@
+#!/usr/bin/env python3
+"""
+Start and remove throwaway libvirt/QEMU guests for negotiator's end-to-end tests.
+
+Why: negotiator talks to guests over virtio-serial channels, and the only honest test of that is a
+real guest. These guests need no disk image: they boot Debian's kernel with a busybox initramfs
+(``scripts/build-test-guest``) that mounts the host's ``/`` read-only over 9p, chroots into it and
+runs one shell script given on the kernel command line (``negotiator.init=PATH``), then powers
+off. The script lives in the guest's work directory ``/var/tmp/negotiator-vm/NAME/``, which the
+guest sees at the same path, so the host can also pass files to a running guest through it.
+
+Every guest gets a unique name (``negotiator-test-`` plus a random suffix, or a caller's prefix),
+a console log in its work directory and one ``<channel type='unix'>`` per channel name, whose
+host-side UNIX socket path libvirt chooses (see :meth:`Guest.channel_path`).
+
+Library use (standard library only, Python 3.6+)::
+
+    import negotiator_vm
+    negotiator_vm.ensure_host()
+    with negotiator_vm.start_guest('echo hello from the guest') as guest:
+        guest.wait_for_console('hello from the guest', timeout=60)
+
+Command line::
+
+    negotiator_vm.py start INIT_SCRIPT [--prefix P] [--channel NAME]... [--memory MIB] [--wait TEXT]
+    negotiator_vm.py remove NAME...
+    negotiator_vm.py list [--prefix P]
+    negotiator_vm.py cleanup [--prefix P] [--all]
+
+``start`` prints the guest's name, work directory, console log and channel socket paths;
+``remove`` destroys and undefines guests and deletes their work directories; ``list`` shows the
+guests whose names start with the prefix; ``cleanup`` removes those whose starting process is gone
+(leftovers of a crashed run; ``--all``: every one).
+"""
+
+import argparse
+import collections
+import logging
+import os
+import random
+import shlex
+import shutil
+import socket
+import string
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ET
+from xml.sax.saxutils import escape, quoteattr
+
+__all__ = (
+    'DEFAULT_CHANNELS',
+    'DEFAULT_PREFIX',
+    'DEFAULT_URI',
+    'WORK_ROOT',
+    'Guest',
+    'GuestImage',
+    'VMError',
+    'build_guest',
+    'ensure_host',
+    'list_guests',
+    'remove_guest',
+    'remove_stale_guests',
+    'start_guest',
+)
+
+logger = logging.getLogger(__name__)
+logger.addHandler(logging.NullHandler())
+
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_PREFIX = 'negotiator-test-'
+DEFAULT_URI = 'qemu:///system'
+DEFAULT_CHANNELS = ('negotiator-host-to-guest.0', 'negotiator-guest-to-host.0')
+#: Parent of the guests' work directories; never a tmpfs in the guest (see test-guest-init).
+WORK_ROOT = '/var/tmp/negotiator-vm'
+
+GuestImage = collections.namedtuple('GuestImage', 'kernel initrd')
+
+
+class VMError(Exception):
+    """A test guest could not be set up, started, reached or removed."""
+
+
+def _run(argv, check=True, timeout=120):
+    """Run a command (an argv list, never a shell) and return its CompletedProcess."""
+    logger.debug('running %s', argv)
+    try:
+        result = subprocess.run(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+            universal_newlines=True, timeout=timeout,
+        )
+    except (OSError, subprocess.TimeoutExpired) as err:
+        raise VMError('%s failed: %s' % (' '.join(argv), err)) from err
+    if check and result.returncode != 0:
+        raise VMError('%s failed with exit status %d:\n%s%s' % (
+            ' '.join(argv), result.returncode, result.stdout, result.stderr))
+    return result
+
+
+def _virsh(uri, *args, **kw):
+    return _run(['virsh', '-q', '-c', uri] + list(args), **kw)
+
+
+_host_ready = False
+_image = None
+
+
+def ensure_host(force=False):
+    """Run ``scripts/setup-host`` (packages, libvirtd) once per process; raise VMError on failure."""
+    global _host_ready
+    if _host_ready and not force:
+        return
+    result = _run([os.path.join(SCRIPTS, 'setup-host')], check=False, timeout=1800)
+    logger.debug('setup-host said:\n%s', result.stderr)
+    if result.returncode != 0:
+        raise VMError('scripts/setup-host failed:\n%s%s' % (result.stdout, result.stderr))
+    _host_ready = True
+
+
+def build_guest(force=False):
+    """Run ``scripts/build-test-guest`` (once per process) and return a :class:`GuestImage`."""
+    global _image
+    if _image is not None and not force:
+        return _image
+    result = _run([os.path.join(SCRIPTS, 'build-test-guest')], check=False, timeout=1800)
+    logger.debug('build-test-guest said:\n%s', result.stderr)
+    if result.returncode != 0:
+        raise VMError('scripts/build-test-guest failed:\n%s%s' % (result.stdout, result.stderr))
+    paths = dict(line.split('=', 1) for line in result.stdout.splitlines() if '=' in line)
+    try:
+        _image = GuestImage(kernel=paths['kernel'], initrd=paths['initrd'])
+    except KeyError as err:
+        raise VMError('unexpected output of build-test-guest: %r' % result.stdout) from err
+    return _image
+
+
+def _random_suffix(length=8):
+    alphabet = string.ascii_lowercase + string.digits
+    return ''.join(random.SystemRandom().choice(alphabet) for _ in range(length))
+
+
+def _domain_xml(name, image, cmdline, channels, memory_mib, console_log):
+    channel_xml = ''.join(
+        "    <channel type='unix'><source mode='bind'/>"
+        "<target type='virtio' name=%s/></channel>\n" % quoteattr(channel)
+        for channel in channels)
+    return """<domain type='qemu'>
+  <name>{name}</name>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64'>hvm</type>
+    <kernel>{kernel}</kernel>
+    <initrd>{initrd}</initrd>
+    <cmdline>{cmdline}</cmdline>
+  </os>
+  <on_poweroff>destroy</on_poweroff>
+  <on_crash>destroy</on_crash>
+  <devices>
+    <filesystem type='mount' accessmode='passthrough'>
+      <source dir='/'/><target dir='hostroot'/><readonly/>
+    </filesystem>
+{channels}    <serial type='file'><source path={log}/><target port='0'/></serial>
+    <controller type='usb' model='none'/>
+    <memballoon model='none'/>
+  </devices>
+</domain>
+""".format(name=escape(name), memory=int(memory_mib), kernel=escape(image.kernel),
+           initrd=escape(image.initrd), cmdline=escape(cmdline), channels=channel_xml,
+           log=quoteattr(console_log))
+
+
+class Guest(object):
+    """A running (or finished) throwaway guest; removes itself when used as a context manager."""
+
+    def __init__(self, name, workdir, uri=DEFAULT_URI):
+        self.name = name
+        self.workdir = workdir
+        self.uri = uri
+        self.console_log = os.path.join(workdir, 'console.log')
+        self.init_script = os.path.join(workdir, 'init.sh')
+
+    def __repr__(self):
+        return 'Guest(%r)' % self.name
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        self.remove()
+
+    def state(self):
+        """The domain's state as ``virsh domstate`` says it (e.g. 'running', 'shut off')."""
+        return _virsh(self.uri, 'domstate', self.name).stdout.strip()
+
+    def is_running(self):
+        return self.state() == 'running'
+
+    def dumpxml(self):
+        return _virsh(self.uri, 'dumpxml', self.name).stdout
+
+    def channel_path(self, name):
+        """The host-side UNIX socket of channel ``name`` (libvirt chooses it at each start)."""
+        root = ET.fromstring(self.dumpxml())
+        for channel in root.findall('./devices/channel'):
+            target = channel.find('target')
+            source = channel.find('source')
+            if target is not None and target.get('name') == name and source is not None:
+                path = source.get('path')
+                if path:
+                    return path
+        raise VMError('guest %s has no channel %r with a socket path (is it running?)'
+                      % (self.name, name))
+
+    def read_console(self):
+        """The console output so far (text; undecodable bytes replaced)."""
+        try:
+            with open(self.console_log, 'rb') as handle:
+                return handle.read().decode('utf-8', 'replace')
+        except (IOError, OSError):
+            return ''
+
+    def console_tail(self, lines=40):
+        return '\n'.join(self.read_console().splitlines()[-lines:])
+
+    def wait_for_console(self, text, timeout=60.0, interval=0.1):
+        """
+        Wait until ``text`` appears in the console log and return the log so far.
+
+        Raises VMError with the tail of the log when the timeout expires, or as soon as the
+        guest has stopped without printing it.
+        """
+        deadline = time.monotonic() + timeout
+        next_state_check = time.monotonic() + 1.0
+        while True:
+            output = self.read_console()
+            if text in output:
+                return output
+            now = time.monotonic()
+            if now >= deadline:
+                raise VMError('guest %s did not print %r within %.1f s; console tail:\n%s'
+                              % (self.name, text, timeout, self.console_tail()))
+            if now >= next_state_check:
+                next_state_check = now + 1.0
+                if not self._domain_active():
+                    output = self.read_console()
+                    if text in output:
+                        return output
+                    raise VMError('guest %s stopped without printing %r; console tail:\n%s'
+                                  % (self.name, text, self.console_tail()))
+            time.sleep(interval)
+
+    def _domain_active(self):
+        result = _virsh(self.uri, 'domstate', self.name, check=False)
+        return result.returncode == 0 and result.stdout.strip() in ('running', 'paused', 'in shutdown')
+
+    def connect(self, channel, timeout=10.0):
+        """
+        Connect to the host side of ``channel`` and return the connected ``socket.socket``.
+
+        Retries until ``timeout`` (the socket may not exist yet right after the start). The
+        socket takes one client at a time; the caller closes it.
+        """
+        deadline = time.monotonic() + timeout
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.connect(self.channel_path(channel))
+                return sock
+            except (OSError, VMError) as err:
+                sock.close()
+                if time.monotonic() >= deadline:
+                    raise VMError('cannot connect to channel %r of guest %s: %s'
+                                  % (channel, self.name, err)) from err
+                time.sleep(0.1)
+
+    def reset(self):
+        """Hard-reset the guest (like pressing the reset button): it boots again."""
+        _virsh(self.uri, 'reset', self.name)
+
+    def destroy(self):
+        """Power the guest off at once (no error when it is not running)."""
+        result = _virsh(self.uri, 'destroy', self.name, check=False)
+        if result.returncode != 0 and self._domain_active():
+            raise VMError('virsh destroy %s failed: %s' % (self.name, result.stderr.strip()))
+
+    def remove(self):
+        """Destroy and undefine the guest and delete its work directory; safe to call twice."""
+        remove_guest(self.name, uri=self.uri)
+
+
+def remove_guest(name, uri=DEFAULT_URI):
+    """Destroy and undefine guest ``name`` and delete its work directory, whatever is left."""
+    _virsh(uri, 'destroy', name, check=False)
+    result = _virsh(uri, 'undefine', name, check=False)
+    if result.returncode != 0 and _virsh(uri, 'domstate', name, check=False).returncode == 0:
+        raise VMError('virsh undefine %s failed: %s' % (name, result.stderr.strip()))
+    workdir = os.path.join(WORK_ROOT, name)
+    if os.path.isdir(workdir):
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def list_guests(prefix=DEFAULT_PREFIX, uri=DEFAULT_URI):
+    """Names of all defined guests (running or not) whose names start with ``prefix``."""
+    result = _virsh(uri, 'list', '--all', '--name')
+    return sorted(line.strip() for line in result.stdout.splitlines()
+                  if line.strip().startswith(prefix))
+
+
+def _owner_alive(name):
+    """Whether the process that started guest ``name`` (recorded in its work directory) lives."""
+    try:
+        with open(os.path.join(WORK_ROOT, name, 'owner.pid')) as handle:
+            pid = int(handle.read().strip())
+    except (IOError, OSError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_guests(prefix=DEFAULT_PREFIX, uri=DEFAULT_URI, all_owners=False):
+    """
+    Remove guests (and work directories) left by earlier runs and return their names.
+
+    By default a guest whose starting process is still alive (another test session running
+    at the same time) is kept; ``all_owners=True`` removes every guest with the prefix.
+    """
+    names = [name for name in list_guests(prefix, uri) if all_owners or not _owner_alive(name)]
+    for name in names:
+        logger.info('removing stale guest %s', name)
+        remove_guest(name, uri=uri)
+    defined = set(list_guests(prefix, uri))
+    if os.path.isdir(WORK_ROOT):
+        for entry in os.listdir(WORK_ROOT):
+            if entry.startswith(prefix) and entry not in defined:
+                shutil.rmtree(os.path.join(WORK_ROOT, entry), ignore_errors=True)
+    return names
+
+
+def start_guest(init_script, name_prefix=DEFAULT_PREFIX, channels=DEFAULT_CHANNELS,
+                memory_mib=384, uri=DEFAULT_URI, image=None, kernel_args=(), files=None):
+    """
+    Define and start a guest that runs ``init_script`` (shell text for ``/bin/sh``) and return a
+    :class:`Guest`.
+
+    The guest runs the script chrooted into the host's root filesystem (read-only; /tmp, /run
+    and /var/log are tmpfs), then powers off; the script finds its work directory in
+    ``$NEGOTIATOR_VM_WORKDIR``. ``files`` maps file names to text written into the work
+    directory before the start (e.g. a Python program for the script to run). ``channels`` are
+    the virtio-serial port names (add ``'org.qemu.guest_agent.0'`` for the QEMU agent).
+    ``image`` defaults to :func:`build_guest`; ``kernel_args`` are appended to the kernel
+    command line. The caller must remove the guest (use it as a context manager).
+    """
+    if image is None:
+        image = build_guest()
+    name = name_prefix + _random_suffix()
+    workdir = os.path.join(WORK_ROOT, name)
+    os.makedirs(workdir)
+    os.chmod(workdir, 0o755)
+    guest = Guest(name, workdir, uri=uri)
+    with open(os.path.join(workdir, 'owner.pid'), 'w') as handle:
+        handle.write('%d\n' % os.getpid())
+    for filename, text in sorted((files or {}).items()):
+        with open(os.path.join(workdir, filename), 'w') as handle:
+            handle.write(text)
+    with open(guest.init_script, 'w') as handle:
+        handle.write('export NEGOTIATOR_VM_WORKDIR=%s\n' % shlex.quote(workdir))
+        handle.write(init_script)
+        if not init_script.endswith('\n'):
+            handle.write('\n')
+    cmdline = ' '.join(['console=ttyS0', 'negotiator.init=' + guest.init_script, 'quiet']
+                       + list(kernel_args))
+    xml_path = os.path.join(workdir, 'domain.xml')
+    with open(xml_path, 'w') as handle:
+        handle.write(_domain_xml(name, image, cmdline, channels, memory_mib, guest.console_log))
+    try:
+        _virsh(uri, 'define', xml_path)
+        _virsh(uri, 'start', name)
+    except VMError:
+        guest.remove()
+        raise
+    logger.info('started guest %s (console log %s)', name, guest.console_log)
+    return guest
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        prog='negotiator_vm.py', description='Throwaway libvirt guests for negotiator tests.')
+    parser.add_argument('--uri', default=DEFAULT_URI, help='libvirt URI (default %(default)s)')
+    parser.add_argument('-v', '--verbose', action='store_true', help='log what is done')
+    commands = parser.add_subparsers(dest='command')
+    start = commands.add_parser('start', help='build if needed and start a guest')
+    start.add_argument('init_script', help="file with the shell script the guest runs ('-': stdin)")
+    start.add_argument('--prefix', default=DEFAULT_PREFIX, help='guest name prefix')
+    start.add_argument('--channel', action='append', dest='channels', metavar='NAME',
+                       help='virtio-serial channel name (repeatable; default: %s)'
+                       % ' '.join(DEFAULT_CHANNELS))
+    start.add_argument('--memory', type=int, default=384, help='MiB (default %(default)s)')
+    start.add_argument('--wait', metavar='TEXT', help='wait until the console shows TEXT')
+    start.add_argument('--timeout', type=float, default=120.0, help='for --wait (seconds)')
+    remove = commands.add_parser('remove', help='destroy and undefine guests')
+    remove.add_argument('names', nargs='+')
+    for command in ('list', 'cleanup'):
+        sub = commands.add_parser(command, help='list guests' if command == 'list'
+                                  else 'remove leftover guests (whose starting process is gone)')
+        sub.add_argument('--prefix', default=DEFAULT_PREFIX, help='guest name prefix')
+        if command == 'cleanup':
+            sub.add_argument('--all', action='store_true',
+                             help='also guests whose starting process still runs')
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format='%(message)s')
+    if not args.command:
+        parser.print_help()
+        return 2
+    try:
+        if args.command == 'start':
+            if args.init_script == '-':
+                script = sys.stdin.read()
+            else:
+                with open(args.init_script) as handle:
+                    script = handle.read()
+            ensure_host()
+            guest = start_guest(script, name_prefix=args.prefix,
+                                channels=tuple(args.channels or DEFAULT_CHANNELS),
+                                memory_mib=args.memory, uri=args.uri)
+            print('name=%s' % guest.name)
+            print('workdir=%s' % guest.workdir)
+            print('console_log=%s' % guest.console_log)
+            for channel in args.channels or DEFAULT_CHANNELS:
+                print('channel %s=%s' % (channel, guest.channel_path(channel)))
+            if args.wait:
+                guest.wait_for_console(args.wait, timeout=args.timeout)
+                print('console shows %r' % args.wait)
+        elif args.command == 'remove':
+            for name in args.names:
+                remove_guest(name, uri=args.uri)
+                print('removed %s' % name)
+        elif args.command == 'list':
+            for name in list_guests(args.prefix, uri=args.uri):
+                print(name)
+        elif args.command == 'cleanup':
+            names = remove_stale_guests(args.prefix, uri=args.uri, all_owners=args.all)
+            print('removed %d guest(s)%s' % (len(names), ': ' + ' '.join(names) if names else ''))
+    except VMError as err:
+        print('negotiator_vm.py: error: %s' % err, file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

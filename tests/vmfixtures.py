@@ -1,0 +1,90 @@
+"""
+pytest fixtures for end-to-end tests on real libvirt/QEMU guests (``scripts/negotiator_vm.py``).
+
+Why: end-to-end tests need the host prepared (packages, libvirtd), the guest kernel and initramfs
+built, and every guest they start removed again even when a test fails. These fixtures do that
+once, in one place. Use them from a test module with::
+
+    from vmfixtures import start_vm, vm_host  # noqa: F401 (pytest fixtures)
+
+    @pytest.mark.vm
+    def test_something(start_vm):  # noqa: F811 (the imported fixture)
+        guest = start_vm('echo hello')
+        guest.wait_for_console('hello', timeout=60)
+
+``tox -e e2e`` runs the tests marked ``vm``; the other environments deselect them by marker.
+A guest that cannot start makes the test fail loudly: nothing here skips.
+
+Fixtures:
+
+- ``vm_host`` (session): runs ``scripts/setup-host`` and ``scripts/build-test-guest``, removes
+  guests left by crashed earlier runs, and returns the :class:`negotiator_vm.GuestImage`.
+- ``start_vm`` (function): a factory ``start_vm(init_script, **kwargs) -> Guest`` taking the
+  arguments of :func:`negotiator_vm.start_guest`; every guest it started is removed after the
+  test, and the console tail of each is printed (pytest shows it when the test fails).
+
+Helpers: :data:`GUEST_PYTHON` (this interpreter, which the guest runs from the shared root
+filesystem) and :func:`python_guest_script` (an init script that runs a Python program there).
+"""
+
+import os
+import shlex
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
+
+import negotiator_vm  # noqa: E402
+
+__all__ = ('GUEST_PYTHON', 'negotiator_vm', 'python_guest_script', 'start_vm', 'vm_host')
+
+#: The Python interpreter running the tests; the guest sees the host's root filesystem, so it
+#: can run the same interpreter (and the same virtual environment) at the same path.
+GUEST_PYTHON = sys.executable
+
+
+def python_guest_script(filename, *args, python=GUEST_PYTHON):
+    """An init script that runs ``python WORKDIR/filename ARGS...`` in the guest."""
+    argv = ' '.join(shlex.quote(arg) for arg in args)
+    return 'exec %s "$NEGOTIATOR_VM_WORKDIR"/%s %s\n' % (shlex.quote(python), shlex.quote(filename), argv)
+
+
+@pytest.fixture(scope='session')
+def vm_host():
+    """The host prepared for guests; returns the kernel/initramfs paths (GuestImage)."""
+    problem = None
+    try:
+        negotiator_vm.ensure_host()
+        image = negotiator_vm.build_guest()
+        stale = negotiator_vm.remove_stale_guests()
+    except negotiator_vm.VMError as err:
+        problem = str(err)
+    if problem is not None:
+        pytest.fail('the test VM host is not usable: %s' % problem, pytrace=False)
+    if stale:
+        print('removed guests left by an earlier run: %s' % ' '.join(stale))
+    return image
+
+
+@pytest.fixture
+def start_vm(vm_host):
+    """A factory that starts guests (see start_guest) and removes them all after the test."""
+    guests = []
+
+    def start(init_script, **kwargs):
+        kwargs.setdefault('image', vm_host)
+        guest = negotiator_vm.start_guest(init_script, **kwargs)
+        guests.append(guest)
+        return guest
+
+    yield start
+    errors = []
+    for guest in guests:
+        print('--- console of %s ---\n%s' % (guest.name, guest.console_tail(60)))
+        try:
+            guest.remove()
+        except negotiator_vm.VMError as err:
+            errors.append(str(err))
+    if errors:
+        pytest.fail('could not remove test guests: %s' % '; '.join(errors), pytrace=False)
