@@ -62,6 +62,9 @@ __all__ = (
     'remove_guest',
     'remove_stale_guests',
     'start_guest',
+    'AGENT_READY',
+    'agent_guest_files',
+    'start_agent_guest',
 )
 
 logger = logging.getLogger(__name__)
@@ -387,6 +390,67 @@ def start_guest(init_script, name_prefix=DEFAULT_PREFIX, channels=DEFAULT_CHANNE
         guest.remove()
         raise
     logger.info('started guest %s (console log %s)', name, guest.console_log)
+    return guest
+
+
+AGENT_READY = 'negotiator-agent-guest: ready'
+"""What an agent guest prints on its console once supervisord (and so the daemon) has started."""
+
+
+def agent_guest_files(bindir, commands=None, supervised=True, daemon_args=()):
+    """
+    The init script and files of a guest that runs ``negotiator-guest --daemon``.
+
+    ``bindir`` is the ``bin`` folder of a virtual environment on the host that has
+    negotiator-guest installed (the guest runs it from the shared root). ``commands`` maps
+    command names to script text: they are installed, executable, in a commands directory of
+    the guest. With ``supervised`` (the default) the daemon runs under Debian's supervisord,
+    which restarts it when it dies, as in production; the daemon's log is copied to the
+    console. Returns ``(init_script, files)`` for :func:`start_guest`.
+    """
+    daemon = ' '.join(shlex.quote(a) for a in [os.path.join(bindir, 'negotiator-guest'), '--daemon',
+                                                '--commands-dir', '/tmp/negotiator-commands'] + list(daemon_args))
+    files = {}
+    install = ['mkdir -p -m 755 /tmp/negotiator-commands']
+    for name, text in sorted((commands or {}).items()):
+        files['command-' + name] = text
+        install.append('install -m 755 "$NEGOTIATOR_VM_WORKDIR/command-%s" /tmp/negotiator-commands/%s'
+                       % (name, name))
+    if supervised:
+        files['supervisord.conf'] = '\n'.join([
+            '[supervisord]', 'nodaemon=true', 'logfile=/tmp/supervisord.log', 'pidfile=/tmp/supervisord.pid',
+            'childlogdir=/tmp', '',
+            '[unix_http_server]', 'file=/tmp/supervisor.sock', '',
+            '[rpcinterface:supervisor]',
+            'supervisor.rpcinterface_factory = supervisor.rpcinterface:make_main_rpcinterface', '',
+            '[supervisorctl]', 'serverurl=unix:///tmp/supervisor.sock', '',
+            '[program:negotiator-guest]', 'command=' + daemon, 'autostart=true', 'autorestart=true',
+            'startsecs=0', 'stopwaitsecs=5', 'redirect_stderr=true',
+            'stdout_logfile=/tmp/negotiator-guest.log', 'stdout_logfile_maxbytes=0', '']) + '\n'
+        run = ['touch /tmp/negotiator-guest.log', 'tail -F /tmp/negotiator-guest.log 2>/dev/null &',
+               'echo %s' % shlex.quote(AGENT_READY),
+               'exec supervisord -c "$NEGOTIATOR_VM_WORKDIR/supervisord.conf"']
+    else:
+        run = ['echo %s' % shlex.quote(AGENT_READY), 'exec ' + daemon]
+    return '\n'.join(install + run) + '\n', files
+
+
+def start_agent_guest(bindir, commands=None, supervised=True, daemon_args=(), **kwargs):
+    """
+    Start a guest that runs ``negotiator-guest --daemon`` (see :func:`agent_guest_files`) and
+    wait until its init script has started it; other arguments go to :func:`start_guest`.
+    The daemon itself needs a few seconds more to start (Python over 9p under TCG): callers
+    wait for its first answer (e.g. ``negotiator-host --ping``) with a retry.
+    """
+    boot_timeout = kwargs.pop('boot_timeout', 90)
+    init_script, files = agent_guest_files(bindir, commands, supervised, daemon_args)
+    files.update(kwargs.pop('files', None) or {})
+    guest = start_guest(init_script, files=files, **kwargs)
+    try:
+        guest.wait_for_console(AGENT_READY, timeout=boot_timeout)
+    except VMError:
+        guest.remove()
+        raise
     return guest
 
 
