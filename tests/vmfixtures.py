@@ -37,7 +37,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(
 
 import negotiator_vm  # noqa: E402
 
-__all__ = ('GUEST_PYTHON', 'negotiator_vm', 'python_guest_script', 'start_vm', 'vm_host')
+__all__ = ('GUEST_PYTHON', 'VENV_BIN', 'negotiator_vm', 'python_guest_script', 'start_agent', 'start_vm', 'vm_host',
+           'wait_for_agent')
 
 #: The Python interpreter running the tests; the guest sees the host's root filesystem, so it
 #: can run the same interpreter (and the same virtual environment) at the same path.
@@ -88,3 +89,51 @@ def start_vm(vm_host):
             errors.append(str(err))
     if errors:
         pytest.fail('could not remove test guests: %s' % '; '.join(errors), pytrace=False)
+
+
+#: The ``bin`` folder of the virtual environment running the tests: it has the three packages
+#: installed, and the guest runs negotiator-guest from it over the shared root. It must not be
+#: under /tmp, which is a tmpfs of its own in the guest.
+VENV_BIN = os.path.dirname(GUEST_PYTHON)
+
+
+def wait_for_agent(guest, timeout=90.0):
+    """Wait until the agent in ``guest`` answers a ping (Python starts slowly over 9p under TCG)."""
+    import time
+    from negotiator_host import GuestChannel
+    from negotiator_common.errors import NegotiatorError
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with GuestChannel(socket_path=guest.channel_path('negotiator-host-to-guest.0'), timeout=3) as channel:
+                return channel.ping()
+        except (NegotiatorError, negotiator_vm.VMError, OSError) as err:
+            if time.monotonic() >= deadline:
+                pytest.fail('the agent in %s did not answer within %s s (%s); console:\n%s'
+                            % (guest.name, timeout, err, guest.console_tail(40)), pytrace=False)
+            time.sleep(0.5)
+
+
+@pytest.fixture
+def start_agent(vm_host):
+    """
+    A factory ``start_agent(commands=None, supervised=True, **start_guest_kwargs) -> Guest``:
+    a guest whose negotiator-guest --daemon (from this virtual environment, under supervisord
+    unless ``supervised=False``) answers before it returns; removed after the test.
+    """
+    if VENV_BIN.startswith('/tmp/'):
+        pytest.fail('the tests run from %s, which the guest cannot see (its /tmp is its own):'
+                    ' use a virtual environment elsewhere (tox puts it in .tox/)' % VENV_BIN, pytrace=False)
+    guests = []
+
+    def start(commands=None, supervised=True, **kwargs):
+        kwargs.setdefault('image', vm_host)
+        guest = negotiator_vm.start_agent_guest(VENV_BIN, commands=commands, supervised=supervised, **kwargs)
+        guests.append(guest)
+        wait_for_agent(guest)
+        return guest
+
+    yield start
+    for guest in guests:
+        print('--- console of %s ---\n%s' % (guest.name, guest.console_tail(60)))
+        guest.remove()
