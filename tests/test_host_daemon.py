@@ -181,3 +181,40 @@ def _ignore(function, *args, **kwargs):
         function(*args, **kwargs)
     except Exception:
         pass
+
+
+def test_guest_patterns_restrict_the_daemon_to_matching_guests(monkeypatch, host_commands):
+    fake = FakeLibvirt().activate(monkeypatch)
+    sides = {}
+    for number, name in enumerate(('web-1', 'web-2', 'db-1'), 1):
+        path = fake.add_guest(name, number, channels=(GUEST_TO_HOST_CHANNEL,))[GUEST_TO_HOST_CHANNEL]
+        os.unlink(path)  # a plain file: the guest's side listens there instead
+        sides[name] = FakeGuestSide(path)
+    daemon = HostDaemon(commands_dirs=[host_commands], watch=False, guest_patterns=['web-[2-9]', 'db-*'],
+                        paths=LibvirtPaths(fake.status_dir, fake.channel_dir))
+    try:
+        assert daemon.wants('web-2') and daemon.wants('db-1') and not daemon.wants('web-1')
+        daemon.rescan()
+        assert sorted(daemon.connections) == ['db-1', 'web-2']
+        assert sides['web-2'].accept(timeout=5).execute('whoami-guest').stdout == b'web-2\n'
+        assert sides['db-1'].accept(timeout=5).execute('whoami-guest').stdout == b'db-1\n'
+        sides['web-1'].sock.settimeout(0.3)
+        with pytest.raises(OSError):
+            sides['web-1'].sock.accept()  # nobody connected to the guest that matches no pattern
+        assert HostDaemon(watch=False, paths=LibvirtPaths(None, None)).wants('anything')
+    finally:
+        daemon.stop()
+        for connection in list(daemon.connections.values()):
+            connection.endpoint.close()
+        for side in sides.values():
+            side.close()
+        fake.cleanup()
+
+
+def test_cli_daemon_takes_guest_patterns():
+    from negotiator_host.cli import UsageError, parse_options
+    options = parse_options(['--daemon', 'web-*', 'db-?'])
+    assert options.action == 'daemon' and options.guests == ['web-*', 'db-?']
+    assert parse_options(['--daemon']).guests == []
+    with pytest.raises(UsageError):
+        parse_options(['--daemon', '--all'])

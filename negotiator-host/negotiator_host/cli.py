@@ -1,5 +1,6 @@
 """
 Usage: negotiator-host [OPTIONS] [GUEST...]
+       negotiator-host --daemon [OPTIONS] [GUEST-PATTERN...]
 
 Talk to the negotiator agents in the KVM/QEMU guests of this host through virtio-serial
 channels (no network, no SSH), or answer the guests' own requests (--daemon).
@@ -58,7 +59,9 @@ Supported options:
   -d, --daemon
 
     Answer the guests' requests on their negotiator-guest-to-host.0 channels, following
-    guests as they start and stop, until SIGTERM or SIGINT.
+    guests as they start and stop, until SIGTERM or SIGINT. With GUEST-PATTERN arguments
+    (shell-style, like 'web-*'), serve only the guests whose names match one of them;
+    without any, every guest.
 
   --commands-dir=DIR
 
@@ -207,8 +210,8 @@ def parse_options(argv: Sequence[str]) -> _Options:
         raise UsageError('nothing to do: give --list-guests, --ping, --list-commands, --execute or --daemon')
     if parsed.action in ('ping', 'list-commands', 'execute') and not parsed.guests and not parsed.all:
         raise UsageError('name at least one GUEST (or give --all)')
-    if parsed.action == 'daemon' and (parsed.guests or parsed.all):
-        raise UsageError('--daemon serves every guest; it takes no guest names')
+    if parsed.action == 'daemon' and parsed.all:
+        raise UsageError('--daemon serves every guest unless given GUEST-PATTERNs; --all makes no sense with it')
     if parsed.action == 'execute':
         import shlex
         try:
@@ -279,7 +282,8 @@ def _run_daemon(options: _Options) -> int:
     from negotiator_host.policy import Policy, allow_everything
 
     policy = Policy.load(options.policy) if options.policy else allow_everything
-    daemon = HostDaemon(uri=options.uri, commands_dirs=options.commands_dirs or [DEFAULT_COMMANDS_DIR], policy=policy)
+    daemon = HostDaemon(uri=options.uri, commands_dirs=options.commands_dirs or [DEFAULT_COMMANDS_DIR], policy=policy,
+                        guest_patterns=options.guests)
     return daemon.run()
 
 

@@ -24,6 +24,7 @@ and only when the policy (:mod:`negotiator_host.policy`) allows it. SIGTERM and 
 the daemon through one path: connections close, running commands are killed, exit status 0.
 """
 
+import fnmatch
 import logging
 import os
 import select
@@ -91,13 +92,17 @@ class HostDaemon(object):
     :param policy: ``policy(guest, command) -> bool`` (default: every listed command).
     :param paths: libvirt's directories (tests use a fake tree).
     :param watch: run ``virsh event`` and rescan (False: serve only what :meth:`serve_socket` is given).
+    :param guest_patterns: serve only the guests whose names match one of these shell-style
+                           patterns (:func:`fnmatch.fnmatchcase`); empty: every guest.
     """
 
     def __init__(self, uri: Optional[str] = None, commands_dirs: Sequence[str] = (DEFAULT_COMMANDS_DIR,),
                  policy: Callable[[str, str], bool] = allow_everything, paths: Optional[LibvirtPaths] = None,
                  max_concurrent: int = DEFAULT_GUEST_CONCURRENCY, limits: Optional[Limits] = None,
-                 watch: bool = True, channel: str = GUEST_TO_HOST_CHANNEL) -> None:
+                 watch: bool = True, channel: str = GUEST_TO_HOST_CHANNEL,
+                 guest_patterns: Sequence[str] = ()) -> None:
         self.uri = uri or default_uri()
+        self.guest_patterns = tuple(guest_patterns)
         self.paths = paths or LibvirtPaths.for_uri(self.uri)
         self.channel = channel
         self.watch = watch
@@ -159,6 +164,10 @@ class HostDaemon(object):
         self._retry_at[connection.name] = time.monotonic() + delay
         self.request_rescan(delay)
 
+    def wants(self, name: str) -> bool:
+        """Whether this daemon serves guest ``name`` (it matches a guest pattern, or there are none)."""
+        return not self.guest_patterns or any(fnmatch.fnmatchcase(name, p) for p in self.guest_patterns)
+
     # Rescans.
 
     def request_rescan(self, delay: float = RESCAN_DELAY) -> None:
@@ -178,6 +187,8 @@ class HostDaemon(object):
             return
         wanted = {}  # type: Dict[str, str]
         for guest in guests:
+            if not self.wants(guest.name):
+                continue
             path = guest.socket_for([self.channel])
             if path is not None:
                 wanted[guest.name] = path
@@ -280,7 +291,9 @@ class HostDaemon(object):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 handlers[signum] = signal.signal(signum, self._on_signal)
-        logger.info("negotiator-host %s daemon serving %s channels (libvirt %s)", __version__, self.channel, self.uri)
+        logger.info("negotiator-host %s daemon serving %s channels (libvirt %s) of %s", __version__, self.channel,
+                    self.uri, 'guests matching %s' % ' '.join(self.guest_patterns) if self.guest_patterns
+                    else 'every guest')
         try:
             if self.watch:
                 self._start_watcher()
