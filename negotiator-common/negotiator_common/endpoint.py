@@ -24,7 +24,7 @@ from typing import Any, Callable, Dict, Optional
 
 from negotiator_common.dispatcher import CallContext, Dispatcher
 from negotiator_common.errors import (
-    CallTimeout, ConnectionClosed, LimitExceeded, MethodNotFound, NegotiatorError,
+    CallTimeout, ConnectionClosed, InternalError, LimitExceeded, MethodNotFound, NegotiatorError,
 )
 from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, DecodeError, LineDecoder, Message, Notification,
@@ -135,6 +135,14 @@ class Endpoint(object):
                 'connection to %s closed before the reply to %s arrived (%s)' % (self.name, call.method, reason)))
             call.done.set()
 
+    def cancel_requests(self) -> None:
+        """
+        Tell the handlers of the peer's requests to stop (running commands are killed), but
+        keep the channel open so that their replies still reach the peer; :meth:`close` follows.
+        A daemon that is stopping does this first, so its callers learn at once what happened.
+        """
+        self._cancelled.set()
+
     def __enter__(self) -> 'Endpoint':
         return self
 
@@ -207,7 +215,17 @@ class Endpoint(object):
             return
         self.log.debug("Sending %r to %s", message, self.name)
         try:
-            self.transport.write_all(encode_message(message), deadline)
+            data = encode_message(message)
+        except (TypeError, ValueError) as exc:
+            # A handler returned something JSON cannot carry (bytes, NaN): the peer still gets a
+            # reply, and the reading thread lives on.
+            if not isinstance(message, Response):
+                raise
+            self.log.error("Reply to %r cannot be encoded: %s", message.id, exc)
+            data = encode_message(Response(message.id, error=InternalError(
+                'the reply could not be encoded as JSON: %s' % exc)))
+        try:
+            self.transport.write_all(data, deadline)
         except CallTimeout:
             if isinstance(message, Request):
                 raise

@@ -150,6 +150,15 @@ def _reject_constant(name: str) -> Any:
     raise ValueError('%s is not valid JSON' % name)
 
 
+def _finite_float(text: str) -> float:
+    # json reads 1e999 as float('inf'), which this side could never encode again (allow_nan=False):
+    # a number out of the range of a double is invalid, like NaN and Infinity.
+    value = float(text)
+    if value in (float('inf'), float('-inf')):
+        raise ValueError('number %s... is out of range' % text[:20])
+    return value
+
+
 def _reject_duplicates(pairs: List[Any]) -> Dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -193,7 +202,8 @@ def parse_line(line: bytes) -> Event:
     if _nesting_depth_exceeds(line, MAX_NESTING):
         return DecodeError(InvalidRequest('JSON nested deeper than %d levels' % MAX_NESTING))
     try:
-        value = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=_reject_duplicates)
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                           object_pairs_hook=_reject_duplicates)
     except (ValueError, RecursionError) as exc:
         return DecodeError(ParseError('line is not valid JSON: %s' % exc))
     return _message_from_value(value)

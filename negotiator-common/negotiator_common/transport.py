@@ -102,6 +102,10 @@ class Transport(object):
         view = memoryview(data)
         with self._lock:
             while view:
+                if self._closed:
+                    # Checked under the lock that close() takes before releasing the descriptor:
+                    # its number may already belong to another channel.
+                    raise ConnectionClosed('channel closed locally')
                 try:
                     written = os.write(self.fd, view)
                 except BlockingIOError:

@@ -297,11 +297,14 @@ class GuestDaemon(object):
         deadline = time.monotonic() + self.stop_timeout
         session, self._session = self._session, None
         if session is not None:
-            session.endpoint.close('daemon stopping: %s' % reason)
+            # Cancel first and close after: the host gets the replies of the killed commands
+            # (ended by SIGTERM) instead of waiting for its own timeout.
+            session.endpoint.cancel_requests()
         if not self.dispatcher.wait_idle(self.stop_timeout):
             _kill_children()
             self.dispatcher.wait_idle(0.4)
         if session is not None:
+            session.endpoint.close('daemon stopping: %s' % reason)
             session.thread.join(max(0.1, deadline - time.monotonic()))
         if self.fd is not None:
             try:
