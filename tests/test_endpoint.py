@@ -199,3 +199,36 @@ def test_large_messages_survive_partial_writes():
     assert left.call('echo', {'value': value}, timeout=10) == value
     left.close()
     right.close()
+
+
+def test_a_new_session_fails_the_calls_waiting_on_the_old_one_at_once():
+    # The guest agent dies mid-request and its successor announces a new session on the same
+    # channel: the caller's pending call fails at once (not at its timeout), and the
+    # connection stays usable. A half line left by the dead agent does not hide the notice.
+    client_sock, agent_sock = socket.socketpair()
+    client = Endpoint(Transport.from_socket(client_sock), name='guest').start()
+    dead_agent = socket.socket(fileno=agent_sock.detach())
+    errors = []
+    caller = threading.Thread(target=lambda: errors.append(_raises(client.call, 'wait', {'gate': 'a'}, timeout=30)))
+    started = time.monotonic()
+    caller.start()
+    dead_agent.settimeout(5)
+    assert b'"wait"' in dead_agent.recv(4096)  # the dead agent had read the request
+    dead_agent.sendall(b'{"jsonrpc": "2.0", "method": "output", "params": {"id": 1, "str')
+    successor = Endpoint(Transport.from_socket(dead_agent), make_dispatcher(), name='host')
+    successor.announce_session({'agent': 'negotiator-guest', 'pid': 42})
+    successor.start()
+    caller.join(5)
+    assert not caller.is_alive() and time.monotonic() - started < 5
+    assert isinstance(errors[0], ConnectionClosed) and 'new session' in str(errors[0])
+    assert client.call('echo', {'value': 'still works'}, timeout=5) == 'still works'
+    client.close()
+    successor.close()
+
+
+def _raises(function, *args, **kwargs):
+    try:
+        function(*args, **kwargs)
+    except Exception as exc:
+        return exc
+    return None

@@ -32,7 +32,7 @@ from negotiator_common.protocol import (
 )
 from negotiator_common.transport import Transport
 
-__all__ = ('Endpoint', 'DEFAULT_TIMEOUT', 'DEFAULT_MAX_CONCURRENT', 'REPLY_WRITE_TIMEOUT')
+__all__ = ('Endpoint', 'DEFAULT_TIMEOUT', 'DEFAULT_MAX_CONCURRENT', 'REPLY_WRITE_TIMEOUT', 'SESSION_NOTIFICATION')
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds that a call waits for its reply unless the caller says otherwise."""
@@ -42,6 +42,9 @@ DEFAULT_MAX_CONCURRENT = 16
 
 REPLY_WRITE_TIMEOUT = 60.0
 """Seconds a reply may wait for a peer that does not read, before the connection is dropped."""
+
+SESSION_NOTIFICATION = 'session'
+"""The notification a serving side sends when a new session begins (``docs/protocol.rst``, "Sessions")."""
 
 _log = logging.getLogger(__name__)
 
@@ -128,11 +131,14 @@ class Endpoint(object):
         self._cancelled.set()
         self.log.debug("Connection to %s closed: %s", self.name, reason)
         self.transport.close()
+        self._fail_pending('connection to %s closed before the reply to %%s arrived (%s)' % (self.name, reason))
+
+    def _fail_pending(self, message: str) -> None:
+        """Fail every call waiting for a reply with ConnectionClosed (``message`` has ``%s`` for the method)."""
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for call in pending.values():
-            call.response = Response(None, error=ConnectionClosed(
-                'connection to %s closed before the reply to %s arrived (%s)' % (self.name, call.method, reason)))
+            call.response = Response(None, error=ConnectionClosed(message % call.method))
             call.done.set()
 
     def cancel_requests(self) -> None:
@@ -197,6 +203,19 @@ class Endpoint(object):
         if response.error is not None:
             raise response.error
         return response.result
+
+    def announce_session(self, params: Optional[Dict[str, Any]] = None, timeout: float = 5.0) -> None:
+        """
+        Tell the peer that a new session begins on this side (a line feed, then the ``session``
+        notification): a caller still waiting for replies from an earlier session (an agent
+        that died and was restarted) learns at once that they are lost, instead of waiting
+        for its timeout. A failure to write is only logged: the session goes on.
+        """
+        try:
+            self.transport.write_all(b'\n' + encode_message(Notification(SESSION_NOTIFICATION, params or {})),
+                                     self._deadline(timeout))
+        except NegotiatorError as exc:
+            self.log.debug("Could not announce the session to %s: %s", self.name, exc)
 
     def notify(self, notification: Notification) -> None:
         """Send a notification (no reply expected); dropped silently once the channel is closed."""
@@ -264,6 +283,9 @@ class Endpoint(object):
 
     def _route_notification(self, notification: Notification) -> None:
         params = notification.params if isinstance(notification.params, dict) else {}
+        if notification.method == SESSION_NOTIFICATION:
+            self._fail_pending('%s began a new session (its agent restarted?): the reply to %%s is lost' % self.name)
+            return
         with self._pending_lock:
             call = self._pending.get(params.get('id'))
         if call is not None and call.on_notification is not None:

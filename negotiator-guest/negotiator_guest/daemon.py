@@ -154,6 +154,9 @@ class _Session(object):
 
     def _run(self) -> None:
         try:
+            # Before reading anything: a host client still waiting for replies from a daemon
+            # that died learns that they are lost (a new client drops this while resynchronising).
+            self.endpoint.announce_session({'agent': 'negotiator-guest', 'pid': os.getpid()})
             self.endpoint.run()
         finally:
             self._on_end()
