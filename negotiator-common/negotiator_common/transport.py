@@ -18,7 +18,7 @@ import select
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Any, Dict, Optional
 
 from negotiator_common.errors import CallTimeout, ConnectionClosed
 
@@ -48,6 +48,7 @@ class Transport(object):
         self._read_lock = threading.Lock()  # held while reading
         os.set_blocking(fd, False)
         self._wake_read, self._wake_write = os.pipe()
+        self._pollers = {}  # type: Dict[int, Any]
 
     @classmethod
     def from_socket(cls, sock: socket.socket) -> 'Transport':
@@ -60,9 +61,13 @@ class Transport(object):
 
     def _wait(self, events: int, deadline: Optional[float]) -> int:
         """Wait until the descriptor is ready for ``events``; return the poll flags seen."""
-        poller = select.poll()
-        poller.register(self.fd, events)
-        poller.register(self._wake_read, select.POLLIN)
+        # One poller per direction, made once: reads and writes each hold their own lock.
+        poller = self._pollers.get(events)
+        if poller is None:
+            poller = select.poll()
+            poller.register(self.fd, events)
+            poller.register(self._wake_read, select.POLLIN)
+            self._pollers[events] = poller
         while True:
             if self._closed:
                 raise ConnectionClosed('channel closed locally')
