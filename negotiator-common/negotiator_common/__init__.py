@@ -11,11 +11,14 @@ negotiator-common: what the host and guest sides of negotiator share.
 - :mod:`~negotiator_common.service` and :mod:`~negotiator_common.client`: the four standard
   methods, served and called.
 
-The library never configures logging (a :class:`logging.NullHandler` is installed); the CLIs do.
+The library never configures logging (a :class:`logging.NullHandler` is installed when logging is
+first used: :mod:`~negotiator_common.lazylog` spares quick CLI calls the import); the CLIs do.
 """
 
-import logging
+import sys
 
 __version__ = '0.1.0'
 
-logging.getLogger(__name__).addHandler(logging.NullHandler())
+if 'logging' in sys.modules:
+    import logging
+    logging.getLogger(__name__).addHandler(logging.NullHandler())

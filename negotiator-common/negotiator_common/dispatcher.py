@@ -7,16 +7,16 @@ guest agents). :meth:`Dispatcher.dispatch` turns every outcome into a reply: a r
 error object with a stable code (``docs/protocol.rst``, "Errors"); the server always lives on.
 """
 
-import logging
 import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from negotiator_common.errors import InternalError, InvalidParams, MethodNotFound, NegotiatorError
+from negotiator_common.lazylog import get_logger
 from negotiator_common.protocol import Notification, Request, Response
 
 __all__ = ('CallContext', 'Dispatcher', 'Handler', 'get_param')
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # lazy: a quick CLI call never imports logging
 
 _MISSING = object()
 

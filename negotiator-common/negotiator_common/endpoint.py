@@ -16,7 +16,6 @@ drops every line until the reply to that ``hello`` arrives.
 
 import binascii
 import itertools
-import logging
 import os
 import threading
 import time
@@ -26,6 +25,7 @@ from negotiator_common.dispatcher import CallContext, Dispatcher
 from negotiator_common.errors import (
     CallTimeout, ConnectionClosed, InternalError, LimitExceeded, MethodNotFound, NegotiatorError,
 )
+from negotiator_common.lazylog import get_logger
 from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, DecodeError, LineDecoder, Message, Notification,
     Request, Response, encode_message,
@@ -46,7 +46,7 @@ REPLY_WRITE_TIMEOUT = 60.0
 SESSION_NOTIFICATION = 'session'
 """The notification a serving side sends when a new session begins (``docs/protocol.rst``, "Sessions")."""
 
-_log = logging.getLogger(__name__)
+_log = get_logger(__name__)  # lazy: a quick CLI call never imports logging
 
 
 class _PendingCall(object):

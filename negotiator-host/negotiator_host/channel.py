@@ -17,7 +17,6 @@ the function's value or the exception it raised.
 """
 
 import errno
-import logging
 import socket
 import threading
 import time
@@ -28,6 +27,7 @@ from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import (
     CallTimeout, ChannelBusy, ChannelNotFound, NegotiatorError,
 )
+from negotiator_common.lazylog import get_logger
 from negotiator_common.transport import Transport
 
 from negotiator_host.discovery import HOST_TO_GUEST_CHANNELS, Guest, LibvirtPaths, find_guest
@@ -37,7 +37,7 @@ __all__ = ('GuestChannel', 'GuestOutcome', 'map_guests', 'connect_socket', 'DEFA
 DEFAULT_TIMEOUT = 10.0
 """Seconds that connecting and each call may take unless the caller says otherwise."""
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # lazy: a quick CLI call never imports logging
 
 
 def _remaining(deadline: Optional[float]) -> Optional[float]:

@@ -1,0 +1,84 @@
+"""
+Loggers that do not import :mod:`logging` until a record could be seen by anyone.
+
+Why: ``import logging`` (with the ``traceback``, ``tokenize``, ``string`` and ``weakref`` it pulls
+in) is a large part of a host CLI call's start-up (``python -X importtime``; see
+``docs/benchmark.rst``), and a quick CLI call without ``-v`` never logs. While nobody has
+imported :mod:`logging`, nobody can have configured it: DEBUG and INFO records would be dropped
+by the default WARNING level, so a :class:`LazyLogger` drops them without importing anything.
+A WARNING or above, or any other use, imports :mod:`logging` and goes to the real logger. Once
+:mod:`logging` is imported (a daemon or ``-v`` configured it, or pytest), every call goes to the
+real logger. The package's :class:`logging.NullHandler` is installed whenever the real logging
+is first used, so the library still never prints through logging's last resort.
+"""
+
+import sys
+
+__all__ = ('LazyLogger', 'get_logger')
+
+_ROOT = 'negotiator_common'
+
+
+def _real_logger(name: str) -> object:
+    import logging
+    root = logging.getLogger(_ROOT)
+    if not any(isinstance(handler, logging.NullHandler) for handler in root.handlers):
+        root.addHandler(logging.NullHandler())
+    return logging.getLogger(name)
+
+
+class LazyLogger(object):
+    """Stands for ``logging.getLogger(name)``; see the module's documentation."""
+
+    __slots__ = ('name', '_logger')
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._logger = None  # type: object
+
+    def _real(self) -> object:
+        if self._logger is None:
+            self._logger = _real_logger(self.name)
+        return self._logger
+
+    def _dropped(self) -> bool:
+        return self._logger is None and 'logging' not in sys.modules
+
+    def getChild(self, suffix: str) -> 'LazyLogger':  # noqa: N802 (logging's name)
+        if self._logger is not None:
+            return self._logger.getChild(suffix)  # type: ignore
+        return LazyLogger(self.name + '.' + suffix)
+
+    def debug(self, *args: object, **kwargs: object) -> None:
+        if not self._dropped():
+            self._real().debug(*args, **kwargs)  # type: ignore
+
+    def info(self, *args: object, **kwargs: object) -> None:
+        if not self._dropped():
+            self._real().info(*args, **kwargs)  # type: ignore
+
+    def warning(self, *args: object, **kwargs: object) -> None:
+        self._real().warning(*args, **kwargs)  # type: ignore
+
+    def error(self, *args: object, **kwargs: object) -> None:
+        self._real().error(*args, **kwargs)  # type: ignore
+
+    def exception(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault('exc_info', True)
+        self._real().error(*args, **kwargs)  # type: ignore
+
+    def critical(self, *args: object, **kwargs: object) -> None:
+        self._real().critical(*args, **kwargs)  # type: ignore
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real(), name)
+
+    def __repr__(self) -> str:
+        return 'LazyLogger(%r)' % self.name
+
+
+def get_logger(name: str) -> object:
+    """The real logger when :mod:`logging` is already imported, else a :class:`LazyLogger`."""
+    if 'logging' in sys.modules:
+        return _real_logger(name)
+    return LazyLogger(name)
