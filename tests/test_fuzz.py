@@ -26,7 +26,10 @@ json_values = st.recursive(
 message_like = st.dictionaries(
     st.sampled_from(['jsonrpc', 'id', 'method', 'params', 'result', 'error']) | st.text(max_size=5),
     json_values, max_size=6).map(lambda d: json.dumps(d).encode('utf-8'))
-chunks = st.lists(st.binary(max_size=700) | message_like | st.just(b'\n'), max_size=30)
+# The JSON edge cases of issue 6, as fragments that land inside or between messages.
+edge_cases = st.sampled_from([b'NaN', b'-Infinity', b'1e999', b'9' * 5000, b'[' * 200, b'{"id": 1, "id": 2}',
+                              b'"\\ud800"', b'\xff', b'\x00', b'{"jsonrpc": "2.0", "id": 1, "result": 1}'])
+chunks = st.lists(st.binary(max_size=700) | message_like | edge_cases | st.just(b'\n'), max_size=30)
 
 
 @settings(max_examples=300, deadline=None)
