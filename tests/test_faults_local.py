@@ -168,7 +168,7 @@ def test_ids_of_invalid_types_get_invalid_request_with_a_null_id(served, bad_id)
     assert events[0].id is None and type(events[0].error) is InvalidRequest
 
 
-@pytest.mark.parametrize('number', [b'1e999', b'-1e400', b'1' + b'0' * 5000])
+@pytest.mark.parametrize("number", [b"1e999", b"-1e400", b"1" + b"0" * 5000, b"-" + b"9" * 4301])
 def test_numbers_out_of_range_are_parse_errors(number):
     event = parse_line(b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "params": {"n": ' + number + b'}}')
     assert type(event.error) is ParseError
@@ -377,3 +377,20 @@ def test_a_write_after_close_never_reaches_a_reused_descriptor():
         os.close(read_end)
         os.close(write_end)
         right.close()
+
+
+def test_a_stopping_agent_replies_for_the_commands_it_kills(served, tmp_path):
+    """The guest daemon's stop path: cancel, wait for the replies to go out, then close."""
+    server, client_sock = served
+    client = Endpoint(Transport.from_socket(client_sock), name='client').start()
+    client.handshake(timeout=5)
+    pidfile = str(tmp_path / 'long.pid')
+    outcome = []
+    caller = threading.Thread(target=lambda: outcome.append(AgentClient(client).execute('long', pidfile, timeout=60)))
+    caller.start()
+    assert wait_until(lambda: os.path.exists(pidfile) and len(open(pidfile).read().split()) == 2)
+    server.cancel_requests()
+    assert server.wait_replies(5)
+    server.close('stopping')
+    caller.join(5)
+    assert outcome and outcome[0].signal == 15, outcome

@@ -81,6 +81,8 @@ class Endpoint(object):
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._handler_slots = threading.BoundedSemaphore(max_concurrent)
+        self._handlers = 0  # handler threads that have not yet sent their reply
+        self._handlers_done = threading.Condition()
         self._sync_id = None  # type: Any
         self._closed = threading.Event()
         self._cancelled = threading.Event()
@@ -148,6 +150,11 @@ class Endpoint(object):
         A daemon that is stopping does this first, so its callers learn at once what happened.
         """
         self._cancelled.set()
+
+    def wait_replies(self, timeout: Optional[float]) -> bool:
+        """Wait until every handler thread has sent its reply (or dropped it); False on timeout."""
+        with self._handlers_done:
+            return self._handlers_done.wait_for(lambda: self._handlers == 0, timeout)
 
     def __enter__(self) -> 'Endpoint':
         return self
@@ -308,6 +315,8 @@ class Endpoint(object):
         worker = threading.Thread(target=self._serve_in_thread, args=(request, context),
                                   name='negotiator-%s-%s' % (request.method, request.id))
         worker.daemon = True
+        with self._handlers_done:
+            self._handlers += 1
         worker.start()
 
     def _serve_in_thread(self, request: Request, context: CallContext) -> None:
@@ -317,6 +326,9 @@ class Endpoint(object):
             self.log.debug("Reply to %r not sent: %s", request, exc)
         finally:
             self._handler_slots.release()
+            with self._handlers_done:
+                self._handlers -= 1
+                self._handlers_done.notify_all()
 
     def _reply(self, response: Response) -> None:
         self._send(response, self._deadline(REPLY_WRITE_TIMEOUT))

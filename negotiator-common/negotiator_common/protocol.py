@@ -163,6 +163,16 @@ def _finite_float(text: str) -> float:
     return value
 
 
+MAX_INTEGER_DIGITS = 4300
+"""Longer integers are refused on every Python (3.11 and later refuse them anyway): parsing one costs quadratic time."""
+
+
+def _bounded_int(text: str) -> int:
+    if len(text.lstrip('-')) > MAX_INTEGER_DIGITS:
+        raise ValueError('integer of %d digits is too long' % len(text))
+    return int(text)
+
+
 def _reject_duplicates(pairs: List[Any]) -> Dict[str, Any]:
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -197,7 +207,7 @@ def _nesting_depth_exceeds(line: bytes, limit: int) -> bool:
     return False
 
 
-_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float,
+_DECODER = json.JSONDecoder(parse_constant=_reject_constant, parse_float=_finite_float, parse_int=_bounded_int,
                             object_pairs_hook=_reject_duplicates)
 """The one decoder of every line (see ``_ENCODER``); it keeps no state between calls."""
 

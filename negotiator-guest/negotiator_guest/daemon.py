@@ -307,6 +307,8 @@ class GuestDaemon(object):
             _kill_children()
             self.dispatcher.wait_idle(0.4)
         if session is not None:
+            # The dispatcher is idle once the handlers return; their replies are written after.
+            session.endpoint.wait_replies(max(0.2, deadline + 0.4 - time.monotonic()))
             session.endpoint.close('daemon stopping: %s' % reason)
             session.thread.join(max(0.1, deadline - time.monotonic()))
         if self.fd is not None:
