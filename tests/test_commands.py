@@ -189,6 +189,22 @@ def test_timeout_kills_the_whole_process_group(agent, tmp_path):
     assert agent.execute('args', 'next').stdout == b'[next]\n'
 
 
+def test_command_runs_in_a_session_of_its_own(commands_dir):
+    script = write_command(commands_dir, 'session', '#!/bin/sh\ncat /proc/$$/stat\n')
+    chunks = []
+    run_process([script], on_output=lambda stream, chunk: chunks.append(chunk))
+    fields = b''.join(chunks).decode().rsplit(')', 1)[1].split()
+    pid = int(b''.join(chunks).split()[0])
+    # Its own process group and session: a timeout's killpg reaches everything it started.
+    assert int(fields[2]) == pid and int(fields[3]) == pid
+
+
+def test_a_command_that_cannot_start_is_reported(commands_dir):
+    script = write_command(commands_dir, 'broken', '#!/no/such/interpreter\n')
+    with pytest.raises(CommandNotFound, match='cannot start'):
+        run_process([script])
+
+
 def test_command_ignoring_sigterm_is_killed(tmp_path, commands_dir):
     pidfile = tmp_path / 'stubborn.pid'
     result = run_process([os.path.join(str(commands_dir), 'stubborn'), str(pidfile)], timeout=0.5, kill_grace=0.5)

@@ -162,6 +162,9 @@ def test_bytes_travel_as_text_or_base64():
     assert list(fields) == ['stdout_b64']
     assert decode_bytes(fields, 'stdout') == binary
     assert decode_bytes({}, 'stdout') == b''
+    # Valid UTF-8 that is mostly control characters would grow sixfold as JSON escapes.
+    assert list(encode_bytes(b'\0' * 1000, 'stdout')) == ['stdout_b64']
+    assert list(encode_bytes(b'\x1b[1mbold\x1b[0m and a line of ordinary text\n', 'stdout')) == ['stdout']
     with pytest.raises(ValueError):
         decode_bytes({'stdout': 5}, 'stdout')
     with pytest.raises(ValueError):

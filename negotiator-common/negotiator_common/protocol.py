@@ -127,12 +127,24 @@ def encode_message(message: Message) -> bytes:
     return _ENCODER.encode(message.to_wire()).encode('utf-8', 'surrogateescape') + b'\n'
 
 
+_ESCAPED_CONTROLS = bytes(b for b in range(32) if b not in (9, 10, 13)) + b'\x7f'
+"""Bytes that JSON text carries as six-character escapes (tab, newline and return cost two)."""
+
+
 def encode_bytes(data: bytes, name: str) -> Dict[str, str]:
-    """Carry bytes as ``{name: text}`` when they are valid UTF-8, else as ``{name_b64: base64}``."""
-    try:
-        return {name: data.decode('utf-8')}
-    except UnicodeDecodeError:
-        return {name + '_b64': base64.b64encode(data).decode('ascii')}
+    """
+    Carry bytes as ``{name: text}`` when they are valid UTF-8 text, else as ``{name_b64: base64}``.
+
+    Text that is mostly control characters (a stream of NUL bytes, say) would grow up to six
+    times as JSON escapes; it travels as base64, which grows by a third, whenever that is smaller.
+    """
+    controls = len(data) - len(data.translate(None, _ESCAPED_CONTROLS))
+    if controls * 5 <= len(data) // 3:
+        try:
+            return {name: data.decode('utf-8')}
+        except UnicodeDecodeError:
+            pass
+    return {name + '_b64': base64.b64encode(data).decode('ascii')}
 
 
 def decode_bytes(fields: Dict[str, Any], name: str, default: Optional[bytes] = b'') -> Optional[bytes]:

@@ -2,17 +2,20 @@
 Run one external command safely: an argv list, no shell, bounded in time and output.
 
 The command starts through :mod:`executor` with ``shell=False`` and an argv list, so no byte
-of a peer's arguments ever reaches a shell. It is wrapped in ``setsid`` (its own session and
-process group, so that a timeout kills every process it started, not just the first) and
-``env -i`` (a small clean environment: ``PATH``, ``LANG``, ``HOME`` and ``NEGOTIATOR_*``; the
-agent's own environment never leaks into a command). Output is read as it comes and handed to
-a callback in chunks, so a 64 MiB output streams through without being held in memory twice.
+of a peer's arguments ever reaches a shell. It starts in a session of its own (so that its pid
+is its process group's id, and a timeout kills every process it started, not just the first)
+with exactly a small clean environment (``PATH``, ``LANG``, ``HOME`` and ``NEGOTIATOR_*``: the
+agent's own environment never leaks into a command). Both are set on the one ``fork``/``exec``
+that executor makes (:class:`_IsolatedCommand`): wrapper programs such as ``setsid`` and
+``env -i`` would cost two more ``exec`` calls per command, which is slow in an emulated guest.
+Output is read as it comes and handed to a callback in chunks, so a 64 MiB output streams
+through without being held in memory twice.
 """
 
+import fcntl
 import logging
 import os
 import selectors
-import shutil
 import signal
 import threading
 import time
@@ -31,8 +34,10 @@ DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 DEFAULT_KILL_GRACE = 2.0
 """Seconds between SIGTERM and SIGKILL when a command is stopped."""
 
-CHUNK_SIZE = 64 * 1024
-"""How much output is read (and streamed) at a time."""
+CHUNK_SIZE = 1024 * 1024
+"""How much output is read (and streamed) at a time: large chunks mean few messages for big outputs."""
+
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), named in the fcntl module only since Python 3.10
 
 OutputCallback = Callable[[str, bytes], None]
 
@@ -65,21 +70,29 @@ def clean_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return environment
 
 
-def _find_tool(name: str) -> str:
-    path = shutil.which(name, path=DEFAULT_PATH)
-    if path is None:
-        raise CommandNotFound('%s is needed to run commands but is not installed (util-linux/coreutils)' % name)
-    return path
+def _isolated_command(argv: List[str], environment: Dict[str, str], directory: str) -> object:
+    """An executor command for ``argv`` that starts in a new session with exactly ``environment``."""
+    from executor import ExternalCommand  # imported lazily: it costs tens of milliseconds
+
+    class _IsolatedCommand(ExternalCommand):
+        # executor merges the agent's own environment into the command's and has no option for
+        # a new session: both are set on the arguments it hands to subprocess.Popen.
+        def start_once(self, check: Optional[bool] = None, **kw: object) -> None:
+            kw['env'] = dict(environment)
+            kw['start_new_session'] = True
+            super().start_once(check=check, **kw)
+
+    return _IsolatedCommand(*argv, shell=False, asynchronous=True, capture=True, capture_stderr=True,
+                            buffered=False, input=True, check=False, directory=directory,
+                            silent=True, logger=logger)
 
 
-def _argv_with_wrappers(argv: List[str], environment: Dict[str, str]) -> List[str]:
-    # setsid: a new session, so the command's pid is its process group id and killpg reaches
-    # every descendant. env -i: nothing of the agent's environment is inherited. The program
-    # path comes from a validated command name, so it holds no '=' that env would misread.
-    if '=' in argv[0]:
-        raise CommandNotFound('command path %r contains "="' % argv[0])
-    assignments = ['%s=%s' % item for item in sorted(environment.items())]
-    return [_find_tool('setsid'), _find_tool('env'), '-i'] + assignments + argv
+def _grow_pipe(fd: int) -> None:
+    """Ask for a 1 MiB pipe buffer (best effort), so that output arrives in few, large reads."""
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, CHUNK_SIZE)
+    except OSError:
+        pass
 
 
 def _signal_group(pid: int, signum: int) -> None:
@@ -102,20 +115,21 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
     SIGTERM, then SIGKILL after ``kill_grace`` seconds. When the command ends, any process it
     left behind in its group is killed too: a command leaves no orphan.
     """
-    from executor import ExternalCommand  # imported lazily: it costs tens of milliseconds
-
     result = ProcessResult()
     started = time.monotonic()
-    command = ExternalCommand(*_argv_with_wrappers(argv, clean_environment(environment)),
-                              shell=False, asynchronous=True, capture=True, capture_stderr=True,
-                              buffered=False, input=True, check=False, directory=directory,
-                              silent=True, logger=logger)
-    command.start()
+    command = _isolated_command(argv, clean_environment(environment), directory)
+    try:
+        command.start()
+    except OSError as exc:
+        raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
     process = command.subprocess
+    if process is None:  # executor turns ENOENT (e.g. a missing "#!" interpreter) into status 127
+        raise CommandNotFound('cannot start %s: it or its interpreter does not exist' % argv[0])
     pid = process.pid
     selector = selectors.DefaultSelector()
     streams = {process.stdout.fileno(): 'stdout', process.stderr.fileno(): 'stderr'}
     for fd in streams:
+        _grow_pipe(fd)
         os.set_blocking(fd, False)
         selector.register(fd, selectors.EVENT_READ)
     pending_input = memoryview(stdin)

@@ -18,7 +18,7 @@ import select
 import socket
 import threading
 import time
-from typing import Any, Dict, Optional
+from typing import Optional
 
 from negotiator_common.errors import CallTimeout, ConnectionClosed
 
