@@ -338,7 +338,8 @@ def test_host_daemon_restart_the_guest_is_served_again(host_commands):
             client = guest.accept()
             assert client.execute('whoami-guest', timeout=10).stdout == b'web-1\n'
             pending = []
-            caller = threading.Thread(target=lambda: pending.append(_outcome(client.execute, 'nap', '30', timeout=60)))
+            caller = threading.Thread(target=lambda pending=pending, client=client: pending.append(
+                _outcome(client.execute, 'nap', '30', timeout=60)))
             caller.start()
             time.sleep(0.3)
             daemon.stop('restart %d' % generation)  # the daemon stops with a call in flight

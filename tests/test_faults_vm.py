@@ -39,8 +39,8 @@ GUEST_COMMANDS = {
     'long': '#!/bin/sh\nsleep 120 & echo $$ $! > %s\nwait\n' % PIDS,
     'pids': '#!/bin/sh\ncat %s 2>/dev/null\ntrue\n' % PIDS,
     # For each pid given: is it still a process (any state but zombie gone)? Print "PID STATE".
-    'proc-state': '#!/bin/sh\nfor p in "$@"; do [ -r /proc/$p/stat ] && echo "$p $(cut -d" " -f3 /proc/$p/stat)"; done\n'
-                  'true\n',
+    'proc-state': ('#!/bin/sh\nfor p in "$@"; do [ -r /proc/$p/stat ] && echo "$p $(cut -d" " -f3 /proc/$p/stat)";'
+                   ' done\ntrue\n'),
     'nap': '#!/bin/sh\nsleep "$1"\necho woke\n',
     'echo': '#!/bin/sh\necho "$@"\n',
     'daemon-pid': "#!/bin/sh\npgrep -o -f 'negotiator-guest --daemon'\n",
@@ -60,7 +60,8 @@ else:
     print("opened", sys.argv[1])
 ' "$dev"
 ''' % H2G,
-    'second-daemon': '#!/bin/sh\nexec %s/negotiator-guest --daemon --commands-dir /tmp/negotiator-commands\n' % VENV_BIN,
+    'second-daemon': ('#!/bin/sh\nexec %s/negotiator-guest --daemon --commands-dir /tmp/negotiator-commands\n'
+                      % VENV_BIN),
     'ask-host': '#!/bin/sh\nexec %s/negotiator-guest --timeout 20 --execute "$*"\n' % VENV_BIN,
 }
 
