@@ -297,10 +297,19 @@ class Guest(object):
 
 def remove_guest(name, uri=DEFAULT_URI):
     """Destroy and undefine guest ``name`` and delete its work directory, whatever is left."""
-    _virsh(uri, 'destroy', name, check=False)
-    result = _virsh(uri, 'undefine', name, check=False)
-    if result.returncode != 0 and _virsh(uri, 'domstate', name, check=False).returncode == 0:
-        raise VMError('virsh undefine %s failed: %s' % (name, result.stderr.strip()))
+    deadline = time.monotonic() + 60
+    while True:
+        _virsh(uri, 'destroy', name, check=False)
+        result = _virsh(uri, 'undefine', name, check=False)
+        if result.returncode == 0:
+            break
+        state = _virsh(uri, 'domstate', name, check=False)
+        if state.returncode != 0 and ('failed to get domain' in state.stderr or 'not found' in state.stderr.lower()):
+            break  # gone already
+        # libvirtd may be restarting (a test restarts it): try again rather than leave a guest running.
+        if time.monotonic() >= deadline:
+            raise VMError('cannot remove guest %s: %s' % (name, (state.stderr or result.stderr).strip()))
+        time.sleep(1)
     workdir = os.path.join(WORK_ROOT, name)
     if os.path.isdir(workdir):
         shutil.rmtree(workdir, ignore_errors=True)
