@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -117,6 +118,17 @@ def test_list_guests_table_and_json(world):
     rows = json.loads(out.decode())
     assert [r['name'] for r in rows] == ['alpha', 'béta-2', 'gamma.3']
     assert all(r['reachable'] and r['version'] and r['rtt'] > 0 and r['state'] == 'running' for r in rows)
+
+
+def test_list_guests_does_not_wait_long_for_a_silent_agent(world):
+    world.add_guest('silent', 10, listen=True)  # a socket that accepts but never answers
+    started = time.monotonic()
+    status, out, err = run_cli(world, '--list-guests', '--json')
+    elapsed = time.monotonic() - started
+    rows = {r['name']: r for r in json.loads(out.decode())}
+    assert status == 0 and rows['alpha']['reachable'] and not rows['silent']['reachable']
+    # Bounded by the listing's probe timeout (3 s), not by the call timeout (10 s).
+    assert elapsed < 8
 
 
 def test_list_commands_one_and_several(world):

@@ -19,7 +19,8 @@ Supported options:
   -g, --list-guests
 
     List the running guests that have a negotiator channel: name, state, whether the
-    agent answers, its version and the round-trip time (--json: a list of objects).
+    agent answers (within 3 seconds, or --timeout if shorter), its version and the
+    round-trip time (--json: a list of objects).
 
   -c, --list-commands
 
@@ -104,6 +105,9 @@ __all__ = ('main', 'run', 'exit_status_for', 'EX_USAGE', 'EX_UNAVAILABLE', 'EX_S
            'EX_NOPERM')
 
 PROGRAM = 'negotiator-host'
+
+LIST_PROBE_TIMEOUT = 3.0
+"""Seconds that --list-guests waits for each agent (at most; a smaller --timeout wins)."""
 
 
 class UsageError(Exception):
@@ -438,7 +442,10 @@ def _list_guests(options: _Options) -> int:
         info = channel.hello()
         return {'agent': info.get('agent'), 'version': info.get('version'), 'rtt': channel.ping()}
 
-    outcomes = map_guests(probe, guests, uri=options.uri, timeout=options.timeout)
+    # A listing is a glance: an agent that does not answer within a few seconds is "not reachable"
+    # (a channel held by another client would otherwise stall the whole table for --timeout).
+    probe_timeout = LIST_PROBE_TIMEOUT if options.timeout is None else min(options.timeout, LIST_PROBE_TIMEOUT)
+    outcomes = map_guests(probe, guests, uri=options.uri, timeout=probe_timeout)
     rows = []
     for guest, outcome in zip(guests, outcomes):
         row = {'name': guest.name, 'id': guest.id, 'state': guest.state, 'channel': guest.socket_for(),
