@@ -72,6 +72,7 @@ Exit statuses of negotiator's own failures (a command's own status passes throug
 import sys
 from typing import Any, Dict, List, Optional
 
+from negotiator_common.cli_support import UsageError, parse_timeout, setup_logging
 from negotiator_common.exit_status import (  # the one table of both CLIs
     EXIT_REFUSED, EXIT_SOFTWARE, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE, exit_status_for, exit_status_of_result,
 )
@@ -85,10 +86,6 @@ DEFAULT_TIMEOUT = 10.0
 _SHORT_OPTIONS = 'dle:it:jc:vqh'
 _LONG_OPTIONS = ['daemon', 'list-commands', 'execute=', 'stdin', 'timeout=', 'json', 'character-device=',
                  'commands-dir=', 'syslog', 'verbose', 'quiet', 'help']
-
-
-class UsageError(Exception):
-    """A wrong command line."""
 
 
 class Options(object):
@@ -134,13 +131,7 @@ def parse_arguments(arguments: List[str]) -> Options:
         elif option in ('-i', '--stdin'):
             options.stdin = True
         elif option in ('-t', '--timeout'):
-            try:
-                seconds = float(value)
-            except ValueError:
-                raise UsageError('--timeout wants a number of seconds, not %r' % value) from None
-            if not seconds >= 0 or seconds == float('inf'):
-                raise UsageError('--timeout must be 0 (no limit) or a positive number of seconds')
-            options.timeout = seconds or None
+            options.timeout = parse_timeout(value)
         elif option in ('-j', '--json'):
             options.json = True
         elif option in ('-c', '--character-device'):
@@ -173,16 +164,6 @@ def _advice(error: BaseException) -> str:
     if isinstance(error, CommandNotFound):
         return ' (see negotiator-guest --list-commands)'
     return ''
-
-
-def _setup_logging(options: Options, daemon: bool) -> None:
-    import coloredlogs
-    import logging
-    levels = [logging.DEBUG, logging.INFO, logging.WARNING, logging.ERROR, logging.CRITICAL]
-    default = 1 if daemon else 2
-    level = levels[max(0, min(len(levels) - 1, default - options.verbosity))]
-    coloredlogs.install(level=level, stream=sys.stderr, syslog=options.syslog,
-                        fmt='%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s')
 
 
 def _print_json(data: Dict[str, Any]) -> None:
@@ -240,7 +221,7 @@ def run(arguments: List[str]) -> int:
         from humanfriendly.terminal import usage
         usage(__doc__.strip())
         return 0 if options.action == 'help' else EXIT_USAGE
-    _setup_logging(options, daemon=options.action == 'daemon')
+    setup_logging(options.verbosity, daemon=options.action == 'daemon', syslog=options.syslog)
     from negotiator_common.errors import CommandFailed, NegotiatorError
     try:
         if options.action == 'daemon':

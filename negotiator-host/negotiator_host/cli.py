@@ -96,6 +96,7 @@ import getopt
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
+from negotiator_common.cli_support import UsageError, parse_timeout, setup_logging
 from negotiator_common.exit_status import (  # the one table of both CLIs
     EXIT_REFUSED as EX_NOPERM, EXIT_SOFTWARE as EX_SOFTWARE, EXIT_TIMEOUT as EX_TEMPFAIL,
     EXIT_UNAVAILABLE as EX_UNAVAILABLE, EXIT_USAGE as EX_USAGE,
@@ -108,10 +109,6 @@ PROGRAM = 'negotiator-host'
 
 LIST_PROBE_TIMEOUT = 3.0
 """Seconds that --list-guests waits for each agent (at most; a smaller --timeout wins)."""
-
-
-class UsageError(Exception):
-    """Wrong options or arguments (exit status 64)."""
 
 
 def exit_status_for(error: BaseException) -> int:
@@ -186,13 +183,7 @@ def parse_options(argv: Sequence[str]) -> _Options:
         elif option in ('-i', '--stdin'):
             parsed.stdin = True
         elif option in ('-t', '--timeout'):
-            try:
-                seconds = float(value)
-            except ValueError:
-                raise UsageError('--timeout needs a number of seconds, not %r' % value) from None
-            if not seconds >= 0 or seconds == float('inf'):
-                raise UsageError('--timeout needs a number of seconds of 0 or more, not %r' % value)
-            parsed.timeout = seconds or None
+            parsed.timeout = parse_timeout(value)
         elif option in ('-a', '--all'):
             parsed.all = True
         elif option in ('-j', '--json'):
@@ -227,24 +218,6 @@ def parse_options(argv: Sequence[str]) -> _Options:
     return parsed
 
 
-def _setup_logging(verbosity: int, daemon: bool) -> None:
-    # coloredlogs costs tens of milliseconds: a quick call without -v does not need it, since
-    # its own failures are printed as one line each. The daemon and -v/-q always log.
-    if verbosity == 0 and not daemon:
-        return
-    import logging
-    import coloredlogs
-    levels = [logging.WARNING, logging.INFO, logging.DEBUG]
-    base = 1 if daemon else 0
-    level = levels[max(0, min(len(levels) - 1, base + verbosity))] if verbosity >= 0 or daemon else logging.ERROR
-    if verbosity < 0:
-        level = logging.ERROR if verbosity == -1 else logging.CRITICAL
-    # executor logs every process it starts at DEBUG: only with -vv (daemon) or -vvv.
-    logging.getLogger('executor').setLevel(logging.DEBUG if verbosity >= 2 else max(level, logging.INFO))
-    coloredlogs.install(level=level, fmt='%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s'
-                        if daemon else '%(name)s %(levelname)s %(message)s')
-
-
 def main(argv: Optional[Sequence[str]] = None) -> None:
     """The ``negotiator-host`` program: run and exit with its status."""
     sys.exit(run(sys.argv[1:] if argv is None else argv))
@@ -261,7 +234,7 @@ def run(argv: Sequence[str]) -> int:
         from humanfriendly.terminal import usage
         usage(__doc__)
         return 0
-    _setup_logging(options.verbosity, options.action == 'daemon')
+    setup_logging(options.verbosity, daemon=options.action == 'daemon')
     try:
         if options.action == 'daemon':
             return _run_daemon(options)
