@@ -29,7 +29,21 @@ message_like = st.dictionaries(
 # The JSON edge cases of issue 6, as fragments that land inside or between messages.
 edge_cases = st.sampled_from([b'NaN', b'-Infinity', b'1e999', b'9' * 5000, b'[' * 200, b'{"id": 1, "id": 2}',
                               b'"\\ud800"', b'\xff', b'\x00', b'{"jsonrpc": "2.0", "id": 1, "result": 1}'])
-chunks = st.lists(st.binary(max_size=700) | message_like | edge_cases | st.just(b'\n'), max_size=30)
+# Raw output headers (docs/protocol.rst, "Raw output"): good sizes, sizes above the limit (skipped
+# unstored) and sizes of every wrong type; the bytes that follow are whatever comes next.
+raw_sizes = st.integers(min_value=-3, max_value=3 * LIMIT) | st.sampled_from([True, False, 1.5, '12', None, [4]])
+raw_headers = st.builds(
+    lambda size, stream, method: json.dumps({'jsonrpc': '2.0', 'method': method,
+                                             'params': {'id': 1, 'stream': stream, 'size': size}}).encode() + b'\n',
+    raw_sizes, st.sampled_from(['stdout', 'stderr', 7]), st.sampled_from(['output', 'output', 'session']))
+chunks = st.lists(st.binary(max_size=700) | message_like | edge_cases | raw_headers | st.just(b'\n'), max_size=30)
+
+
+def in_step(pieces):
+    """The bytes to add after ``pieces`` so that a decoder is back to reading lines (the rest of an attachment)."""
+    decoder = LineDecoder(max_line_length=LIMIT)
+    decoder.feed(b''.join(pieces))
+    return b'\0' * decoder.expecting
 
 
 @settings(max_examples=300, deadline=None)
@@ -41,9 +55,13 @@ def test_any_bytes_yield_only_events_within_the_bound(pieces):
             assert isinstance(event, (Request, Notification, Response, DecodeError))
             if isinstance(event, DecodeError):
                 assert isinstance(event.error, NegotiatorError)
+            if isinstance(event, Notification) and event.attachment is not None:
+                assert event.method == 'output' and 0 < len(event.attachment) <= LIMIT
         assert decoder.buffered <= LIMIT
-    # Whatever came before, a newline and then a valid request decode to that request.
-    events = decoder.feed(b'\n' + encode_message(Request(77, 'ping')))
+    # Whatever came before, the rest of an attachment begun, a newline and then a valid request
+    # decode to that request.
+    assert decoder.expecting <= 3 * LIMIT
+    events = decoder.feed(b'\0' * decoder.expecting + b'\n' + encode_message(Request(77, 'ping')))
     assert isinstance(events[-1], Request) and events[-1].id == 77
 
 
@@ -66,7 +84,7 @@ def test_server_keeps_answering_after_any_garbage(pieces):
     server = Endpoint(Transport.from_socket(server_sock), dispatcher, name='fuzz', max_line_length=LIMIT).start()
     raw.settimeout(10)
     try:
-        raw.sendall(b''.join(pieces) + b'\n' + encode_message(Request('last', 'ping')))
+        raw.sendall(b''.join(pieces) + in_step(pieces) + b'\n' + encode_message(Request('last', 'ping')))
         decoder = LineDecoder()
         while True:
             events = decoder.feed(raw.recv(65536))

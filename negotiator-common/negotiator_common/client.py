@@ -11,7 +11,7 @@ import time
 from typing import Any, BinaryIO, Dict, List, Optional, Sequence
 
 from negotiator_common.endpoint import DEFAULT_TIMEOUT, Endpoint
-from negotiator_common.errors import CommandFailed, InvalidRequest
+from negotiator_common.errors import CommandFailed, InvalidParams, InvalidRequest
 from negotiator_common.protocol import decode_bytes, encode_bytes
 
 __all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'command_timeout_for')
@@ -119,13 +119,16 @@ class AgentClient(object):
         """
         Run ``command`` with ``args`` on the agent's side.
 
-        ``input`` is given to the command's standard input. Output streams over the channel:
+        ``input`` is given to the command's standard input. Output streams over the channel
+        (in the raw framing of ``docs/protocol.rst``, "Raw output"):
         with ``stdout``/``stderr`` file objects it is written there as it arrives (and the
         result's fields stay empty), else it is collected into the result. ``timeout`` bounds
         the whole call; the agent kills the command a little before it. With ``check``, a
         non-zero exit raises :class:`CommandFailed`.
         """
-        params = {'command': command, 'args': list(args), 'stream': True}  # type: Dict[str, Any]
+        # Raw output (every negotiator agent offers it, "raw-output" in hello): chunks arrive as
+        # bytes after a header line, not escaped in JSON text; text chunks are still accepted.
+        params = {'command': command, 'args': list(args), 'stream': 'raw'}  # type: Dict[str, Any]
         if input:
             params.update(encode_bytes(bytes(input), 'stdin'))
         if timeout is not None:
@@ -148,7 +151,15 @@ class AgentClient(object):
             else:
                 collected[stream] += chunk
 
-        reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
+        try:
+            reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
+        except InvalidParams as exc:
+            # An agent older than raw output refuses "stream": "raw" before it runs anything:
+            # ask again for text notifications.
+            if "'stream'" not in str(exc):
+                raise
+            params['stream'] = True
+            reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
         if not isinstance(reply, dict):
             raise InvalidRequest('malformed execute reply: %r' % (reply,))
         result = ExecuteResult(command, args, reply.get('exit_status'), bytes(collected['stdout']),

@@ -185,7 +185,8 @@ class Endpoint(object):
 
         ``timeout`` bounds the whole call in seconds (None: no bound). ``on_notification``
         receives the params of every notification the peer sends about this call (streamed
-        command output), on the reading thread, in order.
+        command output), on the reading thread, in order; the raw bytes of an ``output``
+        notification in the raw framing come as bytes under ``data_raw``.
         """
         return self._call(Request(next(self._ids), method, params), timeout, on_notification)
 
@@ -225,7 +226,12 @@ class Endpoint(object):
             self.log.debug("Could not announce the session to %s: %s", self.name, exc)
 
     def notify(self, notification: Notification) -> None:
-        """Send a notification (no reply expected); dropped silently once the channel is closed."""
+        """
+        Send a notification (no reply expected); dropped silently once the channel is closed.
+
+        A notification with an ``attachment`` (raw output) goes out as its line and its bytes in
+        one locked write, so that no other message can come between them.
+        """
         self._send(notification, self._deadline(REPLY_WRITE_TIMEOUT))
 
     # Internals.
@@ -296,6 +302,9 @@ class Endpoint(object):
         with self._pending_lock:
             call = self._pending.get(params.get('id'))
         if call is not None and call.on_notification is not None:
+            if notification.attachment is not None:
+                # Raw output: the callback gets the bytes that followed the line as ``data_raw``.
+                params = dict(params, data_raw=notification.attachment)
             call.on_notification(params)
         else:
             self.log.debug("Dropping %r from %s: no call waits for it", notification, self.name)

@@ -3,8 +3,10 @@ The wire protocol, with no I/O: bytes in, messages out; messages in, bytes out.
 
 Framing and message shapes follow ``docs/protocol.rst`` (sections "Framing" and "Messages"):
 each message is one JSON-RPC 2.0 object, encoded as UTF-8 JSON on a single line ending in
-``\\n``. :class:`LineDecoder` is fed byte chunks of any size and returns events; it never
-raises on bad input and never holds more than ``max_line_length`` bytes, whatever it is fed.
+``\\n``. The one exception is raw output ("Raw output"): an ``output`` notification whose params
+carry an integer ``size`` is followed by exactly that many raw bytes, its attachment.
+:class:`LineDecoder` is fed byte chunks of any size and returns events; it never raises on bad
+input and never holds more than ``max_line_length`` bytes, whatever it is fed.
 The caller owns the transport, as in h11: the same core serves sockets and character devices.
 """
 
@@ -19,7 +21,7 @@ from negotiator_common.errors import (
 __all__ = (
     'PROTOCOL_VERSION', 'DEFAULT_MAX_LINE_LENGTH', 'Request', 'Response', 'Notification',
     'DecodeError', 'Message', 'Event', 'LineDecoder', 'encode_message', 'encode_bytes',
-    'decode_bytes', 'valid_id',
+    'decode_bytes', 'valid_id', 'RAW_OUTPUT_METHOD',
 )
 
 PROTOCOL_VERSION = 1
@@ -27,6 +29,9 @@ PROTOCOL_VERSION = 1
 
 DEFAULT_MAX_LINE_LENGTH = 16 * 1024 * 1024
 """The longest line (without its newline) that a decoder accepts by default: 16 MiB."""
+
+RAW_OUTPUT_METHOD = 'output'
+"""The one notification that may carry a raw attachment (a ``size`` in its params, the bytes after its line)."""
 
 MAX_NESTING = 64
 """JSON deeper than this is refused as invalid, before it can exhaust the parser's stack."""
@@ -53,16 +58,27 @@ class Request(object):
 
 
 class Notification(object):
-    """A one-way message (no ``id``, no reply): used for streamed command output."""
+    """
+    A one-way message (no ``id``, no reply): used for streamed command output.
 
-    __slots__ = ('method', 'params')
+    ``attachment`` (bytes, or None) is the raw payload of an ``output`` notification in the
+    raw framing: encoded, the params gain ``"size": len(attachment)`` and the bytes follow the line.
+    """
 
-    def __init__(self, method: str, params: Any = None) -> None:
+    __slots__ = ('method', 'params', 'attachment')
+
+    def __init__(self, method: str, params: Any = None, attachment: Optional[bytes] = None) -> None:
         self.method = method
         self.params = {} if params is None else params
+        self.attachment = attachment
 
     def to_wire(self) -> Dict[str, Any]:
-        return {'jsonrpc': '2.0', 'method': self.method, 'params': self.params}
+        params = self.params
+        if self.attachment is not None:
+            if self.method != RAW_OUTPUT_METHOD or not isinstance(params, dict) or not self.attachment:
+                raise ValueError('only an output notification with params carries an attachment, of at least one byte')
+            params = dict(params, size=len(self.attachment))
+        return {'jsonrpc': '2.0', 'method': self.method, 'params': params}
 
     def __repr__(self) -> str:
         return 'Notification(method=%r)' % (self.method,)
@@ -123,8 +139,13 @@ _ENCODER = json.JSONEncoder(ensure_ascii=False, separators=(',', ':'), allow_nan
 
 
 def encode_message(message: Message) -> bytes:
-    """One message as one line of bytes (the JSON encoder escapes every newline inside strings)."""
-    return _ENCODER.encode(message.to_wire()).encode('utf-8', 'surrogateescape') + b'\n'
+    """
+    One message as one line of bytes (the JSON encoder escapes every newline inside strings);
+    a notification with an attachment is its line followed by the attachment's raw bytes.
+    """
+    line = _ENCODER.encode(message.to_wire()).encode('utf-8', 'surrogateescape') + b'\n'
+    attachment = getattr(message, 'attachment', None)
+    return line if attachment is None else line + attachment
 
 
 _ESCAPED_CONTROLS = bytes(b for b in range(32) if b not in (9, 10, 13)) + b'\x7f'
@@ -148,7 +169,15 @@ def encode_bytes(data: bytes, name: str) -> Dict[str, str]:
 
 
 def decode_bytes(fields: Dict[str, Any], name: str, default: Optional[bytes] = b'') -> Optional[bytes]:
-    """The inverse of :func:`encode_bytes`; raises :class:`ValueError` on a field of the wrong type."""
+    """
+    The inverse of :func:`encode_bytes`; raises :class:`ValueError` on a field of the wrong type.
+
+    A ``name_raw`` field of bytes (the attachment of a raw ``output`` notification, which the
+    endpoint hands to a call's notification callback under ``data_raw``) comes first.
+    """
+    raw = fields.get(name + '_raw')
+    if isinstance(raw, (bytes, bytearray)):
+        return bytes(raw)
     if name + '_b64' in fields:
         value = fields[name + '_b64']
         if not isinstance(value, str):
@@ -277,30 +306,77 @@ class LineDecoder(object):
     Feed it chunks of any size with :meth:`feed`; it returns the events completed so far.
     A line longer than ``max_line_length`` is dropped up to its newline and reported once
     as a :class:`DecodeError` with :class:`MessageTooLarge`; blank lines are ignored.
+
+    An ``output`` notification whose params carry ``size`` (raw output, ``docs/protocol.rst``)
+    switches the decoder to collecting exactly ``size`` raw bytes: the notification is returned
+    once they are all in, with them as its ``attachment``. A ``size`` that is not a positive
+    integer is a :class:`DecodeError` (:class:`InvalidRequest`) and nothing is collected; one
+    above ``max_line_length`` is a :class:`DecodeError` (:class:`MessageTooLarge`) and that many
+    bytes are skipped without being stored, so that the stream stays in step.
     """
 
     def __init__(self, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
         if max_line_length < 1:
             raise ValueError('max_line_length must be positive')
         self.max_line_length = max_line_length
-        self._buffer = bytearray()
-        self._discarding = False
+        self.reset()
 
     @property
     def buffered(self) -> int:
-        """How many bytes of an incomplete line the decoder holds (never above the maximum)."""
-        return len(self._buffer)
+        """How many bytes of an incomplete line or attachment the decoder holds (never above the maximum)."""
+        return len(self._buffer) + len(self._attachment)
+
+    @property
+    def expecting(self) -> int:
+        """How many raw bytes of an attachment (or of a skipped one) are still to come before lines resume."""
+        return self._remaining
 
     def reset(self) -> None:
-        """Forget any partial line (the peer went away; the next bytes start afresh)."""
+        """Forget any partial line or attachment (the peer went away; the next bytes start afresh)."""
         self._buffer = bytearray()
         self._discarding = False
+        self._attachment = bytearray()
+        self._remaining = 0
+        self._header = None  # type: Optional[Notification]
+
+    def _start_attachment(self, event: Notification) -> Optional[DecodeError]:
+        """After an ``output`` line with ``size``: start collecting (or skipping); an error event if the size is bad."""
+        size = event.params['size']
+        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
+            return DecodeError(InvalidRequest('"size" of raw output must be a positive integer, not %s'
+                                              % json.dumps(size)[:40]))
+        self._remaining = size
+        if size > self.max_line_length:
+            self._header = None
+            return DecodeError(MessageTooLarge('raw output of %d bytes (more than %d) skipped'
+                                               % (size, self.max_line_length)))
+        del event.params['size']
+        self._header = event
+        return None
 
     def feed(self, data: bytes) -> List[Event]:
         """Take a chunk of bytes; return every event that the chunk completed, in order."""
         events = []  # type: List[Event]
         position, end = 0, len(data)
         while position < end:
+            if self._remaining:
+                # Raw bytes of an attachment: copied (or skipped), never searched for newlines.
+                take = min(self._remaining, end - position)
+                header = self._header
+                self._remaining -= take
+                if header is not None:
+                    if not self._remaining and not self._attachment:
+                        header.attachment = bytes(data[position:position + take])
+                    else:
+                        self._attachment += data[position:position + take]
+                        if not self._remaining:
+                            header.attachment = bytes(self._attachment)
+                            self._attachment = bytearray()
+                    if not self._remaining:
+                        self._header = None
+                        events.append(header)
+                position += take
+                continue
             newline = data.find(b'\n', position)
             if self._discarding:
                 if newline < 0:
@@ -324,5 +400,12 @@ class LineDecoder(object):
             line = bytes(self._buffer).strip()
             self._buffer = bytearray()
             if line:
-                events.append(parse_line(line))
+                event = parse_line(line)
+                if (isinstance(event, Notification) and event.method == RAW_OUTPUT_METHOD
+                        and isinstance(event.params, dict) and 'size' in event.params):
+                    error = self._start_attachment(event)
+                    if error is not None:
+                        events.append(error)
+                    continue
+                events.append(event)
         return events

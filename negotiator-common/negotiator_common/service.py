@@ -22,12 +22,18 @@ from negotiator_common.protocol import (
 )
 from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
 
-__all__ = ('AgentService', 'Limits', 'Policy', 'CAPABILITIES')
+__all__ = ('AgentService', 'Limits', 'Policy', 'CAPABILITIES', 'RAW_CHUNK_SIZE')
 
 logger = logging.getLogger(__name__)
 
-CAPABILITIES = ('ping', 'list_commands', 'execute', 'stream')
-"""What ``hello`` announces; ``stream`` means ``execute`` can send its output as notifications."""
+CAPABILITIES = ('ping', 'list_commands', 'execute', 'stream', 'raw-output')
+"""
+What ``hello`` announces: ``stream`` means ``execute`` can send its output as notifications,
+``raw-output`` that it sends them in the raw framing when asked with ``"stream": "raw"``.
+"""
+
+RAW_CHUNK_SIZE = 1024 * 1024
+"""The largest attachment this side sends: any receiver with the default line length (16 MiB) takes it."""
 
 Policy = Callable[[str, str], bool]
 """``policy(peer, command_name)``: may this peer run this command?"""
@@ -123,7 +129,10 @@ class AgentService(object):
         timeout = get_param(params, 'timeout', (int, float, type(None)), None)
         if timeout is not None and not 0 < timeout <= self.limits.max_timeout:
             raise InvalidParams('timeout must be above 0 and at most %s seconds' % self.limits.max_timeout)
-        return {'args': args, 'stdin': stdin or b'', 'stream': get_param(params, 'stream', (bool,), False),
+        stream = get_param(params, 'stream', (bool, str), False)
+        if isinstance(stream, str) and stream != 'raw':
+            raise InvalidParams('stream must be true, false or "raw"')
+        return {'args': args, 'stdin': stdin or b'', 'stream': stream,
                 'check': get_param(params, 'check', (bool,), False),
                 'timeout': self.limits.default_timeout if timeout is None else float(timeout)}
 
@@ -133,7 +142,12 @@ class AgentService(object):
         collected = {'stdout': bytearray(), 'stderr': bytearray()}
 
         def on_output(stream: str, chunk: bytes) -> None:
-            if options['stream']:
+            if options['stream'] == 'raw':
+                # Raw output: each chunk is copied after a short header line, never escaped.
+                for start in range(0, len(chunk), RAW_CHUNK_SIZE):
+                    context.notify(Notification('output', {'id': context.request_id, 'stream': stream},
+                                                attachment=chunk[start:start + RAW_CHUNK_SIZE]))
+            elif options['stream']:
                 data = {'id': context.request_id, 'stream': stream}
                 data.update(encode_bytes(chunk, 'data'))
                 context.notify(Notification('output', data))
@@ -160,10 +174,10 @@ class AgentService(object):
             result = {'exit_status': process.exit_status, 'signal': process.signal, 'duration': process.duration,
                       'stdout_truncated': process.stdout_truncated, 'stderr_truncated': process.stderr_truncated}
             if process.timed_out:
-                result.update(self._output_fields(collected, options['stream']))
+                result.update(self._output_fields(collected, bool(options['stream'])))
                 raise CommandTimedOut('%s ran longer than %s seconds and was killed' % (
                     command.name, options['timeout']), result)
-        result.update(self._output_fields(collected, options['stream']))
+        result.update(self._output_fields(collected, bool(options['stream'])))
         if options['check'] and result['exit_status'] != 0:
             raise CommandFailed('%s exited with status %s' % (command.name, result['exit_status']), result)
         return result
