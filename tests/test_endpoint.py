@@ -232,3 +232,20 @@ def _raises(function, *args, **kwargs):
     except Exception as exc:
         return exc
     return None
+
+
+def test_a_stale_raw_output_header_cannot_swallow_the_hello_reply():
+    server_sock, client_sock = socket.socketpair()
+    dispatcher = Dispatcher()
+    dispatcher.register('hello', lambda params, ctx: {'protocol': 1}, inline=True)
+    # An earlier client's command printed something that looks like a raw output header (its
+    # output is anything at all) and left: a resynchronising client must read it as a stale line.
+    stale = b'{"jsonrpc": "2.0", "method": "output", "params": {"id": 1, "stream": "stdout", "size": 1000000}}\n'
+    server_sock.sendall(stale)
+    client = Endpoint(Transport.from_socket(client_sock), name='client').start()
+    server = Endpoint(Transport.from_socket(server_sock), dispatcher, name='server').start()
+    try:
+        assert client.handshake(timeout=3) == {'protocol': 1}
+    finally:
+        client.close()
+        server.close()

@@ -77,6 +77,10 @@ class Endpoint(object):
         self.name = name
         self.log = _log.getChild(name.replace('.', '_') or 'peer')
         self._decoder = LineDecoder(max_line_length)
+        # Raw output attachments are only ever sent to a caller that asked for them: none are
+        # expected before this side's first call (a server never calls; a client first
+        # resynchronises), so stale bytes of an earlier client can never start one.
+        self._decoder.accept_attachments = False
         self._pending = {}  # type: Dict[Any, _PendingCall]
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -188,6 +192,8 @@ class Endpoint(object):
         command output), on the reading thread, in order; the raw bytes of an ``output``
         notification in the raw framing come as bytes under ``data_raw``.
         """
+        if self._sync_id is None:
+            self._decoder.accept_attachments = True
         return self._call(Request(next(self._ids), method, params), timeout, on_notification)
 
     def _call(self, request: Request, timeout: Optional[float],
@@ -271,6 +277,7 @@ class Endpoint(object):
         if self._sync_id is not None:
             if isinstance(event, Response) and event.id == self._sync_id:
                 self._sync_id = None
+                self._decoder.accept_attachments = True
             else:
                 self.log.debug("Dropping %r from %s while resynchronising", event, self.name)
                 return

@@ -313,12 +313,18 @@ class LineDecoder(object):
     integer is a :class:`DecodeError` (:class:`InvalidRequest`) and nothing is collected; one
     above ``max_line_length`` is a :class:`DecodeError` (:class:`MessageTooLarge`) and that many
     bytes are skipped without being stored, so that the stream stays in step.
+
+    With ``accept_attachments`` False, such a line is an ordinary notification and no raw bytes
+    are expected: a client that is resynchronising asked for no raw output yet, so a raw header
+    among the stale lines it drops (an earlier client's output, whose bytes may be anything) must
+    not make it swallow the reply it waits for.
     """
 
     def __init__(self, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
         if max_line_length < 1:
             raise ValueError('max_line_length must be positive')
         self.max_line_length = max_line_length
+        self.accept_attachments = True
         self.reset()
 
     @property
@@ -401,8 +407,9 @@ class LineDecoder(object):
             self._buffer = bytearray()
             if line:
                 event = parse_line(line)
-                if (isinstance(event, Notification) and event.method == RAW_OUTPUT_METHOD
-                        and isinstance(event.params, dict) and 'size' in event.params):
+                if (self.accept_attachments and isinstance(event, Notification)
+                        and event.method == RAW_OUTPUT_METHOD and isinstance(event.params, dict)
+                        and 'size' in event.params):
                     error = self._start_attachment(event)
                     if error is not None:
                         events.append(error)
