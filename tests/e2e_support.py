@@ -9,13 +9,12 @@ boot the guests they need side by side. The CLIs run as users run them: the inst
 
 import os
 import subprocess
-import time
 
 import pytest
 
 from vmfixtures import VENV_BIN, negotiator_vm, wait_for_agent
 
-__all__ = ('HOST_CLI', 'GUEST_CLI', 'host_cli', 'start_agents', 'remove_guests', 'wait_until')
+__all__ = ('HOST_CLI', 'GUEST_CLI', 'host_cli', 'start_agents', 'remove_guests')
 
 HOST_CLI = os.path.join(VENV_BIN, 'negotiator-host')
 GUEST_CLI = os.path.join(VENV_BIN, 'negotiator-guest')
@@ -56,12 +55,3 @@ def remove_guests(guests):
         print('--- console of %s ---\n%s' % (guest.name, guest.console_tail(60)))
         guest.remove()
 
-
-def wait_until(predicate, timeout, interval=0.5):
-    """Call ``predicate`` until it returns something true (returned) or ``timeout`` passes (None)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value or time.monotonic() >= deadline:
-            return value
-        time.sleep(interval)

@@ -18,6 +18,8 @@ from negotiator_common.runner import run_process
 from negotiator_common.service import AgentService, Limits
 from negotiator_common.transport import Transport
 
+from waiting import process_alive, wait_until
+
 
 def write_command(directory, name, script, mode=0o755):
     path = os.path.join(str(directory), name)
@@ -47,23 +49,8 @@ def commands_dir(tmp_path):
     return directory
 
 
-def alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie is dead for our purposes; check its state.
-    with open('/proc/%d/stat' % pid) as handle:
-        return handle.read().split(')')[-1].split()[0] != 'Z'
-
-
 def wait_dead(pid, seconds=3.0):
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if not alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
+    return wait_until(lambda: not process_alive(pid), seconds)
 
 
 @pytest.fixture

@@ -22,7 +22,8 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vmfixtures import vm_host, wait_for_agent  # noqa: E402,F401 (a fixture)
-from e2e_support import GUEST_CLI, HOST_CLI, host_cli, remove_guests, start_agents, wait_until  # noqa: E402
+from e2e_support import GUEST_CLI, HOST_CLI, host_cli, remove_guests, start_agents  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.vm
 
@@ -159,13 +160,14 @@ def test_guest_reset_both_directions_work_again(guest, host_daemon):
     process, _ = host_daemon
     boots = guest.read_console().count('negotiator-agent-guest: ready')
     guest.reset()
-    assert wait_until(lambda: guest.read_console().count('negotiator-agent-guest: ready') > boots, timeout=90), \
-        guest.console_tail()
+    rebooted = wait_until(lambda: guest.read_console().count('negotiator-agent-guest: ready') > boots,
+                          timeout=90, interval=0.5)
+    assert rebooted, guest.console_tail()
     started = time.monotonic()
     wait_for_agent(guest, timeout=90)
     print('agent answered %.1f s after the reboot was seen' % (time.monotonic() - started))
     assert execute(guest, 'argv after-reset').stdout == b'after-reset\0'
-    result = wait_until(lambda: execute(guest, 'ask-host whoami-guest reset').returncode == 0, timeout=30)
+    result = wait_until(lambda: execute(guest, 'ask-host whoami-guest reset').returncode == 0, timeout=30, interval=0.5)
     assert result, 'guest to host does not work after the reset:\n%s' % read_log(process)[-3000:]
     result = execute(guest, 'ask-host whoami-guest reset')
     assert result.stdout == ('NEGOTIATOR_GUEST=%s\nargs: reset\n' % guest.name).encode()

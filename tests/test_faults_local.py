@@ -30,6 +30,7 @@ from negotiator_host.discovery import LibvirtPaths
 
 from test_host_daemon import FakeGuestSide
 from test_host_support import GUEST_COMMANDS, make_commands_dir, short_tempdir
+from waiting import process_alive, wait_until
 
 
 def write_command(directory, name, script):
@@ -39,21 +40,7 @@ def write_command(directory, name, script):
     os.chmod(path, 0o755)
 
 
-def alive(pid):
-    try:
-        with open('/proc/%d/stat' % pid) as handle:
-            return handle.read().rsplit(')', 1)[1].split()[0] not in ('Z', 'X')
-    except OSError:
-        return False
 
-
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return predicate()
 
 
 def read_pid(path, timeout=5.0):
@@ -99,13 +86,14 @@ def test_client_disconnect_mid_command_cancels_it(served, tmp_path):
     caller.start()
     assert wait_until(lambda: os.path.exists(pidfile) and len(open(pidfile).read().split()) == 2)
     shell, child = [int(p) for p in open(pidfile).read().split()]
-    assert alive(shell) and alive(child)
+    assert process_alive(shell) and process_alive(child)
     started = time.monotonic()
     client.close()  # the client vanishes mid-request
     caller.join(5)
     assert outcome, 'the waiting call did not fail when its own side closed'
     # The server notices end of stream, cancels the handler, and the runner kills the group.
-    assert wait_until(lambda: not alive(shell) and not alive(child), timeout=5), 'the command outlived its client'
+    assert wait_until(lambda: not process_alive(shell) and not process_alive(child), timeout=5), \
+        'the command outlived its client'
     assert server.wait_closed(2)
     print('command killed %.2f s after the client disconnected' % (time.monotonic() - started))
 
@@ -123,7 +111,7 @@ def test_reader_that_does_not_read_is_dropped_and_its_command_killed(served, tmp
     assert server.wait_closed(10), 'the server kept waiting for a reader that does not read'
     took = time.monotonic() - started
     assert 'stopped reading' in server.close_reason
-    assert wait_until(lambda: not alive(pid), timeout=5), 'the command outlived the dropped connection'
+    assert wait_until(lambda: not process_alive(pid), timeout=5), 'the command outlived the dropped connection'
     # Bounded: the output waited in the pipe and the socket buffers, not in the server's memory.
     assert took < 8
 

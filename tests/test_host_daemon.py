@@ -18,6 +18,7 @@ from negotiator_host.discovery import GUEST_TO_HOST_CHANNEL, LibvirtPaths
 from negotiator_host.policy import Policy, PolicyError
 
 from test_host_support import GUEST_COMMANDS, FakeLibvirt, listening_socket, make_commands_dir, short_tempdir
+from waiting import wait_until
 
 
 class FakeGuestSide(object):
@@ -43,13 +44,7 @@ class FakeGuestSide(object):
         self.sock.close()
 
 
-def wait_until(predicate, timeout=5.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.02)
-    return False
+
 
 
 @pytest.fixture
