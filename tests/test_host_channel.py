@@ -15,7 +15,7 @@ from negotiator_host import GuestChannel, LibvirtPaths, list_guests, map_guests
 from negotiator_host.channel import connect_socket
 
 from test_host_support import (
-    GUEST_COMMANDS, FakeGuestAgent, FakeLibvirt, listening_socket, make_commands_dir, short_tempdir,
+    GUEST_COMMANDS, FakeGuestAgent, FakeLibvirt, listening_socket, make_commands_dir, short_tempdir, start_agents,
 )
 
 
@@ -155,12 +155,7 @@ def test_reconnects_after_the_agent_restarts(agent):
 def test_guest_by_name_through_discovery_and_map_guests(monkeypatch):
     fake = FakeLibvirt().activate(monkeypatch)
     try:
-        commands = make_commands_dir(fake.root, GUEST_COMMANDS)
-        agents = []
-        for number, name in enumerate(['alpha', 'béta-2', 'gamma.3']):
-            path = fake.socket_path(name, number + 1, 'negotiator-host-to-guest.0')
-            agents.append(FakeGuestAgent(path, commands, name=name))
-            fake.add_running(name, number + 1)
+        agents = start_agents(fake)
         fake.add_running('no-channel', 9)
         paths = LibvirtPaths(fake.status_dir, fake.channel_dir)
         with GuestChannel('béta-2', paths=paths) as guest:

@@ -10,19 +10,14 @@ import pytest
 
 from negotiator_host import cli
 
-from test_host_support import GUEST_COMMANDS, FakeGuestAgent, FakeLibvirt, make_commands_dir
+from test_host_support import FakeLibvirt, start_agents
 
 
 @pytest.fixture
 def world(monkeypatch):
     """Three running guests with agents (one without a channel), in a fake libvirt."""
     fake = FakeLibvirt().activate(monkeypatch)
-    commands = make_commands_dir(fake.root, GUEST_COMMANDS)
-    agents = []
-    for number, name in enumerate(['alpha', 'béta-2', 'gamma.3']):
-        path = fake.socket_path(name, number + 1, 'negotiator-host-to-guest.0')
-        agents.append(FakeGuestAgent(path, commands, name=name))
-        fake.add_running(name, number + 1)
+    agents = start_agents(fake)
     fake.add_guest('plain', 9, channels=('org.qemu.guest_agent.0',))
     yield fake
     for agent in agents:

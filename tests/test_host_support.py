@@ -278,3 +278,18 @@ class FakeGuestAgent(object):
         except OSError:
             pass
         self.sock.close()
+
+
+AGENT_GUESTS = ('alpha', 'béta-2', 'gamma.3')
+"""Names of the guests that :func:`start_agents` runs: a plain one, a non-ASCII one, one with a dot."""
+
+
+def start_agents(fake: 'FakeLibvirt') -> List['FakeGuestAgent']:
+    """Real agents on the channel sockets of three running guests (ids 1 to 3) in ``fake``."""
+    commands = make_commands_dir(fake.root, GUEST_COMMANDS)
+    agents = []
+    for number, name in enumerate(AGENT_GUESTS, 1):
+        path = fake.socket_path(name, number, 'negotiator-host-to-guest.0')
+        agents.append(FakeGuestAgent(path, commands, name=name))
+        fake.add_running(name, number)
+    return agents
