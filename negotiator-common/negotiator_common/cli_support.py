@@ -8,9 +8,9 @@ start-up, and such a call reports its own failures as one line each).
 """
 
 import sys
-from typing import Optional
+from typing import Any, List, Optional
 
-__all__ = ('UsageError', 'parse_timeout', 'setup_logging')
+__all__ = ('UsageError', 'apply_shared_option', 'parse_timeout', 'setup_logging', 'split_command')
 
 _LOG_FORMAT = '%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s'
 
@@ -28,6 +28,40 @@ def parse_timeout(value: str) -> Optional[float]:
     if not seconds >= 0 or seconds == float('inf'):
         raise UsageError('--timeout needs 0 (no bound) or a positive number of seconds, not %r' % value)
     return seconds or None
+
+
+def split_command(value: str) -> List[str]:
+    """``--execute``'s COMMAND split into arguments as a shell would split it (no shell runs it)."""
+    import shlex
+    try:
+        argv = shlex.split(value)
+    except ValueError as exc:
+        raise UsageError('cannot split --execute=%r: %s' % (value, exc)) from None
+    if not argv:
+        raise UsageError('--execute needs a command')
+    return argv
+
+
+def apply_shared_option(options: Any, option: str, value: str) -> bool:
+    """
+    Apply one of the options that both CLIs take with the same meaning (``-i``, ``-t``, ``-j``,
+    ``--commands-dir``, ``-v``, ``-q``) to ``options``; False when ``option`` is not one of them.
+    """
+    if option in ('-i', '--stdin'):
+        options.stdin = True
+    elif option in ('-t', '--timeout'):
+        options.timeout = parse_timeout(value)
+    elif option in ('-j', '--json'):
+        options.json = True
+    elif option == '--commands-dir':
+        options.commands_dirs.append(value)
+    elif option in ('-v', '--verbose'):
+        options.verbosity += 1
+    elif option in ('-q', '--quiet'):
+        options.verbosity -= 1
+    else:
+        return False
+    return True
 
 
 def setup_logging(verbosity: int, daemon: bool, syslog: bool = False) -> None:

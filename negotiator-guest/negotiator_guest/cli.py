@@ -72,7 +72,7 @@ Exit statuses of negotiator's own failures (a command's own status passes throug
 import sys
 from typing import Any, Dict, List, Optional
 
-from negotiator_common.cli_support import UsageError, parse_timeout, setup_logging
+from negotiator_common.cli_support import UsageError, apply_shared_option, setup_logging, split_command
 from negotiator_common.exit_status import (  # the one table of both CLIs
     EXIT_REFUSED, EXIT_SOFTWARE, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE, exit_status_for, exit_status_of_result,
 )
@@ -106,7 +106,6 @@ class Options(object):
 def parse_arguments(arguments: List[str]) -> Options:
     """Turn the command line into :class:`Options`; raise :class:`UsageError` if it is wrong."""
     import getopt
-    import shlex
     options = Options()
     try:
         pairs, rest = getopt.gnu_getopt(arguments, _SHORT_OPTIONS, _LONG_OPTIONS)
@@ -122,28 +121,13 @@ def parse_arguments(arguments: List[str]) -> Options:
             actions.append('list-commands')
         elif option in ('-e', '--execute'):
             actions.append('execute')
-            try:
-                options.command = shlex.split(value)
-            except ValueError as exc:
-                raise UsageError('cannot split %r: %s' % (value, exc)) from exc
-            if not options.command:
-                raise UsageError('--execute needs a command')
-        elif option in ('-i', '--stdin'):
-            options.stdin = True
-        elif option in ('-t', '--timeout'):
-            options.timeout = parse_timeout(value)
-        elif option in ('-j', '--json'):
-            options.json = True
+            options.command = split_command(value)
         elif option in ('-c', '--character-device'):
             options.character_device = value
-        elif option == '--commands-dir':
-            options.commands_dirs.append(value)
         elif option == '--syslog':
             options.syslog = True
-        elif option in ('-v', '--verbose'):
-            options.verbosity += 1
-        elif option in ('-q', '--quiet'):
-            options.verbosity -= 1
+        elif apply_shared_option(options, option, value):
+            pass
         elif option in ('-h', '--help'):
             actions.append('help')
     if 'help' in actions:

@@ -96,7 +96,7 @@ import getopt
 import sys
 from typing import Any, Dict, List, Optional, Sequence
 
-from negotiator_common.cli_support import UsageError, parse_timeout, setup_logging
+from negotiator_common.cli_support import UsageError, apply_shared_option, setup_logging, split_command
 from negotiator_common.exit_status import (  # the one table of both CLIs
     EXIT_REFUSED as EX_NOPERM, EXIT_SOFTWARE as EX_SOFTWARE, EXIT_TIMEOUT as EX_TEMPFAIL,
     EXIT_UNAVAILABLE as EX_UNAVAILABLE, EXIT_USAGE as EX_USAGE,
@@ -180,24 +180,14 @@ def parse_options(argv: Sequence[str]) -> _Options:
             set_action('ping')
         elif option in ('-d', '--daemon'):
             set_action('daemon')
-        elif option in ('-i', '--stdin'):
-            parsed.stdin = True
-        elif option in ('-t', '--timeout'):
-            parsed.timeout = parse_timeout(value)
         elif option in ('-a', '--all'):
             parsed.all = True
-        elif option in ('-j', '--json'):
-            parsed.json = True
         elif option == '--connect':
             parsed.uri = value
-        elif option == '--commands-dir':
-            parsed.commands_dirs.append(value)
         elif option == '--policy':
             parsed.policy = value
-        elif option in ('-v', '--verbose'):
-            parsed.verbosity += 1
-        elif option in ('-q', '--quiet'):
-            parsed.verbosity -= 1
+        elif apply_shared_option(parsed, option, value):
+            pass
         elif option in ('-h', '--help'):
             set_action('help')
     parsed.guests = arguments
@@ -208,13 +198,7 @@ def parse_options(argv: Sequence[str]) -> _Options:
     if parsed.action == 'daemon' and parsed.all:
         raise UsageError('--daemon serves every guest unless given GUEST-PATTERNs; --all makes no sense with it')
     if parsed.action == 'execute':
-        import shlex
-        try:
-            parsed.argv = shlex.split(parsed.command)  # type: ignore
-        except ValueError as exc:
-            raise UsageError('cannot split --execute=%r: %s' % (parsed.command, exc)) from None
-        if not parsed.argv:  # type: ignore
-            raise UsageError('--execute needs a command')
+        parsed.argv = split_command(parsed.command)  # type: ignore
     return parsed
 
 
