@@ -17,6 +17,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -26,8 +27,10 @@ import tty
 import pytest
 
 from negotiator_common.client import AgentClient
+from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.transport import Transport
+from negotiator_guest.daemon import _Session
 from negotiator_guest.port import host_connected
 
 DRIVER = r"""
@@ -125,6 +128,7 @@ def daemon_on_pty(tmp_path):
     os.close(slave)  # no host connected
     process = subprocess.Popen([sys.executable, '-c', DRIVER, str(master), str(commands), '30'],
                                pass_fds=[master], stderr=subprocess.PIPE)
+    process.port_fd = master  # the port's descriptor number, in the daemon too
     os.close(master)  # only the daemon holds the port now
     time.sleep(0.6)  # interpreter start-up
     assert process.poll() is None, process.stderr.read().decode()
@@ -169,6 +173,45 @@ def test_sessions_one_after_another_without_spinning_in_between(daemon_on_pty):
         before = cpu_seconds(process.pid)
         time.sleep(0.5)
         assert cpu_seconds(process.pid) - before < 0.1, 'spinning after session %d' % number
+
+
+def port_flags(process):
+    """The open-file flags of the daemon's port, from /proc/PID/fdinfo."""
+    with open('/proc/%d/fdinfo/%d' % (process.pid, process.port_fd)) as handle:
+        for line in handle:
+            if line.startswith('flags:'):
+                return int(line.split()[1], 8)
+    raise AssertionError('no flags in fdinfo')
+
+
+def test_sigio_is_off_during_a_session_and_back_on_after_it(daemon_on_pty):
+    # During a session every line from the host would raise a SIGIO and wake the main thread.
+    process, host, _ = daemon_on_pty
+    assert port_flags(process) & os.O_ASYNC, 'no SIGIO while waiting for a host'
+    for number in range(2):
+        host.connect()
+        host.send({'jsonrpc': '2.0', 'id': 'p%d' % number, 'method': 'ping', 'params': {}})
+        assert host.wait_for('p%d' % number) is not None
+        assert not port_flags(process) & os.O_ASYNC, 'SIGIO still on in session %d' % number
+        host.disconnect()
+        deadline = time.monotonic() + 2
+        while not port_flags(process) & os.O_ASYNC and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert port_flags(process) & os.O_ASYNC, 'SIGIO not re-armed after session %d' % number
+
+
+def test_a_session_is_finished_when_it_wakes_the_main_loop():
+    # The main loop checks ``finished`` as soon as the session's thread wakes it, while that
+    # thread is still alive: were it "thread not alive", a daemon without SIGIO during sessions
+    # would sleep on and never serve the next host (seen in a TCG guest).
+    port, host_end = socket.socketpair()
+    seen = []
+    session = _Session(port.fileno(), Dispatcher(), 1, lambda: seen.append(session.finished))
+    session.start()
+    host_end.close()
+    session.thread.join(5)
+    port.close()
+    assert seen == [True]
 
 
 def test_late_reply_of_a_departed_host_never_reaches_the_next(daemon_on_pty, tmp_path):

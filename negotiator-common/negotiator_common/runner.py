@@ -22,6 +22,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from negotiator_common.errors import CommandNotFound
+from negotiator_common.transport import read_into
 
 __all__ = ('ProcessResult', 'run_process', 'clean_environment', 'DEFAULT_PATH',
            'DEFAULT_KILL_GRACE', 'CHUNK_SIZE')
@@ -142,6 +143,7 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
     deadline = None if timeout is None else started + timeout
     kill_at = None  # type: Optional[float]
     emitted = {'stdout': 0, 'stderr': 0}
+    buffer = memoryview(bytearray(CHUNK_SIZE))  # reused by every read (see read_into)
     try:
         while selector.get_map():
             now = time.monotonic()
@@ -171,7 +173,7 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
                         process.stdin.close()
                     continue
                 try:
-                    chunk = os.read(fd, CHUNK_SIZE)
+                    chunk = read_into(fd, buffer)
                 except BlockingIOError:
                     continue
                 if not chunk:

@@ -12,10 +12,11 @@ two states:
   instead of reaching the next client, and that closing it cancels that client's commands.
 - **waiting for a host** (:func:`wait_for_host`): the port is opened with ``O_ASYNC`` and
   owned by this process (``F_SETOWN``), so the ``virtio_console`` driver sends SIGIO when the
-  host side opens the port (and when data arrives). The main thread sleeps in ``poll()`` on
-  the wake-up pipe of :func:`signal.set_wakeup_fd` and, as a safety net for a lost signal,
-  wakes every :data:`RECHECK_INTERVAL` seconds. After a wake-up, ``poll()`` with timeout 0
-  tells whether a host is connected (no POLLHUP), and a session starts.
+  host side opens the port (and when data arrives, which is why ``O_ASYNC`` is off during a
+  session). The main thread sleeps in ``poll()`` on the wake-up pipe of
+  :func:`signal.set_wakeup_fd` and, as a safety net for a lost signal, wakes every
+  :data:`RECHECK_INTERVAL` seconds. After a wake-up, ``poll()`` with timeout 0 tells whether a
+  host is connected (no POLLHUP), and a session starts.
 
 Signals are handled as gunicorn does: the handlers only queue the signal number; the main
 loop acts. SIGTERM and SIGINT take one shutdown path: close the session (which cancels its
@@ -146,6 +147,7 @@ class _Session(object):
         self.transport = _CountingTransport(fd, close_fd=False)
         self.endpoint = Endpoint(self.transport, dispatcher, name='host')
         self._on_end = on_end
+        self._ended = False
         self.thread = threading.Thread(target=self._run, name='negotiator-session-%d' % number)
         self.thread.daemon = True
 
@@ -159,11 +161,13 @@ class _Session(object):
             self.endpoint.announce_session({'agent': 'negotiator-guest', 'pid': os.getpid()})
             self.endpoint.run()
         finally:
+            # Set before the main loop is woken: the thread itself is still alive at that moment.
+            self._ended = True
             self._on_end()
 
     @property
     def finished(self) -> bool:
-        return not self.thread.is_alive()
+        return self._ended
 
 
 def _children(pid: int) -> List[int]:
@@ -234,16 +238,30 @@ class GuestDaemon(object):
             os.set_blocking(self.fd, False)
             self.path = self.path or '<descriptor %d>' % self.fd
 
-    def _arm_sigio(self) -> None:
-        """Ask the kernel to send this process SIGIO when the port changes (host opens, data)."""
+    def _sigio(self, enabled: bool) -> None:
+        """
+        Ask the kernel for SIGIO when the port changes (host opens, data), or stop asking.
+
+        SIGIO is on while the daemon waits for a host and off during a session, which reads the
+        port itself: otherwise every line from the host would raise a SIGIO, run the Python
+        signal handler and wake the main thread to contend for the GIL with the session's
+        thread (py-spy: about a tenth of the daemon's time during a stream of pings in a TCG
+        guest). A host that connects between the end of a session and the re-arming sends no
+        signal: it is found by the check that follows a session that read something, or else
+        by the next periodic check.
+        """
         assert self.fd is not None
         try:
-            fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
             flags = fcntl.fcntl(self.fd, fcntl.F_GETFL)
-            fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+            if enabled:
+                fcntl.fcntl(self.fd, fcntl.F_SETOWN, os.getpid())
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags | os.O_ASYNC)
+            else:
+                fcntl.fcntl(self.fd, fcntl.F_SETFL, flags & ~os.O_ASYNC)
         except OSError as exc:
-            logger.warning("No SIGIO from %s (%s): checking for a host every %s seconds instead",
-                           self.path, exc, self.recheck_interval)
+            if enabled:
+                logger.warning("No SIGIO from %s (%s): checking for a host every %s seconds instead",
+                               self.path, exc, self.recheck_interval)
 
     def stop(self, reason: str = 'stop requested') -> None:
         """Ask the main loop to stop (any thread); it returns within about ``stop_timeout`` seconds."""
@@ -258,7 +276,7 @@ class GuestDaemon(object):
         assert self.fd is not None
         self._signals.install()
         try:
-            self._arm_sigio()
+            self._sigio(True)
             logger.info("Serving host requests on %s (pid %d)", self.path, os.getpid())
             self._loop()
         finally:
@@ -282,6 +300,7 @@ class GuestDaemon(object):
                     self.stop('received %s' % signal.Signals(signum).name)
             if self._session is not None and self._session.finished:
                 session, self._session = self._session, None
+                self._sigio(True)
                 logger.debug("Host session %d ended: %s", session.number, session.endpoint.close_reason)
                 # A session that read nothing (the host left at once) is no reason to look again
                 # before the next SIGIO or timer: that keeps an odd device from spinning us.
@@ -292,6 +311,7 @@ class GuestDaemon(object):
         self.sessions_served += 1
         self._session = _Session(self.fd, self.dispatcher, self.sessions_served, self._signals.wake)
         logger.debug("Host connected: session %d", self.sessions_served)
+        self._sigio(False)
         self._session.start()
 
     def _shutdown(self) -> None:
