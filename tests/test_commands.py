@@ -248,3 +248,25 @@ def test_builtins(agent):
     addresses = json.loads(agent.execute('ip-addresses', '--json').stdout.decode())
     assert any(a['address'] == '127.0.0.1' for a in addresses)
     assert agent.execute('hostname', '--bogus').exit_status == 2
+
+
+def test_listing_is_answered_even_when_every_handler_slot_is_busy(commands_dir, tmp_path):
+    # list_commands is answered on the reading thread (no thread to start per call): commands
+    # filling every slot of the connection never make a listing fail with LimitExceeded.
+    server_sock, client_sock = socket.socketpair()
+    service = AgentService('negotiator-test', CommandRegistry([str(commands_dir)]))
+    server = Endpoint(Transport.from_socket(server_sock), service.dispatcher(), name='host',
+                      max_concurrent=1).start()
+    client = AgentClient(Endpoint(Transport.from_socket(client_sock), name='client').start())
+    busy = threading.Thread(target=lambda: pytest.raises(CommandTimedOut, client.execute, 'sleepy',
+                                                         str(tmp_path / 'p'), timeout=2))
+    busy.start()
+    try:
+        assert wait_until(lambda: (tmp_path / 'p').exists(), 3), 'the command never started'
+        with pytest.raises(LimitExceeded):
+            client.execute('args', timeout=2)
+        assert 'args' in [c.name for c in client.list_commands(timeout=2)]
+    finally:
+        busy.join(10)
+        client.endpoint.close()
+        server.close()
