@@ -274,3 +274,40 @@ def test_a_small_read_allocates_about_what_it_returns():
     finally:
         transport.close()
         right_sock.close()
+
+
+def test_raw_output_goes_out_behind_its_line_without_a_copy():
+    # The header line and the attachment are written with vectored writes: the attachment
+    # (up to 1 MiB, 64 of them for a 64 MiB output) is never copied behind the line first.
+    import tracemalloc
+    from negotiator_common.protocol import Notification
+    left_sock, right_sock = socket.socketpair()
+    for sock in (left_sock, right_sock):  # small buffers: many partial writes, across both parts
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sender = Endpoint(Transport.from_socket(left_sock), name='sender')
+    attachment = bytes(range(256)) * 4096  # 1 MiB
+    notification = Notification('output', {'id': 7, 'stream': 'stdout'}, attachment=attachment)
+    expected = encode_message(notification)
+    received = memoryview(bytearray(len(expected)))  # allocated before tracing starts
+    count = [0]
+
+    def read_all():
+        while count[0] < len(expected):
+            got = right_sock.recv_into(received[count[0]:])
+            if not got:
+                break
+            count[0] += got
+    reader = threading.Thread(target=read_all)
+    reader.start()
+    tracemalloc.start()
+    try:
+        sender.notify(notification)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    reader.join(10)
+    sender.close()
+    right_sock.close()
+    assert received.tobytes() == expected
+    assert peak < len(attachment) // 4, 'the attachment was copied (%d bytes at the peak)' % peak

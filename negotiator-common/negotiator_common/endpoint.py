@@ -28,7 +28,7 @@ from negotiator_common.errors import (
 from negotiator_common.lazylog import get_logger
 from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, DecodeError, LineDecoder, Message, Notification,
-    Request, Response, encode_message,
+    Request, Response, encode_message, encode_message_parts,
 )
 from negotiator_common.transport import Transport
 
@@ -253,14 +253,14 @@ class Endpoint(object):
             return
         self.log.debug("Sending %r to %s", message, self.name)
         try:
-            data = encode_message(message)
+            data = encode_message_parts(message)
         except (TypeError, ValueError) as exc:
             # A handler returned something JSON cannot carry (bytes, NaN): the peer still gets a
             # reply, and the reading thread lives on.
             if not isinstance(message, Response):
                 raise
             self.log.error("Reply to %r cannot be encoded: %s", message.id, exc)
-            data = encode_message(Response(message.id, error=InternalError(
+            data = encode_message_parts(Response(message.id, error=InternalError(
                 'the reply could not be encoded as JSON: %s' % exc)))
         try:
             self.transport.write_all(data, deadline)

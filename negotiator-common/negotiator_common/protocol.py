@@ -12,7 +12,7 @@ The caller owns the transport, as in h11: the same core serves sockets and chara
 
 import base64
 import json
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 from negotiator_common.errors import (
     InvalidRequest, MessageTooLarge, NegotiatorError, ParseError, ProtocolError, error_from_wire,
@@ -20,7 +20,7 @@ from negotiator_common.errors import (
 
 __all__ = (
     'PROTOCOL_VERSION', 'DEFAULT_MAX_LINE_LENGTH', 'Request', 'Response', 'Notification',
-    'DecodeError', 'Message', 'Event', 'LineDecoder', 'encode_message', 'encode_bytes',
+    'DecodeError', 'Message', 'Event', 'LineDecoder', 'encode_message', 'encode_message_parts', 'encode_bytes',
     'decode_bytes', 'valid_id', 'RAW_OUTPUT_METHOD',
 )
 
@@ -143,9 +143,18 @@ def encode_message(message: Message) -> bytes:
     One message as one line of bytes (the JSON encoder escapes every newline inside strings);
     a notification with an attachment is its line followed by the attachment's raw bytes.
     """
+    return b''.join(encode_message_parts(message))
+
+
+def encode_message_parts(message: Message) -> Tuple[bytes, ...]:
+    """
+    :func:`encode_message` as the line and the attachment apart (one part when there is none),
+    so that a writer can send both with one vectored write instead of copying the attachment
+    (up to 1 MiB) behind the line.
+    """
     line = _ENCODER.encode(message.to_wire()).encode('utf-8', 'surrogateescape') + b'\n'
     attachment = getattr(message, 'attachment', None)
-    return line if attachment is None else line + attachment
+    return (line,) if attachment is None else (line, attachment)
 
 
 _ESCAPED_CONTROLS = bytes(b for b in range(32) if b not in (9, 10, 13)) + b'\x7f'

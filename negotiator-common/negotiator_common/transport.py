@@ -18,7 +18,7 @@ import select
 import socket
 import threading
 import time
-from typing import Optional
+from typing import Optional, Sequence, Union
 
 from negotiator_common.errors import CallTimeout, ConnectionClosed
 
@@ -116,17 +116,24 @@ class Transport(object):
                         return b''
                     raise
 
-    def write_all(self, data: bytes, deadline: Optional[float] = None) -> None:
-        """Write every byte, looping over partial writes (a port may take 32 KiB of 1 MiB)."""
-        view = memoryview(data)
+    def write_all(self, data: Union[bytes, Sequence[bytes]], deadline: Optional[float] = None) -> None:
+        """
+        Write every byte, looping over partial writes (a port may take 32 KiB of 1 MiB).
+
+        ``data`` is bytes, or a sequence of bytes-like parts written in order with vectored
+        writes (``writev``): a raw output chunk goes out behind its header line without being
+        copied there first.
+        """
+        parts = [memoryview(part) for part in ((data,) if isinstance(data, (bytes, bytearray, memoryview)) else data)
+                 if len(part)]
         with self._lock:
-            while view:
+            while parts:
                 if self._closed:
                     # Checked under the lock that close() takes before releasing the descriptor:
                     # its number may already belong to another channel.
                     raise ConnectionClosed('channel closed locally')
                 try:
-                    written = os.write(self.fd, view)
+                    written = os.write(self.fd, parts[0]) if len(parts) == 1 else os.writev(self.fd, parts)
                 except BlockingIOError:
                     flags = self._wait(select.POLLOUT, deadline)
                     if flags & (select.POLLERR | select.POLLNVAL | select.POLLHUP) and not flags & select.POLLOUT:
@@ -137,7 +144,10 @@ class Transport(object):
                     if exc.errno in _EOF_ERRNOS or exc.errno == errno.ENODEV:
                         raise ConnectionClosed('peer closed the channel: %s' % exc) from exc
                     raise
-                view = view[written:]
+                while written and written >= len(parts[0]):
+                    written -= len(parts.pop(0))
+                if written:
+                    parts[0] = parts[0][written:]
 
     def close(self) -> None:
         """Wake any thread blocked in :meth:`read` or :meth:`write_all`, then release the descriptor."""
