@@ -40,6 +40,7 @@ def read_into(fd: int, view: memoryview) -> bytes:
     """
     return view[:os.readv(fd, [view])].tobytes()
 
+
 _EOF_ERRNOS = (errno.EIO, errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
 
 
