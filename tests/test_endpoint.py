@@ -1,5 +1,7 @@
 """Two endpoints wired over a socket pair: routing, concurrency, resynchronisation, timeouts."""
 
+import fcntl
+import os
 import socket
 import threading
 import time
@@ -311,3 +313,19 @@ def test_raw_output_goes_out_behind_its_line_without_a_copy():
     right_sock.close()
     assert received.tobytes() == expected
     assert peak < len(attachment) // 4, 'the attachment was copied (%d bytes at the peak)' % peak
+
+
+def test_the_read_buffer_starts_small_and_grows_for_large_transfers():
+    # A new connection zero-fills only 64 KiB; once a read fills that, reads take up to the limit.
+    from negotiator_common.transport import ReadBuffer
+    read_end, write_end = os.pipe()
+    try:
+        fcntl.fcntl(write_end, 1031, 1024 * 1024)  # F_SETPIPE_SZ: room for the whole test
+        buffer = ReadBuffer(256 * 1024)
+        os.write(write_end, b'x' * (512 * 1024))
+        assert len(buffer.read(read_end)) == 64 * 1024
+        assert len(buffer.read(read_end)) == 256 * 1024
+        assert len(buffer.read(read_end, 1000)) == 1000
+    finally:
+        os.close(read_end)
+        os.close(write_end)

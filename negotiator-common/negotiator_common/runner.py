@@ -22,7 +22,7 @@ import time
 from typing import Callable, Dict, List, Optional
 
 from negotiator_common.errors import CommandNotFound
-from negotiator_common.transport import read_into
+from negotiator_common.transport import ReadBuffer
 
 __all__ = ('ProcessResult', 'run_process', 'clean_environment', 'DEFAULT_PATH',
            'DEFAULT_KILL_GRACE', 'CHUNK_SIZE')
@@ -143,7 +143,7 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
     deadline = None if timeout is None else started + timeout
     kill_at = None  # type: Optional[float]
     emitted = {'stdout': 0, 'stderr': 0}
-    buffer = memoryview(bytearray(CHUNK_SIZE))  # reused by every read (see read_into)
+    buffer = ReadBuffer(CHUNK_SIZE)  # reused by every read of both pipes
     try:
         while selector.get_map():
             now = time.monotonic()
@@ -173,7 +173,7 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
                         process.stdin.close()
                     continue
                 try:
-                    chunk = read_into(fd, buffer)
+                    chunk = buffer.read(fd)
                 except BlockingIOError:
                     continue
                 if not chunk:

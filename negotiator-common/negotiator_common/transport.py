@@ -22,23 +22,38 @@ from typing import Optional, Sequence, Union
 
 from negotiator_common.errors import CallTimeout, ConnectionClosed
 
-__all__ = ('Transport', 'READ_SIZE', 'read_into')
+__all__ = ('Transport', 'ReadBuffer', 'READ_SIZE')
 
 READ_SIZE = 256 * 1024
 """How much one read asks for: large enough to move 64 MiB outputs in few system calls."""
 
 
-def read_into(fd: int, view: memoryview) -> bytes:
+class ReadBuffer(object):
     """
-    Read once from ``fd`` into ``view`` (a reused buffer) and return a copy of what came.
+    One reused buffer for the reads of one descriptor: each read returns a copy of what came.
 
     ``os.read(fd, 256 KiB)`` allocates a fresh 256 KiB object for every read, which glibc serves
     with ``mmap``, then ``mremap`` to the size read and ``munmap``: three system calls and a page
     fault for a 50-byte message (measured with ``strace -c``), and very costly in an emulated
-    guest, where unmapping flushes the emulator's TLB. A reused buffer costs one ``readv`` and a
-    copy of the bytes that came.
+    guest, where unmapping flushes the emulator's TLB. The buffer starts at 64 KiB (a new
+    connection or command zero-fills only that) and grows to ``limit`` the first time a read
+    fills it, so that large outputs still move in few system calls.
     """
-    return view[:os.readv(fd, [view])].tobytes()
+
+    INITIAL_SIZE = 64 * 1024
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self._view = memoryview(bytearray(min(limit, self.INITIAL_SIZE)))
+
+    def read(self, fd: int, size: Optional[int] = None) -> bytes:
+        """One ``readv`` of at most ``size`` bytes (default: the buffer's size); ``b''`` at end of file."""
+        view = self._view if size is None else self._view[:size]
+        count = os.readv(fd, [view])
+        data = view[:count].tobytes()
+        if count == len(self._view) < self.limit:
+            self._view = memoryview(bytearray(self.limit))
+        return data
 
 
 _EOF_ERRNOS = (errno.EIO, errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
@@ -63,7 +78,7 @@ class Transport(object):
         os.set_blocking(fd, False)
         self._wake_read, self._wake_write = os.pipe()
         self._pollers = {}  # type: Dict[int, Any]
-        self._read_buffer = memoryview(bytearray(READ_SIZE))  # see read_into()
+        self._read_buffer = ReadBuffer(READ_SIZE)
 
     @classmethod
     def from_socket(cls, sock: socket.socket) -> 'Transport':
@@ -109,7 +124,7 @@ class Transport(object):
             while True:
                 self._wait(select.POLLIN, deadline)
                 try:
-                    return read_into(self.fd, self._read_buffer[:size])
+                    return self._read_buffer.read(self.fd, size)
                 except BlockingIOError:
                     continue
                 except OSError as exc:
