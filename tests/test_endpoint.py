@@ -329,3 +329,18 @@ def test_the_read_buffer_starts_small_and_grows_for_large_transfers():
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_a_reply_followed_at_once_by_a_hang_up_still_reaches_the_caller():
+    # The peer replies and closes; the reading thread routes the reply and then sees the end of
+    # the stream before the caller has woken up to take it. The reply must win: a stopping agent
+    # sends the replies of the commands it killed, then closes (flaky on Python 3.6 before).
+    from negotiator_common.endpoint import _PendingCall
+    left_sock, right_sock = socket.socketpair()
+    client = Endpoint(Transport.from_socket(left_sock), name='client')
+    call = _PendingCall('execute', None)
+    client._pending[1] = call  # what call() registers before sending request 1
+    client._route_response(Response(1, result='made it'))
+    client.close('peer closed the channel')
+    right_sock.close()
+    assert call.done.is_set() and call.response.error is None and call.response.result == 'made it'

@@ -293,8 +293,10 @@ class Endpoint(object):
                 self._send(Response(event.id, error=event.error), self._deadline(REPLY_WRITE_TIMEOUT))
 
     def _route_response(self, response: Response) -> None:
+        # Taken out of the pending calls at once: a close that follows before the caller wakes
+        # (the peer replied, then hung up) must not replace this reply with ConnectionClosed.
         with self._pending_lock:
-            call = self._pending.get(response.id)
+            call = self._pending.pop(response.id, None)
         if call is None:
             self.log.info("Dropping reply from %s to unknown request id %r", self.name, response.id)
             return
