@@ -11,10 +11,7 @@ The tests run in file order and share the guest: the daemon kill and the reset c
 """
 
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import time
 
 import pytest
@@ -22,7 +19,9 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vmfixtures import vm_host, wait_for_agent  # noqa: E402,F401 (a fixture)
-from e2e_support import GUEST_CLI, HOST_CLI, host_cli, remove_guests, start_agents  # noqa: E402
+from e2e_support import (  # noqa: E402
+    GUEST_CLI, host_cli, read_log, remove_guests, start_agents, start_host_daemon, stop_host_daemon,
+)
 from waiting import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.vm
@@ -60,44 +59,12 @@ def guest(vm_host):  # noqa: F811 (the fixture)
 @pytest.fixture(scope='module')
 def host_daemon(guest):
     """``negotiator-host --daemon`` for this guest only, with a policy; yields (process, workdir)."""
-    workdir = tempfile.mkdtemp(prefix='negotiator-e2e-host-')
-    os.chmod(workdir, 0o755)
-    commands = os.path.join(workdir, 'commands')
-    os.mkdir(commands, 0o755)
-    for name, text in HOST_COMMANDS.items():
-        path = os.path.join(commands, name)
-        with open(path, 'w') as handle:
-            handle.write(text)
-        os.chmod(path, 0o755)
-    policy = os.path.join(workdir, 'policy.ini')
-    with open(policy, 'w') as handle:
-        handle.write('[%s]\nallow = whoami-guest hostname\n\n[*]\nallow = forbidden-for-everyone-else\n' % guest.name)
-    log_path = os.path.join(workdir, 'daemon.log')
-    log = open(log_path, 'wb')
-    process = subprocess.Popen([HOST_CLI, '--daemon', '--commands-dir', commands, '--policy', policy, guest.name],
-                               stdout=log, stderr=subprocess.STDOUT)
-    process.log_path = log_path
+    policy = '[%s]\nallow = whoami-guest hostname\n\n[*]\nallow = forbidden-for-everyone-else\n' % guest.name
+    process = start_host_daemon(guest, HOST_COMMANDS, policy)
     try:
-        if not wait_until(lambda: 'Serving guest %s' % guest.name in read_log(process) or process.poll() is not None,
-                          timeout=30, interval=0.1) or process.poll() is not None:
-            pytest.fail('the host daemon did not connect to %s:\n%s' % (guest.name, read_log(process)), pytrace=False)
-        yield process, workdir
+        yield process, process.workdir
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.close()
-        print('--- host daemon log ---\n%s' % read_log(process))
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def read_log(process):
-    with open(process.log_path, 'rb') as handle:
-        return handle.read().decode('utf-8', 'replace')
+        stop_host_daemon(process)
 
 
 def execute(guest, command_line, timeout=60):
