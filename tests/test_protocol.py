@@ -87,7 +87,8 @@ def test_unknown_error_code_keeps_its_code():
     (b'{"jsonrpc": "2.0", "id": 1, "method": "ping", "id": 2}', ParseError),  # duplicate key
     (b'{"jsonrpc": "2.0", "id": 1, "result": NaN}', ParseError),
     (b'{"jsonrpc": "2.0", "id": 1, "result": Infinity}', ParseError),
-    (b'[' * 100000 + b']' * 100000, InvalidRequest),                 # deep nesting
+    (b'[' * 1000 + b']' * 1000, InvalidRequest),                     # deep nesting
+    (b'[' * 100000 + b']' * 100000, MessageTooLarge),                # more values than MAX_VALUES
 ])
 def test_bad_lines_become_error_events(line, error_class):
     decoder = LineDecoder()

@@ -26,6 +26,7 @@ from negotiator_common.errors import (
     CallTimeout, ConnectionClosed, InternalError, LimitExceeded, MethodNotFound, NegotiatorError,
 )
 from negotiator_common.lazylog import get_logger
+from negotiator_common.memory import release_free_memory
 from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, DecodeError, LineDecoder, Message, Notification,
     Request, Response, encode_message, encode_message_parts,
@@ -45,6 +46,15 @@ REPLY_WRITE_TIMEOUT = 60.0
 
 SESSION_NOTIFICATION = 'session'
 """The notification a serving side sends when a new session begins (``docs/protocol.rst``, "Sessions")."""
+
+LARGE_FEED = 64 * 1024
+"""
+Bytes (of a partial line and a read) from which a feed may complete a costly line: such feeds
+take turns across all the endpoints of a process (``_LARGE_FEEDS``), so that 16 guests' 4 MiB
+lines are parsed one after the other, not all at once; smaller ones (a ping) never wait.
+"""
+
+_LARGE_FEEDS = threading.Lock()
 
 _log = get_logger(__name__)  # lazy: a quick CLI call never imports logging
 
@@ -110,8 +120,11 @@ class Endpoint(object):
                 data = self.transport.read()
                 if not data:
                     break
-                for event in self._decoder.feed(data):
-                    self._handle(event)
+                if self._decoder.buffered + len(data) < LARGE_FEED:
+                    for event in self._decoder.feed(data):
+                        self._handle(event)
+                elif self._feed_large(data):
+                    release_free_memory()
         except ConnectionClosed:
             reason = 'closed locally'
         except OSError as exc:
@@ -119,6 +132,19 @@ class Endpoint(object):
             self.log.warning("Reading from %s failed: %s", self.name, exc)
         finally:
             self.close(reason)
+
+    def _feed_large(self, data: bytes) -> bool:
+        """
+        Feed bytes that may complete a large line, one such feed at a time in this process (what
+        parsing costs is bounded per line by ``MAX_VALUES``, and so across all connections),
+        then handle the events outside the lock; True if any came, so that their memory, freed
+        on return, is given back.
+        """
+        with _LARGE_FEEDS:
+            events = self._decoder.feed(data)
+        for event in events:
+            self._handle(event)
+        return bool(events)
 
     @property
     def closed(self) -> bool:

@@ -1,0 +1,136 @@
+"""
+Lines that are cheap to send and costly to parse (issue 11, finding 1): refused before ``json``
+builds them, parsed one at a time across a process, and their memory given back.
+"""
+
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+
+import pytest
+
+from negotiator_common.endpoint import Endpoint
+from negotiator_common.errors import InvalidRequest, MessageTooLarge
+from negotiator_common.protocol import MAX_NESTING, MAX_VALUES, DecodeError, Request, parse_line
+from negotiator_common.transport import Transport
+from negotiator_host.discovery import GUEST_TO_HOST_CHANNEL
+
+from test_host_support import FakeLibvirt, listening_socket
+from waiting import wait_until
+
+MIB = 1024 * 1024
+ENVELOPE = b'{"jsonrpc":"2.0","id":"bad","method":"ping","params":{"x":%s}}'
+
+
+def array_of(unit: bytes, size: int = 4 * MIB - 100) -> bytes:
+    """A request line of about ``size`` bytes whose params hold an array of ``unit`` repeated."""
+    return ENVELOPE % (b'[' + b','.join([unit] * ((size - len(ENVELOPE)) // (len(unit) + 1))) + b']')
+
+
+def string_of(text: bytes, size: int = 4 * MIB - 100) -> bytes:
+    """A request line of about ``size`` bytes whose params hold one string of ``text`` repeated."""
+    return ENVELOPE % (b'"' + text * ((size - len(ENVELOPE)) // len(text)) + b'"')
+
+
+@pytest.mark.parametrize('line', [
+    array_of(b'{}'),
+    array_of(b'[]'),
+    array_of(b'[' * (MAX_NESTING - 3) + b']' * (MAX_NESTING - 3)),  # at the depth limit (3 levels around)
+    array_of(b'0'),
+    array_of(b'1000'),
+    array_of(b'""'),
+    array_of(b'"a\\"\\\\"'),  # escapes in strings hide no quote from the count
+    ENVELOPE % (b'[' + b','.join([b'0'] * MAX_VALUES) + b']'),  # just over the bound (the envelope has values too)
+], ids=['objects', 'arrays', 'nested', 'zeros', 'numbers', 'empty-strings', 'escaped-quotes', 'just-over'])
+def test_lines_with_too_many_values_are_refused_naming_their_id(line):
+    event = parse_line(line)
+    assert isinstance(event, DecodeError), event
+    assert type(event.error) is MessageTooLarge
+    assert event.id == 'bad'
+
+
+@pytest.mark.parametrize('line', [
+    string_of(b'\\u0000'),
+    string_of(b','),
+    string_of(b'[{,'),
+    string_of(b'\\",[{'),  # an escaped quote does not end the string
+    string_of(b'a\\\\'),  # an escaped backslash just before the closing quote
+    string_of('\U0001F600'.encode('utf-8')),
+    ENVELOPE % (b'[' + b','.join([b'0'] * (MAX_VALUES - 10)) + b']'),  # just under the bound
+], ids=['escapes', 'commas', 'brackets', 'escaped-quote', 'escaped-backslash', 'astral', 'just-under'])
+def test_values_inside_strings_do_not_count(line):
+    assert isinstance(parse_line(line), Request)
+
+
+def test_nesting_deeper_than_the_limit_is_refused_among_few_values():
+    deepest = b'[' * (MAX_NESTING - 2) + b']' * (MAX_NESTING - 2)  # two levels around: at the limit
+    assert isinstance(parse_line(ENVELOPE % deepest), Request)
+    event = parse_line(ENVELOPE % (b'["[[[[",' + deepest + b']'))  # one level more, brackets in a string
+    assert isinstance(event, DecodeError) and type(event.error) is InvalidRequest and event.id == 'bad'
+
+
+def memory_kib(pid: int, field: str) -> int:
+    with open('/proc/%d/status' % pid) as handle:
+        for line in handle:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise AssertionError('no %s for %d' % (field, pid))
+
+
+def read_reply(conn: socket.socket, wanted: bytes) -> bytes:
+    """The first line from ``conn`` that contains ``wanted``."""
+    buffer = b''
+    while True:
+        while b'\n' not in buffer:
+            data = conn.recv(65536)
+            assert data, 'the daemon closed the connection'
+            buffer += data
+        line, _, buffer = buffer.partition(b'\n')
+        if wanted in line:
+            return line
+
+
+def test_host_daemon_memory_stays_bounded_under_costly_lines():
+    """16 guests each send 4 MiB of ``{},{},...`` at once; a 17th keeps pinging."""
+    fake = FakeLibvirt()
+    sides = []
+    for number in range(17):
+        path = fake.socket_path('guest-%d' % number, number + 1, GUEST_TO_HOST_CHANNEL)
+        sides.append(listening_socket(path))
+        fake.add_running('guest-%d' % number, number + 1)
+    log = tempfile.TemporaryFile()
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--commands-dir', fake.root],
+                               env=fake.environ, stdout=subprocess.DEVNULL, stderr=log)
+    try:
+        for side in sides:
+            side.settimeout(20)
+        conns = [side.accept()[0] for side in sides]
+        for conn in conns:
+            conn.settimeout(120)
+        good = Endpoint(Transport.from_socket(conns.pop()), name='host').start()
+        good.handshake(10, agent='negotiator-guest')
+        line = array_of(b'{}') + b'\n'
+        replies = []
+        attackers = [threading.Thread(target=lambda conn=conn: (conn.sendall(line),
+                                                                replies.append(read_reply(conn, b'"bad"'))))
+                     for conn in conns]
+        for attacker in attackers:
+            attacker.start()
+        pings = 0
+        while any(attacker.is_alive() for attacker in attackers):
+            assert 'time' in good.call('ping', timeout=60)
+            pings += 1
+        assert len(replies) == 16 and pings
+        assert memory_kib(process.pid, 'VmHWM') < 400 * 1024
+        assert wait_until(lambda: memory_kib(process.pid, 'VmRSS') < 150 * 1024, timeout=20, interval=0.2)
+        assert 'time' in good.call('ping', timeout=10)
+    finally:
+        process.terminate()
+        process.wait(10)
+        for side in sides:
+            side.close()
+        fake.cleanup()
+        log.seek(0)
+        sys.stderr.write(log.read().decode('utf-8', 'replace')[-2000:])
