@@ -26,7 +26,7 @@ from negotiator_common.errors import CommandNotFound
 from negotiator_common.lazylog import get_logger
 
 __all__ = ('COMMAND_NAME_PATTERN', 'DEFAULT_COMMANDS_DIR', 'MAX_NAME_LENGTH', 'CommandInfo',
-           'CommandRegistry', 'valid_command_name')
+           'CommandRegistry', 'missing_command_message', 'valid_command_name')
 
 logger = get_logger(__name__)  # lazy: listing commands must not import logging
 
@@ -40,6 +40,11 @@ DEFAULT_COMMANDS_DIR = '/usr/lib/negotiator/commands'
 
 def valid_command_name(name: object) -> bool:
     return isinstance(name, str) and len(name) <= MAX_NAME_LENGTH and bool(COMMAND_NAME_PATTERN.match(name))
+
+
+def missing_command_message(name: str) -> str:
+    """What a caller hears of a command that is not offered to it, whether it is missing or refused."""
+    return 'no command %r (list the commands to see what is offered)' % name
 
 
 def _trusted_owner(uid: int) -> bool:
@@ -204,4 +209,4 @@ class CommandRegistry(object):
         if name in self.builtins:
             builtin = self.builtins[name]
             return CommandInfo(name, builtin=builtin, description=builtin.description)
-        raise CommandNotFound('no command %r (list the commands to see what is offered)' % name)
+        raise CommandNotFound(missing_command_message(name))
