@@ -6,6 +6,8 @@ The suite runs as root, so a file or directory handed to ``nobody`` stands for s
 
 import logging
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -127,3 +129,15 @@ def test_a_command_owned_by_the_agents_own_user_runs(tmp_path, monkeypatch):
         os.chown(path, NOBODY, NOBODY)
     monkeypatch.setattr(os, 'geteuid', lambda: NOBODY)
     assert offered(directory) == (['probe'], True)
+
+
+def test_a_refusal_is_logged_never_printed_by_the_library(tmp_path):
+    # A program that uses the library without configuring logging must not see the warning on
+    # its stderr (logging's last-resort handler prints to it when no handler is installed).
+    directory = commands_dir_under(tmp_path / 'safe')
+    os.chown(os.path.join(directory, 'probe'), NOBODY, NOBODY)
+    script = ('import sys\nfrom negotiator_common.commands import CommandRegistry\n'
+              'sys.exit(len(CommandRegistry([sys.argv[1]]).list()) == 0)\n')
+    process = subprocess.run([sys.executable, '-c', script, directory], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, timeout=60)
+    assert (process.returncode, process.stdout, process.stderr) == (0, b'', b'')
