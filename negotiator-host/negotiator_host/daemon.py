@@ -20,9 +20,9 @@ A reboot of a guest keeps its QEMU process and socket, so the connection simply 
 Each guest's connection is its own :class:`~negotiator_common.endpoint.Endpoint` with its
 own bounds (requests in flight, line length, stdin size), logging through a child logger
 named after the guest; a command runs with ``NEGOTIATOR_GUEST`` set to the guest's name,
-and only when the policy (:mod:`negotiator_host.policy`) allows it; a built-in, only where the
-policy names it. SIGTERM and SIGINT stop
-the daemon through one path: connections close, running commands are killed, exit status 0.
+and only when the policy (:mod:`negotiator_host.policy`) allows it (a built-in, only where the
+policy names it). SIGTERM and SIGINT stop the daemon through one path: connections close,
+running commands are killed, exit status 0.
 """
 
 import fnmatch
@@ -110,7 +110,7 @@ class HostDaemon(object):
         self.watch = watch
         self.max_concurrent = max_concurrent
         self.limits = limits or default_limits()
-        self.policy = policy or Policy.default()
+        self.policy = policy if policy is not None else Policy.default()
         self.service = AgentService('negotiator-host', CommandRegistry(list(commands_dirs)), version=__version__,
                                     policy=self.policy.allows, builtin_policy=self.policy.names, limits=self.limits,
                                     environment=lambda peer: {'NEGOTIATOR_GUEST': peer})

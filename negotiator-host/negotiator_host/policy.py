@@ -68,34 +68,34 @@ class _Parser(object):
 
     def parse(self, text: str) -> List[Tuple[str, List[str]]]:
         for number, line in enumerate(text.split('\n'), 1):
-            self.line(number, line)
+            self.read_line(number, line)
         return self.rules
 
-    def line(self, number: int, line: str) -> None:
+    def read_line(self, number: int, line: str) -> None:
         stripped = line.strip()
         if not stripped or stripped[0] in '#;':
             return
         if self.continuing and line[0].isspace():
-            self.patterns(number, stripped)
+            self.add_patterns(number, stripped)
             return
         self.continuing = False
         header = SECTION.match(stripped)
         if header:
-            self.section(number, header.group(1))
+            self.start_section(number, header.group(1))
         elif '=' in stripped:
             key, _, value = stripped.partition('=')
-            self.key(number, key.strip(), value.strip())
+            self.read_key(number, key.strip(), value.strip())
         else:
             raise self.error(number, 'expected a [section], "allow = ..." or a comment, found %r' % stripped)
 
-    def section(self, number: int, pattern: str) -> None:
+    def start_section(self, number: int, pattern: str) -> None:
         if pattern in self.section_lines:
             raise self.error(number, 'section [%s] is already on line %d' % (pattern, self.section_lines[pattern]))
         self.section_lines[pattern] = number
         self.rules.append((pattern, []))
         self.allow_line = None
 
-    def key(self, number: int, key: str, value: str) -> None:
+    def read_key(self, number: int, key: str, value: str) -> None:
         if not self.rules:
             raise self.error(number, '%r is outside any [section]' % key)
         if key != 'allow':
@@ -106,9 +106,9 @@ class _Parser(object):
                              % (self.rules[-1][0], self.allow_line))
         self.allow_line = number
         self.continuing = True
-        self.patterns(number, value)
+        self.add_patterns(number, value)
 
-    def patterns(self, number: int, text: str) -> None:
+    def add_patterns(self, number: int, text: str) -> None:
         for pattern in text.split():
             if not COMMAND_PATTERN.match(pattern):
                 raise self.error(number, '%r is not a command pattern (letters, digits, ".", "_", "-" and'
