@@ -12,7 +12,7 @@ from negotiator_common.client import AgentClient
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import (
-    CommandFailed, CommandNotAllowed, CommandNotFound, CommandTimedOut, InvalidParams, LimitExceeded,
+    CommandFailed, CommandNotFound, CommandTimedOut, InvalidParams, LimitExceeded,
 )
 from negotiator_common.runner import run_process
 from negotiator_common.service import AgentService, Limits
@@ -136,13 +136,13 @@ def test_clean_environment(agent):
     assert set(environment) <= {'PATH', 'LANG', 'LC_ALL', 'HOME', 'PWD', 'NEGOTIATOR_GUEST', 'NEGOTIATOR_COMMAND'}
 
 
-def test_policy_refuses():
+def test_policy_refuses_as_if_the_command_were_missing():
     server_peer_refused = AgentService('t', CommandRegistry([]), policy=lambda peer, name: False)
     sock_a, sock_b = socket.socketpair()
     server = Endpoint(Transport.from_socket(sock_a), server_peer_refused.dispatcher(), name='refused-peer').start()
     client = Endpoint(Transport.from_socket(sock_b), name='c').start()
     try:
-        with pytest.raises(CommandNotAllowed):
+        with pytest.raises(CommandNotFound):
             AgentClient(client).execute('hostname')
         assert AgentClient(client).list_commands() == []
     finally:

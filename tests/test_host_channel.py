@@ -8,7 +8,7 @@ import time
 import pytest
 
 from negotiator_common.errors import (
-    CallTimeout, ChannelBusy, ChannelNotFound, CommandFailed, CommandNotAllowed, CommandNotFound, CommandTimedOut,
+    CallTimeout, ChannelBusy, ChannelNotFound, CommandFailed, CommandNotFound, CommandTimedOut,
     GuestNotFound,
 )
 from negotiator_host import GuestChannel, LibvirtPaths, list_guests, map_guests
@@ -71,13 +71,13 @@ def test_unknown_command_and_timeout(agent):
         assert time.monotonic() - started < 3
 
 
-def test_refused_command_raises_command_not_allowed():
+def test_refused_command_raises_command_not_found():
     root = short_tempdir()
     server = FakeGuestAgent(os.path.join(root, 'sock'), make_commands_dir(root, GUEST_COMMANDS),
                             policy=lambda peer, command: command != 'fail')
     try:
         with GuestChannel(socket_path=server.path) as guest:
-            with pytest.raises(CommandNotAllowed):
+            with pytest.raises(CommandNotFound):
                 guest.execute('fail')
             assert guest.execute('echo-args', 'ok').stdout == b'ok\n'
     finally:

@@ -163,6 +163,6 @@ def test_daemon_refuses_a_bad_policy_file(world, tmp_path):
     policy = tmp_path / 'policy.ini'
     policy.write_text('[web-*]\nalow = typo\n')
     status, out, err = run_cli(world, '--daemon', '--policy', str(policy))
-    assert status == 64 and b'unknown keys alow' in err
+    assert status == 64 and b"policy.ini, line 2: unknown key 'alow'" in err
     status, out, err = run_cli(world, '--daemon', '--policy', str(tmp_path / 'missing.ini'))
     assert status == 64 and b'cannot read the policy file' in err

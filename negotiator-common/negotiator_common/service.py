@@ -7,16 +7,16 @@ which ``NEGOTIATOR_*`` variables a command sees. :class:`AgentService` holds tho
 registers the methods on a :class:`~negotiator_common.dispatcher.Dispatcher`.
 """
 
-import logging
 import time
 from typing import Any, Callable, Dict, List, Optional
 
 from negotiator_common import __version__
-from negotiator_common.commands import CommandInfo, CommandRegistry
+from negotiator_common.commands import CommandInfo, CommandRegistry, missing_command_message
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
 from negotiator_common.errors import (
-    CommandFailed, CommandNotAllowed, CommandTimedOut, InvalidParams, LimitExceeded,
+    CommandFailed, CommandNotFound, CommandTimedOut, InvalidParams, LimitExceeded,
 )
+from negotiator_common.lazylog import get_logger
 from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, Notification, decode_bytes, encode_bytes,
 )
@@ -24,7 +24,7 @@ from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
 
 __all__ = ('AgentService', 'Limits', 'Policy', 'CAPABILITIES', 'RAW_CHUNK_SIZE')
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)
 
 CAPABILITIES = ('ping', 'list_commands', 'execute', 'stream', 'raw-output')
 """
@@ -63,6 +63,19 @@ def _allow_everything(peer: str, command: str) -> bool:
     return True
 
 
+def _strict_utf8(text: str) -> bool:
+    """
+    Whether ``text`` is Unicode that UTF-8 can carry. JSON's ``"\\ud800"`` escapes decode to
+    lone surrogates, which a command could only receive mangled: os.fsencode turns
+    ``"\\udcff"`` into a raw 0xff byte and fails on ``"\\ud800"``.
+    """
+    try:
+        text.encode('utf-8')
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 class AgentService(object):
     """
     The standard methods, bound to one command registry and policy.
@@ -70,15 +83,23 @@ class AgentService(object):
     :param agent: names this side in ``hello`` (``negotiator-guest`` or ``negotiator-host``).
     :param environment: ``NEGOTIATOR_*`` variables for a command, from the caller's name
                         (the host daemon sets ``NEGOTIATOR_GUEST``).
+    :param policy: who may run the commands of the commands directories.
+    :param builtin_policy: who may run the built-ins (default: ``policy``; the host daemon
+                           offers a built-in only where its policy names it).
+
+    A command that the policy refuses is answered exactly as one that does not exist, so a
+    peer cannot learn what it may not run; the log says which it was.
     """
 
     def __init__(self, agent: str, registry: CommandRegistry, version: str = __version__,
                  policy: Policy = _allow_everything, limits: Optional[Limits] = None,
-                 environment: Optional[Callable[[str], Dict[str, str]]] = None) -> None:
+                 environment: Optional[Callable[[str], Dict[str, str]]] = None,
+                 builtin_policy: Optional[Policy] = None) -> None:
         self.agent = agent
         self.version = version
         self.registry = registry
         self.policy = policy
+        self.builtin_policy = builtin_policy or policy
         self.limits = limits or Limits()
         self.environment = environment or (lambda peer: {})
 
@@ -104,15 +125,22 @@ class AgentService(object):
         return {'time': time.time()}
 
     def list_commands(self, params: Dict[str, Any], context: CallContext) -> Dict[str, List[Dict[str, Any]]]:
-        commands = [c for c in self.registry.list() if self.policy(context.peer, c.name)]
+        commands = [c for c in self.registry.list() if self._permits(context.peer, c)]
         return {'commands': [c.to_wire() for c in commands]}
 
+    def _permits(self, peer: str, command: CommandInfo) -> bool:
+        policy = self.policy if command.builtin is None else self.builtin_policy
+        return policy(peer, command.name)
+
     def _resolve(self, name: object, peer: str) -> CommandInfo:
-        command = self.registry.resolve(name)
-        if not self.policy(peer, command.name):
+        try:
+            command = self.registry.resolve(name)
+        except CommandNotFound:
+            logger.info("Refused %.80r for %s: no such command", name, peer or 'the peer')
+            raise
+        if not self._permits(peer, command):
             logger.warning("Refused %s for %s: not allowed by the policy", command.name, peer or 'the peer')
-            raise CommandNotAllowed('%s may not run %r (the policy does not allow it)'
-                                    % (peer or 'this peer', command.name))
+            raise CommandNotFound(missing_command_message(command.name))
         return command
 
     def _parse_execute(self, params: Dict[str, Any]) -> Dict[str, Any]:
@@ -121,7 +149,9 @@ class AgentService(object):
             raise InvalidParams('every argument must be a string')
         if any('\0' in a for a in args):
             raise InvalidParams('arguments cannot contain NUL characters')
-        if sum(len(a.encode('utf-8', 'surrogatepass')) + 1 for a in args) > self.limits.max_args:
+        if not all(_strict_utf8(a) for a in args):
+            raise InvalidParams('arguments must be valid Unicode (no lone surrogates such as "\\ud800")')
+        if sum(len(a.encode('utf-8')) + 1 for a in args) > self.limits.max_args:
             raise LimitExceeded('arguments exceed %d bytes' % self.limits.max_args)
         try:
             stdin = decode_bytes(params, 'stdin')

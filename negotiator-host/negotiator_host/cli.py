@@ -71,7 +71,8 @@ Supported options:
   --policy=FILE
 
     Which guests may run which host commands (an INI file; see the documentation).
-    Without it every guest may run every command of the commands directories.
+    Without it every guest may run every command of the commands directories, and
+    no built-in; a built-in reaches a guest only where the policy names it.
 
   -v, --verbose
 
@@ -240,9 +241,9 @@ def run(argv: Sequence[str]) -> int:
 def _run_daemon(options: _Options) -> int:
     from negotiator_common.commands import DEFAULT_COMMANDS_DIR
     from negotiator_host.daemon import HostDaemon
-    from negotiator_host.policy import Policy, allow_everything
+    from negotiator_host.policy import Policy
 
-    policy = Policy.load(options.policy) if options.policy else allow_everything
+    policy = Policy.load(options.policy) if options.policy else Policy.default()
     daemon = HostDaemon(uri=options.uri, commands_dirs=options.commands_dirs or [DEFAULT_COMMANDS_DIR], policy=policy,
                         guest_patterns=options.guests)
     return daemon.run()

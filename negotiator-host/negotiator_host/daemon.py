@@ -20,8 +20,9 @@ A reboot of a guest keeps its QEMU process and socket, so the connection simply 
 Each guest's connection is its own :class:`~negotiator_common.endpoint.Endpoint` with its
 own bounds (requests in flight, line length, stdin size), logging through a child logger
 named after the guest; a command runs with ``NEGOTIATOR_GUEST`` set to the guest's name,
-and only when the policy (:mod:`negotiator_host.policy`) allows it. SIGTERM and SIGINT stop
-the daemon through one path: connections close, running commands are killed, exit status 0.
+and only when the policy (:mod:`negotiator_host.policy`) allows it (a built-in, only where the
+policy names it). SIGTERM and SIGINT stop the daemon through one path: connections close,
+running commands are killed, exit status 0.
 """
 
 import fnmatch
@@ -31,7 +32,7 @@ import select
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from negotiator_common import __version__
 from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
@@ -45,7 +46,7 @@ from negotiator_host.channel import connect_socket
 from negotiator_host.discovery import (
     GUEST_TO_HOST_CHANNEL, LibvirtPaths, LibvirtUnavailable, default_uri, list_guests,
 )
-from negotiator_host.policy import allow_everything
+from negotiator_host.policy import Policy
 
 __all__ = ('HostDaemon', 'GuestConnection', 'DEFAULT_GUEST_CONCURRENCY', 'default_limits')
 
@@ -89,7 +90,8 @@ class HostDaemon(object):
 
     :param uri: the libvirt URI (default: ``$LIBVIRT_DEFAULT_URI``, else ``qemu:///system``).
     :param commands_dirs: the host's commands directories.
-    :param policy: ``policy(guest, command) -> bool`` (default: every listed command).
+    :param policy: which guests may run which commands (default: :meth:`Policy.default`, every
+                   command of the commands directories and no built-in).
     :param paths: libvirt's directories (tests use a fake tree).
     :param watch: run ``virsh event`` and rescan (False: serve only what :meth:`serve_socket` is given).
     :param guest_patterns: serve only the guests whose names match one of these shell-style
@@ -97,7 +99,7 @@ class HostDaemon(object):
     """
 
     def __init__(self, uri: Optional[str] = None, commands_dirs: Sequence[str] = (DEFAULT_COMMANDS_DIR,),
-                 policy: Callable[[str, str], bool] = allow_everything, paths: Optional[LibvirtPaths] = None,
+                 policy: Optional[Policy] = None, paths: Optional[LibvirtPaths] = None,
                  max_concurrent: int = DEFAULT_GUEST_CONCURRENCY, limits: Optional[Limits] = None,
                  watch: bool = True, channel: str = GUEST_TO_HOST_CHANNEL,
                  guest_patterns: Sequence[str] = ()) -> None:
@@ -108,8 +110,9 @@ class HostDaemon(object):
         self.watch = watch
         self.max_concurrent = max_concurrent
         self.limits = limits or default_limits()
+        self.policy = policy if policy is not None else Policy.default()
         self.service = AgentService('negotiator-host', CommandRegistry(list(commands_dirs)), version=__version__,
-                                    policy=policy, limits=self.limits,
+                                    policy=self.policy.allows, builtin_policy=self.policy.names, limits=self.limits,
                                     environment=lambda peer: {'NEGOTIATOR_GUEST': peer})
         self.dispatcher = Dispatcher()
         self.service.register(self.dispatcher)
