@@ -33,6 +33,8 @@ from negotiator_common.transport import Transport
 from negotiator_guest.daemon import _Session
 from negotiator_guest.port import host_connected
 
+from waiting import wait_until
+
 DRIVER = r"""
 import logging, sys
 logging.basicConfig(level=logging.DEBUG, stream=sys.stderr,
@@ -194,10 +196,8 @@ def test_sigio_is_off_during_a_session_and_back_on_after_it(daemon_on_pty):
         assert host.wait_for('p%d' % number) is not None
         assert not port_flags(process) & os.O_ASYNC, 'SIGIO still on in session %d' % number
         host.disconnect()
-        deadline = time.monotonic() + 2
-        while not port_flags(process) & os.O_ASYNC and time.monotonic() < deadline:
-            time.sleep(0.02)
-        assert port_flags(process) & os.O_ASYNC, 'SIGIO not re-armed after session %d' % number
+        assert wait_until(lambda: port_flags(process) & os.O_ASYNC, timeout=10), \
+            'SIGIO not re-armed after session %d' % number
 
 
 def test_a_session_is_finished_when_it_wakes_the_main_loop():
