@@ -13,7 +13,8 @@ import sys
 from typing import Any, List, Optional
 
 __all__ = ('UsageError', 'MAX_TIMEOUT_OPTION', 'apply_shared_option', 'parse_timeout', 'parse_size', 'printable',
-           'read_stdin', 'setup_logging', 'split_command', 'silence_broken_pipe', 'exit_now')
+           'read_stdin', 'setup_logging', 'split_command', 'silence_broken_pipe', 'exit_now', 'FullWriter',
+           'write_stdout')
 
 _LOG_FORMAT = '%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s'
 
@@ -80,6 +81,38 @@ def printable(text: object) -> str:
         else:
             escaped.append(char)
     return ''.join(escaped)
+
+
+class FullWriter(object):
+    """
+    A binary sink that writes all of every chunk, or raises.
+
+    An unbuffered standard output (``python -u``, ``PYTHONUNBUFFERED=1``) is a raw file whose
+    ``write`` may take part of a chunk when a signal arrives or the reader goes away: the rest
+    was lost without a word, and ``| head`` "succeeded" with status 0. Writing the rest shows
+    the closed pipe (``BrokenPipeError``) like any other write to it.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            written = self.stream.write(view)
+            view = view[written or 0:]
+        return len(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def write_stdout(text: str) -> None:
+    """Write ``text`` (ASCII or UTF-8: JSON, or lines of ours) to standard output in full, and flush."""
+    sys.stdout.flush()
+    out = FullWriter(sys.stdout.buffer)
+    out.write(text.encode('utf-8', 'surrogateescape'))
+    out.flush()
 
 
 def silence_broken_pipe() -> None:

@@ -81,8 +81,8 @@ import sys
 from typing import Any, Dict, List, Optional
 
 from negotiator_common.cli_support import (
-    UsageError, apply_shared_option, exit_now, printable, read_stdin, setup_logging, silence_broken_pipe,
-    split_command,
+    FullWriter, UsageError, apply_shared_option, exit_now, printable, read_stdin, setup_logging, silence_broken_pipe,
+    split_command, write_stdout,
 )
 from negotiator_common.exit_status import (  # the one table of both CLIs
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_SOFTWARE, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE,
@@ -165,8 +165,7 @@ def _advice(error: BaseException) -> str:
 
 def _print_json(data: Dict[str, Any]) -> None:
     import json
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + '\n')
-    sys.stdout.flush()
+    write_stdout(json.dumps(data, indent=2, sort_keys=True) + '\n')
 
 
 def _run_daemon(options: Options) -> int:
@@ -197,7 +196,7 @@ def _run_client(options: Options) -> int:
         _print_json(result.to_dict())
     else:
         result = client.execute(options.command[0], *options.command[1:], input=stdin,
-                                stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
+                                stdout=FullWriter(sys.stdout.buffer), stderr=FullWriter(sys.stderr.buffer))
     return exit_status_of_result(result.exit_status, result.signal)
 
 

@@ -105,8 +105,8 @@ import sys
 from typing import Any, Dict, List, Optional, Sequence
 
 from negotiator_common.cli_support import (
-    UsageError, apply_shared_option, exit_now, printable, read_stdin, setup_logging, silence_broken_pipe,
-    split_command,
+    FullWriter, UsageError, apply_shared_option, exit_now, printable, read_stdin, setup_logging, silence_broken_pipe,
+    split_command, write_stdout,
 )
 from negotiator_common.exit_status import (  # the one table of both CLIs
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_REFUSED as EX_NOPERM, EXIT_SOFTWARE as EX_SOFTWARE,
@@ -301,8 +301,7 @@ def _targets(options: _Options) -> List[Any]:
 
 def _write_json(value: Any) -> None:
     import json
-    sys.stdout.write(json.dumps(value, sort_keys=True) + '\n')
-    sys.stdout.flush()
+    write_stdout(json.dumps(value, sort_keys=True) + '\n')
 
 
 class _LinePrefixer(object):
@@ -360,8 +359,8 @@ def _run_on_guests(options: _Options) -> int:
 
     import threading
     lock = threading.Lock()
-    stdout = getattr(sys.stdout, 'buffer', sys.stdout)
-    stderr = getattr(sys.stderr, 'buffer', sys.stderr)
+    stdout = FullWriter(sys.stdout.buffer)
+    stderr = FullWriter(sys.stderr.buffer)
     single = len(targets) == 1
 
     from negotiator_common.client import DEFAULT_MAX_OUTPUT
@@ -437,8 +436,8 @@ def _one_guest(options: _Options, channel: Any, argv: List[str], stdin: Optional
             for command in channel.list_commands():
                 sys.stdout.write(printable(command.name) + '\n')
             return 0
-        stdout = sys.stdout.buffer
-        stderr = sys.stderr.buffer
+        stdout = FullWriter(sys.stdout.buffer)
+        stderr = FullWriter(sys.stderr.buffer)
         sys.stdout.flush()
         result = channel.execute(argv[0], *argv[1:], input=stdin, stdout=stdout, stderr=stderr)
         stdout.flush()
