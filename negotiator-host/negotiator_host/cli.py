@@ -309,9 +309,9 @@ class _LinePrefixer(object):
     A binary sink that writes whole lines, each prefixed with a guest's name, under a shared lock.
 
     Linear in the output: each write copies the data once, and what waits for its newline is at
-    most :data:`MAX_PENDING_LINE` bytes (a longer line goes out in prefixed pieces). The old way,
-    joining the pending part to every new chunk, took 3.7 s and 206 MiB for 64 MiB without a
-    newline, and 13-30 s and 400 MiB for 128 MiB.
+    most :data:`MAX_PENDING_LINE` bytes (a longer line goes out in prefixed pieces). Measured without
+    a newline: 64 MiB in 0.17 s and 128 MiB in 0.32 s, 17 MiB peak, where joining the pending
+    part to every new chunk took 9.0 s and 206 MiB, then 29.5 s and 398 MiB.
     """
 
     def __init__(self, prefix: bytes, target: Any, lock: Any) -> None:
