@@ -23,7 +23,6 @@ from negotiator_common.errors import CommandNotFound, InvalidRequest, Unsendable
 from negotiator_common.service import AgentService, Limits
 from negotiator_common.transport import Transport
 from negotiator_guest import cli as guest_cli
-from negotiator_host import cli
 from negotiator_host.cli import MAX_PENDING_LINE, _LinePrefixer
 
 from test_host_support import FakeLibvirt, start_agents, start_odd_agent

@@ -478,7 +478,8 @@ def _list_guests(options: _Options) -> int:
         return 0
     from humanfriendly.tables import format_pretty_table
     table = [[r['name'], r['state'], 'yes' if r['reachable'] else 'no: %s' % r['error']['type'],
-              printable(r['version'] or '-'), '%.2f ms' % (r['rtt'] * 1000) if r['rtt'] is not None else '-'] for r in rows]
+              printable(r['version'] or '-'), '%.2f ms' % (r['rtt'] * 1000) if r['rtt'] is not None else '-']
+             for r in rows]
     sys.stdout.write(format_pretty_table(table, ['Guest', 'State', 'Agent reachable', 'Agent version', 'Round trip']))
     sys.stdout.write('\n')
     return 0
