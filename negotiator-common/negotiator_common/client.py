@@ -272,9 +272,10 @@ class AgentClient(object):
                 params['stream'] = True
                 reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
         except ConnectionClosed:
-            if on_output.sink_error is not None:
-                raise on_output.sink_error from None
-            raise
+            if on_output.sink_error is None:
+                raise
+        if on_output.sink_error is not None:  # even when the reply came just before the close
+            raise on_output.sink_error
         fields = _execute_fields(reply)
         fields['stdout_truncated'] |= on_output.truncated['stdout']
         fields['stderr_truncated'] |= on_output.truncated['stderr']
