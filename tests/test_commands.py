@@ -224,8 +224,10 @@ def test_output_cap_sets_the_truncation_flag(commands_dir):
 
 
 def test_large_output_streams_intact(agent):
-    result = agent.execute('big', str(20 * 1024 * 1024), timeout=30)
+    # 20 MiB is over the default cap on collected output (16 MiB): this caller asks for more.
+    result = agent.execute('big', str(20 * 1024 * 1024), timeout=30, max_output=32 * 1024 * 1024)
     assert len(result.stdout) == 20 * 1024 * 1024 and result.stdout.count(b'\0') == len(result.stdout)
+    assert not result.stdout_truncated
 
 
 def test_slow_command_never_delays_a_ping(agent, tmp_path):

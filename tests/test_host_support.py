@@ -6,6 +6,8 @@ Shared fixtures of the negotiator-host tests (no tests here).
   logs each invocation, so tests can count processes.
 - :class:`FakeGuestAgent`: a real agent (AgentService + Endpoint from negotiator-common)
   listening on a UNIX socket, one client at a time, like QEMU's chardev socket.
+- :class:`OddAgent`: the same, answering some methods with canned replies out of the spec
+  (a hostile guest).
 """
 
 import atexit
@@ -20,6 +22,7 @@ import threading
 from typing import Dict, List, Optional
 
 from negotiator_common.commands import CommandRegistry
+from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.service import AgentService
 from negotiator_common.transport import Transport
@@ -239,6 +242,24 @@ GUEST_COMMANDS = {
         import os, sys
         sys.stdout.write(os.environ.get('NEGOTIATOR_GUEST', '<unset>') + '\\n')
     ''',
+    'bytes': '''
+        import sys
+        size, block = int(sys.argv[1]), b'x' * 1048576
+        while size > 0:
+            size -= sys.stdout.buffer.write(block[:size])
+    ''',
+    'sleep-pid': '''
+        import os, sys, time
+        open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close()
+        time.sleep(60)
+    ''',
+    'flood-pid': '''
+        import os, sys
+        open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close()
+        block = b'y' * 65535 + b'\\n'
+        while True:
+            sys.stdout.buffer.write(block)
+    ''',
 }
 
 
@@ -268,8 +289,11 @@ class FakeGuestAgent(object):
                 return
             self.connections += 1
             conn.setblocking(True)
-            endpoint = Endpoint(Transport.from_socket(conn), self.service.dispatcher(), name=self.name)
+            endpoint = Endpoint(Transport.from_socket(conn), self.dispatcher(), name=self.name)
             endpoint.run()
+
+    def dispatcher(self) -> Dispatcher:
+        return self.service.dispatcher()
 
     def stop(self) -> None:
         self._stopped = True
@@ -280,8 +304,52 @@ class FakeGuestAgent(object):
         self.sock.close()
 
 
+class OddAgent(FakeGuestAgent):
+    """
+    An agent that answers the methods named in ``replies`` with those canned results (or raises
+    the exception given instead), and the others as a real agent does: a guest that breaks the
+    spec (an exit status of 256, a duration of "soon", escape sequences in its names).
+    """
+
+    METHODS = ('hello', 'ping', 'list_commands', 'execute')
+
+    def __init__(self, path: str, commands_dir: str, replies: Dict[str, object], name: str = 'odd') -> None:
+        self.replies = replies
+        super().__init__(path, commands_dir, name=name)
+
+    def dispatcher(self) -> Dispatcher:
+        dispatcher = Dispatcher()
+        standard = self.service.dispatcher()
+        for method in self.METHODS:
+            dispatcher.register(method, self._answer(method, standard), inline=method != 'execute')
+        return dispatcher
+
+    def _answer(self, method: str, standard: Dispatcher):
+        from negotiator_common.protocol import Request
+
+        def answer(params, context):
+            if method not in self.replies:
+                response = standard.dispatch(Request(context.request_id, method, params), context)
+                if response.error is not None:
+                    raise response.error
+                return response.result
+            reply = self.replies[method]
+            if isinstance(reply, Exception):
+                raise reply
+            return reply
+        return answer
+
+
 AGENT_GUESTS = ('alpha', 'béta-2', 'gamma.3')
 """Names of the guests that :func:`start_agents` runs: a plain one, a non-ASCII one, one with a dot."""
+
+
+def start_odd_agent(fake: 'FakeLibvirt', name: str, number: int, replies: Dict[str, object]) -> OddAgent:
+    """An :class:`OddAgent` on the channel socket of a running guest ``name`` (id ``number``) in ``fake``."""
+    commands = make_commands_dir(fake.root, GUEST_COMMANDS)
+    agent = OddAgent(fake.socket_path(name, number, 'negotiator-host-to-guest.0'), commands, replies, name=name)
+    fake.add_running(name, number)
+    return agent
 
 
 def start_agents(fake: 'FakeLibvirt') -> List['FakeGuestAgent']:

@@ -1,18 +1,29 @@
 """
-What the ``negotiator-host`` and ``negotiator-guest`` programs share: option parsing and logging.
+What the ``negotiator-host`` and ``negotiator-guest`` programs share: option parsing, logging,
+and the edges of a Unix program (standard input, a closed pipe, Ctrl-C, text from a peer).
 
-Both CLIs take ``--timeout`` with the same meaning and ``-v``/``-q`` with the same steps, so the
-two live here once. Logging is configured only by the programs, never by the library; a quick
+Both CLIs take ``--timeout`` and ``--max-output`` with the same meaning and ``-v``/``-q`` with
+the same steps, so they live here once. Logging is configured only by the programs, never by the library; a quick
 client call without ``-v`` skips coloredlogs altogether (it costs tens of milliseconds of
 start-up, and such a call reports its own failures as one line each).
 """
 
+import os
 import sys
 from typing import Any, List, Optional
 
-__all__ = ('UsageError', 'apply_shared_option', 'parse_timeout', 'setup_logging', 'split_command')
+__all__ = ('UsageError', 'MAX_TIMEOUT_OPTION', 'apply_shared_option', 'parse_timeout', 'parse_size', 'printable',
+           'read_stdin', 'setup_logging', 'split_command', 'silence_broken_pipe', 'exit_now', 'FullWriter',
+           'write_stdout')
 
 _LOG_FORMAT = '%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s'
+
+MAX_TIMEOUT_OPTION = 365 * 24 * 3600.0
+"""
+The largest ``--timeout`` (a year, in seconds): longer is a typo, and far beyond it a wait
+overflows (``threading.TIMEOUT_MAX``, about 292 years on Linux, raises ``OverflowError``).
+An ``--execute`` is also held to the agent's own ``max_timeout`` (24 hours by default).
+"""
 
 
 class UsageError(Exception):
@@ -25,9 +36,112 @@ def parse_timeout(value: str) -> Optional[float]:
         seconds = float(value)
     except ValueError:
         raise UsageError('--timeout needs a number of seconds, not %r' % value) from None
-    if not seconds >= 0 or seconds == float('inf'):
-        raise UsageError('--timeout needs 0 (no bound) or a positive number of seconds, not %r' % value)
+    if not 0 <= seconds <= MAX_TIMEOUT_OPTION:
+        raise UsageError('--timeout needs 0 (no bound) or a number of seconds up to %d, not %r'
+                         % (MAX_TIMEOUT_OPTION, value))
     return seconds or None
+
+
+def parse_size(value: str) -> int:
+    """``--max-output`` as a number of bytes (``16M`` and ``1 GiB`` are binary units: 16 MiB, 1 GiB)."""
+    from humanfriendly import InvalidSize, parse_size as parse_human_size
+    try:
+        size = parse_human_size(value, binary=True)
+    except InvalidSize:
+        raise UsageError('--max-output needs a number of bytes (like 1048576 or 16M), not %r' % value) from None
+    if size < 0:
+        raise UsageError('--max-output cannot be negative: %r' % value)
+    return int(size)
+
+
+def read_stdin() -> bytes:
+    """All of standard input, for ``--stdin``; a closed or unreadable standard input is a usage error."""
+    if sys.stdin is None:  # Python starts with sys.stdin None when descriptor 0 is closed
+        raise UsageError('--stdin was given but standard input is closed')
+    try:
+        return sys.stdin.buffer.read()
+    except (OSError, ValueError) as exc:
+        raise UsageError('--stdin was given but standard input cannot be read: %s' % exc) from None
+
+
+def printable(text: object) -> str:
+    """
+    ``text`` with every control and format character escaped (``\\x1b``, ``\\u202e``), for
+    showing on a terminal text that came from a peer (command names, versions, error messages):
+    a hostile guest must not move the cursor, retitle the window or reverse the text. Command
+    output is not text of this kind: it passes through byte for byte.
+    """
+    import unicodedata
+    escaped = []
+    for char in str(text):
+        if unicodedata.category(char) in ('Cc', 'Cf', 'Cs', 'Zl', 'Zp'):
+            code = ord(char)
+            escaped.append('\\x%02x' % code if code < 0x100 else '\\u%04x' % code if code < 0x10000
+                           else '\\U%08x' % code)
+        else:
+            escaped.append(char)
+    return ''.join(escaped)
+
+
+class FullWriter(object):
+    """
+    A binary sink that writes all of every chunk, or raises.
+
+    An unbuffered standard output (``python -u``, ``PYTHONUNBUFFERED=1``) is a raw file whose
+    ``write`` may take part of a chunk when a signal arrives or the reader goes away: the rest
+    was lost without a word, and ``| head`` "succeeded" with status 0. Writing the rest shows
+    the closed pipe (``BrokenPipeError``) like any other write to it.
+    """
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+
+    def write(self, data: bytes) -> int:
+        view = memoryview(data)
+        while view:
+            written = self.stream.write(view)
+            view = view[written or 0:]
+        return len(data)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+
+def write_stdout(text: str) -> None:
+    """Write ``text`` (ASCII or UTF-8: JSON, or lines of ours) to standard output in full, and flush."""
+    sys.stdout.flush()
+    out = FullWriter(sys.stdout.buffer)
+    out.write(text.encode('utf-8', 'surrogateescape'))
+    out.flush()
+
+
+def silence_broken_pipe() -> None:
+    """
+    After standard output (or error) was closed by its reader, point both at ``/dev/null``:
+    the program then ends quietly, as a filter killed by SIGPIPE does, instead of failing
+    again when Python flushes them at exit.
+    """
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    for fd in (1, 2):
+        os.dup2(devnull, fd)
+    os.close(devnull)
+
+
+def exit_now(status: int) -> None:
+    """
+    Flush what can be flushed and end the process at once, without waiting for threads.
+
+    After Ctrl-C, calls may still be connecting on worker threads (with ``-t 0``, forever);
+    ending the process closes every connection, and an agent that sees its client go cancels
+    the client's commands (``docs/faults.rst``, "Client disconnects mid-request").
+    """
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(status)
 
 
 def split_command(value: str) -> List[str]:
@@ -45,7 +159,8 @@ def split_command(value: str) -> List[str]:
 def apply_shared_option(options: Any, option: str, value: str) -> bool:
     """
     Apply one of the options that both CLIs take with the same meaning (``-i``, ``-t``, ``-j``,
-    ``--commands-dir``, ``-v``, ``-q``) to ``options``; False when ``option`` is not one of them.
+    ``--max-output``, ``--commands-dir``, ``-v``, ``-q``) to ``options``; False when ``option``
+    is not one of them.
     """
     if option in ('-i', '--stdin'):
         options.stdin = True
@@ -53,6 +168,8 @@ def apply_shared_option(options: Any, option: str, value: str) -> bool:
         options.timeout = parse_timeout(value)
     elif option in ('-j', '--json'):
         options.json = True
+    elif option == '--max-output':
+        options.max_output = parse_size(value)
     elif option == '--commands-dir':
         options.commands_dirs.append(value)
     elif option in ('-v', '--verbose'):

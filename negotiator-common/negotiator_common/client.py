@@ -5,16 +5,37 @@ The calling side of the four standard methods, with typed results.
 handshake and turns replies into Python objects: a round-trip time for ``ping``, a list of
 :class:`CommandDescription` for ``list_commands`` and an :class:`ExecuteResult` for
 ``execute``. The host's API (``negotiator_host``) and the guest's client mode both use it.
+
+The agent on the other side may be hostile (``docs/security.rst``): a reply that is not what
+the spec says (an exit status of 256, a duration of ``"soon"``) is an
+:class:`~negotiator_common.errors.InvalidRequest`, never a value passed on; output collected
+into a result stops at ``max_output`` bytes per stream, whatever the agent sends. Requests that
+the agent would refuse, by the ``limits`` it announced in ``hello``, are refused here before
+they are sent (:class:`~negotiator_common.errors.UnsendableRequest`).
 """
 
+import math
 import time
 from typing import Any, BinaryIO, Dict, List, Optional, Sequence
 
 from negotiator_common.endpoint import DEFAULT_TIMEOUT, Endpoint
-from negotiator_common.errors import CommandFailed, InvalidParams, InvalidRequest
-from negotiator_common.protocol import decode_bytes, encode_bytes
+from negotiator_common.errors import (
+    CommandFailed, ConnectionClosed, InvalidParams, InvalidRequest, UnsendableRequest,
+)
+from negotiator_common.protocol import Request, decode_bytes, encode_bytes, encode_message
 
-__all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'command_timeout_for')
+__all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'command_timeout_for', 'DEFAULT_MAX_OUTPUT')
+
+DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
+"""
+Bytes of each output stream that :meth:`AgentClient.execute` collects into a result (16 MiB):
+beyond it the output is read and dropped, and the result says ``stdout_truncated`` (or
+``stderr_truncated``). As much as one protocol line may carry, four times what an agent
+collects when not streaming; a caller that wants more streams to a file (never capped).
+"""
+
+_ID_ROOM = 24
+"""Bytes kept free in the line-length check for the request id, which the endpoint picks later."""
 
 
 class CommandDescription(object):
@@ -93,11 +114,111 @@ def command_timeout_for(timeout: float) -> float:
     return max(timeout - 1.0, timeout * 0.5)
 
 
-class AgentClient(object):
-    """Typed calls to one agent over one endpoint (thread-safe: calls may overlap)."""
+def _is_number(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
-    def __init__(self, endpoint: Endpoint) -> None:
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _limit(limits: Dict[str, Any], name: str) -> Optional[float]:
+    """One of the agent's announced limits, or None when it announced none that makes sense."""
+    value = limits.get(name)
+    return value if _is_number(value) and value > 0 else None
+
+
+def _execute_fields(reply: object) -> Dict[str, Any]:
+    """
+    The fields of an ``execute`` result, checked against the spec: an exit status from 0 to
+    255, or none and a signal from 1 to 127 (so that 128 + it is a status); a finite duration
+    of at least 0; booleans for the truncation flags. Anything else is :class:`InvalidRequest`.
+    """
+    if not isinstance(reply, dict):
+        raise InvalidRequest('malformed execute reply: %r' % (reply,))
+    exit_status, signal, duration = reply.get('exit_status'), reply.get('signal'), reply.get('duration', 0.0)
+    if exit_status is None:
+        if not (_is_int(signal) and 0 < signal < 128):
+            raise InvalidRequest('execute reply has neither an exit status nor a signal from 1 to 127: %r'
+                                 % ((exit_status, signal),))
+    elif not (_is_int(exit_status) and 0 <= exit_status <= 255) or not (signal is None or signal == 0):
+        raise InvalidRequest('execute reply has an exit status that is not from 0 to 255 (or a signal besides'
+                             ' it): %r' % ((exit_status, signal),))
+    if not (_is_number(duration) and duration >= 0):
+        raise InvalidRequest('execute reply has a duration that is not a number of seconds: %r' % (duration,))
+    flags = {name: reply.get(name, False) for name in ('stdout_truncated', 'stderr_truncated')}
+    if not all(isinstance(flag, bool) for flag in flags.values()):
+        raise InvalidRequest('execute reply has truncation flags that are not booleans: %r' % (flags,))
+    fields = {'exit_status': exit_status, 'signal': None if exit_status is not None else signal,
+              'duration': float(duration)}
+    fields.update(flags)
+    return fields
+
+
+def _command_description(entry: object) -> CommandDescription:
+    """One entry of a ``list_commands`` reply, checked: a name, a boolean and a description as text."""
+    if not isinstance(entry, dict):
+        raise InvalidRequest('malformed list_commands entry: %r' % (entry,))
+    name, builtin, description = entry.get('name'), entry.get('builtin', False), entry.get('description', '')
+    if not (isinstance(name, str) and name and isinstance(builtin, bool) and isinstance(description, str)):
+        raise InvalidRequest('malformed list_commands entry: %r' % (entry,))
+    return CommandDescription(name, builtin, description)
+
+
+class _OutputCollector(object):
+    """
+    The ``output`` notifications of one call: written to the caller's sinks as they arrive, or
+    collected up to ``max_output`` bytes per stream (the rest dropped, the stream marked
+    truncated). A sink that fails (a closed pipe) closes the connection, which makes the agent
+    cancel the command, and its error is what the call raises.
+    """
+
+    def __init__(self, sinks: Dict[str, Optional[BinaryIO]], max_output: Optional[int], endpoint: Endpoint) -> None:
+        self.sinks = sinks
+        self.max_output = max_output
         self.endpoint = endpoint
+        self.collected = {'stdout': bytearray(), 'stderr': bytearray()}
+        self.truncated = {'stdout': False, 'stderr': False}
+        self.sink_error = None  # type: Optional[Exception]
+
+    def __call__(self, params: Dict[str, Any]) -> None:
+        stream = params.get('stream')
+        if stream not in self.collected or self.sink_error is not None:
+            return
+        try:
+            chunk = decode_bytes(params, 'data') or b''
+        except ValueError:
+            return
+        sink = self.sinks[stream]
+        if sink is None:
+            self._collect(stream, chunk)
+            return
+        try:
+            sink.write(chunk)
+            sink.flush()
+        except Exception as exc:  # any failure of the caller's sink ends the call, with that error
+            self.sink_error = exc
+            self.endpoint.close('writing the %s of a command failed: %s' % (stream, exc))
+
+    def _collect(self, stream: str, chunk: bytes) -> None:
+        buffer = self.collected[stream]
+        room = len(chunk) if self.max_output is None else max(0, self.max_output - len(buffer))
+        if len(chunk) > room:
+            self.truncated[stream] = True
+        buffer += chunk[:room]
+
+
+class AgentClient(object):
+    """
+    Typed calls to one agent over one endpoint (thread-safe: calls may overlap).
+
+    :param limits: the ``limits`` that the agent announced in ``hello``: requests over them
+                   are refused before they are sent (None: no check here; the agent checks).
+    """
+
+    def __init__(self, endpoint: Endpoint, limits: Optional[Dict[str, Any]] = None) -> None:
+        self.endpoint = endpoint
+        self.limits = dict(limits) if isinstance(limits, dict) else {}
 
     def ping(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:
         """Round-trip time of one ``ping``, in seconds."""
@@ -107,24 +228,29 @@ class AgentClient(object):
 
     def list_commands(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> List[CommandDescription]:
         reply = self.endpoint.call('list_commands', timeout=timeout)
-        try:
-            return [CommandDescription(str(c['name']), bool(c.get('builtin')), str(c.get('description', '')))
-                    for c in reply['commands']]
-        except (TypeError, KeyError) as exc:
-            raise InvalidRequest('malformed list_commands reply: %r' % (reply,)) from exc
+        commands = reply.get('commands') if isinstance(reply, dict) else None
+        if not isinstance(commands, list):
+            raise InvalidRequest('malformed list_commands reply: %r' % (reply,))
+        return [_command_description(entry) for entry in commands]
 
     def execute(self, command: str, *args: str, input: Optional[bytes] = None,
                 timeout: Optional[float] = DEFAULT_TIMEOUT, check: bool = False,
-                stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None) -> ExecuteResult:
+                stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
+                max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
         """
         Run ``command`` with ``args`` on the agent's side.
 
         ``input`` is given to the command's standard input. Output streams over the channel
         (in the raw framing of ``docs/protocol.rst``, "Raw output"):
         with ``stdout``/``stderr`` file objects it is written there as it arrives (and the
-        result's fields stay empty), else it is collected into the result. ``timeout`` bounds
-        the whole call; the agent kills the command a little before it. With ``check``, a
-        non-zero exit raises :class:`CommandFailed`.
+        result's fields stay empty), else it is collected into the result, at most
+        ``max_output`` bytes per stream (:data:`DEFAULT_MAX_OUTPUT`; None: no bound, at the
+        caller's risk): the rest is dropped and ``stdout_truncated``/``stderr_truncated`` say so.
+        If writing to ``stdout``/``stderr`` fails, the connection is closed (the agent cancels
+        the command) and the call raises that error. ``timeout`` bounds the whole call; the
+        agent kills the command a little before it. With ``check``, a non-zero exit raises
+        :class:`CommandFailed`. A request over the agent's announced limits raises
+        :class:`UnsendableRequest` before anything is sent.
         """
         # Raw output (every negotiator agent offers it, "raw-output" in hello): chunks arrive as
         # bytes after a header line, not escaped in JSON text; text chunks are still accepted.
@@ -133,36 +259,63 @@ class AgentClient(object):
             params.update(encode_bytes(bytes(input), 'stdin'))
         if timeout is not None:
             params['timeout'] = command_timeout_for(timeout)
-        collected = {'stdout': bytearray(), 'stderr': bytearray()}
-        sinks = {'stdout': stdout, 'stderr': stderr}
-
-        def on_output(params: Dict[str, Any]) -> None:
-            stream = params.get('stream')
-            if stream not in collected:
-                return
-            try:
-                chunk = decode_bytes(params, 'data') or b''
-            except ValueError:
-                return
-            sink = sinks[stream]
-            if sink is not None:
-                sink.write(chunk)
-                sink.flush()
-            else:
-                collected[stream] += chunk
-
+        self._check_request(params, len(input or b''), timeout)
+        on_output = _OutputCollector({'stdout': stdout, 'stderr': stderr}, max_output, self.endpoint)
         try:
-            reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
-        except InvalidParams as exc:
-            # An agent older than raw output refuses "stream": "raw" before it runs anything:
-            # ask again for text notifications.
-            if "'stream'" not in str(exc):
+            try:
+                reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
+            except InvalidParams as exc:
+                # An agent older than raw output refuses "stream": "raw" before it runs anything:
+                # ask again for text notifications.
+                if "'stream'" not in str(exc):
+                    raise
+                params['stream'] = True
+                reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
+        except ConnectionClosed:
+            if on_output.sink_error is None:
                 raise
-            params['stream'] = True
-            reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
-        if not isinstance(reply, dict):
-            raise InvalidRequest('malformed execute reply: %r' % (reply,))
-        result = ExecuteResult(command, args, reply.get('exit_status'), bytes(collected['stdout']),
-                               bytes(collected['stderr']), float(reply.get('duration') or 0.0), reply.get('signal'),
-                               bool(reply.get('stdout_truncated')), bool(reply.get('stderr_truncated')))
+        if on_output.sink_error is not None:  # even when the reply came just before the close
+            raise on_output.sink_error
+        fields = _execute_fields(reply)
+        fields['stdout_truncated'] |= on_output.truncated['stdout']
+        fields['stderr_truncated'] |= on_output.truncated['stderr']
+        result = ExecuteResult(command, args, stdout=bytes(on_output.collected['stdout']),
+                               stderr=bytes(on_output.collected['stderr']), **fields)
         return result.check() if check else result
+
+    def _check_request(self, params: Dict[str, Any], stdin_size: int, timeout: Optional[float]) -> None:
+        """Refuse, before sending, an ``execute`` that cannot be encoded or that the agent's limits refuse."""
+        _check_encodable([params['command']] + params['args'])
+        args_size = sum(len(a.encode('utf-8')) + 1 for a in params['args'])
+        max_args = _limit(self.limits, 'max_args')
+        if max_args is not None and args_size > max_args:
+            raise UnsendableRequest('the arguments take %d bytes; the agent takes at most %d' % (args_size, max_args))
+        max_stdin = _limit(self.limits, 'max_stdin')
+        if max_stdin is not None and stdin_size > max_stdin:
+            raise UnsendableRequest('the input is %d bytes; the agent takes at most %d' % (stdin_size, max_stdin))
+        max_timeout = _limit(self.limits, 'max_timeout')
+        if max_timeout is not None and timeout is not None and params['timeout'] > max_timeout:
+            raise UnsendableRequest('a timeout of %g seconds gives the command %g, over the agent\'s maximum of %g'
+                                    ' seconds' % (timeout, params['timeout'], max_timeout))
+        max_line = _limit(self.limits, 'max_line_length')
+        # Encoded, input grows by a third at most (base64) and arguments six times at most (JSON
+        # escapes): only a request that might come near the bound is encoded to be measured.
+        if max_line is not None and stdin_size * 2 + args_size * 6 + _ID_ROOM * 100 > max_line:
+            size = len(encode_message(Request(0, 'execute', params))) + _ID_ROOM
+            if size > max_line:
+                raise UnsendableRequest('the request takes %d bytes, more than the %d of one line that the agent'
+                                        ' reads' % (size, max_line))
+
+
+def _check_encodable(strings: Sequence[object]) -> None:
+    """Every string of a request must be valid UTF-8 without NUL: the agent could not read it otherwise."""
+    for value in strings:
+        if not isinstance(value, str):
+            raise UnsendableRequest('the command and its arguments must be strings, not %r' % (value,))
+        try:
+            value.encode('utf-8')
+        except UnicodeEncodeError:
+            raise UnsendableRequest('%r is not valid UTF-8 text (an argument from a file name or a locale'
+                                    ' that is not UTF-8?): it cannot be sent' % (value,)) from None
+        if '\0' in value:
+            raise UnsendableRequest('%r contains a NUL character, which no argument can carry' % (value,))

@@ -15,6 +15,8 @@ class, on the other side (:func:`error_from_wire`). The hierarchy::
     ├── InvalidParams                -32602  parameters of the wrong shape or type
     ├── InternalError                -32603  a handler failed unexpectedly
     ├── LimitExceeded                -32002  a resource bound was hit (concurrency, stdin, ...)
+    ├── UnsendableRequest            -32003  (client side) refused before sending: over the
+    │                                          agent's declared limits, or not encodable
     ├── CommandError                           about user-defined commands
     │   ├── CommandNotFound          -32010  no such command (or a name that is not valid)
     │   ├── CommandNotAllowed        -32011  the owner's policy refuses this command
@@ -37,7 +39,7 @@ from typing import Any, Dict, Optional, Type
 
 __all__ = (
     'NegotiatorError', 'ProtocolError', 'ParseError', 'InvalidRequest', 'MessageTooLarge',
-    'MethodNotFound', 'InvalidParams', 'InternalError', 'LimitExceeded', 'CommandError',
+    'MethodNotFound', 'InvalidParams', 'InternalError', 'LimitExceeded', 'UnsendableRequest', 'CommandError',
     'CommandNotFound', 'CommandNotAllowed', 'CommandFailed', 'CommandTimedOut',
     'ChannelError', 'CallTimeout', 'ConnectionClosed', 'ChannelNotFound', 'ChannelBusy',
     'GuestNotFound', 'ERROR_CLASSES', 'error_from_wire',
@@ -106,6 +108,17 @@ class LimitExceeded(NegotiatorError):
     """A request went over a resource bound (concurrent requests, stdin size, arguments)."""
 
     code = -32002
+
+
+class UnsendableRequest(NegotiatorError):
+    """
+    A request that the client refused to send, because the agent would refuse it or could not
+    read it: over a limit that the agent declared in ``hello`` (stdin, arguments, timeout, line
+    length), or an argument that is not valid UTF-8. Raised before anything is sent, so the
+    caller learns at once what is wrong instead of waiting for a reply that cannot come.
+    """
+
+    code = -32003
 
 
 class CommandError(NegotiatorError):

@@ -7,11 +7,11 @@ from most commands' statuses. Both CLIs document the same table.
 """
 
 from negotiator_common.errors import (
-    CallTimeout, ChannelError, CommandFailed, CommandNotAllowed, CommandNotFound, CommandTimedOut,
+    CallTimeout, ChannelError, CommandFailed, CommandNotAllowed, CommandNotFound, CommandTimedOut, UnsendableRequest,
 )
 
-__all__ = ('EXIT_USAGE', 'EXIT_UNAVAILABLE', 'EXIT_SOFTWARE', 'EXIT_TIMEOUT', 'EXIT_REFUSED',
-           'exit_status_for', 'exit_status_of_result')
+__all__ = ('EXIT_USAGE', 'EXIT_UNAVAILABLE', 'EXIT_SOFTWARE', 'EXIT_TIMEOUT', 'EXIT_REFUSED', 'EXIT_INTERRUPTED',
+           'EXIT_BROKEN_PIPE', 'exit_status_for', 'exit_status_of_result')
 
 EXIT_USAGE = 64
 """Wrong options or arguments."""
@@ -28,25 +28,37 @@ EXIT_TIMEOUT = 75
 EXIT_REFUSED = 77
 """The command is not offered, or the policy does not allow it."""
 
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT): the calls were cancelled in the guests (128 + SIGINT, as a shell reports it)."""
+
+EXIT_BROKEN_PIPE = 141
+"""Standard output was closed by its reader (``| head``): 128 + SIGPIPE, what a shell reports for a filter."""
+
 
 def exit_status_for(error: BaseException) -> int:
     """The documented exit status for one of negotiator's own failures."""
+    if isinstance(error, UnsendableRequest):
+        return EXIT_USAGE
     if isinstance(error, (CallTimeout, CommandTimedOut)):
         return EXIT_TIMEOUT
     if isinstance(error, (CommandNotAllowed, CommandNotFound)):
         return EXIT_REFUSED
     if isinstance(error, CommandFailed):
-        status = error.exit_status
-        return status if isinstance(status, int) and 0 < status < 256 else 1
+        # The peer's word: a "failure" with status 0, or a status out of range, is a protocol error.
+        return exit_status_of_result(error.exit_status, error.data.get('signal')) or EXIT_SOFTWARE
     if isinstance(error, ChannelError):
         return EXIT_UNAVAILABLE
     return EXIT_SOFTWARE
 
 
 def exit_status_of_result(exit_status: object, signal: object) -> int:
-    """A finished command's status as a shell reports it: its own, or 128 + the signal's number."""
-    if isinstance(exit_status, int):
+    """
+    A finished command's status as a shell reports it: its own, or 128 + the signal's number;
+    anything out of a status's range (which :class:`~negotiator_common.client.AgentClient`
+    already refuses as a protocol error) is an internal error, never a success.
+    """
+    if isinstance(exit_status, int) and not isinstance(exit_status, bool) and 0 <= exit_status <= 255:
         return exit_status
-    if isinstance(signal, int) and signal > 0:
+    if exit_status is None and isinstance(signal, int) and 0 < signal < 128:
         return 128 + signal
     return EXIT_SOFTWARE

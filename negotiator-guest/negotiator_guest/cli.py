@@ -36,6 +36,12 @@ Supported options:
     Print a JSON object instead of text (for scripts): the command's exit status and
     output, the list of commands, or the error.
 
+  --max-output=BYTES
+
+    With --json, keep at most this much of the command's standard output and of its
+    standard error (default 16M; binary units); the rest is dropped and
+    stdout_truncated/stderr_truncated say so. Output passed through is never cut.
+
   -c, --character-device=PATH
 
     Use this port instead of finding it by channel name.
@@ -62,19 +68,25 @@ Supported options:
 
 Exit statuses of negotiator's own failures (a command's own status passes through):
 
-  64  usage error (a wrong option or argument)
+  64  usage error (a wrong option or argument, or a request over the host's limits)
   69  channel unavailable: no such port, port busy, or no host daemon connected
   70  internal or protocol error
   75  timeout: no reply in time, or the command ran too long and was killed
   77  command refused by the host's policy, or no such command
+  130  interrupted (Ctrl-C): the call is cancelled on the host
+  141  standard output closed by its reader (| head)
 """
 
 import sys
 from typing import Any, Dict, List, Optional
 
-from negotiator_common.cli_support import UsageError, apply_shared_option, setup_logging, split_command
+from negotiator_common.cli_support import (
+    FullWriter, UsageError, apply_shared_option, exit_now, printable, read_stdin, setup_logging, silence_broken_pipe,
+    split_command, write_stdout,
+)
 from negotiator_common.exit_status import (  # the one table of both CLIs
-    EXIT_REFUSED, EXIT_SOFTWARE, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE, exit_status_for, exit_status_of_result,
+    EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_SOFTWARE, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE,
+    exit_status_for, exit_status_of_result,
 )
 
 __all__ = ('main', 'EXIT_USAGE', 'EXIT_UNAVAILABLE', 'EXIT_SOFTWARE', 'EXIT_TIMEOUT', 'EXIT_REFUSED',
@@ -84,8 +96,8 @@ __all__ = ('main', 'EXIT_USAGE', 'EXIT_UNAVAILABLE', 'EXIT_SOFTWARE', 'EXIT_TIME
 DEFAULT_TIMEOUT = 10.0
 
 _SHORT_OPTIONS = 'dle:it:jc:vqh'
-_LONG_OPTIONS = ['daemon', 'list-commands', 'execute=', 'stdin', 'timeout=', 'json', 'character-device=',
-                 'commands-dir=', 'syslog', 'verbose', 'quiet', 'help']
+_LONG_OPTIONS = ['daemon', 'list-commands', 'execute=', 'stdin', 'timeout=', 'json', 'max-output=',
+                 'character-device=', 'commands-dir=', 'syslog', 'verbose', 'quiet', 'help']
 
 
 class Options(object):
@@ -97,6 +109,7 @@ class Options(object):
         self.stdin = False
         self.timeout = DEFAULT_TIMEOUT  # type: Optional[float]
         self.json = False
+        self.max_output = None  # type: Optional[int]  # None: the API's default
         self.character_device = None  # type: Optional[str]
         self.commands_dirs = []  # type: List[str]
         self.syslog = False
@@ -152,8 +165,7 @@ def _advice(error: BaseException) -> str:
 
 def _print_json(data: Dict[str, Any]) -> None:
     import json
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + '\n')
-    sys.stdout.flush()
+    write_stdout(json.dumps(data, indent=2, sort_keys=True) + '\n')
 
 
 def _run_daemon(options: Options) -> int:
@@ -174,24 +186,35 @@ def _run_client(options: Options) -> int:
         if options.json:
             _print_json({'commands': [c.to_dict() for c in commands]})
         else:
-            width = max([len(c.name) for c in commands] + [0])
-            for command in commands:
-                line = command.name.ljust(width) + ('  ' + command.description if command.description else '')
-                sys.stdout.write(line.rstrip() + '\n')
+            _print_commands(commands)
         return 0
-    stdin = sys.stdin.buffer.read() if options.stdin else None
+    stdin = read_stdin() if options.stdin else None
     if options.json:
-        result = client.execute(options.command[0], *options.command[1:], input=stdin)
+        from negotiator_common.client import DEFAULT_MAX_OUTPUT
+        max_output = DEFAULT_MAX_OUTPUT if options.max_output is None else options.max_output
+        result = client.execute(options.command[0], *options.command[1:], input=stdin, max_output=max_output)
         _print_json(result.to_dict())
     else:
         result = client.execute(options.command[0], *options.command[1:], input=stdin,
-                                stdout=sys.stdout.buffer, stderr=sys.stderr.buffer)
+                                stdout=FullWriter(sys.stdout.buffer), stderr=FullWriter(sys.stderr.buffer))
     return exit_status_of_result(result.exit_status, result.signal)
+
+
+def _print_commands(commands: List[Any]) -> None:
+    """The host's commands, one a line with its description; both are the host's text, escaped."""
+    names = [printable(c.name) for c in commands]
+    width = max([len(name) for name in names] + [0])
+    for name, command in zip(names, commands):
+        line = name.ljust(width) + ('  ' + printable(command.description) if command.description else '')
+        sys.stdout.write(line.rstrip() + '\n')
 
 
 def main(arguments: Optional[List[str]] = None) -> None:
     """The command line interface of negotiator-guest (exits the process)."""
-    sys.exit(run(sys.argv[1:] if arguments is None else arguments))
+    status = run(sys.argv[1:] if arguments is None else arguments)
+    if status == EXIT_INTERRUPTED:
+        exit_now(status)  # nothing may hold the exit: ending the process cancels the call on the host
+    sys.exit(status)
 
 
 def run(arguments: List[str]) -> int:
@@ -213,16 +236,22 @@ def run(arguments: List[str]) -> int:
         return _run_client(options)
     except NegotiatorError as exc:
         if isinstance(exc, CommandFailed) and exc.exit_status is not None:
-            return exc.exit_status
+            return exit_status_for(exc)
         status = exit_status_for(exc)
         if options.json:
             _print_json({'error': {'type': type(exc).__name__, 'code': exc.code, 'message': exc.message,
                                    'data': exc.data}, 'exit_status': status})
-        sys.stderr.write('negotiator-guest: %s%s\n' % (exc.message, _advice(exc)))
+        sys.stderr.write('negotiator-guest: %s%s\n' % (printable(exc.message), _advice(exc)))
         return status
+    except UsageError as exc:
+        sys.stderr.write('negotiator-guest: %s\n' % exc)
+        return EXIT_USAGE
     except KeyboardInterrupt:
         sys.stderr.write('negotiator-guest: interrupted\n')
-        return 130
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        silence_broken_pipe()
+        return EXIT_BROKEN_PIPE
 
 
 if __name__ == '__main__':

@@ -24,7 +24,7 @@ import os
 import time
 from typing import Any, BinaryIO, List, Optional
 
-from negotiator_common.client import AgentClient, CommandDescription, ExecuteResult
+from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
 from negotiator_common.endpoint import DEFAULT_TIMEOUT, Endpoint
 from negotiator_common.errors import ChannelBusy, ConnectionClosed
 from negotiator_common.transport import Transport
@@ -112,7 +112,7 @@ class HostClient(object):
         except BaseException:
             endpoint.close()
             raise
-        self._client = AgentClient(endpoint)
+        self._client = AgentClient(endpoint, self.hello.get('limits'))
         return self._client
 
     def close(self) -> None:
@@ -153,16 +153,17 @@ class HostClient(object):
 
     def execute(self, command: str, *args: str, input: Optional[bytes] = None, timeout: Optional[float] = None,
                 check: bool = False, stdout: Optional[BinaryIO] = None,
-                stderr: Optional[BinaryIO] = None) -> ExecuteResult:
+                stderr: Optional[BinaryIO] = None, max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
         """
         Run one of the host's commands; see :meth:`negotiator_common.client.AgentClient.execute`.
 
         ``stdout``/``stderr`` (binary file objects) receive the output as it streams in;
-        without them it is collected into the :class:`ExecuteResult`. With ``check`` a
-        non-zero exit raises :class:`~negotiator_common.errors.CommandFailed`.
+        without them it is collected into the :class:`ExecuteResult`, at most ``max_output``
+        bytes per stream (16 MiB by default; the truncation flags say when more was dropped).
+        With ``check`` a non-zero exit raises :class:`~negotiator_common.errors.CommandFailed`.
         """
         return self._call('execute', command, *args, input=input, timeout=self._timeout(timeout), check=check,
-                          stdout=stdout, stderr=stderr)
+                          stdout=stdout, stderr=stderr, max_output=max_output)
 
     def _timeout(self, timeout: Optional[float]) -> Optional[float]:
         return self.timeout if timeout is None else timeout

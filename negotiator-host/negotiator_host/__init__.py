@@ -30,7 +30,7 @@ imported here, so that ``import negotiator_host`` stays quick.
 from negotiator_common.client import CommandDescription, ExecuteResult
 from negotiator_common.errors import (
     CallTimeout, ChannelBusy, ChannelNotFound, CommandFailed, CommandNotAllowed, CommandNotFound,
-    CommandTimedOut, ConnectionClosed, GuestNotFound, NegotiatorError,
+    CommandTimedOut, ConnectionClosed, GuestNotFound, NegotiatorError, UnsendableRequest,
 )
 
 from negotiator_host.channel import DEFAULT_TIMEOUT, GuestChannel, GuestOutcome, connect_socket, map_guests
@@ -46,5 +46,5 @@ __all__ = (
     'Guest', 'LibvirtPaths', 'LibvirtUnavailable', 'list_guests', 'find_guest', 'default_uri',
     'HOST_TO_GUEST_CHANNELS', 'GUEST_TO_HOST_CHANNEL', 'ExecuteResult', 'CommandDescription',
     'NegotiatorError', 'GuestNotFound', 'ChannelNotFound', 'ChannelBusy', 'CallTimeout', 'ConnectionClosed',
-    'CommandNotAllowed', 'CommandNotFound', 'CommandFailed', 'CommandTimedOut', '__version__',
+    'CommandNotAllowed', 'CommandNotFound', 'CommandFailed', 'CommandTimedOut', 'UnsendableRequest', '__version__',
 )

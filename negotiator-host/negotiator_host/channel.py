@@ -22,10 +22,10 @@ import threading
 import time
 from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
-from negotiator_common.client import AgentClient, CommandDescription, ExecuteResult
+from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import (
-    CallTimeout, ChannelBusy, ChannelNotFound, NegotiatorError,
+    CallTimeout, ChannelBusy, ChannelNotFound, ConnectionClosed, NegotiatorError,
 )
 from negotiator_common.lazylog import get_logger
 from negotiator_common.transport import Transport
@@ -161,7 +161,7 @@ class GuestChannel(object):
             except NegotiatorError:
                 endpoint.close('handshake failed')
                 raise
-            self._endpoint, self._client = endpoint, AgentClient(endpoint)
+            self._endpoint, self._client = endpoint, AgentClient(endpoint, self.agent_info.get('limits'))
             return self._client
 
     def close(self) -> None:
@@ -203,15 +203,20 @@ class GuestChannel(object):
 
     def execute(self, command: str, *args: str, input: Optional[bytes] = None, timeout: Optional[float] = None,
                 check: bool = False, stdout: Optional[BinaryIO] = None,
-                stderr: Optional[BinaryIO] = None) -> ExecuteResult:
+                stderr: Optional[BinaryIO] = None, max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
         """
         Run ``command`` with ``args`` in the guest and return an :class:`ExecuteResult`
         (``exit_status``, ``stdout``, ``stderr`` as bytes, ``duration``).
 
         ``input`` (bytes) is the command's standard input. With ``stdout``/``stderr`` binary
-        file objects the output is written there as it arrives instead of being collected.
-        ``timeout`` bounds the whole call (the guest kills the command a little earlier).
-        With ``check``, a non-zero exit status raises :class:`CommandFailed`.
+        file objects the output is written there as it arrives instead of being collected;
+        collected output keeps at most ``max_output`` bytes per stream (16 MiB by default,
+        :data:`~negotiator_common.client.DEFAULT_MAX_OUTPUT`), and ``stdout_truncated``/
+        ``stderr_truncated`` say when more was dropped, so a guest cannot make the host hold
+        more. ``timeout`` bounds the whole call (the guest kills the command a little earlier).
+        With ``check``, a non-zero exit status raises :class:`CommandFailed`. A request over
+        the limits the agent announced (input, arguments, timeout) or an argument that is not
+        valid UTF-8 raises :class:`UnsendableRequest` before anything is sent.
 
         >>> GuestChannel('web-1').execute('cat', input=b'hello').stdout
         b'hello'
@@ -220,7 +225,7 @@ class GuestChannel(object):
         deadline = None if timeout is None else time.monotonic() + timeout
         client = self._connected_client(timeout)
         return client.execute(command, *args, input=input, timeout=_remaining(deadline), check=check,
-                              stdout=stdout, stderr=stderr)
+                              stdout=stdout, stderr=stderr, max_output=max_output)
 
 
 class GuestOutcome(object):
@@ -261,37 +266,61 @@ def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[s
     ``guests`` are names, :class:`~negotiator_host.discovery.Guest` objects (from
     :func:`~negotiator_host.discovery.list_guests`: no more discovery) or open channels.
     An exception in one guest never stops the others: it is kept in that guest's outcome.
+    If the calling thread is interrupted (``KeyboardInterrupt``), the channels that this
+    function opened are closed at once (each agent cancels its command) and the exception
+    goes on, without waiting for the calls.
 
     >>> for outcome in map_guests(lambda g: g.execute('uptime').stdout, ['web-1', 'web-2']):
     ...     print(outcome.guest, outcome.result if outcome.ok else outcome.error)
     """
     items = list(guests)
+    interrupted = threading.Event()
+    owned = []  # type: List[GuestChannel]
+    owned_lock = threading.Lock()
 
-    def run(item: Union[str, Guest, GuestChannel]) -> GuestOutcome:
-        started = time.monotonic()
-        owned = not isinstance(item, GuestChannel)
+    def channel_for(item: Union[str, Guest, GuestChannel]) -> GuestChannel:
         if isinstance(item, GuestChannel):
-            channel = item
-        elif isinstance(item, Guest):
-            path = item.socket_for(channel_names)
-            channel = GuestChannel(item.name, socket_path=path, uri=uri, timeout=timeout,
+            return item
+        if isinstance(item, Guest):
+            channel = GuestChannel(item.name, socket_path=item.socket_for(channel_names), uri=uri, timeout=timeout,
                                    channel_names=channel_names, paths=paths)
         else:
             channel = GuestChannel(item, uri=uri, timeout=timeout, channel_names=channel_names, paths=paths)
-        name = channel.name
+        with owned_lock:
+            owned.append(channel)
+        return channel
+
+    def run(item: Union[str, Guest, GuestChannel]) -> GuestOutcome:
+        started = time.monotonic()
+        channel = channel_for(item)
         try:
+            if interrupted.is_set():
+                raise ConnectionClosed('the caller was interrupted before this guest was called')
             if isinstance(item, Guest) and channel.socket_path is None:
                 item.require_socket(channel_names)
-            return GuestOutcome(name, result=function(channel), duration=time.monotonic() - started)
+            return GuestOutcome(channel.name, result=function(channel), duration=time.monotonic() - started)
         except Exception as exc:
-            return GuestOutcome(name, error=exc, duration=time.monotonic() - started)
+            return GuestOutcome(channel.name, error=exc, duration=time.monotonic() - started)
         finally:
-            if owned:
+            if channel is not item:
                 channel.close()
 
     if not items:
         return []
     from concurrent.futures import ThreadPoolExecutor  # imported lazily: a one-guest call needs no pool
 
-    with ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items)))) as pool:
-        return list(pool.map(run, items))
+    pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items))))
+    try:
+        outcomes = list(pool.map(run, items))
+    except BaseException:
+        # Ctrl-C (or any exception) in the waiting thread: the calls are abandoned. Closing
+        # their connections makes each agent cancel its command, and frees the workers at once
+        # instead of after every remote call has run its course; guests not yet called are not.
+        interrupted.set()
+        with owned_lock:
+            for channel in owned:
+                channel.close()
+        pool.shutdown(wait=False)
+        raise
+    pool.shutdown()
+    return outcomes
