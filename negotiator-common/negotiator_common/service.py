@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Optional
 from negotiator_common import __version__
 from negotiator_common.commands import CommandInfo, CommandRegistry
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
+from negotiator_common.peerlog import Complaints
 from negotiator_common.errors import (
     CommandFailed, CommandNotAllowed, CommandTimedOut, InvalidParams, LimitExceeded,
 )
@@ -81,6 +82,7 @@ class AgentService(object):
         self.policy = policy
         self.limits = limits or Limits()
         self.environment = environment or (lambda peer: {})
+        self._complaints = {}  # type: Dict[str, Complaints]
 
     def register(self, dispatcher: Dispatcher) -> Dispatcher:
         # Everything but execute answers on the reading thread: listing a directory costs less
@@ -110,10 +112,19 @@ class AgentService(object):
     def _resolve(self, name: object, peer: str) -> CommandInfo:
         command = self.registry.resolve(name)
         if not self.policy(peer, command.name):
-            logger.warning("Refused %s for %s: not allowed by the policy", command.name, peer or 'the peer')
+            # A peer may ask again and again: the log says so a few times per interval, then counts.
+            self._complaints_about(peer).complain('warning', 'refused commands', "Refused %s for %s: not allowed by the policy",
+                                                  command.name, peer or 'the peer')
             raise CommandNotAllowed('%s may not run %r (the policy does not allow it)'
                                     % (peer or 'this peer', command.name))
         return command
+
+    def _complaints_about(self, peer: str) -> Complaints:
+        """The rate limiter of complaints about ``peer`` (one per peer: a guest's refusals never hide another's)."""
+        complaints = self._complaints.get(peer)
+        if complaints is None:
+            complaints = self._complaints.setdefault(peer, Complaints(logger, peer or 'the peer'))
+        return complaints
 
     def _parse_execute(self, params: Dict[str, Any]) -> Dict[str, Any]:
         args = get_param(params, 'args', (list,), [])
