@@ -10,6 +10,7 @@ import threading
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from negotiator_common.client import AgentClient
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import ConnectionClosed, InternalError, MessageTooLarge, NegotiatorError
@@ -216,6 +217,23 @@ def test_a_notification_callback_that_raises_fails_only_its_call():
         assert isinstance(outcome, InternalError) and 'TypeError' in str(outcome)
         assert isinstance(outcome.__cause__, TypeError)
         assert called_ping_is_answered(endpoint, peer)
+    finally:
+        endpoint.close()
+        peer.close()
+
+
+def test_the_client_skips_output_of_a_stream_of_any_other_type():
+    endpoint, peer = calling_pair()
+    try:
+        result = {}
+        thread = threading.Thread(target=lambda: result.update(done=AgentClient(endpoint).execute('cmd', timeout=10)))
+        thread.start()
+        request = peer.next_event(lambda e: isinstance(e, Request) and e.params.get('command') == 'cmd')
+        peer.send(encode_message(Notification('output', {'id': request.id, 'stream': ['stdout'], 'data': 'x'}))
+                  + encode_message(Notification('output', {'id': request.id, 'stream': 'stdout', 'data': 'ok'}))
+                  + encode_message(Response(request.id, result={'exit_status': 0})))
+        thread.join(10)
+        assert result['done'].stdout == b'ok'
     finally:
         endpoint.close()
         peer.close()

@@ -138,8 +138,8 @@ class AgentClient(object):
 
         def on_output(params: Dict[str, Any]) -> None:
             stream = params.get('stream')
-            if stream not in collected:
-                return
+            if not isinstance(stream, str) or stream not in collected:
+                return  # not output this call can take (a stream of any other JSON type is no key)
             try:
                 chunk = decode_bytes(params, 'data') or b''
             except ValueError:

@@ -323,8 +323,8 @@ class Endpoint(object):
             with self._pending_lock:
                 call = self._pending.pop(response.id, None)
         if call is None:
-            self.complaints.complain('debug', 'replies to unknown ids', "Dropping reply from %s to unknown request id %s",
-                                     self.name, Cut(response.id))
+            self.complaints.complain('debug', 'replies to unknown ids',
+                                     "Dropping reply from %s to unknown request id %s", self.name, Cut(response.id))
             return
         call.response = response
         call.done.set()
@@ -358,8 +358,8 @@ class Endpoint(object):
             with self._pending_lock:
                 call = self._pending.get(call_id)
         if call is None or call.on_notification is None:
-            self.complaints.complain('debug', 'notifications no call waits for', "Dropping %s from %s: no call waits for it",
-                                     Cut(notification), self.name)
+            self.complaints.complain('debug', 'notifications no call waits for',
+                                     "Dropping %s from %s: no call waits for it", Cut(notification), self.name)
             return
         if notification.attachment is not None:
             # Raw output: the callback gets the bytes that followed the line as ``data_raw``.

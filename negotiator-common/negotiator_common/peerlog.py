@@ -16,7 +16,7 @@ bounded, in lines and in bytes, whatever the peer does (``docs/security.rst``, "
 import reprlib
 import threading
 import time
-from typing import Any, Callable, Dict, Hashable, Tuple
+from typing import Any, Callable, Hashable, Tuple
 
 __all__ = ('cut', 'Cut', 'Complaints', 'CUT_LENGTH', 'COMPLAINTS_PER_INTERVAL', 'COMPLAINT_INTERVAL')
 
@@ -28,6 +28,9 @@ COMPLAINTS_PER_INTERVAL = 5
 
 COMPLAINT_INTERVAL = 10.0
 """Seconds of one rate-limiting interval."""
+
+_Window = Tuple[float, int, int, str]
+"""One kind of complaint: when its interval began, lines logged, lines suppressed, the level."""
 
 
 def _short_repr(limit: int) -> reprlib.Repr:
@@ -85,7 +88,7 @@ class Complaints(object):
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
-        self._windows = {}  # type: Dict[Hashable, Tuple[float, int, int, str]]
+        self._windows = {}  # type: Dict[Hashable, _Window]
 
     def complain(self, level: str, kind: Hashable, message: str, *args: Any) -> None:
         """

@@ -113,7 +113,8 @@ class AgentService(object):
         command = self.registry.resolve(name)
         if not self.policy(peer, command.name):
             # A peer may ask again and again: the log says so a few times per interval, then counts.
-            self._complaints_about(peer).complain('warning', 'refused commands', "Refused %s for %s: not allowed by the policy",
+            self._complaints_about(peer).complain('warning', 'refused commands',
+                                                  "Refused %s for %s: not allowed by the policy",
                                                   command.name, peer or 'the peer')
             raise CommandNotAllowed('%s may not run %r (the policy does not allow it)'
                                     % (peer or 'this peer', command.name))
