@@ -91,13 +91,17 @@ class CallInThread(object):
         return self._outcome
 
 
-def served_ping_is_answered(endpoint: Endpoint, peer: RawPeer, request_id='last') -> bool:
+def served_ping_is_answered(endpoint: Endpoint, peer: RawPeer, request_id='ping-after-the-lines') -> bool:
     peer.send(b'\n' + encode_message(Request(request_id, 'ping')))
     reply = peer.next_event(lambda e: isinstance(e, Response) and e.id == request_id)
     return reply.result == 'pong' and not endpoint.closed
 
 
 def called_ping_is_answered(endpoint: Endpoint, peer: RawPeer) -> bool:
+    # First a request of the peer's, whose reply says that the endpoint has read every line
+    # before it: a stale reply among them can then never be taken for the ping's.
+    peer.send(b'\n' + encode_message(Request('sync-after-the-lines', 'anything')))
+    peer.next_event(lambda e: isinstance(e, Response) and e.id == 'sync-after-the-lines')
     call = CallInThread(endpoint, 'ping', timeout=10)
     request = peer.next_event(lambda e: isinstance(e, Request) and e.method == 'ping')
     peer.send(b'\n' + encode_message(Response(request.id, result='pong')))
