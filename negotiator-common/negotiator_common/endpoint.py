@@ -3,10 +3,14 @@ One side of a channel: it sends requests and serves requests at the same time.
 
 An :class:`Endpoint` puts the protocol of :mod:`negotiator_common.protocol` on a
 :class:`~negotiator_common.transport.Transport`. One reading thread decodes lines and routes
-them: replies go to the caller waiting for that id (unknown ids are dropped with a log line),
-requests go to the :class:`~negotiator_common.dispatcher.Dispatcher`, cheap methods on the
-reading thread and the others on threads of their own (at most ``max_concurrent`` at once;
-more get a :class:`~negotiator_common.errors.LimitExceeded` reply). Every call has a timeout.
+them: replies go to the caller waiting for that id (unknown ids, and values that cannot be
+ids, are dropped with a log line that :mod:`negotiator_common.peerlog` keeps short and rare;
+an error with a null id fails the one call waiting, when only one waits), requests go to the
+:class:`~negotiator_common.dispatcher.Dispatcher`, cheap methods on the reading thread and the
+others on threads of their own (at most ``max_concurrent`` at once; more get a
+:class:`~negotiator_common.errors.LimitExceeded` reply). Every call has a timeout. No message
+of any shape ends the reader; should it fail anyway, the connection closes with the reason in
+``close_reason``, so that a daemon connects again or serves the next session.
 
 A client starts with :meth:`Endpoint.handshake`, the resynchronisation of ``docs/protocol.rst``
 ("Resynchronisation"): a virtio-serial port keeps bytes across clients, so a new client sends
