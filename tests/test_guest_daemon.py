@@ -301,3 +301,16 @@ def _ignore_errors(function, *args, **kw):
         function(*args, **kw)
     except Exception:
         pass
+
+
+def test_a_malformed_message_leaves_the_session_serving(daemon_on_pty):
+    # Issue 11, finding 3: this line killed the session's reader (a traceback, then a new session).
+    process, host, _ = daemon_on_pty
+    host.connect()
+    host.send({'jsonrpc': '2.0', 'method': 'output', 'params': {'id': [1]}})
+    host.send({'jsonrpc': '2.0', 'id': 'after', 'method': 'ping', 'params': {}})
+    assert host.wait_for('after') is not None
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=5) == 0
+    log = process.stderr.read()
+    assert b'Traceback' not in log and b'session 2' not in log

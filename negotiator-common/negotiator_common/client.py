@@ -183,8 +183,8 @@ class _OutputCollector(object):
 
     def __call__(self, params: Dict[str, Any]) -> None:
         stream = params.get('stream')
-        if stream not in self.collected or self.sink_error is not None:
-            return
+        if not isinstance(stream, str) or stream not in self.collected or self.sink_error is not None:
+            return  # not output this call can take (a stream of any other JSON type is no key)
         try:
             chunk = decode_bytes(params, 'data') or b''
         except ValueError:

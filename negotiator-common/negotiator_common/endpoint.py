@@ -3,10 +3,14 @@ One side of a channel: it sends requests and serves requests at the same time.
 
 An :class:`Endpoint` puts the protocol of :mod:`negotiator_common.protocol` on a
 :class:`~negotiator_common.transport.Transport`. One reading thread decodes lines and routes
-them: replies go to the caller waiting for that id (unknown ids are dropped with a log line),
-requests go to the :class:`~negotiator_common.dispatcher.Dispatcher`, cheap methods on the
-reading thread and the others on threads of their own (at most ``max_concurrent`` at once;
-more get a :class:`~negotiator_common.errors.LimitExceeded` reply). Every call has a timeout.
+them: replies go to the caller waiting for that id (unknown ids, and values that cannot be
+ids, are dropped with a log line that :mod:`negotiator_common.peerlog` keeps short and rare;
+an error with a null id fails the one call waiting, when only one waits), requests go to the
+:class:`~negotiator_common.dispatcher.Dispatcher`, cheap methods on the reading thread and the
+others on threads of their own (at most ``max_concurrent`` at once; more get a
+:class:`~negotiator_common.errors.LimitExceeded` reply). Every call has a timeout. No message
+of any shape ends the reader; should it fail anyway, the connection closes with the reason in
+``close_reason``, so that a daemon connects again or serves the next session.
 
 A client starts with :meth:`Endpoint.handshake`, the resynchronisation of ``docs/protocol.rst``
 ("Resynchronisation"): a virtio-serial port keeps bytes across clients, so a new client sends
@@ -29,8 +33,9 @@ from negotiator_common.lazylog import get_logger
 from negotiator_common.memory import release_free_memory
 from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, DecodeError, LineDecoder, Message, Notification,
-    Request, Response, encode_message, encode_message_parts,
+    Request, Response, encode_message, encode_message_parts, valid_id,
 )
+from negotiator_common.peerlog import Complaints, Cut, cut
 from negotiator_common.transport import Transport
 
 __all__ = ('Endpoint', 'DEFAULT_TIMEOUT', 'DEFAULT_MAX_CONCURRENT', 'REPLY_WRITE_TIMEOUT', 'SESSION_NOTIFICATION')
@@ -86,6 +91,7 @@ class Endpoint(object):
         self.dispatcher = dispatcher
         self.name = name
         self.log = _log.getChild(name.replace('.', '_') or 'peer')
+        self.complaints = Complaints(self.log, name)
         self._decoder = LineDecoder(max_line_length)
         # Raw output attachments are only ever sent to a caller that asked for them: none are
         # expected before this side's first call (a server never calls; a client first
@@ -130,6 +136,12 @@ class Endpoint(object):
         except OSError as exc:
             reason = 'read failed: %s' % exc
             self.log.warning("Reading from %s failed: %s", self.name, exc)
+        except Exception as exc:
+            # Nothing the peer sends should get here; if something does, this connection ends
+            # (and its daemon connects again) instead of the reading thread dying with it open.
+            reason = 'reader failed: %s: %s' % (type(exc).__name__, cut(str(exc)))
+            self.log.error("Reading from %s failed unexpectedly (%s); closing the connection", self.name, reason)
+            self.log.debug("The reader's failure", exc_info=True)
         finally:
             self.close(reason)
 
@@ -161,6 +173,7 @@ class Endpoint(object):
         self.close_reason = reason
         self._closed.set()
         self._cancelled.set()
+        self.complaints.flush()
         self.log.debug("Connection to %s closed: %s", self.name, reason)
         self.transport.close()
         self._fail_pending('connection to %s closed before the reply to %%s arrived (%s)' % (self.name, reason))
@@ -272,12 +285,14 @@ class Endpoint(object):
     def _deadline(timeout: Optional[float]) -> Optional[float]:
         return None if timeout is None else time.monotonic() + timeout
 
-    def _send(self, message: Message, deadline: Optional[float]) -> None:
+    def _send(self, message: Message, deadline: Optional[float], log_traffic: bool = True) -> None:
+        """Write one message; ``log_traffic`` False when a complaint already logged why (a bad line's error)."""
         if self._closed.is_set():
             if isinstance(message, Request):
                 raise ConnectionClosed('connection to %s is closed (%s)' % (self.name, self.close_reason))
             return
-        self.log.debug("Sending %r to %s", message, self.name)
+        if log_traffic:
+            self.log.debug("Sending %s to %s", Cut(message), self.name)
         try:
             data = encode_message_parts(message)
         except (TypeError, ValueError) as exc:
@@ -285,7 +300,7 @@ class Endpoint(object):
             # reply, and the reading thread lives on.
             if not isinstance(message, Response):
                 raise
-            self.log.error("Reply to %r cannot be encoded: %s", message.id, exc)
+            self.log.error("Reply to %s cannot be encoded: %s", Cut(message.id), exc)
             data = encode_message_parts(Response(message.id, error=InternalError(
                 'the reply could not be encoded as JSON: %s' % exc)))
         try:
@@ -300,12 +315,18 @@ class Endpoint(object):
                 raise
 
     def _handle(self, event: Any) -> None:
+        """
+        Route one event from the decoder. Whatever the peer sent, this returns: values that
+        cannot be ids route nowhere, and every complaint about the peer is cut short and
+        rate-limited (``docs/security.rst``, "Logs").
+        """
         if self._sync_id is not None:
             if isinstance(event, Response) and event.id == self._sync_id:
                 self._sync_id = None
                 self._decoder.accept_attachments = True
             else:
-                self.log.debug("Dropping %r from %s while resynchronising", event, self.name)
+                self.complaints.complain('debug', 'stale lines', "Dropping %s from %s while resynchronising",
+                                         Cut(event), self.name)
                 return
         if isinstance(event, Response):
             self._route_response(event)
@@ -314,17 +335,44 @@ class Endpoint(object):
         elif isinstance(event, Notification):
             self._route_notification(event)
         elif isinstance(event, DecodeError):
-            self.log.warning("Bad line from %s: %s", self.name, event.error)
-            if self.dispatcher is not None:
-                self._send(Response(event.id, error=event.error), self._deadline(REPLY_WRITE_TIMEOUT))
+            answer = self.dispatcher is not None
+            self.complaints.complain('warning', 'bad lines', "Bad line from %s%s: %s", self.name,
+                                     ' (answered with an error)' if answer else '', Cut(event.error.message))
+            if answer:
+                self._send(Response(event.id, error=event.error), self._deadline(REPLY_WRITE_TIMEOUT),
+                           log_traffic=False)
 
     def _route_response(self, response: Response) -> None:
+        if response.id is None and response.error is not None:
+            self._route_unattributed_error(response)
+            return
         # Taken out of the pending calls at once: a close that follows before the caller wakes
         # (the peer replied, then hung up) must not replace this reply with ConnectionClosed.
-        with self._pending_lock:
-            call = self._pending.pop(response.id, None)
+        call = None
+        if valid_id(response.id):
+            with self._pending_lock:
+                call = self._pending.pop(response.id, None)
         if call is None:
-            self.log.info("Dropping reply from %s to unknown request id %r", self.name, response.id)
+            self.complaints.complain('debug', 'replies to unknown ids',
+                                     "Dropping reply from %s to unknown request id %s", self.name, Cut(response.id))
+            return
+        call.response = response
+        call.done.set()
+
+    def _route_unattributed_error(self, response: Response) -> None:
+        """
+        An error with a null id: the peer could not read a request well enough to name it (a
+        line over its limit, bytes that are not UTF-8). With exactly one call of this side
+        waiting, that call is the one it could not read, and it fails now instead of at its
+        timeout; with none or several, nobody can tell whose it was, and it is dropped.
+        """
+        with self._pending_lock:
+            call = self._pending.popitem()[1] if len(self._pending) == 1 else None
+            waiting = len(self._pending)
+        if call is None:
+            self.complaints.complain('warning', 'errors that name no request',
+                                     "Dropping an error from %s that names no request (%d calls wait): %s",
+                                     self.name, waiting, Cut(response.error))
             return
         call.response = response
         call.done.set()
@@ -334,15 +382,34 @@ class Endpoint(object):
         if notification.method == SESSION_NOTIFICATION:
             self._fail_pending('%s began a new session (its agent restarted?): the reply to %%s is lost' % self.name)
             return
-        with self._pending_lock:
-            call = self._pending.get(params.get('id'))
-        if call is not None and call.on_notification is not None:
-            if notification.attachment is not None:
-                # Raw output: the callback gets the bytes that followed the line as ``data_raw``.
-                params = dict(params, data_raw=notification.attachment)
+        call_id = params.get('id')
+        call = None
+        if valid_id(call_id):
+            with self._pending_lock:
+                call = self._pending.get(call_id)
+        if call is None or call.on_notification is None:
+            self.complaints.complain('debug', 'notifications no call waits for',
+                                     "Dropping %s from %s: no call waits for it", Cut(notification), self.name)
+            return
+        if notification.attachment is not None:
+            # Raw output: the callback gets the bytes that followed the line as ``data_raw``.
+            params = dict(params, data_raw=notification.attachment)
+        try:
             call.on_notification(params)
-        else:
-            self.log.debug("Dropping %r from %s: no call waits for it", notification, self.name)
+        except Exception as exc:
+            # The caller's own callback failed (its output could not be written, say): that call
+            # fails with the reason, and the channel and every other call live on.
+            self._fail_call(call_id, InternalError('handling a notification from %s about %s failed: %s: %s' % (
+                self.name, call.method, type(exc).__name__, exc)), exc)
+
+    def _fail_call(self, call_id: Any, error: NegotiatorError, cause: BaseException) -> None:
+        """Fail the waiting call ``call_id`` with ``error`` (raised from ``cause``), if it still waits."""
+        with self._pending_lock:
+            call = self._pending.pop(call_id, None)
+        if call is not None:
+            error.__cause__ = cause
+            call.response = Response(call_id, error=error)
+            call.done.set()
 
     def _serve(self, request: Request) -> None:
         if self.dispatcher is None:
@@ -357,7 +424,7 @@ class Endpoint(object):
                 'too many requests in flight on this connection; try again when one has finished')))
             return
         worker = threading.Thread(target=self._serve_in_thread, args=(request, context),
-                                  name='negotiator-%s-%s' % (request.method, request.id))
+                                  name='negotiator-%s-%s' % (request.method, cut(request.id, 40)))
         worker.daemon = True
         with self._handlers_done:
             self._handlers += 1
@@ -367,7 +434,7 @@ class Endpoint(object):
         try:
             self._reply(self.dispatcher.dispatch(request, context))  # type: ignore
         except NegotiatorError as exc:
-            self.log.debug("Reply to %r not sent: %s", request, exc)
+            self.log.debug("Reply to %s not sent: %s", Cut(request), exc)
         finally:
             self._handler_slots.release()
             with self._handlers_done:

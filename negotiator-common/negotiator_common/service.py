@@ -13,6 +13,7 @@ from typing import Any, Callable, Dict, List, Optional
 from negotiator_common import __version__
 from negotiator_common.commands import CommandInfo, CommandRegistry, missing_command_message
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
+from negotiator_common.peerlog import Complaints, Cut
 from negotiator_common.errors import (
     CommandFailed, CommandNotFound, CommandTimedOut, InvalidParams, LimitExceeded,
 )
@@ -102,6 +103,7 @@ class AgentService(object):
         self.builtin_policy = builtin_policy or policy
         self.limits = limits or Limits()
         self.environment = environment or (lambda peer: {})
+        self._complaints = {}  # type: Dict[str, Complaints]
 
     def register(self, dispatcher: Dispatcher) -> Dispatcher:
         # Everything but execute answers on the reading thread: listing a directory costs less
@@ -133,15 +135,26 @@ class AgentService(object):
         return policy(peer, command.name)
 
     def _resolve(self, name: object, peer: str) -> CommandInfo:
+        complaints = self._complaints_about(peer)
         try:
             command = self.registry.resolve(name)
         except CommandNotFound:
-            logger.info("Refused %.80r for %s: no such command", name, peer or 'the peer')
+            # A peer may ask again and again: the log says so a few times per interval, then counts.
+            complaints.complain('info', 'missing commands', "Refused %s for %s: no such command",
+                                Cut(name), peer or 'the peer')
             raise
         if not self._permits(peer, command):
-            logger.warning("Refused %s for %s: not allowed by the policy", command.name, peer or 'the peer')
+            complaints.complain('warning', 'refused commands', "Refused %s for %s: not allowed by the policy",
+                                command.name, peer or 'the peer')
             raise CommandNotFound(missing_command_message(command.name))
         return command
+
+    def _complaints_about(self, peer: str) -> Complaints:
+        """The rate limiter of complaints about ``peer`` (one per peer: a guest's refusals never hide another's)."""
+        complaints = self._complaints.get(peer)
+        if complaints is None:
+            complaints = self._complaints.setdefault(peer, Complaints(logger, peer or 'the peer'))
+        return complaints
 
     def _parse_execute(self, params: Dict[str, Any]) -> Dict[str, Any]:
         args = get_param(params, 'args', (list,), [])

@@ -153,7 +153,16 @@ class HostDaemon(object):
         return connection
 
     def _run_connection(self, connection: GuestConnection) -> None:
-        connection.endpoint.run()
+        try:
+            connection.endpoint.run()
+        finally:
+            # However the reader ended, the guest is forgotten and connected again: a dead
+            # reader must never leave a guest cut off until the daemon restarts.
+            connection.endpoint.close('the reader ended')
+            self._connection_ended(connection)
+
+    def _connection_ended(self, connection: GuestConnection) -> None:
+        """Forget a closed connection and schedule its reconnection (unless the daemon stops)."""
         with self._lock:
             if self.connections.get(connection.name) is connection:
                 del self.connections[connection.name]
