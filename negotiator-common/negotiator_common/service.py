@@ -21,6 +21,7 @@ from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, Notification, decode_bytes, encode_bytes,
 )
 from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
+from negotiator_common.slots import CommandSlots
 
 __all__ = ('AgentService', 'Limits', 'Policy', 'CAPABILITIES', 'RAW_CHUNK_SIZE')
 
@@ -70,17 +71,21 @@ class AgentService(object):
     :param agent: names this side in ``hello`` (``negotiator-guest`` or ``negotiator-host``).
     :param environment: ``NEGOTIATOR_*`` variables for a command, from the caller's name
                         (the host daemon sets ``NEGOTIATOR_GUEST``).
+    :param slots: bounds the commands that run at once across every connection that shares
+                  this service (the host daemon's guests); None: only each connection's bound.
     """
 
     def __init__(self, agent: str, registry: CommandRegistry, version: str = __version__,
                  policy: Policy = _allow_everything, limits: Optional[Limits] = None,
-                 environment: Optional[Callable[[str], Dict[str, str]]] = None) -> None:
+                 environment: Optional[Callable[[str], Dict[str, str]]] = None,
+                 slots: Optional[CommandSlots] = None) -> None:
         self.agent = agent
         self.version = version
         self.registry = registry
         self.policy = policy
         self.limits = limits or Limits()
         self.environment = environment or (lambda peer: {})
+        self.slots = slots
 
     def register(self, dispatcher: Dispatcher) -> Dispatcher:
         # Everything but execute answers on the reading thread: listing a directory costs less
@@ -142,6 +147,22 @@ class AgentService(object):
     def execute(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         command = self._resolve(get_param(params, 'command', (str,)), context.peer)
         options = self._parse_execute(params)
+        if self.slots is None:
+            return self._run(command, options, context)
+        self._wait_for_slot(options, context)
+        try:
+            return self._run(command, options, context)
+        finally:
+            self.slots.release()
+
+    def _wait_for_slot(self, options: Dict[str, Any], context: CallContext) -> None:
+        """Wait for one of the shared command slots; the time spent waiting comes off the command's timeout."""
+        assert self.slots is not None
+        started = time.monotonic()
+        self.slots.acquire(context.peer, started + options['timeout'], context.cancelled)
+        options['timeout'] = max(0.0, options['timeout'] - (time.monotonic() - started))
+
+    def _run(self, command: CommandInfo, options: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         collected = {'stdout': bytearray(), 'stderr': bytearray()}
 
         def on_output(stream: str, chunk: bytes) -> None:
