@@ -111,3 +111,69 @@ def test_host_daemon_runs_at_most_max_commands_across_guests_and_queues_the_next
         for side in sides.values():
             side.close()
         fake.cleanup()
+
+
+def _daemon_figures(pid, command):
+    """Peak and current resident memory (MiB) and threads of the process ``pid``, and its children running ``command``."""
+    with open('/proc/%d/status' % pid) as handle:
+        status = dict(line.split(':', 1) for line in handle if ':' in line)
+    children = subprocess.run(['pgrep', '-P', str(pid), '-f', command], stdout=subprocess.PIPE).stdout.split()
+    return {'peak_mib': int(status['VmHWM'].split()[0]) / 1024.0, 'rss_mib': int(status['VmRSS'].split()[0]) / 1024.0,
+            'threads': int(status['Threads']), 'children': len(children)}
+
+
+def test_fifty_guests_at_their_bound_with_1_mib_of_stdin_stay_below_the_documented_memory(tmp_path):
+    """
+    50 guests, each with 4 requests (its own bound) of a command that waits, with 1 MiB of binary
+    standard input each: the daemon runs 8, queues 32, refuses the rest at once, and its peak
+    memory stays below the figure in docs/host.rst (200 MiB). The figures are printed (``pytest -s``).
+    """
+    fake = FakeLibvirt()
+    release = str(tmp_path / 'release')
+    commands = str(tmp_path / 'commands')
+    os.mkdir(commands)
+    hold = os.path.join(commands, 'hold')
+    with open(hold, 'w') as handle:
+        handle.write('#!/bin/sh\nwhile [ ! -e "$1" ]; do sleep 0.1; done\n')
+    os.chmod(hold, 0o755)
+    sides = []
+    for number in range(1, 51):
+        sides.append(FakeGuestSide(fake.socket_path('guest-%d' % number, number, GUEST_TO_HOST_CHANNEL)))
+        fake.add_running('guest-%d' % number, number)
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--commands-dir', commands, '-q'],
+                               env=fake.environ, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    outcomes = []
+    stdin = os.urandom(1024 * 1024)
+
+    def call(client):
+        try:
+            outcomes.append(client.execute('hold', release, input=stdin, timeout=120).exit_status)
+        except NegotiatorError as exc:
+            outcomes.append(exc)
+    threads = []
+    try:
+        clients = [side.accept(timeout=20) for side in sides]
+        for client in clients:
+            for _ in range(4):
+                threads.append(threading.Thread(target=call, args=(client,)))
+                threads[-1].start()
+        assert wait_until(lambda: len(outcomes) == 160, timeout=60)
+        assert wait_until(lambda: _daemon_figures(process.pid, hold)['children'] == 8, timeout=20)
+        figures = _daemon_figures(process.pid, hold)
+        print('\n50 guests x 4 requests x 1 MiB stdin: %(peak_mib).0f MiB peak, %(rss_mib).0f MiB now, '
+              '%(threads)d threads, %(children)d children' % figures)
+        assert all(isinstance(outcome, LimitExceeded) for outcome in outcomes)
+        # Before the bound across guests: 596 MiB, 252 threads and 200 children.
+        assert figures['peak_mib'] < 200
+        assert figures['threads'] < 100  # a reading thread per guest, a handler per request held, a few more
+        open(release, 'w').close()
+        for thread in threads:
+            thread.join(60)
+        assert outcomes.count(0) == 40
+    finally:
+        open(release, 'w').close()
+        process.terminate()
+        process.wait(10)
+        for side in sides:
+            side.close()
+        fake.cleanup()
