@@ -74,9 +74,9 @@ def test_host_daemon_runs_at_most_max_commands_across_guests_and_queues_the_next
         threads.append(threading.Thread(target=hold, args=(key, client)))
         threads[-1].start()
 
-    def waiting():
+    def daemon_text():
         with open(daemon_log) as handle:
-            return handle.read().count('waits for a slot')
+            return handle.read()
     try:
         clients = {name: side.accept(timeout=10) for name, side in sides.items()}
         assert clients['g1'].endpoint.call('hello')['limits']['max_timeout'] == 30
@@ -88,21 +88,27 @@ def test_host_daemon_runs_at_most_max_commands_across_guests_and_queues_the_next
         assert wait_until(lambda: len(os.listdir(str(record / 'running'))) == 2, timeout=10)
         start('g2-a', clients['g2'])
         start('g3-a', clients['g3'])
-        assert wait_until(lambda: waiting() == 2, timeout=10)
+        assert wait_until(lambda: daemon_text().count('waits for a slot') == 2, timeout=10)
         # Two run and two wait: the next request is refused at once, whichever guest sends it.
         with pytest.raises(LimitExceeded):
             clients['g1'].execute('hold', str(record), timeout=25)
         with pytest.raises(LimitExceeded):
             clients['g3'].execute('hold', str(record), timeout=25)
         assert clients['g2'].ping(timeout=5) < 5  # a guest whose command waits is still answered
+        # A guest that goes away leaves the queue: its place is free for the next request.
+        sides['g3'].close()
+        assert wait_until(lambda: 'A command of g3 left the queue' in daemon_text(), timeout=10)
+        start('g2-b', clients['g2'])
+        assert wait_until(lambda: daemon_text().count('waits for a slot') == 3, timeout=10)
         assert len(os.listdir(str(record / 'running'))) == 2
         open(str(record / 'release'), 'w').close()
         for thread in threads:
             thread.join(30)
-        assert outcomes == {'g1-a': 0, 'g1-b': 0, 'g2-a': 0, 'g3-a': 0}
+        assert isinstance(outcomes.pop('g3-a'), NegotiatorError)
+        assert outcomes == {'g1-a': 0, 'g1-b': 0, 'g2-a': 0, 'g2-b': 0}
         with open(str(record / 'log')) as handle:
             runs = [line.split() for line in handle]
-        assert sorted(guest for guest, _ in runs) == ['g1', 'g1', 'g2', 'g3']
+        assert sorted(guest for guest, _ in runs) == ['g1', 'g1', 'g2', 'g2']
         assert max(int(count) for _, count in runs) == 2
     finally:
         open(str(record / 'release'), 'w').close()
@@ -114,7 +120,7 @@ def test_host_daemon_runs_at_most_max_commands_across_guests_and_queues_the_next
 
 
 def _daemon_figures(pid, command):
-    """Peak and current resident memory (MiB) and threads of the process ``pid``, and its children running ``command``."""
+    """Peak and current memory (MiB) and threads of process ``pid``, and how many of its children run ``command``."""
     with open('/proc/%d/status' % pid) as handle:
         status = dict(line.split(':', 1) for line in handle if ':' in line)
     children = subprocess.run(['pgrep', '-P', str(pid), '-f', command], stdout=subprocess.PIPE).stdout.split()

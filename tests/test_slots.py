@@ -1,12 +1,17 @@
 """The host's bound on commands across guests: CommandSlots, fair queueing, refusal, leaving the queue."""
 
+import socket
 import threading
 import time
 
 import pytest
 
+from negotiator_common.commands import CommandRegistry
+from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import ConnectionClosed, LimitExceeded
+from negotiator_common.service import AgentService
 from negotiator_common.slots import CommandSlots
+from negotiator_common.transport import Transport
 
 from waiting import wait_until
 
@@ -80,3 +85,23 @@ def test_a_waiter_leaves_the_queue_when_its_caller_goes_or_its_time_runs_out():
     assert slots.running == 0
     slots.acquire('d', None, threading.Event())
     assert slots.running == 1
+
+
+def test_a_request_waits_for_a_slot_no_longer_than_its_own_timeout(tmp_path):
+    slots = CommandSlots(limit=1, max_queued=1)
+    service = AgentService('negotiator-test', CommandRegistry([str(tmp_path)]), slots=slots)
+    server_sock, client_sock = socket.socketpair()
+    server = Endpoint(Transport.from_socket(server_sock), service.dispatcher(), name='guest-1').start()
+    client = Endpoint(Transport.from_socket(client_sock), name='client').start()
+    try:
+        slots.acquire('another guest', None, threading.Event())
+        with pytest.raises(LimitExceeded) as late:
+            client.call('execute', {'command': 'hostname', 'timeout': 0.3}, timeout=10)
+        assert 'no command slot became free in time' in str(late.value)
+        assert (slots.running, slots.queued) == (1, 0)
+        slots.release()
+        assert client.call('execute', {'command': 'hostname', 'timeout': 5}, timeout=10)['exit_status'] == 0
+        assert (slots.running, slots.queued) == (0, 0)
+    finally:
+        client.close()
+        server.close()

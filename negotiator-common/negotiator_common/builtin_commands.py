@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 __all__ = ('BUILTIN_COMMANDS', 'BuiltinCommand', 'DiskUsage', 'STATVFS_TIMEOUT', 'read_mounts')
 

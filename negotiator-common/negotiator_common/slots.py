@@ -22,7 +22,7 @@ so a guest's pings are answered while its commands wait.
 import collections
 import threading
 import time
-from typing import Deque, Dict, Optional
+from typing import Optional
 
 from negotiator_common.errors import ConnectionClosed, LimitExceeded
 from negotiator_common.lazylog import get_logger
@@ -118,6 +118,7 @@ class CommandSlots(object):
             if not queue:
                 del self._queues[peer]
             self._queued -= 1
+        _log.info("A command of %s left the queue: %s", peer or 'the peer', error)
         raise error
 
     def release(self) -> None:
