@@ -47,6 +47,18 @@ def test_a_guest_asking_beyond_the_longest_timeout_is_refused_naming_it():
         guest.close()
 
 
+def test_the_daemon_bounds_are_options_of_the_daemon_only():
+    from negotiator_host.cli import UsageError, parse_options
+    options = parse_options(['--daemon', '--max-commands', '3', '--max-queued', '0', '--max-timeout', '90.5'])
+    assert options.daemon_limits == {'--max-commands': 3, '--max-queued': 0, '--max-timeout': 90.5}
+    for wrong in (['--max-commands', '0'], ['--max-commands', '2.5'], ['--max-queued', '-1'],
+                  ['--max-timeout', '0'], ['--max-timeout', 'inf'], ['--max-timeout', 'nan']):
+        with pytest.raises(UsageError):
+            parse_options(['--daemon'] + wrong)
+    with pytest.raises(UsageError):
+        parse_options(['--ping', 'web-1', '--max-commands', '2'])
+
+
 def test_host_daemon_runs_at_most_max_commands_across_guests_and_queues_the_next(tmp_path):
     fake = FakeLibvirt()
     commands = make_commands_dir(fake.root, {'hold': HOLD})
