@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from negotiator_common.builtin_commands import DiskUsage
 from negotiator_common.client import AgentClient
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.endpoint import Endpoint
@@ -250,6 +251,33 @@ def test_builtins(agent):
     addresses = json.loads(agent.execute('ip-addresses', '--json').stdout.decode())
     assert any(a['address'] == '127.0.0.1' for a in addresses)
     assert agent.execute('hostname', '--bogus').exit_status == 2
+
+
+def test_disk_usage_reports_a_hung_mount_without_piling_up_threads():
+    """A statvfs that never returns (a dead NFS server): the call answers, and later calls start no new thread."""
+    release = threading.Event()
+    calls = []
+
+    def statvfs(path):
+        calls.append(path)
+        if path == '/hung':
+            release.wait(30)
+        return os.statvfs('/')
+    mounts = [('server:/export', '/hung', 'nfs4'), ('/dev/vda1', '/', 'ext4')]
+    disk_usage = DiskUsage(statvfs=statvfs, mounts=lambda: mounts, timeout=0.2)
+    try:
+        for _ in range(3):
+            status, stdout, _ = disk_usage(['--json'])
+            by_mount = {fs['mountpoint']: fs for fs in json.loads(stdout.decode())}
+            assert status == 0 and by_mount['/hung']['responding'] is False
+            assert by_mount['/']['responding'] and by_mount['/']['total_bytes'] > 0
+        assert calls.count('/hung') == 1 and calls.count('/') == 3
+        assert b'/hung                    not responding' in disk_usage([])[1]
+        release.set()
+        # Once the mount answers, it is reported again.
+        assert wait_until(lambda: json.loads(disk_usage(['--json'])[1].decode())[0]['responding'])
+    finally:
+        release.set()
 
 
 def test_listing_is_answered_even_when_every_handler_slot_is_busy(commands_dir, tmp_path):

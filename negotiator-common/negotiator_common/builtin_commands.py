@@ -12,9 +12,11 @@ import json
 import os
 import socket
 import struct
-from typing import Callable, Dict, List, Sequence, Tuple
+import threading
+import time
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
-__all__ = ('BUILTIN_COMMANDS', 'BuiltinCommand')
+__all__ = ('BUILTIN_COMMANDS', 'BuiltinCommand', 'DiskUsage', 'STATVFS_TIMEOUT', 'read_mounts')
 
 BuiltinResult = Tuple[int, bytes, bytes]
 
@@ -123,33 +125,124 @@ def ip_addresses(args: Sequence[str]) -> BuiltinResult:
     return _output(args, addresses, text)
 
 
-def disk_usage(args: Sequence[str]) -> BuiltinResult:
-    filesystems = []
+STATVFS_TIMEOUT = 2.0
+"""
+Seconds that a file system has to answer ``disk-usage``'s ``statvfs``: a local one answers in
+microseconds, a healthy network one in milliseconds; one that has not answered by then is
+reported as not responding.
+"""
+
+
+def read_mounts(path: str = '/proc/mounts') -> List[Tuple[str, str, str]]:
+    """``(device, mountpoint, type)`` of each mounted file system worth reporting, each mountpoint once."""
+    mounts = []
     seen = set()
-    with open('/proc/mounts') as handle:
+    with open(path) as handle:
         for line in handle:
             fields = line.split()
             if len(fields) < 3 or fields[2] in _IGNORED_FILESYSTEMS:
                 continue
             mountpoint = fields[1].replace('\\040', ' ')
-            try:
-                stats = os.statvfs(mountpoint)
-            except OSError:
-                continue
-            if stats.f_blocks == 0 or mountpoint in seen:
-                continue
-            seen.add(mountpoint)
-            total = stats.f_blocks * stats.f_frsize
-            available = stats.f_bavail * stats.f_frsize
-            used = total - stats.f_bfree * stats.f_frsize
-            percent = round(100.0 * used / (used + available), 1) if used + available else 0.0
-            filesystems.append({'mountpoint': mountpoint, 'device': fields[0], 'type': fields[2],
-                                'total_bytes': total, 'used_bytes': used, 'available_bytes': available,
-                                'used_percent': percent})
-    lines = ['%-24s %8s %14s %14s %14s' % ('MOUNTPOINT', 'USED%', 'USED', 'AVAILABLE', 'TOTAL')]
-    lines.extend('%-24s %7.1f%% %14d %14d %14d' % (fs['mountpoint'], fs['used_percent'], fs['used_bytes'],
-                                                   fs['available_bytes'], fs['total_bytes']) for fs in filesystems)
-    return _output(args, filesystems, '\n'.join(lines) + '\n')
+            if mountpoint not in seen:
+                seen.add(mountpoint)
+                mounts.append((fields[0], mountpoint, fields[2]))
+    return mounts
+
+
+class _Probe(object):
+    """One ``statvfs`` call on a thread of its own, and the time by which it should have answered."""
+
+    def __init__(self, mountpoint: str, answer_by: float) -> None:
+        self.mountpoint = mountpoint
+        self.answer_by = answer_by
+        self.done = threading.Event()
+        self.stats = None  # type: Optional[os.statvfs_result]
+
+
+class DiskUsage(object):
+    """
+    The ``disk-usage`` command: size, use and free space of each mounted file system.
+
+    ``statvfs`` on a hung network mount (an NFS server gone) blocks in the kernel, and no
+    signal or timeout can interrupt it: called on the handler's thread, it would hang the
+    request for good. So each ``statvfs`` runs on a thread of its own, all at once, and the
+    command waits at most ``timeout`` seconds for them; a file system that has not answered
+    is reported as not responding. Its thread stays blocked until the kernel gives up: while
+    it does, later calls report the same mount as not responding at once, without starting
+    another thread for it, so repeated calls cannot pile up threads on a dead mount (at most
+    one per mountpoint).
+
+    :param statvfs: ``os.statvfs`` (tests give a fake).
+    :param mounts: returns the ``(device, mountpoint, type)`` to report (:func:`read_mounts`).
+    """
+
+    def __init__(self, statvfs: Callable[[str], os.statvfs_result] = os.statvfs,
+                 mounts: Callable[[], List[Tuple[str, str, str]]] = read_mounts,
+                 timeout: float = STATVFS_TIMEOUT) -> None:
+        self.statvfs = statvfs
+        self.mounts = mounts
+        self.timeout = timeout
+        self._pending = {}  # type: Dict[str, _Probe]
+        self._lock = threading.Lock()
+
+    def __call__(self, args: Sequence[str]) -> BuiltinResult:
+        mounts = self.mounts()
+        probes = [self._probe(mountpoint) for _, mountpoint, _ in mounts]
+        for probe in probes:
+            probe.done.wait(max(0.0, probe.answer_by - time.monotonic()))
+        filesystems = []  # type: List[Dict[str, Any]]
+        for (device, mountpoint, fstype), probe in zip(mounts, probes):
+            entry = {'mountpoint': mountpoint, 'device': device, 'type': fstype}  # type: Dict[str, Any]
+            if not probe.done.is_set():
+                entry['responding'] = False
+                filesystems.append(entry)
+            elif probe.stats is not None and probe.stats.f_blocks:
+                entry.update(_usage(probe.stats), responding=True)
+                filesystems.append(entry)
+        return _output(args, filesystems, self._table(filesystems))
+
+    def _probe(self, mountpoint: str) -> _Probe:
+        """The probe of ``mountpoint`` still running (a hung mount's), else a new one on a new thread."""
+        with self._lock:
+            probe = self._pending.get(mountpoint)
+            if probe is not None:
+                return probe
+            probe = self._pending[mountpoint] = _Probe(mountpoint, time.monotonic() + self.timeout)
+        thread = threading.Thread(target=self._run_probe, args=(probe,), name='negotiator-statvfs')
+        thread.daemon = True
+        thread.start()
+        return probe
+
+    def _run_probe(self, probe: _Probe) -> None:
+        try:
+            probe.stats = self.statvfs(probe.mountpoint)
+        except OSError:
+            pass  # not ours to see (permissions) or gone meanwhile: left out, as df does
+        finally:
+            with self._lock:
+                del self._pending[probe.mountpoint]
+            probe.done.set()
+
+    def _table(self, filesystems: List[Dict[str, Any]]) -> str:
+        lines = ['%-24s %8s %14s %14s %14s' % ('MOUNTPOINT', 'USED%', 'USED', 'AVAILABLE', 'TOTAL')]
+        for fs in filesystems:
+            if fs['responding']:
+                lines.append('%-24s %7.1f%% %14d %14d %14d' % (fs['mountpoint'], fs['used_percent'], fs['used_bytes'],
+                                                              fs['available_bytes'], fs['total_bytes']))
+            else:
+                lines.append('%-24s not responding (no answer within %g seconds)' % (fs['mountpoint'], self.timeout))
+        return '\n'.join(lines) + '\n'
+
+
+def _usage(stats: os.statvfs_result) -> Dict[str, Any]:
+    total = stats.f_blocks * stats.f_frsize
+    available = stats.f_bavail * stats.f_frsize
+    used = total - stats.f_bfree * stats.f_frsize
+    percent = round(100.0 * used / (used + available), 1) if used + available else 0.0
+    return {'total_bytes': total, 'used_bytes': used, 'available_bytes': available, 'used_percent': percent}
+
+
+disk_usage = DiskUsage()
 
 
 BUILTIN_COMMANDS = {command.name: command for command in (

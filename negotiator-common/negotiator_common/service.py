@@ -22,6 +22,7 @@ from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, Notification, decode_bytes, encode_bytes,
 )
 from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
+from negotiator_common.slots import CommandSlots
 
 __all__ = ('AgentService', 'Limits', 'Policy', 'CAPABILITIES', 'RAW_CHUNK_SIZE')
 
@@ -87,6 +88,8 @@ class AgentService(object):
     :param policy: who may run the commands of the commands directories.
     :param builtin_policy: who may run the built-ins (default: ``policy``; the host daemon
                            offers a built-in only where its policy names it).
+    :param slots: bounds the commands that run at once across every connection that shares
+                  this service (the host daemon's guests); None: only each connection's bound.
 
     A command that the policy refuses is answered exactly as one that does not exist, so a
     peer cannot learn what it may not run; the log says which it was.
@@ -95,7 +98,7 @@ class AgentService(object):
     def __init__(self, agent: str, registry: CommandRegistry, version: str = __version__,
                  policy: Policy = _allow_everything, limits: Optional[Limits] = None,
                  environment: Optional[Callable[[str], Dict[str, str]]] = None,
-                 builtin_policy: Optional[Policy] = None) -> None:
+                 builtin_policy: Optional[Policy] = None, slots: Optional[CommandSlots] = None) -> None:
         self.agent = agent
         self.version = version
         self.registry = registry
@@ -104,6 +107,7 @@ class AgentService(object):
         self.limits = limits or Limits()
         self.environment = environment or (lambda peer: {})
         self._complaints = {}  # type: Dict[str, Complaints]
+        self.slots = slots
 
     def register(self, dispatcher: Dispatcher) -> Dispatcher:
         # Everything but execute answers on the reading thread: listing a directory costs less
@@ -172,6 +176,10 @@ class AgentService(object):
             raise InvalidParams('bad stdin: %s' % exc) from exc
         if len(stdin or b'') > self.limits.max_stdin:
             raise LimitExceeded('stdin exceeds %d bytes' % self.limits.max_stdin)
+        # Only the bytes are used from here on: dropping their text form from the request (base64,
+        # 4/3 of their size) saves that much for every request waiting for a command slot.
+        params.pop('stdin', None)
+        params.pop('stdin_b64', None)
         timeout = get_param(params, 'timeout', (int, float, type(None)), None)
         if timeout is not None and not 0 < timeout <= self.limits.max_timeout:
             raise InvalidParams('timeout must be above 0 and at most %s seconds' % self.limits.max_timeout)
@@ -185,6 +193,22 @@ class AgentService(object):
     def execute(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         command = self._resolve(get_param(params, 'command', (str,)), context.peer)
         options = self._parse_execute(params)
+        if self.slots is None:
+            return self._run(command, options, context)
+        self._wait_for_slot(options, context)
+        try:
+            return self._run(command, options, context)
+        finally:
+            self.slots.release()
+
+    def _wait_for_slot(self, options: Dict[str, Any], context: CallContext) -> None:
+        """Wait for one of the shared command slots; the time spent waiting comes off the command's timeout."""
+        assert self.slots is not None
+        started = time.monotonic()
+        self.slots.acquire(context.peer, started + options['timeout'], context.cancelled)
+        options['timeout'] = max(0.0, options['timeout'] - (time.monotonic() - started))
+
+    def _run(self, command: CommandInfo, options: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         collected = {'stdout': bytearray(), 'stderr': bytearray()}
 
         def on_output(stream: str, chunk: bytes) -> None:

@@ -80,6 +80,21 @@ Supported options:
     Without it every guest may run every command of the commands directories, and
     no built-in; a built-in reaches a guest only where the policy names it.
 
+  --max-commands=N
+
+    With --daemon: how many commands run at once, for all guests together (default 8).
+    Further requests wait their turn, round-robin by guest.
+
+  --max-queued=N
+
+    With --daemon: how many requests may wait for a free slot, for all guests together
+    (default 32); beyond that a guest's request is refused at once.
+
+  --max-timeout=SECONDS
+
+    With --daemon: the longest a guest may ask a command to run (default 600). A
+    command runs 60 seconds (or this, if less) when the guest does not say.
+
   -v, --verbose
 
     Log more (repeatable).
@@ -170,6 +185,7 @@ class _Options(object):
         self.uri = None  # type: Optional[str]
         self.commands_dirs = []  # type: List[str]
         self.policy = None  # type: Optional[str]
+        self.daemon_limits = {}  # type: Dict[str, Any]
         self.verbosity = 0
         self.guests = []  # type: List[str]
 
@@ -179,7 +195,8 @@ def parse_options(argv: Sequence[str]) -> _Options:
     try:
         options, arguments = getopt.gnu_getopt(list(argv), 'gce:pit:ajdvqh', [
             'list-guests', 'list-commands', 'execute=', 'ping', 'stdin', 'timeout=', 'all', 'json', 'max-output=',
-            'connect=', 'daemon', 'commands-dir=', 'policy=', 'verbose', 'quiet', 'help'])
+            'connect=', 'daemon', 'commands-dir=', 'policy=', 'max-commands=', 'max-queued=', 'max-timeout=',
+            'verbose', 'quiet', 'help'])
     except getopt.GetoptError as exc:
         raise UsageError(str(exc)) from None
     parsed = _Options()
@@ -207,6 +224,8 @@ def parse_options(argv: Sequence[str]) -> _Options:
             parsed.uri = value
         elif option == '--policy':
             parsed.policy = value
+        elif option in _DAEMON_LIMITS:
+            parsed.daemon_limits[option] = _parse_daemon_limit(option, value)
         elif apply_shared_option(parsed, option, value):
             pass
         elif option in ('-h', '--help'):
@@ -220,6 +239,8 @@ def parse_options(argv: Sequence[str]) -> _Options:
         raise UsageError('name at least one GUEST (or give --all)')
     if parsed.action == 'daemon' and parsed.all:
         raise UsageError('--daemon serves every guest unless given GUEST-PATTERNs; --all makes no sense with it')
+    if parsed.daemon_limits and parsed.action != 'daemon':
+        raise UsageError('%s is an option of --daemon' % sorted(parsed.daemon_limits)[0])
     if parsed.action == 'execute':
         parsed.argv = split_command(parsed.command)  # type: ignore
     return parsed
@@ -231,6 +252,22 @@ def _check_utf8(name: str, what: str) -> None:
         name.encode('utf-8')
     except UnicodeEncodeError:
         raise UsageError('%s %s is not valid UTF-8, so it names no guest' % (what, printable(ascii(name)))) from None
+
+
+_DAEMON_LIMITS = {'--max-commands': (int, 1), '--max-queued': (int, 0), '--max-timeout': (float, 0.001)}
+"""The daemon's bounds across guests: each option's type and least value."""
+
+
+def _parse_daemon_limit(option: str, value: str) -> Any:
+    kind, least = _DAEMON_LIMITS[option]
+    try:
+        number = kind(value)
+    except ValueError:
+        number = None
+    if number is None or not least <= number < float('inf'):
+        raise UsageError('%s needs %s of at least %s, not %r' % (
+            option, 'a whole number' if kind is int else 'a number of seconds', least, value))
+    return number
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
@@ -279,12 +316,17 @@ def run(argv: Sequence[str]) -> int:
 
 def _run_daemon(options: _Options) -> int:
     from negotiator_common.commands import DEFAULT_COMMANDS_DIR
-    from negotiator_host.daemon import HostDaemon
+    from negotiator_common.slots import DEFAULT_MAX_COMMANDS, DEFAULT_MAX_QUEUED
+    from negotiator_host.daemon import DEFAULT_MAX_TIMEOUT, HostDaemon, default_limits
     from negotiator_host.policy import Policy
 
     policy = Policy.load(options.policy) if options.policy else Policy.default()
+    limits = options.daemon_limits
     daemon = HostDaemon(uri=options.uri, commands_dirs=options.commands_dirs or [DEFAULT_COMMANDS_DIR], policy=policy,
-                        guest_patterns=options.guests)
+                        guest_patterns=options.guests,
+                        limits=default_limits(limits.get('--max-timeout', DEFAULT_MAX_TIMEOUT)),
+                        max_commands=limits.get('--max-commands', DEFAULT_MAX_COMMANDS),
+                        max_queued=limits.get('--max-queued', DEFAULT_MAX_QUEUED))
     return daemon.run()
 
 

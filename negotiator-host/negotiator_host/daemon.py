@@ -21,8 +21,11 @@ Each guest's connection is its own :class:`~negotiator_common.endpoint.Endpoint`
 own bounds (requests in flight, line length, stdin size), logging through a child logger
 named after the guest; a command runs with ``NEGOTIATOR_GUEST`` set to the guest's name,
 and only when the policy (:mod:`negotiator_host.policy`) allows it (a built-in, only where the
-policy names it). SIGTERM and SIGINT stop the daemon through one path: connections close,
-running commands are killed, exit status 0.
+policy names it). Across guests, one :class:`~negotiator_common.slots.CommandSlots` bounds the
+commands that run at once and the requests that wait for them (round-robin by guest); the wait
+is on the request's handler thread, so a guest's pings are answered while its commands wait.
+SIGTERM and SIGINT stop the daemon through one path: connections close, running commands are
+killed, exit status 0.
 """
 
 import fnmatch
@@ -40,6 +43,7 @@ from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import NegotiatorError
 from negotiator_common.service import AgentService, Limits
+from negotiator_common.slots import DEFAULT_MAX_COMMANDS, DEFAULT_MAX_QUEUED, CommandSlots
 from negotiator_common.transport import Transport
 
 from negotiator_host.channel import connect_socket
@@ -48,12 +52,23 @@ from negotiator_host.discovery import (
 )
 from negotiator_host.policy import Policy
 
-__all__ = ('HostDaemon', 'GuestConnection', 'DEFAULT_GUEST_CONCURRENCY', 'default_limits')
+__all__ = ('HostDaemon', 'GuestConnection', 'DEFAULT_GUEST_CONCURRENCY', 'DEFAULT_MAX_TIMEOUT', 'default_limits')
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_GUEST_CONCURRENCY = 4
 """Requests that one guest may have running on the host at once; more are refused."""
+
+DEFAULT_TIMEOUT = 60.0
+"""Seconds a host command may run when the guest does not say."""
+
+DEFAULT_MAX_TIMEOUT = 600.0
+"""
+The longest a guest may ask a host command to run (``--max-timeout``). A running command holds
+one of the host's shared command slots (:mod:`negotiator_common.slots`) for that long: with an
+hour, two guests at their bound could keep every other guest's commands waiting for an hour;
+ten minutes still leaves room for slow jobs.
+"""
 
 RESCAN_DELAY = 0.1
 """Seconds between an event and its rescan, so that a burst of events makes one rescan."""
@@ -63,10 +78,14 @@ STOP_GRACE = 5.0
 """Seconds that stopping waits for killed commands to end."""
 
 
-def default_limits() -> Limits:
-    """The host's bounds per request: smaller than a guest's, since many guests share one host."""
+def default_limits(max_timeout: float = DEFAULT_MAX_TIMEOUT) -> Limits:
+    """
+    The host's bounds per request: smaller than a guest's, since many guests share one host.
+    ``max_timeout`` is the longest a guest may ask for (the default timeout never exceeds it).
+    """
     return Limits(max_line_length=4 * 1024 * 1024, max_stdin=1024 * 1024, max_args=256 * 1024,
-                  max_collected_output=4 * 1024 * 1024, default_timeout=60.0, max_timeout=3600.0)
+                  max_collected_output=4 * 1024 * 1024, default_timeout=min(DEFAULT_TIMEOUT, max_timeout),
+                  max_timeout=max_timeout)
 
 
 class GuestConnection(object):
@@ -96,13 +115,17 @@ class HostDaemon(object):
     :param watch: run ``virsh event`` and rescan (False: serve only what :meth:`serve_socket` is given).
     :param guest_patterns: serve only the guests whose names match one of these shell-style
                            patterns (:func:`fnmatch.fnmatchcase`); empty: every guest.
+    :param max_commands: commands that run at once for all guests together.
+    :param max_queued: requests that wait for one of those slots, for all guests together
+                       (served round-robin by guest); more are refused with ``LimitExceeded``.
     """
 
     def __init__(self, uri: Optional[str] = None, commands_dirs: Sequence[str] = (DEFAULT_COMMANDS_DIR,),
                  policy: Optional[Policy] = None, paths: Optional[LibvirtPaths] = None,
                  max_concurrent: int = DEFAULT_GUEST_CONCURRENCY, limits: Optional[Limits] = None,
                  watch: bool = True, channel: str = GUEST_TO_HOST_CHANNEL,
-                 guest_patterns: Sequence[str] = ()) -> None:
+                 guest_patterns: Sequence[str] = (), max_commands: int = DEFAULT_MAX_COMMANDS,
+                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
         self.uri = uri or default_uri()
         self.guest_patterns = tuple(guest_patterns)
         self.paths = paths or LibvirtPaths.for_uri(self.uri)
@@ -111,9 +134,10 @@ class HostDaemon(object):
         self.max_concurrent = max_concurrent
         self.limits = limits or default_limits()
         self.policy = policy if policy is not None else Policy.default()
+        self.slots = CommandSlots(max_commands, max_queued)
         self.service = AgentService('negotiator-host', CommandRegistry(list(commands_dirs)), version=__version__,
                                     policy=self.policy.allows, builtin_policy=self.policy.names, limits=self.limits,
-                                    environment=lambda peer: {'NEGOTIATOR_GUEST': peer})
+                                    environment=lambda peer: {'NEGOTIATOR_GUEST': peer}, slots=self.slots)
         self.dispatcher = Dispatcher()
         self.service.register(self.dispatcher)
         self.connections = {}  # type: Dict[str, GuestConnection]
