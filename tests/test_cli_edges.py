@@ -26,6 +26,7 @@ from negotiator_guest import cli as guest_cli
 from negotiator_host.cli import MAX_PENDING_LINE, _LinePrefixer
 
 from test_host_support import FakeLibvirt, start_agents, start_odd_agent
+from measuring import peak_rss, start_measured
 from waiting import process_alive, wait_until
 
 ESCAPE = '\x1b]0;owned\x07\x1b[2J'
@@ -87,14 +88,13 @@ def test_the_api_collects_at_most_its_cap(world):
 def test_a_guest_streaming_a_lot_cannot_swell_the_cli(world, tmp_path):
     streamed = 256 * 1024 * 1024
     with open(str(tmp_path / 'out'), 'wb') as out:
-        process = subprocess.Popen(cli_command('--json', '-t', '120', '-e', 'bytes %d' % streamed, 'alpha'),
-                                   stdout=out, stderr=subprocess.DEVNULL, env=world.environ)
-        _, wait_status, usage = os.wait4(process.pid, 0)
-    assert os.WIFEXITED(wait_status) and os.WEXITSTATUS(wait_status) == 0
+        process = start_measured(cli_command('--json', '-t', '120', '-e', 'bytes %d' % streamed, 'alpha'),
+                                 tmp_path / 'peak', stdout=out, stderr=subprocess.DEVNULL, env=world.environ)
+        assert process.wait(180) == 0
     with open(str(tmp_path / 'out'), 'rb') as handle:
         result = json.loads(handle.read().decode())
     assert len(result['stdout']) == DEFAULT_MAX_OUTPUT and result['stdout_truncated']
-    peak = usage.ru_maxrss * 1024
+    peak = peak_rss(tmp_path / 'peak')
     print('CLI peak RSS with %d MiB streamed in --json: %.0f MiB' % (streamed >> 20, peak / 2 ** 20))
     assert peak < 10 * DEFAULT_MAX_OUTPUT < streamed
 
