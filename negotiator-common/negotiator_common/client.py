@@ -41,15 +41,18 @@ class ExecuteResult(object):
     """
     What a command did: ``exit_status`` (None when a signal, ``signal``, ended it),
     ``stdout`` and ``stderr`` (bytes; empty when they were streamed to a file instead),
-    ``duration`` in seconds, and whether either output was truncated by the agent's cap.
+    ``duration`` in seconds, whether either output was truncated by the agent's cap, and
+    ``output_abandoned``: the agent stopped reading while a process that had left the command's
+    process group still held its output open (see the protocol's "Commands").
     """
 
     __slots__ = ('command', 'args', 'exit_status', 'signal', 'stdout', 'stderr', 'duration',
-                 'stdout_truncated', 'stderr_truncated')
+                 'stdout_truncated', 'stderr_truncated', 'output_abandoned')
 
     def __init__(self, command: str, args: Sequence[str], exit_status: Optional[int], stdout: bytes = b'',
                  stderr: bytes = b'', duration: float = 0.0, signal: Optional[int] = None,
-                 stdout_truncated: bool = False, stderr_truncated: bool = False) -> None:
+                 stdout_truncated: bool = False, stderr_truncated: bool = False,
+                 output_abandoned: bool = False) -> None:
         self.command = command
         self.args = list(args)
         self.exit_status = exit_status
@@ -59,6 +62,7 @@ class ExecuteResult(object):
         self.duration = duration
         self.stdout_truncated = stdout_truncated
         self.stderr_truncated = stderr_truncated
+        self.output_abandoned = output_abandoned
 
     @property
     def ok(self) -> bool:
@@ -75,7 +79,8 @@ class ExecuteResult(object):
         """A JSON-ready summary (output as text when valid UTF-8, else base64)."""
         data = {'command': self.command, 'args': self.args, 'exit_status': self.exit_status,
                 'signal': self.signal, 'duration': self.duration,
-                'stdout_truncated': self.stdout_truncated, 'stderr_truncated': self.stderr_truncated}
+                'stdout_truncated': self.stdout_truncated, 'stderr_truncated': self.stderr_truncated,
+                'output_abandoned': self.output_abandoned}
         data.update(encode_bytes(self.stdout, 'stdout'))
         data.update(encode_bytes(self.stderr, 'stderr'))
         return data
@@ -164,5 +169,6 @@ class AgentClient(object):
             raise InvalidRequest('malformed execute reply: %r' % (reply,))
         result = ExecuteResult(command, args, reply.get('exit_status'), bytes(collected['stdout']),
                                bytes(collected['stderr']), float(reply.get('duration') or 0.0), reply.get('signal'),
-                               bool(reply.get('stdout_truncated')), bool(reply.get('stderr_truncated')))
+                               bool(reply.get('stdout_truncated')), bool(reply.get('stderr_truncated')),
+                               bool(reply.get('output_abandoned')))
         return result.check() if check else result

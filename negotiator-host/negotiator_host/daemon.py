@@ -22,6 +22,11 @@ own bounds (requests in flight, line length, stdin size), logging through a chil
 named after the guest; a command runs with ``NEGOTIATOR_GUEST`` set to the guest's name,
 and only when the policy (:mod:`negotiator_host.policy`) allows it. SIGTERM and SIGINT stop
 the daemon through one path: connections close, running commands are killed, exit status 0.
+
+Run on the main thread, the daemon adopts the orphans of its commands
+(:func:`~negotiator_common.processes.adopt_orphans`), so that a process that left its
+command's group can still be found and killed, and reaps those that exit on SIGCHLD
+(:class:`~negotiator_common.processes.OrphanReaper`).
 """
 
 import fnmatch
@@ -38,6 +43,7 @@ from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import NegotiatorError
+from negotiator_common.processes import COMMANDS, OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService, Limits
 from negotiator_common.transport import Transport
 
@@ -119,6 +125,7 @@ class HostDaemon(object):
         self._backoff = {}  # type: Dict[str, float]
         self._rescan_at = None  # type: Optional[float]
         self._signals = []  # type: List[int]
+        self._reaper = OrphanReaper()
         self._stopping = threading.Event()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -279,6 +286,10 @@ class HostDaemon(object):
         self._signals.append(signum)
         self._wake()
 
+    def _on_child_exit(self, signum: int, frame: Any) -> None:
+        self._reaper.child_exited()  # only a time is noted: the main loop sweeps
+        self._wake()
+
     def stop(self, reason: str = 'asked to stop') -> None:
         """Ask the main loop to stop (safe from any thread)."""
         self.stop_reason = self.stop_reason or reason
@@ -291,6 +302,8 @@ class HostDaemon(object):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 handlers[signum] = signal.signal(signum, self._on_signal)
+            handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_child_exit)
+            adopt_orphans()
         logger.info("negotiator-host %s daemon serving %s channels (libvirt %s) of %s", __version__, self.channel,
                     self.uri, 'guests matching %s' % ' '.join(self.guest_patterns) if self.guest_patterns
                     else 'every guest')
@@ -304,7 +317,7 @@ class HostDaemon(object):
                     break
                 now = time.monotonic()
                 with self._lock:
-                    due = [t for t in (self._rescan_at, self._watcher_restart_at) if t is not None]
+                    due = [t for t in (self._rescan_at, self._watcher_restart_at, self._reaper.due) if t is not None]
                 timeout = max(0.0, min(due) - now) if due else None
                 try:
                     select.select([self._wake_read], [], [], timeout)
@@ -315,6 +328,7 @@ class HostDaemon(object):
                         pass
                 except BlockingIOError:
                     pass
+                self._reaper.sweep_if_due()
                 now = time.monotonic()
                 if self._stopping.is_set() or self._signals:
                     continue
@@ -344,7 +358,9 @@ class HostDaemon(object):
         for connection in connections:
             connection.endpoint.close('the host daemon is stopping')
         if not self.dispatcher.wait_idle(STOP_GRACE):
-            logger.warning("Some commands were still running when the daemon stopped")
+            COMMANDS.kill_all(give_up_after=1.0)
+            if not self.dispatcher.wait_idle(1.0):
+                logger.warning("Some commands were still running when the daemon stopped")
         if process is not None:
             try:
                 process.wait(timeout=STOP_GRACE)
