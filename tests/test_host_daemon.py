@@ -285,6 +285,7 @@ def test_escaping_commands_time_out_free_their_slots_and_die_with_their_guest_or
         for pid in pids:
             _ignore(os.kill, pid, signal.SIGKILL)
         if process.poll() is None:
-            process.kill()
+            process.terminate()  # not kill(): the daemon stops its virsh watcher
+            _ignore(process.wait, 10)
         guest.close()
         fake.cleanup()
