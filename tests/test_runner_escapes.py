@@ -37,6 +37,22 @@ read left < "$1/left"
 echo done
 '''
 
+# A daemon's double fork: the middle process exits, so the child is an orphan before any timeout.
+DOUBLE_FORKER = r'''#!/bin/sh
+mkfifo "$1/left"
+( setsid sh -c 'trap "" TERM; echo $$ > "$1/escaped"; echo > "$1/left"; exec sleep 60' sh "$1" & )
+read left < "$1/left"
+exec sleep 60
+'''
+
+# Leaves the group without the run's marker in its environment: out of the marker's reach.
+HIDER = r'''#!/bin/sh
+mkfifo "$1/left"
+setsid env -u NEGOTIATOR_RUN sh -c 'echo $$ > "$1/escaped"; echo > "$1/left"; exec sleep 60' sh "$1" &
+read left < "$1/left"
+exec sleep 60
+'''
+
 # The same, but the child lets go of the output first.
 QUIET_LEAVER = r'''#!/bin/sh
 mkfifo "$1/left"
@@ -128,6 +144,22 @@ def test_a_setsid_child_holding_stdout_is_killed_at_the_timeout(tmp_path, piddir
     assert gone(read_pid(piddir, 'escaped'))
     assert gone(read_pid(piddir, 'leader'))
     assert not result.output_abandoned  # every process that held the pipe was found and killed
+
+
+def test_a_double_forked_orphan_is_adopted_and_killed_at_the_timeout(tmp_path, piddir):
+    script = write_script(tmp_path, 'double-forker', DOUBLE_FORKER)
+    result = run_bounded(10, [script, str(piddir)], timeout=1.0, kill_grace=0.5)
+    assert result.timed_out and not result.output_abandoned
+    assert gone(read_pid(piddir, 'escaped'))
+
+
+def test_a_process_out_of_reach_does_not_hold_the_reply(tmp_path, piddir):
+    # The documented limit: a process that leaves the group and drops the marker survives, but
+    # the reply comes after the kill grace all the same, and says that output was abandoned.
+    script = write_script(tmp_path, 'hider', HIDER)
+    result = run_bounded(10, [script, str(piddir)], timeout=1.0, kill_grace=0.5)
+    assert result.timed_out and result.output_abandoned
+    assert process_alive(read_pid(piddir, 'escaped'))
 
 
 def test_cancellation_kills_a_setsid_child_too(tmp_path, piddir):

@@ -69,7 +69,7 @@ def adopt_orphans(enabled: bool = True) -> bool:
         reason = os.strerror(ctypes.get_errno()) if failed else ''
     except (OSError, AttributeError) as exc:  # no libc or no prctl: not Linux
         failed, reason = True, str(exc)
-    if failed:
+    if failed and enabled:
         logger.warning("Cannot adopt the orphans of commands (%s): a process that leaves its command's "
                        "process group and outlives its parent may survive a timeout", reason)
         enabled = False
