@@ -134,7 +134,9 @@ def test_clean_environment(agent):
     environment = dict(line.split('=', 1) for line in lines)
     assert environment['NEGOTIATOR_GUEST'] == 'guest-ü.1'
     assert environment['NEGOTIATOR_COMMAND'] == 'env'
-    assert set(environment) <= {'PATH', 'LANG', 'LC_ALL', 'HOME', 'PWD', 'NEGOTIATOR_GUEST', 'NEGOTIATOR_COMMAND'}
+    assert set(environment) <= {'PATH', 'LANG', 'LC_ALL', 'HOME', 'PWD', 'NEGOTIATOR_GUEST', 'NEGOTIATOR_COMMAND',
+                                'NEGOTIATOR_RUN'}
+    assert len(environment['NEGOTIATOR_RUN']) == 24  # a random marker of this one run
 
 
 def test_policy_refuses_as_if_the_command_were_missing():

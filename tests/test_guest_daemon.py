@@ -314,3 +314,79 @@ def test_a_malformed_message_leaves_the_session_serving(daemon_on_pty):
     assert process.wait(timeout=5) == 0
     log = process.stderr.read()
     assert b'Traceback' not in log and b'session 2' not in log
+
+
+# Leaves its process group at once (waiting on a FIFO until it has), ignores SIGTERM, holds stdout.
+ESCAPER = r'''mkfifo "$1/left"
+setsid sh -c 'trap "" TERM; echo $$ > "$1/escaped"; echo > "$1/left"; exec sleep 60' sh "$1" &
+read left < "$1/left"
+echo $$ > "$1/leader"
+exec sleep 60'''
+
+
+def _pids(directory):
+    """The (escaped, leader) pids that ESCAPER wrote in ``directory``, once both are there."""
+    names = ('escaped', 'leader')
+    assert wait_until(lambda: all((directory / n).exists() and (directory / n).read_text().strip() for n in names))
+    return [int((directory / n).read_text()) for n in names]
+
+
+def _start_escaper(host, directory):
+    host.connect()
+    endpoint = Endpoint(Transport(host.fd, close_fd=False), name='guest').start()
+    endpoint.handshake(timeout=5.0)
+    caller = threading.Thread(target=_ignore_errors, args=(AgentClient(endpoint).execute, 'escaper', str(directory)),
+                              kwargs={'timeout': 60})
+    caller.daemon = True
+    caller.start()
+    return endpoint, _pids(directory)
+
+
+def test_no_process_of_a_command_outlives_its_departed_host(daemon_on_pty, tmp_path):
+    process, host, commands = daemon_on_pty
+    write_command(commands, 'escaper', ESCAPER)
+    endpoint, pids = _start_escaper(host, tmp_path)
+    try:
+        endpoint.close()
+        host.disconnect()
+        # Killed (SIGKILL after the grace: it ignores SIGTERM) and reaped: not even a zombie is left.
+        assert wait_until(lambda: not any(os.path.exists('/proc/%d' % pid) for pid in pids))
+    finally:
+        for pid in pids:
+            _ignore_errors(os.kill, pid, signal.SIGKILL)
+
+
+def test_no_process_of_a_command_outlives_the_daemon(daemon_on_pty, tmp_path):
+    process, host, commands = daemon_on_pty
+    write_command(commands, 'escaper', ESCAPER)
+    endpoint, pids = _start_escaper(host, tmp_path)
+    try:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=10) == 0
+        assert all(process_gone(pid) for pid in pids), process.stderr.read().decode()
+    finally:
+        endpoint.close()
+        for pid in pids:
+            _ignore_errors(os.kill, pid, signal.SIGKILL)
+
+
+def test_the_daemon_reaps_what_a_finished_command_left_running(daemon_on_pty, tmp_path):
+    # A process that left the group of a command that exited normally is left alone; the daemon
+    # adopted it and reaps it when it ends.
+    process, host, commands = daemon_on_pty
+    write_command(commands, 'starter', 'mkfifo "$1/left"\n'
+                  'setsid sh -c \'echo $$ > "$1/escaped"; echo > "$1/left"; exec sleep 60\' sh "$1" >/dev/null 2>&1 &\n'
+                  'read left < "$1/left"')
+    host.connect()
+    endpoint = Endpoint(Transport(host.fd, close_fd=False), name='guest').start()
+    endpoint.handshake(timeout=5.0)
+    try:
+        result = AgentClient(endpoint).execute('starter', str(tmp_path), timeout=10)
+        assert result.exit_status == 0 and not result.output_abandoned
+        escaped = int((tmp_path / 'escaped').read_text())
+        with open('/proc/%d/stat' % escaped) as handle:
+            assert int(handle.read().rsplit(')', 1)[1].split()[1]) == process.pid  # adopted
+        os.kill(escaped, signal.SIGKILL)
+        assert wait_until(lambda: not os.path.exists('/proc/%d' % escaped))
+    finally:
+        endpoint.close()

@@ -18,7 +18,7 @@ from negotiator_host.discovery import GUEST_TO_HOST_CHANNEL, LibvirtPaths
 from negotiator_host.policy import Policy, PolicyError
 
 from test_host_support import GUEST_COMMANDS, FakeLibvirt, listening_socket, make_commands_dir, short_tempdir
-from waiting import wait_until
+from waiting import process_alive, wait_until
 
 
 class FakeGuestSide(object):
@@ -213,3 +213,79 @@ def test_cli_daemon_takes_guest_patterns():
     assert parse_options(['--daemon']).guests == []
     with pytest.raises(UsageError):
         parse_options(['--daemon', '--all'])
+
+
+# Leaves its process group at once (waiting on a FIFO until it has), ignores SIGTERM, holds stdout.
+ESCAPER = r'''#!/bin/sh
+mkfifo "$1/left"
+setsid sh -c 'trap "" TERM; echo $$ > "$1/escaped"; echo > "$1/left"; exec sleep 60' sh "$1" &
+read left < "$1/left"
+exec sleep 60
+'''
+
+
+def _escaped_pids(directories):
+    files = [os.path.join(d, 'escaped') for d in directories]
+    assert wait_until(lambda: all(os.path.exists(f) and open(f).read().strip() for f in files))
+    return [int(open(f).read()) for f in files]
+
+
+def test_escaping_commands_time_out_free_their_slots_and_die_with_their_guest_or_the_daemon(host_commands):
+    # Four commands that each leave a process holding their output: every one is answered at
+    # its timeout (before the fix none was, and a fifth request got LimitExceeded), and no
+    # process of theirs is left after a timeout, after the guest disconnects, or once the daemon
+    # has stopped.
+    with open(os.path.join(host_commands, 'escaper'), 'w') as handle:
+        handle.write(ESCAPER)
+    os.chmod(os.path.join(host_commands, 'escaper'), 0o755)
+    fake = FakeLibvirt()
+    guest = FakeGuestSide(fake.socket_path('escapee', 3, GUEST_TO_HOST_CHANNEL))
+    fake.add_running('escapee', 3)
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--commands-dir', host_commands],
+                               env=fake.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    directories = [short_tempdir() for _ in range(6)]
+    pids = []
+    outcomes = []
+
+    def call(client, directory, timeout=1):
+        try:
+            client.endpoint.call('execute', {'command': 'escaper', 'args': [directory], 'timeout': timeout},
+                                 timeout=20)
+        except Exception as exc:
+            outcomes.append(type(exc).__name__)
+
+    def start_call(client, directory):
+        caller = threading.Thread(target=call, args=(client, directory, 60))
+        caller.daemon = True
+        caller.start()
+        pids.extend(_escaped_pids([directory]))
+
+    try:
+        client = guest.accept(timeout=10)
+        callers = [threading.Thread(target=call, args=(client, d)) for d in directories[:4]]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(30)
+        pids.extend(_escaped_pids(directories[:4]))
+        assert outcomes == ['CommandTimedOut'] * 4
+        assert client.execute('echo-args', 'next', timeout=10).stdout == b'next\n'
+        assert not any(process_alive(pid) for pid in pids)
+        # The guest goes away while one runs; the daemon connects again.
+        start_call(client, directories[4])
+        client.endpoint.close()
+        assert wait_until(lambda: not process_alive(pids[-1]))
+        client = guest.accept(timeout=15)
+        # One more, running when the daemon is told to stop.
+        start_call(client, directories[5])
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(10) == 0
+        assert not any(process_alive(pid) for pid in pids), process.stderr.read().decode()
+    finally:
+        for pid in pids:
+            _ignore(os.kill, pid, signal.SIGKILL)
+        if process.poll() is None:
+            process.terminate()  # not kill(): the daemon stops its virsh watcher
+            _ignore(process.wait, 10)
+        guest.close()
+        fake.cleanup()

@@ -62,15 +62,18 @@ class ExecuteResult(object):
     """
     What a command did: ``exit_status`` (None when a signal, ``signal``, ended it),
     ``stdout`` and ``stderr`` (bytes; empty when they were streamed to a file instead),
-    ``duration`` in seconds, and whether either output was truncated by the agent's cap.
+    ``duration`` in seconds, whether either output was truncated by the agent's cap, and
+    ``output_abandoned``: the agent stopped reading while a process that had left the command's
+    process group still held its output open (see the protocol's "Commands").
     """
 
     __slots__ = ('command', 'args', 'exit_status', 'signal', 'stdout', 'stderr', 'duration',
-                 'stdout_truncated', 'stderr_truncated')
+                 'stdout_truncated', 'stderr_truncated', 'output_abandoned')
 
     def __init__(self, command: str, args: Sequence[str], exit_status: Optional[int], stdout: bytes = b'',
                  stderr: bytes = b'', duration: float = 0.0, signal: Optional[int] = None,
-                 stdout_truncated: bool = False, stderr_truncated: bool = False) -> None:
+                 stdout_truncated: bool = False, stderr_truncated: bool = False,
+                 output_abandoned: bool = False) -> None:
         self.command = command
         self.args = list(args)
         self.exit_status = exit_status
@@ -80,6 +83,7 @@ class ExecuteResult(object):
         self.duration = duration
         self.stdout_truncated = stdout_truncated
         self.stderr_truncated = stderr_truncated
+        self.output_abandoned = output_abandoned
 
     @property
     def ok(self) -> bool:
@@ -96,7 +100,8 @@ class ExecuteResult(object):
         """A JSON-ready summary (output as text when valid UTF-8, else base64)."""
         data = {'command': self.command, 'args': self.args, 'exit_status': self.exit_status,
                 'signal': self.signal, 'duration': self.duration,
-                'stdout_truncated': self.stdout_truncated, 'stderr_truncated': self.stderr_truncated}
+                'stdout_truncated': self.stdout_truncated, 'stderr_truncated': self.stderr_truncated,
+                'output_abandoned': self.output_abandoned}
         data.update(encode_bytes(self.stdout, 'stdout'))
         data.update(encode_bytes(self.stderr, 'stderr'))
         return data
@@ -132,7 +137,7 @@ def _execute_fields(reply: object) -> Dict[str, Any]:
     """
     The fields of an ``execute`` result, checked against the spec: an exit status from 0 to
     255, or none and a signal from 1 to 127 (so that 128 + it is a status); a finite duration
-    of at least 0; booleans for the truncation flags. Anything else is :class:`InvalidRequest`.
+    of at least 0; booleans for the truncation flags and ``output_abandoned``. Anything else is :class:`InvalidRequest`.
     """
     if not isinstance(reply, dict):
         raise InvalidRequest('malformed execute reply: %r' % (reply,))
@@ -146,9 +151,9 @@ def _execute_fields(reply: object) -> Dict[str, Any]:
                              ' it): %r' % ((exit_status, signal),))
     if not (_is_number(duration) and duration >= 0):
         raise InvalidRequest('execute reply has a duration that is not a number of seconds: %r' % (duration,))
-    flags = {name: reply.get(name, False) for name in ('stdout_truncated', 'stderr_truncated')}
+    flags = {name: reply.get(name, False) for name in ('stdout_truncated', 'stderr_truncated', 'output_abandoned')}
     if not all(isinstance(flag, bool) for flag in flags.values()):
-        raise InvalidRequest('execute reply has truncation flags that are not booleans: %r' % (flags,))
+        raise InvalidRequest('execute reply has flags that are not booleans: %r' % (flags,))
     fields = {'exit_status': exit_status, 'signal': None if exit_status is not None else signal,
               'duration': float(duration)}
     fields.update(flags)

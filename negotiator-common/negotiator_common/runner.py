@@ -10,6 +10,10 @@ that executor makes (:class:`_IsolatedCommand`): wrapper programs such as ``sets
 ``env -i`` would cost two more ``exec`` calls per command, which is slow in an emulated guest.
 Output is read as it comes and handed to a callback in chunks, so a 64 MiB output streams
 through without being held in memory twice.
+
+A process can leave the command's group (``setsid``) and keep its pipes open; the timeout
+and a cancellation still end the call on time and kill it too (:class:`_Supervisor`, and
+:mod:`negotiator_common.processes` for how such processes are found).
 """
 
 import fcntl
@@ -17,11 +21,15 @@ import logging
 import os
 import selectors
 import signal
+import subprocess
 import threading
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from negotiator_common.errors import CommandNotFound
+from negotiator_common.processes import (
+    COMMANDS, MARKER_VARIABLE, command_processes, kill_command, new_marker, reap_orphans, signal_command,
+)
 from negotiator_common.transport import ReadBuffer
 
 __all__ = ('ProcessResult', 'run_process', 'clean_environment', 'DEFAULT_PATH',
@@ -33,7 +41,10 @@ DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 """The ``PATH`` a command sees (and where ``setsid`` and ``env`` are looked up)."""
 
 DEFAULT_KILL_GRACE = 2.0
-"""Seconds between SIGTERM and SIGKILL when a command is stopped."""
+"""
+Seconds between SIGTERM and SIGKILL when a command is stopped, and how long processes that left
+the group of a command that exited may hold its output open.
+"""
 
 CHUNK_SIZE = 1024 * 1024
 """How much output is read (and streamed) at a time: large chunks mean few messages for big outputs."""
@@ -44,10 +55,15 @@ OutputCallback = Callable[[str, bytes], None]
 
 
 class ProcessResult(object):
-    """How a command ended: ``exit_status`` (None if killed by a signal), ``signal``, flags and timing."""
+    """
+    How a command ended: ``exit_status`` (None if killed by a signal), ``signal``, flags and timing.
+
+    ``output_abandoned``: reading stopped while a process that had left the command's process
+    group still held stdout or stderr open (output it wrote after that is lost).
+    """
 
     __slots__ = ('exit_status', 'signal', 'duration', 'timed_out', 'cancelled', 'stdout_bytes',
-                 'stderr_bytes', 'stdout_truncated', 'stderr_truncated')
+                 'stderr_bytes', 'stdout_truncated', 'stderr_truncated', 'output_abandoned')
 
     def __init__(self) -> None:
         self.exit_status = None  # type: Optional[int]
@@ -59,6 +75,7 @@ class ProcessResult(object):
         self.stderr_bytes = 0
         self.stdout_truncated = False
         self.stderr_truncated = False
+        self.output_abandoned = False
 
 
 def clean_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -96,11 +113,225 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
+class _Pipes(object):
+    """The command's pipes: its input written as the pipe takes it, its output read in chunks and handed on."""
+
+    def __init__(self, process: 'subprocess.Popen', stdin: bytes, max_output: Optional[int],
+                 on_output: Optional[OutputCallback]) -> None:
+        self.process = process
+        self.max_output = max_output
+        self.on_output = on_output
+        self.selector = selectors.DefaultSelector()
+        self.streams = {process.stdout.fileno(): 'stdout', process.stderr.fileno(): 'stderr'}
+        for fd in self.streams:
+            _grow_pipe(fd)
+            os.set_blocking(fd, False)
+            self.selector.register(fd, selectors.EVENT_READ)
+        self.pending_input = memoryview(stdin)
+        self.stdin_fd = process.stdin.fileno()
+        if self.pending_input:
+            os.set_blocking(self.stdin_fd, False)
+            self.selector.register(self.stdin_fd, selectors.EVENT_WRITE)
+        else:
+            process.stdin.close()
+        self.emitted = {'stdout': 0, 'stderr': 0}
+        self.truncated = {'stdout': False, 'stderr': False}
+        self.buffer = ReadBuffer(CHUNK_SIZE)  # reused by every read of both pipes
+
+    @property
+    def output_open(self) -> bool:
+        """Whether some process still holds the write end of stdout or stderr."""
+        registered = self.selector.get_map()
+        return any(fd in registered for fd in self.streams)
+
+    def pump(self, timeout: float) -> None:
+        """Wait up to ``timeout`` seconds for a pipe to be ready, then move what is ready."""
+        for key, _ in self.selector.select(max(0.0, timeout)):
+            if key.fd == self.stdin_fd:
+                self._write_input()
+            else:
+                self._read_output(key.fd)
+
+    def drain(self) -> None:
+        """Read what the output pipes hold now, without waiting: the last reads before giving up on them."""
+        for fd in self.streams:
+            # One read takes a whole pipe (at most CHUNK_SIZE); the next sees the end of file, if it came.
+            for _ in range(2):
+                if fd not in self.selector.get_map() or not self._read_output(fd):
+                    break
+
+    def _write_input(self) -> None:
+        try:
+            self.pending_input = self.pending_input[os.write(self.stdin_fd, self.pending_input[:CHUNK_SIZE]):]
+        except BrokenPipeError:
+            self.pending_input = memoryview(b'')
+        if not self.pending_input:
+            self.selector.unregister(self.stdin_fd)
+            self.process.stdin.close()
+
+    def _read_output(self, fd: int) -> bool:
+        """Read one chunk from ``fd`` and hand it on; False when there was nothing to read."""
+        try:
+            chunk = self.buffer.read(fd)
+        except BlockingIOError:
+            return False
+        if not chunk:
+            self.selector.unregister(fd)
+            return False
+        name = self.streams[fd]
+        keep = len(chunk) if self.max_output is None else max(0, min(len(chunk), self.max_output - self.emitted[name]))
+        if keep < len(chunk):
+            self.truncated[name] = True
+        if keep and self.on_output is not None:
+            self.on_output(name, chunk[:keep])
+        self.emitted[name] += keep
+        return True
+
+    def close(self) -> None:
+        self.selector.close()
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if pipe is not None and not pipe.closed:
+                pipe.close()
+
+
+class _Supervisor(object):
+    """
+    One command from its start to its reply: the deadline, the stop, and when reading ends.
+
+    The call ends on time whatever the command's pipes do:
+
+    - **Timeout or cancellation**: the process group and the run's processes outside it get
+      SIGTERM; those still alive ``kill_grace`` seconds later get SIGKILL (round after round
+      until none is left), whether or not the pipes are still open. Then what the pipes hold
+      is read, and reading stops.
+    - **Normal exit**: whatever the command left in its process group is killed at once (as
+      always); processes that left the group are left alone, but they hold the reply for at
+      most ``kill_grace`` seconds: reading stops then, and ``output_abandoned`` says so.
+    """
+
+    POLL_INTERVAL = 0.1
+    """Seconds between looks at the cancellation event and the command's exit (neither can be selected on)."""
+
+    def __init__(self, process: 'subprocess.Popen', pipes: _Pipes, marker: str, name: str,
+                 timeout: Optional[float], cancelled: Optional[threading.Event], kill_grace: float,
+                 result: 'ProcessResult') -> None:
+        self.process = process
+        self.pipes = pipes
+        self.marker = marker
+        self.name = name
+        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.cancelled = cancelled
+        self.kill_grace = kill_grace
+        self.result = result
+        self.exited = False
+        self.stopping = False
+        self.kill_at = None  # type: Optional[float]
+        self.killed = False
+        self.read_until = None  # type: Optional[float]
+
+    def supervise(self) -> None:
+        """Run the command's loop until it is over (see the class's documentation)."""
+        while True:
+            now = time.monotonic()
+            self._notice_exit(now)
+            self._notice_stop(now)
+            if self._finished():
+                return
+            if self.read_until is not None and now >= self.read_until:
+                self._stop_reading()
+                return
+            self._wait(self._next_event(now) - now)
+
+    def finish(self, completed: bool) -> None:
+        """After the loop (or an error in it): leave nothing of a stopped command, nothing in the group."""
+        if self.stopping or not completed:
+            if not self.killed:
+                kill_command(self.process.pid, self.marker, self.kill_grace)
+            reap_orphans()
+        else:
+            _signal_group(self.process.pid, signal.SIGKILL)
+
+    @property
+    def _is_cancelled(self) -> bool:
+        return self.cancelled is not None and self.cancelled.is_set()
+
+    def _notice_exit(self, now: float) -> None:
+        if self.exited or self.process.poll() is None:
+            return
+        self.exited = True
+        if not self.stopping:
+            _signal_group(self.process.pid, signal.SIGKILL)  # what it left in its group goes with it
+            self.read_until = now + self.kill_grace
+
+    def _notice_stop(self, now: float) -> None:
+        if self.exited and not self.stopping:
+            if self._is_cancelled:  # the command is over: only the reading is left to stop
+                self.read_until = now
+        elif not self.stopping and (self._is_cancelled or (self.deadline is not None and now >= self.deadline)):
+            self.stopping = True
+            self.result.cancelled = self._is_cancelled
+            self.result.timed_out = not self.result.cancelled
+            logger.info("Stopping %s (%s)", self.name, 'cancelled' if self.result.cancelled else 'timeout')
+            signal_command(self.process.pid, self.marker, signal.SIGTERM)
+            self.kill_at = now + self.kill_grace
+        elif self.stopping and not self.killed and self.kill_at is not None and now >= self.kill_at:
+            kill_command(self.process.pid, self.marker, self.kill_grace)
+            self.killed = True
+            self.read_until = time.monotonic()
+
+    def _finished(self) -> bool:
+        if self.pipes.output_open or not self.exited:
+            return False
+        # A stopped command is over when none of its processes is left (they had SIGTERM).
+        return not self.stopping or self.killed or not command_processes(self.process.pid, self.marker)
+
+    def _next_event(self, now: float) -> float:
+        events = [now + self.POLL_INTERVAL, self.read_until, None if self.killed else self.kill_at,
+                  None if self.stopping or self.exited else self.deadline]
+        return min(t for t in events if t is not None)
+
+    def _wait(self, timeout: float) -> None:
+        if self.pipes.output_open:
+            self.pipes.pump(timeout)
+        elif not self.exited:
+            try:
+                self.process.wait(max(0.0, timeout))
+            except subprocess.TimeoutExpired:
+                pass
+        else:  # stopped, and some process of it has not died of SIGTERM yet
+            time.sleep(max(0.0, timeout))
+
+    def _stop_reading(self) -> None:
+        self.pipes.drain()
+        if self.pipes.output_open:
+            self.result.output_abandoned = True
+            logger.warning("Stopped reading the output of %s: a process that left its process group "
+                           "still holds it", self.name)
+
+
 def _signal_group(pid: int, signum: int) -> None:
     try:
         os.killpg(pid, signum)
     except (ProcessLookupError, PermissionError):
         pass
+
+
+def _start(argv: List[str], environment: Optional[Dict[str, str]], directory: str,
+           marker: str) -> Tuple[object, 'subprocess.Popen']:
+    """Start the command and register it with :data:`~negotiator_common.processes.COMMANDS`."""
+    command_environment = clean_environment(environment)
+    command_environment[MARKER_VARIABLE] = marker
+    command = _isolated_command(argv, command_environment, directory)
+    with COMMANDS.starting():
+        try:
+            command.start()
+        except OSError as exc:
+            raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
+        process = command.subprocess
+        if process is None:  # executor turns ENOENT (e.g. a missing "#!" interpreter) into status 127
+            raise CommandNotFound('cannot start %s: it or its interpreter does not exist' % argv[0])
+        COMMANDS.add(process.pid, marker)
+    return command, process
 
 
 def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = None,
@@ -112,93 +343,32 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
 
     ``on_output(stream, chunk)`` gets ``'stdout'`` or ``'stderr'`` and bytes, in order; past
     ``max_output`` bytes per stream the rest is read and dropped, and the stream's truncation
-    flag is set. When ``timeout`` passes or ``cancelled`` is set, the whole process group gets
-    SIGTERM, then SIGKILL after ``kill_grace`` seconds. When the command ends, any process it
-    left behind in its group is killed too: a command leaves no orphan.
+    flag is set. When ``timeout`` passes or ``cancelled`` is set, every process of the command
+    (its process group, and those outside it that carry its marker) gets SIGTERM, then SIGKILL
+    after ``kill_grace`` seconds, and the call returns. When the command ends, any process it
+    left behind in its group is killed too; one that left the group may keep running, but holds
+    the reply for at most ``kill_grace`` seconds (see :class:`_Supervisor`).
     """
     result = ProcessResult()
     started = time.monotonic()
-    command = _isolated_command(argv, clean_environment(environment), directory)
+    marker = new_marker()
+    command, process = _start(argv, environment, directory, marker)
+    pipes = _Pipes(process, stdin, max_output, on_output)
+    supervisor = _Supervisor(process, pipes, marker, argv[0], timeout, cancelled, kill_grace, result)
+    completed = False
     try:
-        command.start()
-    except OSError as exc:
-        raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
-    process = command.subprocess
-    if process is None:  # executor turns ENOENT (e.g. a missing "#!" interpreter) into status 127
-        raise CommandNotFound('cannot start %s: it or its interpreter does not exist' % argv[0])
-    pid = process.pid
-    selector = selectors.DefaultSelector()
-    streams = {process.stdout.fileno(): 'stdout', process.stderr.fileno(): 'stderr'}
-    for fd in streams:
-        _grow_pipe(fd)
-        os.set_blocking(fd, False)
-        selector.register(fd, selectors.EVENT_READ)
-    pending_input = memoryview(stdin)
-    stdin_fd = process.stdin.fileno()
-    if pending_input:
-        os.set_blocking(stdin_fd, False)
-        selector.register(stdin_fd, selectors.EVENT_WRITE)
-    else:
-        process.stdin.close()
-    deadline = None if timeout is None else started + timeout
-    kill_at = None  # type: Optional[float]
-    emitted = {'stdout': 0, 'stderr': 0}
-    buffer = ReadBuffer(CHUNK_SIZE)  # reused by every read of both pipes
-    try:
-        while selector.get_map():
-            now = time.monotonic()
-            if kill_at is None and ((deadline is not None and now >= deadline) or (cancelled and cancelled.is_set())):
-                result.timed_out = not (cancelled and cancelled.is_set())
-                result.cancelled = not result.timed_out
-                logger.info("Stopping %s (%s)", argv[0], 'timeout' if result.timed_out else 'cancelled')
-                _signal_group(pid, signal.SIGTERM)
-                kill_at = now + kill_grace
-            elif kill_at is None and process.poll() is not None:
-                # The command has exited but something it left behind still holds a pipe open.
-                _signal_group(pid, signal.SIGKILL)
-            elif kill_at is not None and now >= kill_at:
-                _signal_group(pid, signal.SIGKILL)
-                kill_at = float('inf')
-            # Wake at least every 0.1 s to notice cancellation (an Event cannot be selected on).
-            wake_at = min(t for t in (deadline if kill_at is None else kill_at, now + 0.1) if t is not None)
-            for key, _ in selector.select(max(0.0, wake_at - now)):
-                fd = key.fd
-                if fd == stdin_fd:
-                    try:
-                        pending_input = pending_input[os.write(fd, pending_input[:CHUNK_SIZE]):]
-                    except BrokenPipeError:
-                        pending_input = memoryview(b'')
-                    if not pending_input:
-                        selector.unregister(fd)
-                        process.stdin.close()
-                    continue
-                try:
-                    chunk = buffer.read(fd)
-                except BlockingIOError:
-                    continue
-                if not chunk:
-                    selector.unregister(fd)
-                    continue
-                name = streams[fd]
-                keep = len(chunk) if max_output is None else max(0, min(len(chunk), max_output - emitted[name]))
-                if keep < len(chunk):
-                    setattr(result, name + '_truncated', True)
-                if keep and on_output is not None:
-                    on_output(name, chunk[:keep])
-                emitted[name] += keep
-        returncode = process.wait()
+        supervisor.supervise()
+        completed = True
     finally:
         # Whatever happened (even an exception in a callback): no process of the group survives.
-        _signal_group(pid, signal.SIGKILL)
-        selector.close()
-        for pipe in (process.stdin, process.stdout, process.stderr):
-            if pipe is not None and not pipe.closed:
-                pipe.close()
-        if process.returncode is None:
-            process.wait()
+        supervisor.finish(completed)
+        pipes.close()
+        returncode = process.wait()
+        COMMANDS.remove(process.pid)
         command.cleanup()
     result.duration = time.monotonic() - started
-    result.stdout_bytes, result.stderr_bytes = emitted['stdout'], emitted['stderr']
+    result.stdout_bytes, result.stderr_bytes = pipes.emitted['stdout'], pipes.emitted['stderr']
+    result.stdout_truncated, result.stderr_truncated = pipes.truncated['stdout'], pipes.truncated['stderr']
     if returncode < 0:
         result.signal = -returncode
     else:

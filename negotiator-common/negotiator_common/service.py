@@ -229,7 +229,7 @@ class AgentService(object):
             started = time.monotonic()
             exit_status, stdout, stderr = command.builtin(options['args'])
             result = {'exit_status': exit_status, 'signal': None, 'duration': time.monotonic() - started,
-                      'stdout_truncated': False, 'stderr_truncated': False}
+                      'stdout_truncated': False, 'stderr_truncated': False, 'output_abandoned': False}
             on_output('stdout', stdout)
             on_output('stderr', stderr)
         else:
@@ -242,7 +242,8 @@ class AgentService(object):
                                   environment=environment, cancelled=context.cancelled,
                                   kill_grace=self.limits.kill_grace)
             result = {'exit_status': process.exit_status, 'signal': process.signal, 'duration': process.duration,
-                      'stdout_truncated': process.stdout_truncated, 'stderr_truncated': process.stderr_truncated}
+                      'stdout_truncated': process.stdout_truncated, 'stderr_truncated': process.stderr_truncated,
+                      'output_abandoned': process.output_abandoned}
             if process.timed_out:
                 result.update(self._output_fields(collected, bool(options['stream'])))
                 raise CommandTimedOut('%s ran longer than %s seconds and was killed' % (

@@ -20,9 +20,13 @@ two states:
 
 Signals are handled as gunicorn does: the handlers only queue the signal number; the main
 loop acts. SIGTERM and SIGINT take one shutdown path: close the session (which cancels its
-running commands: the runner sends their process groups SIGTERM), wait for the handlers to
-finish, SIGKILL any process group still left near the deadline, release the port, and return
-exit status 0 within :data:`STOP_TIMEOUT` seconds (plus a little).
+running commands: the runner sends their processes SIGTERM), wait for the handlers to
+finish, SIGKILL every process of a command still left near the deadline, release the port, and
+return exit status 0 within :data:`STOP_TIMEOUT` seconds (plus a little).
+
+The daemon adopts the orphans of its commands (:func:`~negotiator_common.processes.adopt_orphans`),
+so that a process that left its command's group can still be found and killed; SIGCHLD makes
+the main loop reap those that exit (:class:`~negotiator_common.processes.OrphanReaper`).
 """
 
 import errno
@@ -37,6 +41,7 @@ from typing import Any, Callable, List, Optional
 
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
+from negotiator_common.processes import COMMANDS, OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService
 from negotiator_common.transport import READ_SIZE, Transport
 
@@ -170,36 +175,6 @@ class _Session(object):
         return self._ended
 
 
-def _children(pid: int) -> List[int]:
-    """The process ids whose parent is ``pid`` (read from /proc)."""
-    found = []
-    for name in os.listdir('/proc'):
-        if not name.isdigit():
-            continue
-        try:
-            with open('/proc/%s/stat' % name, 'rb') as handle:
-                fields = handle.read().rsplit(b')', 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if len(fields) > 2 and int(fields[1]) == pid:
-            found.append(int(name))
-    return found
-
-
-def _kill_children() -> None:
-    """SIGKILL the process group of every child (commands run in groups of their own)."""
-    for child in _children(os.getpid()):
-        try:
-            target = os.getpgid(child)
-            if target == child:
-                os.killpg(target, signal.SIGKILL)
-            else:
-                os.kill(child, signal.SIGKILL)
-            logger.warning("Killed process group %d: it did not stop in time", child)
-        except OSError:
-            pass
-
-
 class GuestDaemon(object):
     """
     Serve the host's requests on a port, one host session after another, until SIGTERM/SIGINT.
@@ -224,7 +199,8 @@ class GuestDaemon(object):
         self.dispatcher = service.register(Dispatcher())
         self.sessions_served = 0
         self._session = None  # type: Optional[_Session]
-        self._signals = SignalQueue(list(STOP_SIGNALS) + [signal.SIGIO])
+        self._signals = SignalQueue(list(STOP_SIGNALS) + [signal.SIGIO, signal.SIGCHLD])
+        self._reaper = OrphanReaper()
         self._stop_reason = None  # type: Optional[str]
 
     def open(self) -> None:
@@ -275,6 +251,7 @@ class GuestDaemon(object):
             self.open()
         assert self.fd is not None
         self._signals.install()
+        adopt_orphans()
         try:
             self._sigio(True)
             logger.info("Serving host requests on %s (pid %d)", self.path, os.getpid())
@@ -290,14 +267,17 @@ class GuestDaemon(object):
             if self._session is None and check and host_connected(self.fd):
                 self._start_session()
             if self._session is None:
-                received = wait_for_host(self._signals, self.recheck_interval)
-                # Woken by SIGIO or by the timer (nothing received): look again.
+                received = wait_for_host(self._signals, self._timeout(self.recheck_interval))
+                # Woken by SIGIO or by a timer (nothing received): look again.
                 check = not received or signal.SIGIO in received
             else:
-                received = self._signals.wait(None)
+                received = self._signals.wait(self._timeout(None))
             for signum in received:
                 if signum in STOP_SIGNALS:
                     self.stop('received %s' % signal.Signals(signum).name)
+                elif signum == signal.SIGCHLD:
+                    self._reaper.child_exited()
+            self._reaper.sweep_if_due()
             if self._session is not None and self._session.finished:
                 session, self._session = self._session, None
                 self._sigio(True)
@@ -305,6 +285,13 @@ class GuestDaemon(object):
                 # A session that read nothing (the host left at once) is no reason to look again
                 # before the next SIGIO or timer: that keeps an odd device from spinning us.
                 check = session.transport.bytes_read > 0 or signal.SIGIO in received
+
+    def _timeout(self, longest: Optional[float]) -> Optional[float]:
+        """How long the main loop may sleep: at most ``longest``, and not past a due sweep for orphans."""
+        if self._reaper.due is None:
+            return longest
+        until_sweep = max(0.0, self._reaper.due - time.monotonic())
+        return until_sweep if longest is None else min(longest, until_sweep)
 
     def _start_session(self) -> None:
         assert self.fd is not None
@@ -324,7 +311,7 @@ class GuestDaemon(object):
             # (ended by SIGTERM) instead of waiting for its own timeout.
             session.endpoint.cancel_requests()
         if not self.dispatcher.wait_idle(self.stop_timeout):
-            _kill_children()
+            COMMANDS.kill_all(give_up_after=0.3)
             self.dispatcher.wait_idle(0.4)
         if session is not None:
             # The dispatcher is idle once the handlers return; their replies are written after.

@@ -26,6 +26,11 @@ commands that run at once and the requests that wait for them (round-robin by gu
 is on the request's handler thread, so a guest's pings are answered while its commands wait.
 SIGTERM and SIGINT stop the daemon through one path: connections close, running commands are
 killed, exit status 0.
+
+Run on the main thread, the daemon adopts the orphans of its commands
+(:func:`~negotiator_common.processes.adopt_orphans`), so that a process that left its
+command's group can still be found and killed, and reaps those that exit on SIGCHLD
+(:class:`~negotiator_common.processes.OrphanReaper`).
 """
 
 import fnmatch
@@ -42,6 +47,7 @@ from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import NegotiatorError
+from negotiator_common.processes import COMMANDS, OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService, Limits
 from negotiator_common.slots import DEFAULT_MAX_COMMANDS, DEFAULT_MAX_QUEUED, CommandSlots
 from negotiator_common.transport import Transport
@@ -146,6 +152,7 @@ class HostDaemon(object):
         self._backoff = {}  # type: Dict[str, float]
         self._rescan_at = None  # type: Optional[float]
         self._signals = []  # type: List[int]
+        self._reaper = OrphanReaper()
         self._stopping = threading.Event()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
@@ -315,6 +322,10 @@ class HostDaemon(object):
         self._signals.append(signum)
         self._wake()
 
+    def _on_child_exit(self, signum: int, frame: Any) -> None:
+        self._reaper.child_exited()  # only a time is noted: the main loop sweeps
+        self._wake()
+
     def stop(self, reason: str = 'asked to stop') -> None:
         """Ask the main loop to stop (safe from any thread)."""
         self.stop_reason = self.stop_reason or reason
@@ -327,6 +338,8 @@ class HostDaemon(object):
         if threading.current_thread() is threading.main_thread():
             for signum in (signal.SIGTERM, signal.SIGINT):
                 handlers[signum] = signal.signal(signum, self._on_signal)
+            handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_child_exit)
+            adopt_orphans()
         logger.info("negotiator-host %s daemon serving %s channels (libvirt %s) of %s", __version__, self.channel,
                     self.uri, 'guests matching %s' % ' '.join(self.guest_patterns) if self.guest_patterns
                     else 'every guest')
@@ -340,7 +353,7 @@ class HostDaemon(object):
                     break
                 now = time.monotonic()
                 with self._lock:
-                    due = [t for t in (self._rescan_at, self._watcher_restart_at) if t is not None]
+                    due = [t for t in (self._rescan_at, self._watcher_restart_at, self._reaper.due) if t is not None]
                 timeout = max(0.0, min(due) - now) if due else None
                 try:
                     select.select([self._wake_read], [], [], timeout)
@@ -351,6 +364,7 @@ class HostDaemon(object):
                         pass
                 except BlockingIOError:
                     pass
+                self._reaper.sweep_if_due()
                 now = time.monotonic()
                 if self._stopping.is_set() or self._signals:
                     continue
@@ -380,7 +394,9 @@ class HostDaemon(object):
         for connection in connections:
             connection.endpoint.close('the host daemon is stopping')
         if not self.dispatcher.wait_idle(STOP_GRACE):
-            logger.warning("Some commands were still running when the daemon stopped")
+            COMMANDS.kill_all(give_up_after=1.0)
+            if not self.dispatcher.wait_idle(1.0):
+                logger.warning("Some commands were still running when the daemon stopped")
         if process is not None:
             try:
                 process.wait(timeout=STOP_GRACE)
