@@ -19,7 +19,7 @@ from negotiator_common.cli_support import MAX_TIMEOUT_OPTION, UsageError, parse_
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.endpoint import Endpoint
-from negotiator_common.errors import CommandNotFound, InvalidRequest, UnsendableRequest
+from negotiator_common.errors import CommandNotFound, CommandTimedOut, InvalidRequest, UnsendableRequest
 from negotiator_common.service import AgentService, Limits
 from negotiator_common.transport import Transport
 from negotiator_guest import cli as guest_cli
@@ -156,6 +156,28 @@ def test_a_request_longer_than_the_agents_line_is_refused_before_sending(small_a
         small_agent.execute('echo', 'x' * 5000, timeout=3)
     with pytest.raises(UnsendableRequest, match='UTF-8'):
         small_agent.execute('echo', os.fsdecode(b'\xff'), timeout=3)
+
+
+def test_a_command_that_ignores_sigterm_is_answered_before_the_callers_deadline(tmp_path):
+    # The agent replies only after SIGKILL, kill_grace (2 s) after its own timeout: the command's
+    # timeout leaves room for that grace, so the caller gets CommandTimedOut, not CallTimeout.
+    commands = tmp_path / 'commands'
+    commands.mkdir()
+    stubborn = commands / 'stubborn'
+    stubborn.write_text('#!/bin/sh\ntrap "" TERM\nsleep 30\n')
+    stubborn.chmod(0o755)
+    ours, theirs = socket.socketpair()
+    service = AgentService('negotiator-guest', CommandRegistry([str(commands)], builtins=False))
+    server = Endpoint(Transport.from_socket(theirs), service.dispatcher(), name='agent').start()
+    endpoint = Endpoint(Transport.from_socket(ours), name='client').start()
+    try:
+        client = AgentClient(endpoint, endpoint.handshake(5)['limits'])
+        with pytest.raises(CommandTimedOut) as excinfo:
+            client.execute('stubborn', timeout=6)
+        assert excinfo.value.data['signal'] == signal.SIGKILL
+    finally:
+        endpoint.close()
+        server.close()
 
 
 # Finding 9: no traceback for any input, every status in the table.

@@ -124,9 +124,9 @@ def test_a_command_that_closes_its_output_still_ends_at_its_timeout(guest):
     started = time.monotonic()
     with channel(guest) as ch:
         with pytest.raises(CommandTimedOut) as excinfo:
-            ch.execute('quiet-nap', '4242', timeout=2)
+            ch.execute('quiet-nap', '4242', timeout=6)
     took = time.monotonic() - started
-    print('quiet-nap with a 2 s timeout ended after %.1f s: %s' % (took, excinfo.value))
+    print('quiet-nap with a 6 s timeout ended after %.1f s: %s' % (took, excinfo.value))
     assert took < 15, 'the timeout was escaped (%.1f s)' % took
     assert wait_until(lambda: not sleeping(guest, 4242), timeout=10, interval=0.5)
 
@@ -135,9 +135,9 @@ def test_a_setsid_child_holding_the_output_neither_holds_the_reply_nor_survives(
     started = time.monotonic()
     with channel(guest) as ch:
         with pytest.raises(CommandTimedOut):
-            ch.execute('escape', '4711', timeout=2)
+            ch.execute('escape', '4711', timeout=6)
     took = time.monotonic() - started
-    print('escape with a 2 s timeout ended after %.1f s' % took)
+    print('escape with a 6 s timeout ended after %.1f s' % took)
     assert took < 15, 'the reply waited for the escaped child (%.1f s)' % took
     assert wait_until(lambda: not sleeping(guest, 4711), timeout=10, interval=0.5), sleeping(guest, 4711)
 

@@ -8,6 +8,7 @@ for their whole life, so that a process that left its command's group stays find
 
 import os
 import signal
+import subprocess
 import threading
 
 import pytest
@@ -270,3 +271,22 @@ def test_a_sweep_waits_while_a_command_is_starting(monkeypatch):
         assert reaper.sweep_if_due() == 0
         assert reaper.due is not None  # looked again later rather than forgotten
     assert reaper.sweep_if_due() == 0 and reaper.due is None
+
+
+def test_the_kernels_children_lists_find_the_descendants_a_full_scan_finds(tmp_path):
+    # The fast walk (/proc/PID/task/TID/children) and the fallback (every process's PPid) agree.
+    shells = [subprocess.Popen(['sh', '-c', 'sleep 60 & sleep 60 & touch "$0"; wait', str(tmp_path / str(n))])
+              for n in range(3)]
+    try:
+        assert wait_until(lambda: all((tmp_path / str(n)).exists() for n in range(3)))
+        walked = sorted(info.pid for info in processes._descendants(os.getpid()))
+        scanned = sorted(info.pid for info in processes._descendants_by_scan(list(processes._all_processes()),
+                                                                             os.getpid()))
+        assert processes._children_from_proc(os.getpid()) is not None, 'this kernel lists no children'
+        assert len(walked) >= 9 and walked == scanned
+    finally:
+        for shell in shells:
+            for info in processes._descendants(shell.pid):
+                os.kill(info.pid, signal.SIGKILL)
+            shell.kill()
+            shell.wait()

@@ -111,12 +111,15 @@ class ExecuteResult(object):
             self.command, self.exit_status, len(self.stdout))
 
 
-def command_timeout_for(timeout: float) -> float:
+def command_timeout_for(timeout: float, kill_grace: float = 0.0) -> float:
     """
     The timeout to give the agent for a command, so that its own timeout reply (with the
-    command's partial output) arrives before the caller's deadline does.
+    command's partial output) arrives before the caller's deadline does: the agent stops a
+    command with SIGTERM, then SIGKILL ``kill_grace`` seconds later (its ``limits`` in
+    ``hello``), and only then replies, so both the grace and a second for the reply's way back
+    come off the caller's timeout (never more than half of it).
     """
-    return max(timeout - 1.0, timeout * 0.5)
+    return max(timeout - kill_grace - 1.0, timeout * 0.5)
 
 
 def _is_number(value: object) -> bool:
@@ -263,7 +266,7 @@ class AgentClient(object):
         if input:
             params.update(encode_bytes(bytes(input), 'stdin'))
         if timeout is not None:
-            params['timeout'] = command_timeout_for(timeout)
+            params['timeout'] = command_timeout_for(timeout, _limit(self.limits, 'kill_grace') or 0.0)
         self._check_request(params, len(input or b''), timeout)
         on_output = _OutputCollector({'stdout': stdout, 'stderr': stderr}, max_output, self.endpoint)
         try:

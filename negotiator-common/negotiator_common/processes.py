@@ -99,8 +99,50 @@ def _all_processes() -> Iterator[ProcessInfo]:
                 yield info
 
 
-def _descendants(processes: List[ProcessInfo], ancestor: int) -> List[ProcessInfo]:
-    """The processes below ``ancestor`` in the parent tree (PPid links)."""
+def _children_from_proc(pid: int) -> Optional[List[int]]:
+    """
+    The children of ``pid`` as the kernel lists them per thread (``/proc/PID/task/TID/children``,
+    Linux 3.5+ with ``CONFIG_PROC_CHILDREN``, as in Debian's and RHEL's kernels); None where
+    those files do not exist. Reading a few files per descendant instead of the ``stat`` of
+    every process matters in an emulated guest: a full scan there took about 0.2 s, several
+    times per stopped command.
+    """
+    try:
+        tasks = os.listdir('/proc/%d/task' % pid)
+    except OSError:
+        return []  # gone
+    children = []  # type: List[int]
+    for task in tasks:
+        try:
+            with open('/proc/%d/task/%s/children' % (pid, task), 'rb') as handle:
+                children.extend(int(child) for child in handle.read().split())
+        except FileNotFoundError:
+            if not os.path.exists('/proc/%d/task/%s' % (pid, task)):
+                continue  # the thread ended
+            return None
+        except (OSError, ValueError):
+            continue
+    return children
+
+
+def _descendants(ancestor: int) -> List[ProcessInfo]:
+    """The processes below ``ancestor`` in the parent tree: from the kernel's children lists, else a full scan."""
+    found = []  # type: List[ProcessInfo]
+    todo = [ancestor]
+    while todo:
+        children = _children_from_proc(todo.pop())
+        if children is None:
+            return _descendants_by_scan(list(_all_processes()), ancestor)
+        for child in children:
+            info = _read_stat(child)
+            if info is not None:
+                found.append(info)
+                todo.append(child)
+    return found
+
+
+def _descendants_by_scan(processes: List[ProcessInfo], ancestor: int) -> List[ProcessInfo]:
+    """The processes below ``ancestor`` found from every process's PPid (where there are no children lists)."""
     children = {}  # type: Dict[int, List[ProcessInfo]]
     for info in processes:
         children.setdefault(info.ppid, []).append(info)
@@ -124,7 +166,7 @@ def _has_marker(pid: int, marker: str) -> bool:
 def command_processes(group: int, marker: str) -> List[int]:
     """The live processes of one run: descendants of this process in ``group`` or with ``marker``."""
     found = []
-    for info in _descendants(list(_all_processes()), os.getpid()):
+    for info in _descendants(os.getpid()):
         if info.state not in ('Z', 'X') and (info.pgrp == group or _has_marker(info.pid, marker)):
             found.append(info.pid)
     return found
@@ -249,7 +291,9 @@ def reap_orphans() -> Optional[int]:
     """
     if not _adopting:
         return 0
-    return COMMANDS.reap([info.pid for info in _all_processes() if _is_adopted_zombie(info)])
+    children = _children_from_proc(os.getpid())
+    infos = _all_processes() if children is None else (_read_stat(pid) for pid in children)
+    return COMMANDS.reap([info.pid for info in infos if info is not None and _is_adopted_zombie(info)])
 
 
 def _has_zombie_child() -> bool:
