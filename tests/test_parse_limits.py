@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 
 import pytest
 
@@ -15,6 +16,7 @@ from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import InvalidRequest, MessageTooLarge
 from negotiator_common.protocol import MAX_NESTING, MAX_VALUES, DecodeError, Request, parse_line
 from negotiator_common.transport import Transport
+from negotiator_common.turns import Turns, Usage
 from negotiator_host.discovery import GUEST_TO_HOST_CHANNEL
 
 from test_host_support import FakeLibvirt, listening_socket
@@ -134,3 +136,35 @@ def test_host_daemon_memory_stays_bounded_under_costly_lines():
         fake.cleanup()
         log.seek(0)
         sys.stderr.write(log.read().decode('utf-8', 'replace')[-2000:])
+
+
+def test_the_next_parsing_turn_goes_to_the_connection_that_parsed_least_of_late():
+    # A guest that sends a large line now and then must not queue behind guests that keep the
+    # parser busy: among the waiters, the least recent user goes first, whatever the order of arrival.
+    turns = Turns()
+    busy, quiet, holder = Usage(), Usage(), Usage()
+    busy.add(10.0, time.monotonic())
+    release, order = threading.Event(), []
+
+    def hold_until_released():
+        with turns.hold(holder):
+            release.wait(10)
+
+    def take(name, usage):
+        with turns.hold(usage):
+            order.append(name)
+    threads = [threading.Thread(target=hold_until_released)]
+    threads[0].start()
+    assert wait_until(lambda: turns._busy)
+    for number in range(3):
+        threads.append(threading.Thread(target=take, args=('busy-%d' % number, busy)))
+        threads[-1].start()
+        assert wait_until(lambda expected=number + 1: len(turns._waiting) == expected)
+    threads.append(threading.Thread(target=take, args=('quiet', quiet)))
+    threads[-1].start()
+    assert wait_until(lambda: len(turns._waiting) == 4)
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert order == ['quiet', 'busy-0', 'busy-1', 'busy-2']
+    assert quiet.current(time.monotonic()) < busy.current(time.monotonic())

@@ -37,6 +37,7 @@ from negotiator_common.protocol import (
 )
 from negotiator_common.peerlog import Complaints, Cut, cut
 from negotiator_common.transport import Transport
+from negotiator_common.turns import Turns, Usage
 
 __all__ = ('Endpoint', 'DEFAULT_TIMEOUT', 'DEFAULT_MAX_CONCURRENT', 'REPLY_WRITE_TIMEOUT', 'SESSION_NOTIFICATION')
 
@@ -56,10 +57,13 @@ LARGE_FEED = 64 * 1024
 """
 Bytes (of a partial line and a read) from which a feed may complete a costly line: such feeds
 take turns across all the endpoints of a process (``_LARGE_FEEDS``), so that 16 guests' 4 MiB
-lines are parsed one after the other, not all at once; smaller ones (a ping) never wait.
+lines are parsed one after the other, not all at once; smaller ones (a ping) never wait, nor
+do reads in which no line ends (nothing is parsed then). The endpoint that parsed least of late
+goes first (:mod:`negotiator_common.turns`), so a guest's occasional large request waits for
+about one parse in progress, not behind every guest that keeps the parser busy.
 """
 
-_LARGE_FEEDS = threading.Lock()
+_LARGE_FEEDS = Turns()
 
 _log = get_logger(__name__)  # lazy: a quick CLI call never imports logging
 
@@ -93,6 +97,7 @@ class Endpoint(object):
         self.log = _log.getChild(name.replace('.', '_') or 'peer')
         self.complaints = Complaints(self.log, name)
         self._decoder = LineDecoder(max_line_length)
+        self._feeding = Usage()  # this connection's recent turns at parsing large lines
         # Raw output attachments are only ever sent to a caller that asked for them: none are
         # expected before this side's first call (a server never calls; a client first
         # resynchronises), so stale bytes of an earlier client can never start one.
@@ -126,7 +131,8 @@ class Endpoint(object):
                 data = self.transport.read()
                 if not data:
                     break
-                if self._decoder.buffered + len(data) < LARGE_FEED:
+                if self._decoder.buffered + len(data) < LARGE_FEED or b'\n' not in data:
+                    # Small, or no line ends in it: nothing is parsed, the bytes are only kept.
                     for event in self._decoder.feed(data):
                         self._handle(event)
                 elif self._feed_large(data):
@@ -152,7 +158,7 @@ class Endpoint(object):
         then handle the events outside the lock; True if any came, so that their memory, freed
         on return, is given back.
         """
-        with _LARGE_FEEDS:
+        with _LARGE_FEEDS.hold(self._feeding):
             events = self._decoder.feed(data)
         for event in events:
             self._handle(event)
