@@ -1,5 +1,5 @@
 """
-The edges of the two CLIs and of the client under them (issue 11, findings 7 to 9): output held
+The edges of the two CLIs and of the client under them (``docs/faults.rst``): output held
 within its cap, requests checked against the agent's limits before they are sent, no traceback
 for any input, Ctrl-C and a closed pipe, and a guest's text shown escaped. The CLIs run as real
 subprocesses against real agents on UNIX sockets in a fake libvirt tree (``test_host_support``).

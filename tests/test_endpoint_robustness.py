@@ -1,5 +1,5 @@
 """
-No message of any shape kills an endpoint's reader (issue 11, finding 3); a reader that dies
+No message of any shape kills an endpoint's reader (``docs/faults.rst``); a reader that dies
 anyway closes its connection; a null-id error fails the one call waiting (finding 8).
 """
 

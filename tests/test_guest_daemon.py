@@ -304,7 +304,8 @@ def _ignore_errors(function, *args, **kw):
 
 
 def test_a_malformed_message_leaves_the_session_serving(daemon_on_pty):
-    # Issue 11, finding 3: this line killed the session's reader (a traceback, then a new session).
+    # docs/faults.rst, "A message of an unexpected shape": this line killed the session's reader
+    # (a traceback, then a new session).
     process, host, _ = daemon_on_pty
     host.connect()
     host.send({'jsonrpc': '2.0', 'method': 'output', 'params': {'id': [1]}})

@@ -1,5 +1,5 @@
 """
-A guest cannot flood the host daemon's log (issue 11, finding 6), and a malformed message
+A guest cannot flood the host daemon's log (``docs/faults.rst``), and a malformed message
 neither cuts a guest off nor stops the daemon from connecting it again (finding 3).
 """
 

@@ -1,5 +1,5 @@
 """
-Lines that are cheap to send and costly to parse (issue 11, finding 1): refused before ``json``
+Lines that are cheap to send and costly to parse (``docs/faults.rst``): refused before ``json``
 builds them, parsed one at a time across a process, and their memory given back.
 """
 

@@ -4,7 +4,7 @@ Giving memory back to the system after a large line, where the C library allows 
 After ``json`` parsed a large line, its objects are freed, but glibc keeps the freed memory:
 in the heap (per-thread arenas, one per reading thread) and, once a large block was freed,
 with a raised ``mmap`` threshold, so that the next large blocks come from the heap too. A host
-daemon that read 16 lines of 4 MiB kept 1.6 GiB that way (issue 11). ``malloc_trim(0)`` hands
+daemon that read 16 lines of 4 MiB kept 1.6 GiB that way (``docs/faults.rst``). ``malloc_trim(0)`` hands
 the free pages of every arena back at once. It is glibc's: elsewhere (musl) there is nothing to
 call, and nothing is done.
 """

@@ -3,8 +3,9 @@ Logging what a peer sent without letting the peer write the log.
 
 A hostile or broken peer controls ids, method names, error messages and whole lines; logged
 as they come, one reply with a 4 MiB id made a 4 MiB log line, and a stream of one-byte garbage
-lines made thousands of warnings a second (issue 11, finding 6). Two tools keep the log
-bounded, in lines and in bytes, whatever the peer does (``docs/security.rst``, "Logs"):
+lines made thousands of warnings a second (``docs/faults.rst``, the log flood row). Two tools
+keep the log bounded, in lines and in bytes, whatever the peer does (``docs/security.rst``,
+"Logs"):
 
 - :func:`cut` shows a peer's value as a short ``repr`` (newlines escaped, so a value can never
   forge a log line) with a note of its full length (:class:`Cut` does it only if the line is

@@ -237,11 +237,12 @@ The most JSON values that one line may hold, counted as ``{``, ``[`` and ``,`` o
 a line with more is refused (:class:`MessageTooLarge`) before ``json`` parses it.
 
 Why: a legal 4 MiB line of ``{},{},...`` made ``json`` build a million objects, about 100 MiB
-and 1 s of CPU with the GIL held, for one line (issue 11). 65536 values cost at most about
-13 MiB and 0.2 s to parse (``{"a":0}`` each, the costliest shape measured), and are far more than
-any message of this protocol needs: every field but ``args`` is a string or a handful of values,
-and 65536 arguments is more than most commands are ever given (strings count once, whatever
-they hold: stdin, output and long arguments cost nothing here).
+and 1 s of CPU with the GIL held, for one line (``docs/faults.rst``, the row of costly lines).
+65536 values cost at most about 13 MiB and 0.2 s to parse (``{"a":0}`` each, the costliest
+shape measured), and are far more than any message of this protocol needs: every field but
+``args`` is a string or a handful of values, and 65536 arguments is more than most commands are
+ever given (strings count once, whatever they hold: stdin, output and long arguments cost
+nothing here).
 """
 
 _STRING_LITERAL = re.compile(b'"[^"]*"')
