@@ -17,7 +17,6 @@ and a cancellation still end the call on time and kill it too (:class:`_Supervis
 """
 
 import fcntl
-import logging
 import os
 import selectors
 import signal
@@ -26,6 +25,7 @@ import threading
 import time
 from typing import Callable, Dict, List, Optional, Tuple
 
+from negotiator_common.lazylog import get_logger
 from negotiator_common.errors import CommandNotFound
 from negotiator_common.processes import (
     COMMANDS, MARKER_VARIABLE, command_processes, kill_command, new_marker, reap_orphans, signal_command,
@@ -35,7 +35,7 @@ from negotiator_common.transport import ReadBuffer
 __all__ = ('ProcessResult', 'run_process', 'clean_environment', 'DEFAULT_PATH',
            'DEFAULT_KILL_GRACE', 'CHUNK_SIZE')
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # the library never prints through logging's last resort
 
 DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 """The ``PATH`` a command sees (and where ``setsid`` and ``env`` are looked up)."""

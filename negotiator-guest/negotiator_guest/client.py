@@ -19,11 +19,11 @@ Example::
         print(result.exit_status, result.stdout.decode())
 """
 
-import logging
 import os
 import time
 from typing import Any, BinaryIO, List, Optional
 
+from negotiator_common.lazylog import get_logger
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
 from negotiator_common.endpoint import DEFAULT_TIMEOUT, Endpoint
 from negotiator_common.errors import ChannelBusy, ConnectionClosed
@@ -33,7 +33,7 @@ from negotiator_guest.port import GUEST_TO_HOST_CHANNEL, find_port, host_connect
 
 __all__ = ('HostClient', 'BUSY_TIMEOUT', 'CONNECT_TIMEOUT', 'RETRY_INTERVAL')
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # the library never prints through logging's last resort
 
 BUSY_TIMEOUT = 2.0
 """Seconds to keep retrying a port that another process holds (EBUSY)."""

@@ -31,7 +31,6 @@ the main loop reap those that exit (:class:`~negotiator_common.processes.OrphanR
 
 import errno
 import fcntl
-import logging
 import os
 import select
 import signal
@@ -39,6 +38,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
+from negotiator_common.lazylog import get_logger
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.processes import COMMANDS, OrphanReaper, adopt_orphans
@@ -49,7 +49,7 @@ from negotiator_guest.port import FALLBACK_DEVICE, HOST_TO_GUEST_CHANNELS, find_
 
 __all__ = ('GuestDaemon', 'SignalQueue', 'wait_for_host', 'RECHECK_INTERVAL', 'STOP_TIMEOUT', 'STOP_SIGNALS')
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # the library never prints through logging's last resort
 
 RECHECK_INTERVAL = 3.0
 """Seconds between checks for a host while waiting, in case a SIGIO was missed."""

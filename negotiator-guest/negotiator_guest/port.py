@@ -14,11 +14,11 @@ and close-on-exec, so that no command the daemon runs keeps the port open after 
 """
 
 import errno
-import logging
 import os
 import select
 from typing import List, Optional, Sequence
 
+from negotiator_common.lazylog import get_logger
 from negotiator_common.errors import ChannelBusy, ChannelNotFound
 
 __all__ = (
@@ -26,7 +26,7 @@ __all__ = (
     'candidate_paths', 'find_port', 'open_port', 'host_connected', 'libvirt_xml',
 )
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # the library never prints through logging's last resort
 
 HOST_TO_GUEST_CHANNELS = ('negotiator-host-to-guest.0', 'negotiator-channel.0')
 """The channels the daemon serves on, by preference: ours, then the seed's single channel."""

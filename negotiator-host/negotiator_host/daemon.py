@@ -34,7 +34,6 @@ command's group can still be found and killed, and reaps those that exit on SIGC
 """
 
 import fnmatch
-import logging
 import os
 import select
 import signal
@@ -43,6 +42,7 @@ import time
 from typing import Any, Optional, Sequence
 
 from negotiator_common import __version__
+from negotiator_common.lazylog import get_logger
 from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
@@ -60,7 +60,7 @@ from negotiator_host.policy import Policy
 
 __all__ = ('HostDaemon', 'GuestConnection', 'DEFAULT_GUEST_CONCURRENCY', 'DEFAULT_MAX_TIMEOUT', 'default_limits')
 
-logger = logging.getLogger(__name__)
+logger = get_logger(__name__)  # the library never prints through logging's last resort
 
 DEFAULT_GUEST_CONCURRENCY = 4
 """Requests that one guest may have running on the host at once; more are refused."""
