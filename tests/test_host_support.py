@@ -119,9 +119,9 @@ class FakeLibvirt(object):
         with open(virsh, 'w') as handle:
             handle.write(FAKE_VIRSH.replace('PYTHON', sys.executable, 1))
         os.chmod(virsh, 0o755)
-        self.rows = []  # type: List[str]
+        self.rows: List[str] = []
         self.write_list()
-        self.sockets = []  # type: List[socket.socket]
+        self.sockets: List[socket.socket] = []
 
     @property
     def environ(self) -> Dict[str, str]:

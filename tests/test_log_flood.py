@@ -32,7 +32,7 @@ class GuestSide(object):
     def __init__(self, path: str) -> None:
         self.listener = listening_socket(path)
         self.listener.settimeout(15)
-        self.conn = None  # type: socket.socket
+        self.conn: socket.socket = None
         self.received = b''
         self._lock = threading.Lock()
 

@@ -14,7 +14,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Dict, List, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 __all__ = ('BUILTIN_COMMANDS', 'BuiltinCommand', 'DiskUsage', 'STATVFS_TIMEOUT', 'read_mounts')
 
@@ -114,7 +114,7 @@ def _ipv6_addresses() -> List[Tuple[str, str]]:
 
 
 def ip_addresses(args: Sequence[str]) -> BuiltinResult:
-    addresses = []  # type: List[Dict[str, str]]
+    addresses: List[Dict[str, str]] = []
     for _, interface in socket.if_nameindex():
         try:
             addresses.append({'interface': interface, 'family': 'inet', 'address': _ipv4_address(interface)})
@@ -156,7 +156,7 @@ class _Probe(object):
         self.mountpoint = mountpoint
         self.answer_by = answer_by
         self.done = threading.Event()
-        self.stats = None  # type: Optional[os.statvfs_result]
+        self.stats: Optional[os.statvfs_result] = None
 
 
 class DiskUsage(object):
@@ -182,7 +182,7 @@ class DiskUsage(object):
         self.statvfs = statvfs
         self.mounts = mounts
         self.timeout = timeout
-        self._pending = {}  # type: Dict[str, _Probe]
+        self._pending: Dict[str, _Probe] = {}
         self._lock = threading.Lock()
 
     def __call__(self, args: Sequence[str]) -> BuiltinResult:
@@ -190,9 +190,9 @@ class DiskUsage(object):
         probes = [self._probe(mountpoint) for _, mountpoint, _ in mounts]
         for probe in probes:
             probe.done.wait(max(0.0, probe.answer_by - time.monotonic()))
-        filesystems = []  # type: List[Dict[str, Any]]
+        filesystems: List[Dict[str, Any]] = []
         for (device, mountpoint, fstype), probe in zip(mounts, probes):
-            entry = {'mountpoint': mountpoint, 'device': device, 'type': fstype}  # type: Dict[str, Any]
+            entry: Dict[str, Any] = {'mountpoint': mountpoint, 'device': device, 'type': fstype}
             if not probe.done.is_set():
                 entry['responding'] = False
                 filesystems.append(entry)
@@ -245,11 +245,11 @@ def _usage(stats: os.statvfs_result) -> Dict[str, Any]:
 disk_usage = DiskUsage()
 
 
-BUILTIN_COMMANDS = {command.name: command for command in (
+BUILTIN_COMMANDS: Dict[str, BuiltinCommand] = {command.name: command for command in (
     BuiltinCommand('os-release', 'the operating system release (/etc/os-release)', os_release),
     BuiltinCommand('hostname', 'the host name', hostname),
     BuiltinCommand('uptime', 'time since boot', uptime),
     BuiltinCommand('ip-addresses', 'IPv4 and IPv6 addresses by interface', ip_addresses),
     BuiltinCommand('disk-usage', 'size, use and free space of each mounted file system', disk_usage),
-)}  # type: Dict[str, BuiltinCommand]
+)}
 """Built-in commands by name; a file of the same name in a commands directory takes precedence."""

@@ -187,7 +187,7 @@ class _OutputCollector(object):
         self.endpoint = endpoint
         self.collected = {'stdout': bytearray(), 'stderr': bytearray()}
         self.truncated = {'stdout': False, 'stderr': False}
-        self.sink_error = None  # type: Optional[Exception]
+        self.sink_error: Optional[Exception] = None
 
     def __call__(self, params: Dict[str, Any]) -> None:
         stream = params.get('stream')
@@ -262,7 +262,7 @@ class AgentClient(object):
         """
         # Raw output (every negotiator agent offers it, "raw-output" in hello): chunks arrive as
         # bytes after a header line, not escaped in JSON text; text chunks are still accepted.
-        params = {'command': command, 'args': list(args), 'stream': 'raw'}  # type: Dict[str, Any]
+        params: Dict[str, Any] = {'command': command, 'args': list(args), 'stream': 'raw'}
         if input:
             params.update(encode_bytes(bytes(input), 'stdin'))
         if timeout is not None:

@@ -128,8 +128,8 @@ class CommandRegistry(object):
 
     def __init__(self, directories: Sequence[str] = (DEFAULT_COMMANDS_DIR,), builtins: bool = True) -> None:
         self.directories = [os.path.abspath(d) for d in directories]
-        self.builtins = dict(BUILTIN_COMMANDS) if builtins else {}  # type: Dict[str, BuiltinCommand]
-        self._reported = set()  # type: set
+        self.builtins: Dict[str, BuiltinCommand] = dict(BUILTIN_COMMANDS) if builtins else {}
+        self._reported: set = set()
 
     def _refuse(self, path: str, reason: str) -> None:
         # Log each refusal once per process, not at every listing.
@@ -182,7 +182,7 @@ class CommandRegistry(object):
 
     def list(self) -> List[CommandInfo]:
         """Every command that can run now, sorted by name (a directory's file hides a built-in)."""
-        found = {}  # type: Dict[str, CommandInfo]
+        found: Dict[str, CommandInfo] = {}
         for directory in self.directories:
             if not self._usable_directory(directory):
                 continue

@@ -73,7 +73,7 @@ class Dispatcher(object):
     """
 
     def __init__(self) -> None:
-        self._methods = {}  # type: Dict[str, Tuple[Handler, bool]]
+        self._methods: Dict[str, Tuple[Handler, bool]] = {}
         self._in_flight = 0
         self._idle = threading.Condition()
 

@@ -74,7 +74,7 @@ class _PendingCall(object):
     def __init__(self, method: str, on_notification: Optional[Callable[[Dict[str, Any]], None]]) -> None:
         self.method = method
         self.done = threading.Event()
-        self.response = None  # type: Optional[Response]
+        self.response: Optional[Response] = None
         self.on_notification = on_notification
 
 
@@ -102,16 +102,16 @@ class Endpoint(object):
         # expected before this side's first call (a server never calls; a client first
         # resynchronises), so stale bytes of an earlier client can never start one.
         self._decoder.accept_attachments = False
-        self._pending = {}  # type: Dict[Any, _PendingCall]
+        self._pending: Dict[Any, _PendingCall] = {}
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self._handler_slots = threading.BoundedSemaphore(max_concurrent)
         self._handlers = 0  # handler threads that have not yet sent their reply
         self._handlers_done = threading.Condition()
-        self._sync_id = None  # type: Any
+        self._sync_id: Any = None
         self._closed = threading.Event()
         self._cancelled = threading.Event()
-        self._reader = None  # type: Optional[threading.Thread]
+        self._reader: Optional[threading.Thread] = None
         self.close_reason = ''
 
     # Lifecycle.

@@ -58,7 +58,7 @@ class NegotiatorError(Exception):
 
     def to_wire(self) -> Dict[str, Any]:
         """The JSON-RPC error object for this error."""
-        error = {'code': self.code, 'message': self.message}  # type: Dict[str, Any]
+        error: Dict[str, Any] = {'code': self.code, 'message': self.message}
         if self.data:
             error['data'] = self.data
         return error
@@ -216,7 +216,7 @@ def _all_subclasses(cls: Type[NegotiatorError]) -> list:
     return found
 
 
-ERROR_CLASSES = {}  # type: Dict[int, Type[NegotiatorError]]
+ERROR_CLASSES: Dict[int, Type[NegotiatorError]] = {}
 """Every concrete error class by its wire code (abstract parents share their parent's code)."""
 
 for _cls in _all_subclasses(NegotiatorError):

@@ -34,7 +34,7 @@ class LazyLogger(object):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._logger = None  # type: object
+        self._logger: object = None
 
     def _real(self) -> object:
         if self._logger is None:

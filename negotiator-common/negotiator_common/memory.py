@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 __all__ = ('release_free_memory',)
 
-_trim = None  # type: Optional[Any]
+_trim: Optional[Any] = None
 _loaded = False
 _load_lock = threading.Lock()
 

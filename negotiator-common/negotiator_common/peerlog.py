@@ -17,7 +17,7 @@ keep the log bounded, in lines and in bytes, whatever the peer does (``docs/secu
 import reprlib
 import threading
 import time
-from typing import Any, Callable, Hashable, Tuple
+from typing import Any, Callable, Dict, Hashable, Tuple
 
 __all__ = ('cut', 'Cut', 'Complaints', 'CUT_LENGTH', 'COMPLAINTS_PER_INTERVAL', 'COMPLAINT_INTERVAL')
 
@@ -89,7 +89,7 @@ class Complaints(object):
         self.interval = interval
         self._clock = clock
         self._lock = threading.Lock()
-        self._windows = {}  # type: Dict[Hashable, _Window]
+        self._windows: Dict[Hashable, _Window] = {}
 
     def complain(self, level: str, kind: Hashable, message: str, *args: Any) -> None:
         """

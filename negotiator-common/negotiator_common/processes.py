@@ -32,7 +32,7 @@ import os
 import signal
 import threading
 import time
-from typing import Iterator, List, NamedTuple, Optional
+from typing import Dict, Iterator, List, NamedTuple, Optional
 
 from negotiator_common.lazylog import get_logger
 
@@ -111,7 +111,7 @@ def _children_from_proc(pid: int) -> Optional[List[int]]:
         tasks = os.listdir('/proc/%d/task' % pid)
     except OSError:
         return []  # gone
-    children = []  # type: List[int]
+    children: List[int] = []
     for task in tasks:
         try:
             with open('/proc/%d/task/%s/children' % (pid, task), 'rb') as handle:
@@ -127,7 +127,7 @@ def _children_from_proc(pid: int) -> Optional[List[int]]:
 
 def _descendants(ancestor: int) -> List[ProcessInfo]:
     """The processes below ``ancestor`` in the parent tree: from the kernel's children lists, else a full scan."""
-    found = []  # type: List[ProcessInfo]
+    found: List[ProcessInfo] = []
     todo = [ancestor]
     while todo:
         children = _children_from_proc(todo.pop())
@@ -143,7 +143,7 @@ def _descendants(ancestor: int) -> List[ProcessInfo]:
 
 def _descendants_by_scan(processes: List[ProcessInfo], ancestor: int) -> List[ProcessInfo]:
     """The processes below ``ancestor`` found from every process's PPid (where there are no children lists)."""
-    children = {}  # type: Dict[int, List[ProcessInfo]]
+    children: Dict[int, List[ProcessInfo]] = {}
     for info in processes:
         children.setdefault(info.ppid, []).append(info)
     found, todo = [], [ancestor]
@@ -217,7 +217,7 @@ class _Commands(object):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._starting = 0
-        self._running = {}  # type: Dict[int, str]
+        self._running: Dict[int, str] = {}
 
     def starting(self) -> '_Starting':
         """A context for starting a command: register its pid with :meth:`add` inside it."""
@@ -316,7 +316,7 @@ class OrphanReaper(object):
 
     def __init__(self, delay: float = 0.5) -> None:
         self.delay = delay
-        self.due = None  # type: Optional[float]
+        self.due: Optional[float] = None
 
     def child_exited(self) -> None:
         """Note a SIGCHLD: sweep :attr:`delay` seconds from now."""

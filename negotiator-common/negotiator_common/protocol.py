@@ -49,7 +49,7 @@ class Request(object):
         self.params = {} if params is None else params
 
     def to_wire(self) -> Dict[str, Any]:
-        message = {'jsonrpc': '2.0', 'id': self.id, 'method': self.method}  # type: Dict[str, Any]
+        message: Dict[str, Any] = {'jsonrpc': '2.0', 'id': self.id, 'method': self.method}
         if self.params:
             message['params'] = self.params
         return message
@@ -96,7 +96,7 @@ class Response(object):
         self.error = error
 
     def to_wire(self) -> Dict[str, Any]:
-        message = {'jsonrpc': '2.0', 'id': self.id}  # type: Dict[str, Any]
+        message: Dict[str, Any] = {'jsonrpc': '2.0', 'id': self.id}
         if self.error is not None:
             message['error'] = self.error.to_wire()
         else:
@@ -299,7 +299,7 @@ def _refusal(line: bytes) -> Optional[DecodeError]:
         return None
     structure = _structure(line)
     if structure is None or _values(structure) > MAX_VALUES:
-        error = MessageTooLarge('line holds more than %d JSON values' % MAX_VALUES)  # type: ProtocolError
+        error: ProtocolError = MessageTooLarge('line holds more than %d JSON values' % MAX_VALUES)
     elif _nested_deeper_than(structure, MAX_NESTING):
         error = InvalidRequest('JSON nested deeper than %d levels' % MAX_NESTING)
     else:
@@ -404,7 +404,7 @@ class LineDecoder(object):
         self._discarding = False
         self._attachment = bytearray()
         self._remaining = 0
-        self._header = None  # type: Optional[Notification]
+        self._header: Optional[Notification] = None
 
     def _start_attachment(self, event: Notification) -> Optional[DecodeError]:
         """After an ``output`` line with ``size``: start collecting (or skipping); an error event if the size is bad."""
@@ -423,7 +423,7 @@ class LineDecoder(object):
 
     def feed(self, data: bytes) -> List[Event]:
         """Take a chunk of bytes; return every event that the chunk completed, in order."""
-        events = []  # type: List[Event]
+        events: List[Event] = []
         position, end = 0, len(data)
         while position < end:
             if self._remaining:

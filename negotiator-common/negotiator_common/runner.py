@@ -66,8 +66,8 @@ class ProcessResult(object):
                  'stderr_bytes', 'stdout_truncated', 'stderr_truncated', 'output_abandoned')
 
     def __init__(self) -> None:
-        self.exit_status = None  # type: Optional[int]
-        self.signal = None  # type: Optional[int]
+        self.exit_status: Optional[int] = None
+        self.signal: Optional[int] = None
         self.duration = 0.0
         self.timed_out = False
         self.cancelled = False
@@ -225,9 +225,9 @@ class _Supervisor(object):
         self.result = result
         self.exited = False
         self.stopping = False
-        self.kill_at = None  # type: Optional[float]
+        self.kill_at: Optional[float] = None
         self.killed = False
-        self.read_until = None  # type: Optional[float]
+        self.read_until: Optional[float] = None
 
     def supervise(self) -> None:
         """Run the command's loop until it is over (see the class's documentation)."""

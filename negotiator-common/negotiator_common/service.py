@@ -106,7 +106,7 @@ class AgentService(object):
         self.builtin_policy = builtin_policy or policy
         self.limits = limits or Limits()
         self.environment = environment or (lambda peer: {})
-        self._complaints = {}  # type: Dict[str, Complaints]
+        self._complaints: Dict[str, Complaints] = {}
         self.slots = slots
 
     def register(self, dispatcher: Dispatcher) -> Dispatcher:
@@ -257,7 +257,7 @@ class AgentService(object):
     def _output_fields(collected: Dict[str, bytearray], streamed: bool) -> Dict[str, Any]:
         if streamed:
             return {'streamed': True}
-        fields = {'streamed': False}  # type: Dict[str, Any]
+        fields: Dict[str, Any] = {'streamed': False}
         for name, data in collected.items():
             fields.update(encode_bytes(bytes(data), name))
         return fields

@@ -22,7 +22,7 @@ so a guest's pings are answered while its commands wait.
 import collections
 import threading
 import time
-from typing import Optional
+from typing import Deque, Dict, Optional
 
 from negotiator_common.errors import ConnectionClosed, LimitExceeded
 from negotiator_common.lazylog import get_logger
@@ -62,7 +62,7 @@ class CommandSlots(object):
         self.max_queued = max_queued
         self._lock = threading.Lock()
         self._running = 0
-        self._queues = collections.OrderedDict()  # type: Dict[str, Deque[_Waiter]]
+        self._queues: Dict[str, Deque[_Waiter]] = collections.OrderedDict()
         self._queued = 0
 
     @property

@@ -18,7 +18,7 @@ import select
 import socket
 import threading
 import time
-from typing import Optional, Sequence, Union
+from typing import Any, Dict, Optional, Sequence, Union
 
 from negotiator_common.errors import CallTimeout, ConnectionClosed
 
@@ -77,7 +77,7 @@ class Transport(object):
         self._read_lock = threading.Lock()  # held while reading
         os.set_blocking(fd, False)
         self._wake_read, self._wake_write = os.pipe()
-        self._pollers = {}  # type: Dict[int, Any]
+        self._pollers: Dict[int, Any] = {}
         self._read_buffer = ReadBuffer(READ_SIZE)
 
     @classmethod

@@ -13,7 +13,7 @@ those that keep the parser busy, and waits at most for the turn in progress.
 import itertools
 import threading
 import time
-from typing import Any
+from typing import Any, Dict
 
 __all__ = ('Turns', 'Usage', 'HALF_LIFE')
 
@@ -45,7 +45,7 @@ class Turns(object):
     def __init__(self) -> None:
         self._condition = threading.Condition()
         self._busy = False
-        self._waiting = {}  # type: Dict[int, Usage]
+        self._waiting: Dict[int, Usage] = {}
         self._arrivals = itertools.count()
 
     def hold(self, usage: Usage) -> '_Turn':

@@ -104,14 +104,14 @@ class Options(object):
     """What the command line asked for."""
 
     def __init__(self) -> None:
-        self.action = None  # type: Optional[str]
-        self.command = []  # type: List[str]
+        self.action: Optional[str] = None
+        self.command: List[str] = []
         self.stdin = False
-        self.timeout = DEFAULT_TIMEOUT  # type: Optional[float]
+        self.timeout: Optional[float] = DEFAULT_TIMEOUT
         self.json = False
-        self.max_output = None  # type: Optional[int]  # None: the API's default
-        self.character_device = None  # type: Optional[str]
-        self.commands_dirs = []  # type: List[str]
+        self.max_output: Optional[int] = None  # None: the API's default
+        self.character_device: Optional[str] = None
+        self.commands_dirs: List[str] = []
         self.syslog = False
         self.verbosity = 0
 

@@ -66,8 +66,8 @@ class HostClient(object):
         self.busy_timeout = busy_timeout
         self.connect_timeout = connect_timeout
         self.root = root
-        self.hello = {}  # type: dict
-        self._client = None  # type: Optional[AgentClient]
+        self.hello: dict = {}
+        self._client: Optional[AgentClient] = None
 
     # Connecting.
 

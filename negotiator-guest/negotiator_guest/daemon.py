@@ -71,12 +71,12 @@ class SignalQueue(object):
 
     def __init__(self, signals: List[int]) -> None:
         self.signals = list(signals)
-        self._queue = []  # type: List[int]
+        self._queue: List[int] = []
         self._read_fd, self._write_fd = os.pipe()
         for fd in (self._read_fd, self._write_fd):
             os.set_blocking(fd, False)
             os.set_inheritable(fd, False)
-        self._previous = {}  # type: dict
+        self._previous: dict = {}
         self._previous_wakeup_fd = -1
 
     def install(self) -> None:
@@ -198,10 +198,10 @@ class GuestDaemon(object):
         self.root = root
         self.dispatcher = service.register(Dispatcher())
         self.sessions_served = 0
-        self._session = None  # type: Optional[_Session]
+        self._session: Optional[_Session] = None
         self._signals = SignalQueue(list(STOP_SIGNALS) + [signal.SIGIO, signal.SIGCHLD])
         self._reaper = OrphanReaper()
-        self._stop_reason = None  # type: Optional[str]
+        self._stop_reason: Optional[str] = None
 
     def open(self) -> None:
         """Find and open the port (raises ChannelNotFound or ChannelBusy)."""

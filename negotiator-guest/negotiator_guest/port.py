@@ -74,7 +74,7 @@ def candidate_paths(names: Sequence[str], root: str = '/', fallback: Optional[st
     For each name: ``/dev/virtio-ports/NAME`` (if present), then every ``/dev/vportNpM``
     whose sysfs ``name`` is NAME (if present); then ``fallback`` (if present).
     """
-    found = []  # type: List[str]
+    found: List[str] = []
     ports = _sysfs_ports(root)
     for name in names:
         link = _under(root, '/dev/virtio-ports/%s' % name)

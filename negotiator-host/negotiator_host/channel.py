@@ -123,10 +123,10 @@ class GuestChannel(object):
         self.timeout = timeout
         self.channel_names = tuple(channel_names)
         self.paths = paths
-        self.agent_info = {}  # type: Dict[str, Any]
+        self.agent_info: Dict[str, Any] = {}
         self._lock = threading.Lock()
-        self._endpoint = None  # type: Optional[Endpoint]
-        self._client = None  # type: Optional[AgentClient]
+        self._endpoint: Optional[Endpoint] = None
+        self._client: Optional[AgentClient] = None
 
     def __repr__(self) -> str:
         return 'GuestChannel(%r)' % self.name
@@ -145,8 +145,8 @@ class GuestChannel(object):
             deadline = None if timeout is None else time.monotonic() + timeout
             path = self.socket_path
             if path is None:
-                guest = find_guest(self.name, uri=self.uri, paths=self.paths,
-                                   timeout=_remaining(deadline))  # type: Guest
+                guest: Guest = find_guest(self.name, uri=self.uri, paths=self.paths,
+                                   timeout=_remaining(deadline))
                 path = guest.require_socket(self.channel_names)
             sock = connect_socket(path, _remaining(deadline), self.name)
             endpoint = Endpoint(Transport.from_socket(sock), name=self.name)
@@ -275,7 +275,7 @@ def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[s
     """
     items = list(guests)
     interrupted = threading.Event()
-    owned = []  # type: List[GuestChannel]
+    owned: List[GuestChannel] = []
     owned_lock = threading.Lock()
 
     def channel_for(item: Union[str, Guest, GuestChannel]) -> GuestChannel:

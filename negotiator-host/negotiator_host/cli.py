@@ -175,19 +175,19 @@ def _error_object(error: BaseException) -> Dict[str, Any]:
 
 class _Options(object):
     def __init__(self) -> None:
-        self.action = None  # type: Optional[str]
+        self.action: Optional[str] = None
         self.command = ''
         self.stdin = False
-        self.timeout = 10.0  # type: Optional[float]
-        self.max_output = None  # type: Optional[int]  # None: the API's default
+        self.timeout: Optional[float] = 10.0
+        self.max_output: Optional[int] = None  # None: the API's default
         self.all = False
         self.json = False
-        self.uri = None  # type: Optional[str]
-        self.commands_dirs = []  # type: List[str]
-        self.policy = None  # type: Optional[str]
-        self.daemon_limits = {}  # type: Dict[str, Any]
+        self.uri: Optional[str] = None
+        self.commands_dirs: List[str] = []
+        self.policy: Optional[str] = None
+        self.daemon_limits: Dict[str, Any] = {}
         self.verbosity = 0
-        self.guests = []  # type: List[str]
+        self.guests: List[str] = []
 
 
 def parse_options(argv: Sequence[str]) -> _Options:
@@ -334,7 +334,7 @@ def _targets(options: _Options) -> List[Any]:
     """The guests to talk to: names as given, or every running guest with the channel (--all)."""
     from negotiator_host.discovery import list_guests
 
-    targets = list(options.guests)  # type: List[Any]
+    targets: List[Any] = list(options.guests)
     if options.all:
         named = set(options.guests)
         found = [g for g in list_guests(options.uri) if g.socket_for() is not None and g.name not in named]

@@ -39,7 +39,7 @@ import select
 import signal
 import threading
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 from negotiator_common import __version__
 from negotiator_common.lazylog import get_logger
@@ -146,21 +146,21 @@ class HostDaemon(object):
                                     environment=lambda peer: {'NEGOTIATOR_GUEST': peer}, slots=self.slots)
         self.dispatcher = Dispatcher()
         self.service.register(self.dispatcher)
-        self.connections = {}  # type: Dict[str, GuestConnection]
+        self.connections: Dict[str, GuestConnection] = {}
         self._lock = threading.Lock()
-        self._retry_at = {}  # type: Dict[str, float]
-        self._backoff = {}  # type: Dict[str, float]
-        self._rescan_at = None  # type: Optional[float]
-        self._signals = []  # type: List[int]
+        self._retry_at: Dict[str, float] = {}
+        self._backoff: Dict[str, float] = {}
+        self._rescan_at: Optional[float] = None
+        self._signals: List[int] = []
         self._reaper = OrphanReaper()
         self._stopping = threading.Event()
         self._wake_read, self._wake_write = os.pipe()
         os.set_blocking(self._wake_read, False)
         os.set_blocking(self._wake_write, False)
-        self._watcher = None  # type: Optional[threading.Thread]
-        self._watcher_process = None  # type: Any
+        self._watcher: Optional[threading.Thread] = None
+        self._watcher_process: Any = None
         self._watcher_backoff = 1.0
-        self._watcher_restart_at = None  # type: Optional[float]
+        self._watcher_restart_at: Optional[float] = None
         self.stop_reason = ''
 
     # Serving one guest.
@@ -228,7 +228,7 @@ class HostDaemon(object):
         except LibvirtUnavailable as exc:
             logger.warning("Rescan failed, keeping the %d connections there are: %s", len(self.connections), exc)
             return
-        wanted = {}  # type: Dict[str, str]
+        wanted: Dict[str, str] = {}
         for guest in guests:
             if not self.wants(guest.name):
                 continue

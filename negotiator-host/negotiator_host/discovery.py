@@ -22,7 +22,7 @@ run: the rest comes from the files of steps 1 and 2. The roots of those files ar
 
 import os
 import re
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from negotiator_common.errors import ChannelNotFound, GuestNotFound, NegotiatorError
 
@@ -233,11 +233,11 @@ def parse_domain_xml(text: bytes, fallback_name: Optional[str] = None) -> Guest:
     """
     from xml.parsers import expat
 
-    found = {'state': '', 'id': None, 'name': None}  # type: Dict[str, Any]
-    channels = {}  # type: Dict[str, str]
-    stack = []  # type: List[str]
-    channel = {}  # type: Dict[str, str]
-    name_parts = []  # type: List[str]
+    found: Dict[str, Any] = {'state': '', 'id': None, 'name': None}
+    channels: Dict[str, str] = {}
+    stack: List[str] = []
+    channel: Dict[str, str] = {}
+    name_parts: List[str] = []
 
     def start(tag: str, attributes: Dict[str, str]) -> None:
         where = '/'.join(stack)
@@ -318,7 +318,7 @@ def _listdir(directory: Optional[str]) -> List[str]:
 
 def _domain_directories(entries: Iterable[str]) -> Dict[int, List[str]]:
     """``domain-ID-SHORTNAME`` entries by id."""
-    found = {}  # type: Dict[int, List[str]]
+    found: Dict[int, List[str]] = {}
     for entry in entries:
         match = re.match(r'^domain-(\d+)-(.*)$', entry, re.DOTALL)
         if match:

@@ -38,7 +38,7 @@ the file's name and the line, so that a typo never silently opens (or closes) th
 
 import fnmatch
 import re
-from typing import List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 __all__ = ('Policy', 'PolicyError')
 
@@ -58,9 +58,9 @@ class _Parser(object):
 
     def __init__(self, source: str) -> None:
         self.source = source
-        self.rules = []  # type: List[Tuple[str, List[str]]]
-        self.section_lines = {}  # type: Dict[str, int]
-        self.allow_line = None  # type: Optional[int]
+        self.rules: List[Tuple[str, List[str]]] = []
+        self.section_lines: Dict[str, int] = {}
+        self.allow_line: Optional[int] = None
         self.continuing = False
 
     def error(self, number: int, message: str) -> PolicyError:
@@ -148,7 +148,7 @@ class Policy(object):
 
     def allowed_patterns(self, guest: str) -> List[str]:
         """Every command pattern that applies to ``guest``."""
-        found = []  # type: List[str]
+        found: List[str] = []
         for pattern, commands in self.rules:
             if fnmatch.fnmatchcase(guest, pattern):
                 found.extend(commands)
