@@ -13,13 +13,17 @@ is first used, so the library still never prints through logging's last resort.
 """
 
 import sys
+from typing import TYPE_CHECKING, Any, Optional, cast
+
+if TYPE_CHECKING:  # the annotations name logging's types without importing it at run time
+    import logging
 
 __all__ = ('LazyLogger', 'get_logger')
 
 _ROOT = 'negotiator_common'
 
 
-def _real_logger(name: str) -> object:
+def _real_logger(name: str) -> 'logging.Logger':
     import logging
     root = logging.getLogger(_ROOT)
     if not any(isinstance(handler, logging.NullHandler) for handler in root.handlers):
@@ -34,9 +38,9 @@ class LazyLogger(object):
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self._logger: object = None
+        self._logger: Optional['logging.Logger'] = None
 
-    def _real(self) -> object:
+    def _real(self) -> 'logging.Logger':
         if self._logger is None:
             self._logger = _real_logger(self.name)
         return self._logger
@@ -44,31 +48,31 @@ class LazyLogger(object):
     def _dropped(self) -> bool:
         return self._logger is None and 'logging' not in sys.modules
 
-    def getChild(self, suffix: str) -> 'LazyLogger':  # noqa: N802 (logging's name)
+    def getChild(self, suffix: str) -> 'logging.Logger':  # noqa: N802 (logging's name)
         if self._logger is not None:
-            return self._logger.getChild(suffix)  # type: ignore
-        return LazyLogger(self.name + '.' + suffix)
+            return self._logger.getChild(suffix)
+        return cast('logging.Logger', LazyLogger(self.name + '.' + suffix))
 
-    def debug(self, *args: object, **kwargs: object) -> None:
+    def debug(self, *args: object, **kwargs: Any) -> None:
         if not self._dropped():
-            self._real().debug(*args, **kwargs)  # type: ignore
+            self._real().debug(*args, **kwargs)
 
-    def info(self, *args: object, **kwargs: object) -> None:
+    def info(self, *args: object, **kwargs: Any) -> None:
         if not self._dropped():
-            self._real().info(*args, **kwargs)  # type: ignore
+            self._real().info(*args, **kwargs)
 
-    def warning(self, *args: object, **kwargs: object) -> None:
-        self._real().warning(*args, **kwargs)  # type: ignore
+    def warning(self, *args: object, **kwargs: Any) -> None:
+        self._real().warning(*args, **kwargs)
 
-    def error(self, *args: object, **kwargs: object) -> None:
-        self._real().error(*args, **kwargs)  # type: ignore
+    def error(self, *args: object, **kwargs: Any) -> None:
+        self._real().error(*args, **kwargs)
 
-    def exception(self, *args: object, **kwargs: object) -> None:
+    def exception(self, *args: object, **kwargs: Any) -> None:
         kwargs.setdefault('exc_info', True)
-        self._real().error(*args, **kwargs)  # type: ignore
+        self._real().error(*args, **kwargs)
 
-    def critical(self, *args: object, **kwargs: object) -> None:
-        self._real().critical(*args, **kwargs)  # type: ignore
+    def critical(self, *args: object, **kwargs: Any) -> None:
+        self._real().critical(*args, **kwargs)
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._real(), name)
@@ -77,8 +81,13 @@ class LazyLogger(object):
         return 'LazyLogger(%r)' % self.name
 
 
-def get_logger(name: str) -> object:
-    """The real logger when :mod:`logging` is already imported, else a :class:`LazyLogger`."""
+def get_logger(name: str) -> 'logging.Logger':
+    """
+    The real logger when :mod:`logging` is already imported, else a :class:`LazyLogger`.
+
+    Typed as a :class:`logging.Logger` (which a :class:`LazyLogger` stands for) so that the type
+    checker checks every call the library makes on it.
+    """
     if 'logging' in sys.modules:
         return _real_logger(name)
-    return LazyLogger(name)
+    return cast('logging.Logger', LazyLogger(name))
