@@ -22,9 +22,9 @@ import binascii
 import itertools
 import os
 import threading
-import time
 from typing import Any, Callable, Dict, Optional
 
+from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import CallContext, Dispatcher
 from negotiator_common.errors import (
     CallTimeout, ConnectionClosed, InternalError, LimitExceeded, MethodNotFound, NegotiatorError,
@@ -222,7 +222,7 @@ class Endpoint(object):
         """
         sync_id = 'hello-' + binascii.hexlify(os.urandom(16)).decode('ascii')
         self._sync_id = sync_id
-        self.transport.write_all(b'\n', self._deadline(timeout))
+        self.transport.write_all(b'\n', Deadline(timeout))
         result = self._call(Request(sync_id, 'hello', {'protocol': PROTOCOL_VERSION, 'agent': agent}),
                             timeout, None)
         return result if isinstance(result, dict) else {}
@@ -243,7 +243,7 @@ class Endpoint(object):
 
     def _call(self, request: Request, timeout: Optional[float],
               on_notification: Optional[Callable[[Dict[str, Any]], None]]) -> Any:
-        deadline = self._deadline(timeout)
+        deadline = Deadline(timeout)
         call = _PendingCall(request.method, on_notification)
         with self._pending_lock:
             if self._closed.is_set():
@@ -251,7 +251,7 @@ class Endpoint(object):
             self._pending[request.id] = call
         try:
             self._send(request, deadline)
-            if not call.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            if not call.done.wait(deadline.remaining()):
                 raise CallTimeout('%s did not reply to %s within %s seconds' % (self.name, request.method, timeout))
         finally:
             with self._pending_lock:
@@ -272,7 +272,7 @@ class Endpoint(object):
         """
         try:
             self.transport.write_all(b'\n' + encode_message(Notification(SESSION_NOTIFICATION, params or {})),
-                                     self._deadline(timeout))
+                                     Deadline(timeout))
         except NegotiatorError as exc:
             self.log.debug("Could not announce the session to %s: %s", self.name, exc)
 
@@ -283,15 +283,11 @@ class Endpoint(object):
         A notification with an ``attachment`` (raw output) goes out as its line and its bytes in
         one locked write, so that no other message can come between them.
         """
-        self._send(notification, self._deadline(REPLY_WRITE_TIMEOUT))
+        self._send(notification, Deadline(REPLY_WRITE_TIMEOUT))
 
     # Internals.
 
-    @staticmethod
-    def _deadline(timeout: Optional[float]) -> Optional[float]:
-        return None if timeout is None else time.monotonic() + timeout
-
-    def _send(self, message: Message, deadline: Optional[float], log_traffic: bool = True) -> None:
+    def _send(self, message: Message, deadline: Deadline, log_traffic: bool = True) -> None:
         """Write one message; ``log_traffic`` False when a complaint already logged why (a bad line's error)."""
         if self._closed.is_set():
             if isinstance(message, Request):
@@ -345,7 +341,7 @@ class Endpoint(object):
             self.complaints.complain('warning', 'bad lines', "Bad line from %s%s: %s", self.name,
                                      ' (answered with an error)' if answer else '', Cut(event.error.message))
             if answer:
-                self._send(Response(event.id, error=event.error), self._deadline(REPLY_WRITE_TIMEOUT),
+                self._send(Response(event.id, error=event.error), Deadline(REPLY_WRITE_TIMEOUT),
                            log_traffic=False)
 
     def _route_response(self, response: Response) -> None:
@@ -448,4 +444,4 @@ class Endpoint(object):
                 self._handlers_done.notify_all()
 
     def _reply(self, response: Response) -> None:
-        self._send(response, self._deadline(REPLY_WRITE_TIMEOUT))
+        self._send(response, Deadline(REPLY_WRITE_TIMEOUT))

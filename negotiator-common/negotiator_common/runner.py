@@ -26,6 +26,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from negotiator_common.lazylog import get_logger
+from negotiator_common.deadline import Deadline
 from negotiator_common.errors import CommandNotFound
 from negotiator_common.processes import (
     COMMANDS, MARKER_VARIABLE, command_processes, kill_command, new_marker, reap_orphans, signal_command,
@@ -219,7 +220,7 @@ class _Supervisor(object):
         self.pipes = pipes
         self.marker = marker
         self.name = name
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.deadline = Deadline(timeout)
         self.cancelled = cancelled
         self.kill_grace = kill_grace
         self.result = result
@@ -267,7 +268,7 @@ class _Supervisor(object):
         if self.exited and not self.stopping:
             if self._is_cancelled:  # the command is over: only the reading is left to stop
                 self.read_until = now
-        elif not self.stopping and (self._is_cancelled or (self.deadline is not None and now >= self.deadline)):
+        elif not self.stopping and (self._is_cancelled or self.deadline.expired):
             self.stopping = True
             self.result.cancelled = self._is_cancelled
             self.result.timed_out = not self.result.cancelled
@@ -287,7 +288,7 @@ class _Supervisor(object):
 
     def _next_event(self, now: float) -> float:
         events = [now + self.POLL_INTERVAL, self.read_until, None if self.killed else self.kill_at,
-                  None if self.stopping or self.exited else self.deadline]
+                  None if self.stopping or self.exited else self.deadline.at]
         return min(t for t in events if t is not None)
 
     def _wait(self, timeout: float) -> None:

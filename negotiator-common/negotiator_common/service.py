@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from negotiator_common import __version__
 from negotiator_common.commands import CommandInfo, CommandRegistry, missing_command_message
+from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
 from negotiator_common.peerlog import Complaints, Cut
 from negotiator_common.errors import (
@@ -204,9 +205,9 @@ class AgentService(object):
     def _wait_for_slot(self, options: Dict[str, Any], context: CallContext) -> None:
         """Wait for one of the shared command slots; the time spent waiting comes off the command's timeout."""
         assert self.slots is not None
-        started = time.monotonic()
-        self.slots.acquire(context.peer, started + options['timeout'], context.cancelled)
-        options['timeout'] = max(0.0, options['timeout'] - (time.monotonic() - started))
+        deadline = Deadline(options['timeout'])
+        self.slots.acquire(context.peer, deadline, context.cancelled)
+        options['timeout'] = deadline.remaining()
 
     def _run(self, command: CommandInfo, options: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         collected = {'stdout': bytearray(), 'stderr': bytearray()}

@@ -39,6 +39,7 @@ import time
 from typing import Any, Callable, List, Optional
 
 from negotiator_common.lazylog import get_logger
+from negotiator_common.deadline import NO_DEADLINE, Deadline
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.processes import COMMANDS, OrphanReaper, adopt_orphans
@@ -138,7 +139,7 @@ class _CountingTransport(Transport):
 
     bytes_read = 0
 
-    def read(self, size: int = READ_SIZE, deadline: Optional[float] = None) -> bytes:
+    def read(self, size: int = READ_SIZE, deadline: Deadline = NO_DEADLINE) -> bytes:
         data = super().read(size, deadline)
         self.bytes_read += len(data)
         return data

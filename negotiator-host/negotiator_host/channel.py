@@ -23,6 +23,7 @@ import time
 from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
+from negotiator_common.deadline import Deadline
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import (
     CallTimeout, ChannelBusy, ChannelNotFound, ConnectionClosed, NegotiatorError,
@@ -40,13 +41,11 @@ DEFAULT_TIMEOUT = 10.0
 logger = get_logger(__name__)  # lazy: a quick CLI call never imports logging
 
 
-def _remaining(deadline: Optional[float]) -> Optional[float]:
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
+def _remaining(deadline: Deadline) -> Optional[float]:
+    """The time left for the next step of a call (None: no limit); :class:`CallTimeout` if none is left."""
+    if deadline.expired:
         raise CallTimeout('the timeout passed before the call could be made')
-    return left
+    return deadline.remaining()
 
 
 def connect_socket(path: str, timeout: Optional[float] = DEFAULT_TIMEOUT, name: str = '') -> socket.socket:
@@ -59,7 +58,7 @@ def connect_socket(path: str, timeout: Optional[float] = DEFAULT_TIMEOUT, name: 
     :class:`ChannelNotFound`.
     """
     label = name or path
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = Deadline(timeout)
     delay = 0.005
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -86,7 +85,7 @@ def connect_socket(path: str, timeout: Optional[float] = DEFAULT_TIMEOUT, name: 
         except OSError as exc:
             sock.close()
             raise ChannelNotFound('cannot connect to the channel socket of %s (%s): %s' % (label, path, exc)) from exc
-        if deadline is not None and time.monotonic() + delay > deadline:
+        if deadline.expires_within(delay):
             raise ChannelBusy('the channel of %s is busy: another client holds it (the socket serves one client at'
                               ' a time); try again later' % label)
         time.sleep(delay)
@@ -142,7 +141,7 @@ class GuestChannel(object):
         with self._lock:
             if self._client is not None and self._endpoint is not None and not self._endpoint.closed:
                 return self._client
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = Deadline(timeout)
             path = self.socket_path
             if path is None:
                 guest: Guest = find_guest(self.name, uri=self.uri, paths=self.paths,
@@ -190,14 +189,14 @@ class GuestChannel(object):
     def ping(self, timeout: Optional[float] = None) -> float:
         """The round-trip time of one ``ping``, in seconds (the connection is made first, untimed)."""
         timeout = self._call_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         client = self._connected_client(timeout)
         return client.ping(timeout=_remaining(deadline))
 
     def list_commands(self, timeout: Optional[float] = None) -> List[CommandDescription]:
         """The commands that the guest's agent offers (each with ``name``, ``builtin``, ``description``)."""
         timeout = self._call_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         client = self._connected_client(timeout)
         return client.list_commands(timeout=_remaining(deadline))
 
@@ -222,7 +221,7 @@ class GuestChannel(object):
         b'hello'
         """
         timeout = self._call_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         client = self._connected_client(timeout)
         return client.execute(command, *args, input=input, timeout=_remaining(deadline), check=check,
                               stdout=stdout, stderr=stderr, max_output=max_output)
