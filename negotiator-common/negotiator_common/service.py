@@ -25,7 +25,7 @@ from negotiator_common.protocol import (
 from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
 from negotiator_common.slots import CommandSlots
 
-__all__ = ('AgentService', 'Limits', 'Policy', 'CAPABILITIES', 'RAW_CHUNK_SIZE')
+__all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'RAW_CHUNK_SIZE')
 
 logger = get_logger(__name__)
 
@@ -38,8 +38,11 @@ What ``hello`` announces: ``stream`` means ``execute`` can send its output as no
 RAW_CHUNK_SIZE = 1024 * 1024
 """The largest attachment this side sends: any receiver with the default line length (16 MiB) takes it."""
 
-Policy = Callable[[str, str], bool]
-"""``policy(peer, command_name)``: may this peer run this command?"""
+CommandFilter = Callable[[str, str], bool]
+"""
+``policy(peer, command_name)``: may this peer run this command? The host daemon passes the
+methods of its :class:`negotiator_host.policy.Policy`; the guest allows every command.
+"""
 
 
 class Limits(object):
@@ -63,6 +66,7 @@ class Limits(object):
 
 
 def _allow_everything(peer: str, command: str) -> bool:
+    """The policy of an agent that offers every command it has to its one peer (the guest daemon's)."""
     return True
 
 
@@ -97,9 +101,9 @@ class AgentService(object):
     """
 
     def __init__(self, agent: str, registry: CommandRegistry, version: str = __version__,
-                 policy: Policy = _allow_everything, limits: Optional[Limits] = None,
+                 policy: CommandFilter = _allow_everything, limits: Optional[Limits] = None,
                  environment: Optional[Callable[[str], Dict[str, str]]] = None,
-                 builtin_policy: Optional[Policy] = None, slots: Optional[CommandSlots] = None) -> None:
+                 builtin_policy: Optional[CommandFilter] = None, slots: Optional[CommandSlots] = None) -> None:
         self.agent = agent
         self.version = version
         self.registry = registry
