@@ -108,7 +108,7 @@ class HostClient(object):
         except BaseException:
             endpoint.close()
             raise
-        self._client = AgentClient(endpoint, self.hello.get('limits'))
+        self._client = AgentClient(endpoint, self.hello)
         return self._client
 
     def close(self) -> None:

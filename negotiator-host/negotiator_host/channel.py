@@ -160,7 +160,7 @@ class GuestChannel(object):
             except NegotiatorError:
                 endpoint.close('handshake failed')
                 raise
-            self._endpoint, self._client = endpoint, AgentClient(endpoint, self.agent_info.get('limits'))
+            self._endpoint, self._client = endpoint, AgentClient(endpoint, self.agent_info)
             return self._client
 
     def close(self) -> None:
