@@ -119,7 +119,10 @@ class _Pipes(object):
 
     def __init__(self, process: 'subprocess.Popen', stdin: bytes, max_output: Optional[int],
                  on_output: Optional[OutputCallback]) -> None:
+        # Started with its three pipes (capture, capture_stderr, input): none of them is None.
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         self.process = process
+        self.stdin_pipe = process.stdin
         self.max_output = max_output
         self.on_output = on_output
         self.selector = selectors.DefaultSelector()
@@ -129,12 +132,12 @@ class _Pipes(object):
             os.set_blocking(fd, False)
             self.selector.register(fd, selectors.EVENT_READ)
         self.pending_input = memoryview(stdin)
-        self.stdin_fd = process.stdin.fileno()
+        self.stdin_fd = self.stdin_pipe.fileno()
         if self.pending_input:
             os.set_blocking(self.stdin_fd, False)
             self.selector.register(self.stdin_fd, selectors.EVENT_WRITE)
         else:
-            process.stdin.close()
+            self.stdin_pipe.close()
         self.emitted = {'stdout': 0, 'stderr': 0}
         self.truncated = {'stdout': False, 'stderr': False}
         self.buffer = ReadBuffer(CHUNK_SIZE)  # reused by every read of both pipes
@@ -168,7 +171,7 @@ class _Pipes(object):
             self.pending_input = memoryview(b'')
         if not self.pending_input:
             self.selector.unregister(self.stdin_fd)
-            self.process.stdin.close()
+            self.stdin_pipe.close()
 
     def _read_output(self, fd: int) -> bool:
         """Read one chunk from ``fd`` and hand it on; False when there was nothing to read."""

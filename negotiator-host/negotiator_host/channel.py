@@ -273,53 +273,74 @@ def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[s
     ...     print(outcome.guest, outcome.result if outcome.ok else outcome.error)
     """
     items = list(guests)
-    interrupted = threading.Event()
-    owned: List[GuestChannel] = []
-    owned_lock = threading.Lock()
+    if not items:
+        return []
+    from concurrent.futures import ThreadPoolExecutor  # imported lazily: a one-guest call needs no pool
 
-    def channel_for(item: Union[str, Guest, GuestChannel]) -> GuestChannel:
-        if isinstance(item, GuestChannel):
-            return item
-        if isinstance(item, Guest):
-            channel = GuestChannel(item.name, socket_path=item.socket_for(channel_names), uri=uri, timeout=timeout,
-                                   channel_names=channel_names, paths=paths)
-        else:
-            channel = GuestChannel(item, uri=uri, timeout=timeout, channel_names=channel_names, paths=paths)
-        with owned_lock:
-            owned.append(channel)
-        return channel
+    calls = _GuestCalls(function, uri, timeout, paths, channel_names)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items))))
+    try:
+        outcomes = list(pool.map(calls.run, items))
+    except BaseException:
+        # Ctrl-C (or any exception) in the waiting thread: the calls are abandoned, their
+        # connections closed at once, and the workers are not waited for.
+        calls.interrupt()
+        pool.shutdown(wait=False)
+        raise
+    pool.shutdown()
+    return outcomes
 
-    def run(item: Union[str, Guest, GuestChannel]) -> GuestOutcome:
+
+class _GuestCalls(object):
+    """The calls of one :func:`map_guests`: a channel per guest (unless given one), closed after its call."""
+
+    def __init__(self, function: Callable[[GuestChannel], Any], uri: Optional[str], timeout: Optional[float],
+                 paths: Optional[LibvirtPaths], channel_names: Sequence[str]) -> None:
+        self.function = function
+        self.uri = uri
+        self.timeout = timeout
+        self.paths = paths
+        self.channel_names = channel_names
+        self.interrupted = threading.Event()
+        self.owned: List[GuestChannel] = []
+        self.owned_lock = threading.Lock()
+
+    def run(self, item: Union[str, Guest, GuestChannel]) -> GuestOutcome:
+        """Call the function for one guest; whatever it raises is kept in the outcome."""
         started = time.monotonic()
-        channel = channel_for(item)
+        channel = self._channel_for(item)
         try:
-            if interrupted.is_set():
+            if self.interrupted.is_set():
                 raise ConnectionClosed('the caller was interrupted before this guest was called')
             if isinstance(item, Guest) and channel.socket_path is None:
-                item.require_socket(channel_names)
-            return GuestOutcome(channel.name, result=function(channel), duration=time.monotonic() - started)
+                item.require_socket(self.channel_names)
+            return GuestOutcome(channel.name, result=self.function(channel), duration=time.monotonic() - started)
         except Exception as exc:
             return GuestOutcome(channel.name, error=exc, duration=time.monotonic() - started)
         finally:
             if channel is not item:
                 channel.close()
 
-    if not items:
-        return []
-    from concurrent.futures import ThreadPoolExecutor  # imported lazily: a one-guest call needs no pool
-
-    pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items))))
-    try:
-        outcomes = list(pool.map(run, items))
-    except BaseException:
-        # Ctrl-C (or any exception) in the waiting thread: the calls are abandoned. Closing
-        # their connections makes each agent cancel its command, and frees the workers at once
-        # instead of after every remote call has run its course; guests not yet called are not.
-        interrupted.set()
-        with owned_lock:
-            for channel in owned:
+    def interrupt(self) -> None:
+        """
+        Close every channel opened here, at once: each agent cancels its command, and the
+        workers are freed instead of waiting for every remote call to run its course; guests
+        not yet called are not called.
+        """
+        self.interrupted.set()
+        with self.owned_lock:
+            for channel in self.owned:
                 channel.close()
-        pool.shutdown(wait=False)
-        raise
-    pool.shutdown()
-    return outcomes
+
+    def _channel_for(self, item: Union[str, Guest, GuestChannel]) -> GuestChannel:
+        if isinstance(item, GuestChannel):
+            return item
+        if isinstance(item, Guest):
+            channel = GuestChannel(item.name, socket_path=item.socket_for(self.channel_names), uri=self.uri,
+                                   timeout=self.timeout, channel_names=self.channel_names, paths=self.paths)
+        else:
+            channel = GuestChannel(item, uri=self.uri, timeout=self.timeout, channel_names=self.channel_names,
+                                   paths=self.paths)
+        with self.owned_lock:
+            self.owned.append(channel)
+        return channel
