@@ -26,6 +26,7 @@ import time
 from typing import Callable, Dict, List, Optional, Tuple
 
 from negotiator_common.lazylog import get_logger
+from negotiator_common.deadline import Deadline
 from negotiator_common.errors import CommandNotFound
 from negotiator_common.processes import (
     COMMANDS, MARKER_VARIABLE, command_processes, kill_command, new_marker, reap_orphans, signal_command,
@@ -118,7 +119,10 @@ class _Pipes(object):
 
     def __init__(self, process: 'subprocess.Popen', stdin: bytes, max_output: Optional[int],
                  on_output: Optional[OutputCallback]) -> None:
+        # Started with its three pipes (capture, capture_stderr, input): none of them is None.
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         self.process = process
+        self.stdin_pipe = process.stdin
         self.max_output = max_output
         self.on_output = on_output
         self.selector = selectors.DefaultSelector()
@@ -128,12 +132,12 @@ class _Pipes(object):
             os.set_blocking(fd, False)
             self.selector.register(fd, selectors.EVENT_READ)
         self.pending_input = memoryview(stdin)
-        self.stdin_fd = process.stdin.fileno()
+        self.stdin_fd = self.stdin_pipe.fileno()
         if self.pending_input:
             os.set_blocking(self.stdin_fd, False)
             self.selector.register(self.stdin_fd, selectors.EVENT_WRITE)
         else:
-            process.stdin.close()
+            self.stdin_pipe.close()
         self.emitted = {'stdout': 0, 'stderr': 0}
         self.truncated = {'stdout': False, 'stderr': False}
         self.buffer = ReadBuffer(CHUNK_SIZE)  # reused by every read of both pipes
@@ -167,7 +171,7 @@ class _Pipes(object):
             self.pending_input = memoryview(b'')
         if not self.pending_input:
             self.selector.unregister(self.stdin_fd)
-            self.process.stdin.close()
+            self.stdin_pipe.close()
 
     def _read_output(self, fd: int) -> bool:
         """Read one chunk from ``fd`` and hand it on; False when there was nothing to read."""
@@ -219,7 +223,7 @@ class _Supervisor(object):
         self.pipes = pipes
         self.marker = marker
         self.name = name
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.deadline = Deadline(timeout)
         self.cancelled = cancelled
         self.kill_grace = kill_grace
         self.result = result
@@ -267,7 +271,7 @@ class _Supervisor(object):
         if self.exited and not self.stopping:
             if self._is_cancelled:  # the command is over: only the reading is left to stop
                 self.read_until = now
-        elif not self.stopping and (self._is_cancelled or (self.deadline is not None and now >= self.deadline)):
+        elif not self.stopping and (self._is_cancelled or self.deadline.expired):
             self.stopping = True
             self.result.cancelled = self._is_cancelled
             self.result.timed_out = not self.result.cancelled
@@ -287,7 +291,7 @@ class _Supervisor(object):
 
     def _next_event(self, now: float) -> float:
         events = [now + self.POLL_INTERVAL, self.read_until, None if self.killed else self.kill_at,
-                  None if self.stopping or self.exited else self.deadline]
+                  None if self.stopping or self.exited else self.deadline.at]
         return min(t for t in events if t is not None)
 
     def _wait(self, timeout: float) -> None:

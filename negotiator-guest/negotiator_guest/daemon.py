@@ -39,8 +39,9 @@ import time
 from typing import Any, Callable, List, Optional
 
 from negotiator_common.lazylog import get_logger
+from negotiator_common.deadline import NO_DEADLINE, Deadline
 from negotiator_common.dispatcher import Dispatcher
-from negotiator_common.endpoint import Endpoint
+from negotiator_common.endpoint import Endpoint, EndpointGroup
 from negotiator_common.processes import COMMANDS, OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService
 from negotiator_common.transport import READ_SIZE, Transport
@@ -138,7 +139,7 @@ class _CountingTransport(Transport):
 
     bytes_read = 0
 
-    def read(self, size: int = READ_SIZE, deadline: Optional[float] = None) -> bytes:
+    def read(self, size: int = READ_SIZE, deadline: Deadline = NO_DEADLINE) -> bytes:
         data = super().read(size, deadline)
         self.bytes_read += len(data)
         return data
@@ -197,6 +198,7 @@ class GuestDaemon(object):
         self.stop_timeout = stop_timeout
         self.root = root
         self.dispatcher = service.register(Dispatcher())
+        self.endpoints = EndpointGroup()
         self.sessions_served = 0
         self._session: Optional[_Session] = None
         self._signals = SignalQueue(list(STOP_SIGNALS) + [signal.SIGIO, signal.SIGCHLD])
@@ -297,6 +299,7 @@ class GuestDaemon(object):
         assert self.fd is not None
         self.sessions_served += 1
         self._session = _Session(self.fd, self.dispatcher, self.sessions_served, self._signals.wake)
+        self.endpoints.add(self._session.endpoint)
         logger.debug("Host connected: session %d", self.sessions_served)
         self._sigio(False)
         self._session.start()
@@ -310,12 +313,11 @@ class GuestDaemon(object):
             # Cancel first and close after: the host gets the replies of the killed commands
             # (ended by SIGTERM) instead of waiting for its own timeout.
             session.endpoint.cancel_requests()
-        if not self.dispatcher.wait_idle(self.stop_timeout):
+        # Every session's requests, an ended session's too: their commands may still be dying.
+        if not self.endpoints.wait_replies(self.stop_timeout):
             COMMANDS.kill_all(give_up_after=0.3)
-            self.dispatcher.wait_idle(0.4)
+            self.endpoints.wait_replies(0.6)
         if session is not None:
-            # The dispatcher is idle once the handlers return; their replies are written after.
-            session.endpoint.wait_replies(max(0.2, deadline + 0.4 - time.monotonic()))
             session.endpoint.close('daemon stopping: %s' % reason)
             session.thread.join(max(0.1, deadline - time.monotonic()))
         if self.fd is not None:

@@ -45,7 +45,7 @@ from negotiator_common import __version__
 from negotiator_common.lazylog import get_logger
 from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
-from negotiator_common.endpoint import Endpoint
+from negotiator_common.endpoint import Endpoint, EndpointGroup
 from negotiator_common.errors import NegotiatorError
 from negotiator_common.processes import COMMANDS, OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService, Limits
@@ -146,6 +146,7 @@ class HostDaemon(object):
                                     environment=lambda peer: {'NEGOTIATOR_GUEST': peer}, slots=self.slots)
         self.dispatcher = Dispatcher()
         self.service.register(self.dispatcher)
+        self.endpoints = EndpointGroup()  # every guest's connection, until its last reply is out
         self.connections: Dict[str, GuestConnection] = {}
         self._lock = threading.Lock()
         self._retry_at: Dict[str, float] = {}
@@ -170,6 +171,7 @@ class HostDaemon(object):
         sock = connect_socket(path, timeout, name)
         endpoint = Endpoint(Transport.from_socket(sock), self.dispatcher, name=name,
                             max_line_length=self.limits.max_line_length, max_concurrent=self.max_concurrent)
+        self.endpoints.add(endpoint)
         connection = GuestConnection(name, path, endpoint)
         with self._lock:
             old = self.connections.get(name)
@@ -393,9 +395,9 @@ class HostDaemon(object):
             connections, self.connections = list(self.connections.values()), {}
         for connection in connections:
             connection.endpoint.close('the host daemon is stopping')
-        if not self.dispatcher.wait_idle(STOP_GRACE):
+        if not self.endpoints.wait_replies(STOP_GRACE):
             COMMANDS.kill_all(give_up_after=1.0)
-            if not self.dispatcher.wait_idle(1.0):
+            if not self.endpoints.wait_replies(1.0):
                 logger.warning("Some commands were still running when the daemon stopped")
         if process is not None:
             try:
