@@ -13,7 +13,8 @@ Every guest gets a unique name (``negotiator-test-`` plus a random suffix, or a 
 a console log in its work directory and one ``<channel type='unix'>`` per channel name, whose
 host-side UNIX socket path libvirt chooses (see :meth:`Guest.channel_path`).
 
-Library use (standard library only, Python 3.6+)::
+Library use (standard library and ``negotiator_common.channels``, which it takes from the
+repository when negotiator-common is not installed; Python 3.6+)::
 
     import negotiator_vm
     negotiator_vm.ensure_host()
@@ -48,6 +49,17 @@ import time
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+
+# The channel names and their XML come from negotiator-common. The demo imports this module with
+# Debian's python3 before any virtual environment exists: the repository's copy serves then
+# (appended to the path, so an installed negotiator-common comes first).
+try:
+    from negotiator_common.channels import GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNEL, channel_xml
+except ImportError:
+    sys.path.append(os.path.join(os.path.dirname(SCRIPTS), 'negotiator-common'))
+    from negotiator_common.channels import GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNEL, channel_xml
+
 __all__ = (
     'DEFAULT_CHANNELS',
     'DEFAULT_PREFIX',
@@ -70,10 +82,9 @@ __all__ = (
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PREFIX = 'negotiator-test-'
 DEFAULT_URI = 'qemu:///system'
-DEFAULT_CHANNELS = ('negotiator-host-to-guest.0', 'negotiator-guest-to-host.0')
+DEFAULT_CHANNELS = (HOST_TO_GUEST_CHANNEL, GUEST_TO_HOST_CHANNEL)
 #: Parent of the guests' work directories; never a tmpfs in the guest (see test-guest-init).
 WORK_ROOT = '/var/tmp/negotiator-vm'
 
@@ -143,10 +154,7 @@ def _random_suffix(length=8):
 
 
 def _domain_xml(name, image, cmdline, channels, memory_mib, console_log):
-    channel_xml = ''.join(
-        "    <channel type='unix'><source mode='bind'/>"
-        "<target type='virtio' name=%s/></channel>\n" % quoteattr(channel)
-        for channel in channels)
+    channels_xml = ''.join('    %s\n' % channel_xml(channel) for channel in channels)
     return """<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{memory}</memory>
@@ -169,7 +177,7 @@ def _domain_xml(name, image, cmdline, channels, memory_mib, console_log):
   </devices>
 </domain>
 """.format(name=escape(name), memory=int(memory_mib), kernel=escape(image.kernel),
-           initrd=escape(image.initrd), cmdline=escape(cmdline), channels=channel_xml,
+           initrd=escape(image.initrd), cmdline=escape(cmdline), channels=channels_xml,
            log=quoteattr(console_log))
 
 

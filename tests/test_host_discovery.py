@@ -5,9 +5,10 @@ import time
 
 import pytest
 
+from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.errors import ChannelNotFound, GuestNotFound
 from negotiator_host.discovery import (
-    HOST_TO_GUEST_CHANNELS, run_virsh, LibvirtPaths, LibvirtUnavailable, find_guest, list_guests, parse_domain_xml,
+    run_virsh, LibvirtPaths, LibvirtUnavailable, find_guest, list_guests, parse_domain_xml,
     parse_virsh_list,
 )
 

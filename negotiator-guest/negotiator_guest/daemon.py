@@ -38,6 +38,7 @@ import threading
 import time
 from typing import Any, Callable, List, Optional
 
+from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.lazylog import get_logger
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
@@ -45,7 +46,7 @@ from negotiator_common.processes import COMMANDS, OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService
 from negotiator_common.transport import READ_SIZE, Transport
 
-from negotiator_guest.port import FALLBACK_DEVICE, HOST_TO_GUEST_CHANNELS, find_port, host_connected, open_port
+from negotiator_guest.port import FALLBACK_DEVICE, find_port, host_connected, open_port
 
 __all__ = ('GuestDaemon', 'SignalQueue', 'wait_for_host', 'RECHECK_INTERVAL', 'STOP_TIMEOUT', 'STOP_SIGNALS')
 

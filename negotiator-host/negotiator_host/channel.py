@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
+from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import (
@@ -30,7 +31,7 @@ from negotiator_common.errors import (
 from negotiator_common.lazylog import get_logger
 from negotiator_common.transport import Transport
 
-from negotiator_host.discovery import HOST_TO_GUEST_CHANNELS, Guest, LibvirtPaths, find_guest
+from negotiator_host.discovery import Guest, LibvirtPaths, find_guest
 
 __all__ = ('GuestChannel', 'GuestOutcome', 'map_guests', 'connect_socket', 'DEFAULT_TIMEOUT')
 
