@@ -2,9 +2,9 @@
 The guest daemon: serve one host session after another on the port, until told to stop.
 
 A virtio-serial port has no ``accept()``. While no host client is connected, ``read()``
-returns 0 bytes at once and ``poll()`` reports POLLIN|POLLHUP at once (``DESIGN.md`` §5), so
-a read loop that simply retries spins at 100% CPU. The daemon therefore alternates between
-two states:
+returns 0 bytes at once and ``poll()`` reports POLLIN|POLLHUP at once (``docs/guest.rst``,
+"How the daemon behaves"), so a read loop that simply retries spins at 100% CPU. The daemon
+therefore alternates between two states:
 
 - **a session**: a new :class:`~negotiator_common.endpoint.Endpoint` reads and serves the
   port on a thread of its own until end of stream (the host client went away). A new

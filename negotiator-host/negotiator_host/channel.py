@@ -107,9 +107,10 @@ class GuestChannel(object):
     :param paths: libvirt's directories (tests use a fake tree).
 
     The connection opens at the first call (or :meth:`connect`) and closes with
-    :meth:`close` or at the end of a ``with`` block. If it closes under a call (the guest
-    stopped, the agent restarted), the call raises :class:`ConnectionClosed` and the next
-    call connects again.
+    :meth:`close` or at the end of a ``with`` block. Many threads may call at once: calls are
+    routed by id, so a slow command never delays a ``ping``. If the connection closes under a
+    call (the guest stopped, the agent restarted), the call raises :class:`ConnectionClosed`
+    and the next call connects again.
     """
 
     def __init__(self, name: Optional[str] = None, socket_path: Optional[str] = None, uri: Optional[str] = None,
@@ -184,7 +185,8 @@ class GuestChannel(object):
         return self.timeout if timeout is None else timeout
 
     def hello(self, timeout: Optional[float] = None) -> Dict[str, Any]:
-        """Connect if needed and return what the agent said in ``hello`` (``agent``, ``version``...)."""
+        """Connect if needed and return what the agent said in ``hello`` (``agent``, ``version``,
+        ``capabilities``, ``limits``)."""
         self._connected_client(self._call_timeout(timeout))
         return dict(self.agent_info)
 
@@ -207,17 +209,22 @@ class GuestChannel(object):
                 stderr: Optional[BinaryIO] = None, max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
         """
         Run ``command`` with ``args`` in the guest and return an :class:`ExecuteResult`
-        (``exit_status``, ``stdout``, ``stderr`` as bytes, ``duration``).
+        (``exit_status``, None when a signal ended the command: see ``signal``; ``stdout``,
+        ``stderr`` as bytes; ``duration``; the truncation flags and ``output_abandoned``).
 
         ``input`` (bytes) is the command's standard input. With ``stdout``/``stderr`` binary
-        file objects the output is written there as it arrives instead of being collected;
-        collected output keeps at most ``max_output`` bytes per stream (16 MiB by default,
-        :data:`~negotiator_common.client.DEFAULT_MAX_OUTPUT`), and ``stdout_truncated``/
-        ``stderr_truncated`` say when more was dropped, so a guest cannot make the host hold
-        more. ``timeout`` bounds the whole call (the guest kills the command a little earlier).
-        With ``check``, a non-zero exit status raises :class:`CommandFailed`. A request over
-        the limits the agent announced (input, arguments, timeout) or an argument that is not
-        valid UTF-8 raises :class:`UnsendableRequest` before anything is sent.
+        file objects the output is written there as it arrives instead of being collected; if
+        writing to them fails, the connection is closed (the guest cancels the command) and the
+        call raises that error. Collected output keeps at most ``max_output`` bytes per stream
+        (16 MiB by default, :data:`~negotiator_common.client.DEFAULT_MAX_OUTPUT`; None for no
+        bound, at your own risk), and ``stdout_truncated``/``stderr_truncated`` say when more
+        was dropped, so a guest cannot make the host hold more. ``timeout`` bounds the whole
+        call (None: the channel's; the guest kills the command a little earlier). With
+        ``check``, a non-zero exit status raises :class:`CommandFailed`. A request over the
+        limits the agent announced (input, arguments, timeout, line length) or an argument
+        that is not valid UTF-8 raises :class:`UnsendableRequest` before anything is sent; a
+        reply out of the spec (an exit status outside 0 to 255, a duration that is not a
+        number) raises :class:`~negotiator_common.errors.InvalidRequest`.
 
         >>> GuestChannel('web-1').execute('cat', input=b'hello').stdout
         b'hello'
@@ -230,7 +237,10 @@ class GuestChannel(object):
 
 
 class GuestOutcome(object):
-    """What :func:`map_guests` got from one guest: ``result`` or ``error`` (an exception)."""
+    """
+    What :func:`map_guests` got from one guest (``guest``, its name): ``result``, or ``error``
+    (the exception, kept, never raised), and the call's ``duration`` in seconds.
+    """
 
     __slots__ = ('guest', 'result', 'error', 'duration')
 
@@ -243,6 +253,7 @@ class GuestOutcome(object):
 
     @property
     def ok(self) -> bool:
+        """Whether the function returned (rather than raised)."""
         return self.error is None
 
     def value(self) -> Any:
