@@ -18,7 +18,8 @@ from negotiator_host.daemon import HostDaemon
 from negotiator_host.discovery import LibvirtPaths
 from negotiator_host.policy import Policy, PolicyError
 
-from test_host_support import GUEST_COMMANDS, FakeLibvirt, listening_socket, make_commands_dir, short_tempdir
+from fake_libvirt import FakeLibvirt, listening_socket
+from test_host_support import GUEST_COMMANDS, make_commands_dir, short_tempdir
 from waiting import process_alive, wait_until
 
 

@@ -19,7 +19,7 @@ from negotiator_common.protocol import MAX_NESTING, MAX_VALUES, DecodeError, Req
 from negotiator_common.transport import Transport
 from negotiator_common.turns import Turns, Usage
 
-from test_host_support import FakeLibvirt, listening_socket
+from fake_libvirt import FakeLibvirt, listening_socket
 from waiting import wait_until
 
 MIB = 1024 * 1024
