@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 from negotiator_common import __version__
 from negotiator_common.lazylog import get_logger
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
 from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint, EndpointGroup
@@ -53,9 +54,7 @@ from negotiator_common.slots import DEFAULT_MAX_COMMANDS, DEFAULT_MAX_QUEUED, Co
 from negotiator_common.transport import Transport
 
 from negotiator_host.channel import connect_socket
-from negotiator_host.discovery import (
-    GUEST_TO_HOST_CHANNEL, LibvirtPaths, LibvirtUnavailable, default_uri, list_guests,
-)
+from negotiator_host.discovery import LibvirtPaths, LibvirtUnavailable, default_uri, list_guests
 from negotiator_host.policy import Policy
 
 __all__ = ('HostDaemon', 'GuestConnection', 'DEFAULT_GUEST_CONCURRENCY', 'DEFAULT_MAX_TIMEOUT', 'default_limits')
