@@ -11,7 +11,7 @@ Importing this package is cheap and configures no logging (the CLI does that).
 
 import logging
 
-__version__ = '0.1.0'
+from negotiator_common import __version__  # the one version of the three packages
 
 __all__ = ('HostClient', '__version__')
 
