@@ -455,7 +455,7 @@ def _report(options: Options, outcomes: List['GuestOutcome']) -> int:
             if options.action == 'list-commands':
                 listed.extend((outcome.guest, command) for command in outcome.result)
         status = status or guest_status
-    if options.action == 'list-commands' and not options.json and any(outcome.ok for outcome in outcomes):
+    if options.action == 'list-commands' and not options.json:
         guests = [guest for guest, _ in listed] if len(outcomes) > 1 else None
         sys.stdout.write(format_commands([command for _, command in listed], guests))
     sys.stdout.flush()
