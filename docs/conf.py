@@ -7,10 +7,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 for package in ('negotiator-common', 'negotiator-host', 'negotiator-guest'):
     sys.path.insert(0, os.path.join(HERE, '..', package))
 
+from negotiator_common import __version__  # noqa: E402 (found through the path above)
+
 project = 'negotiator'
 author = 'The negotiator developers'
 copyright = '2026, The negotiator developers'
-release = version = '0.1.0'
+release = version = __version__
 
 extensions = ['sphinx.ext.autodoc', 'sphinx.ext.intersphinx', 'sphinx.ext.viewcode']
 autodoc_member_order = 'bysource'

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from negotiator_common.cli_support import MAX_TIMEOUT_OPTION, UsageError, parse_timeout, printable
+from negotiator_common.cli_support import MAX_TIMEOUT_OPTION, UsageError, format_commands, parse_timeout, printable
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.endpoint import Endpoint
@@ -243,10 +243,24 @@ def test_text_from_a_guest_reaches_the_terminal_escaped(world):
     assert printable('tab\there \u202e\udcff ok') == 'tab\\x09here \\u202e\\udcff ok'
 
 
-def test_guest_cli_escapes_the_hosts_names_and_descriptions(capsys):
-    guest_cli._print_commands([CommandDescription('a' + ESCAPE, False, 'b' + ESCAPE)])
+def test_guest_cli_escapes_the_hosts_names_and_descriptions(monkeypatch, capsys):
+    from negotiator_guest.client import HostClient
+    listing = [CommandDescription('a' + ESCAPE, False, 'b' + ESCAPE)]
+    monkeypatch.setattr(HostClient, 'list_commands', lambda client: listing)
+    assert guest_cli.run(['-l', '-c', '/nonexistent']) == 0
     out = capsys.readouterr().out
-    assert '\x1b' not in out and out.startswith('a\\x1b]0;owned')
+    assert '\x1b' not in out and out.startswith('a\\x1b]0;owned') and 'b\\x1b]0;owned' in out
+    assert '\x1b' not in format_commands(listing, ['guest' + ESCAPE])
+
+
+def test_both_clis_print_a_failure_in_one_json_shape(world, tmp_path, capsys):
+    status, out, err = run_cli(world, '--json', '-p', 'nosuch')
+    host = json.loads(out.decode())
+    assert guest_cli.run(['--json', '-l', '-c', str(tmp_path / 'vport9p9')]) == status == 69
+    guest = json.loads(capsys.readouterr().out)
+    assert (host.pop('guest'), host.pop('ok')) == ('nosuch', False)
+    assert sorted(host) == sorted(guest) == ['error', 'exit_status'] and host['exit_status'] == guest['exit_status']
+    assert sorted(host['error']) == sorted(guest['error']) == ['code', 'data', 'message', 'type']
 
 
 def test_guest_cli_with_standard_input_closed_is_a_usage_error(monkeypatch, capsys):

@@ -21,6 +21,7 @@ import pytest
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import ChannelBusy, CommandNotFound, ConnectionClosed
+from negotiator_common.exit_status import EXIT_UNAVAILABLE
 from negotiator_common.service import AgentService
 from negotiator_common.transport import Transport
 from negotiator_guest import cli, port
@@ -146,12 +147,12 @@ def test_busy_port_gives_up_with_channel_busy(monkeypatch):
 
 def test_cli_busy_port_exit_status(monkeypatch, capsys):
     monkeypatch.setattr(port.os, 'open', always_busy)
-    assert cli.run(['-c', '/dev/vport1p2', '-l']) == cli.EXIT_UNAVAILABLE == 69
+    assert cli.run(['-c', '/dev/vport1p2', '-l']) == EXIT_UNAVAILABLE == 69
     assert 'in use by another process' in capsys.readouterr().err
 
 
 def run_cli(*arguments, input=b''):
-    return subprocess.run([sys.executable, '-m', 'negotiator_guest.cli'] + list(arguments), input=input,
+    return subprocess.run([sys.executable, '-m', 'negotiator_guest'] + list(arguments), input=input,
                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=30)
 
 

@@ -246,7 +246,7 @@ def test_sigterm_kills_commands_releases_port_and_exits_zero(tmp_path):
     tty.setraw(master)
     name = os.ttyname(slave)
     os.close(slave)
-    process = subprocess.Popen([sys.executable, '-m', 'negotiator_guest.cli', '--daemon', '-c', name,
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_guest', '--daemon', '-c', name,
                                 '--commands-dir', str(commands), '-v'], stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 5

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -73,6 +74,17 @@ def test_json_errors_and_first_failure_status(world):
     assert status == 69
 
 
+def test_json_failure_has_the_shape_of_negotiator_guests(world):
+    # The shape both CLIs print (negotiator-guest's): the error with its data, and the exit status it gives.
+    status, out, err = run_cli(world, '--json', '-e', 'sleep 30', '-t', '0.5', 'alpha')
+    failure = json.loads(out.decode())
+    assert status == 75 and failure['exit_status'] == 75 and failure['guest'] == 'alpha' and not failure['ok']
+    assert sorted(failure['error']) == ['code', 'data', 'message', 'type']
+    assert failure['error']['type'] in ('CommandTimedOut', 'CallTimeout') and isinstance(failure['error']['data'], dict)
+    status, out, err = run_cli(world, '-g', '-j')
+    assert all(row['error'] is None for row in json.loads(out.decode()))
+
+
 @pytest.mark.parametrize('args,expected', [
     (['-e', 'nosuch', 'alpha'], 77),
     (['-e', 'true', 'nosuch'], 69),
@@ -130,6 +142,7 @@ def test_list_guests_does_not_wait_long_for_a_silent_agent(world):
 def test_list_commands_one_and_several(world):
     status, out, err = run_cli(world, '-c', 'alpha')
     assert status == 0 and b'cat-stdin\n' in out and not out.startswith(b'alpha:')
+    assert re.search(rb'^hostname +\S.*host name', out, re.MULTILINE)  # with its description, as in the guest's CLI
     status, out, err = run_cli(world, '-c', 'alpha', 'gamma.3')
     assert b'alpha: cat-stdin\n' in out and b'gamma.3: cat-stdin\n' in out
 
@@ -146,9 +159,10 @@ def test_help_prints_the_usage_text(capsys):
 
 def test_parse_options_contract():
     options = cli.parse_options(['g1', '-t', '2.5', '--execute=ls -l', 'g2', '-j', '--connect', 'qemu:///session'])
-    assert options.guests == ['g1', 'g2'] and options.timeout == 2.5 and options.argv == ['ls', '-l']
+    assert options.guests == ['g1', 'g2'] and options.timeout == 2.5 and options.command == ['ls', '-l']
     assert options.json and options.uri == 'qemu:///session'
     assert cli.parse_options(['-t', '0', '-p', 'g']).timeout is None
+    assert cli.parse_options(['-t', '2m', '-p', 'g']).timeout == 120.0
     assert cli.parse_options(['-d', '--commands-dir', '/a', '--commands-dir=/b']).commands_dirs == ['/a', '/b']
 
 

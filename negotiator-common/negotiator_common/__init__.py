@@ -20,3 +20,8 @@ the CLIs configure logging.
 """
 
 __version__ = '0.1.0'
+"""
+The version of negotiator-common, negotiator-host and negotiator-guest, which are released
+together: the build reads it here, the other two packages import it, and their pyproject.toml
+pins this version of negotiator-common (``tests/test_packaging.py`` keeps them equal).
+"""

@@ -21,9 +21,8 @@ a newline (ending any partial line left behind) and ``hello`` with a fresh rando
 drops every line until the reply to that ``hello`` arrives.
 """
 
-import binascii
 import itertools
-import os
+import secrets
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
@@ -238,7 +237,7 @@ class Endpoint(object):
         Every line that arrives before the reply to this ``hello`` is dropped: it belongs to an
         earlier client of the same port.
         """
-        sync_id = 'hello-' + binascii.hexlify(os.urandom(16)).decode('ascii')
+        sync_id = 'hello-' + secrets.token_hex(16)
         self._sync_id = sync_id
         self.transport.write_all(b'\n', Deadline(timeout))
         result = self._call(Request(sync_id, 'hello', {'protocol': PROTOCOL_VERSION, 'agent': agent}),

@@ -6,6 +6,7 @@ negotiator's own failures use statuses from ``sysexits.h`` that a script can tel
 from most commands' statuses. Both CLIs document the same table.
 """
 
+from negotiator_common.cli_support import UsageError
 from negotiator_common.errors import (
     CallTimeout, ChannelError, CommandFailed, CommandNotAllowed, CommandNotFound, CommandTimedOut, UnsendableRequest,
 )
@@ -36,8 +37,8 @@ EXIT_BROKEN_PIPE = 141
 
 
 def exit_status_for(error: BaseException) -> int:
-    """The documented exit status for one of negotiator's own failures."""
-    if isinstance(error, UnsendableRequest):
+    """The documented exit status for one of negotiator's own failures (a wrong command line included)."""
+    if isinstance(error, (UsageError, UnsendableRequest)):
         return EXIT_USAGE
     if isinstance(error, (CallTimeout, CommandTimedOut)):
         return EXIT_TIMEOUT

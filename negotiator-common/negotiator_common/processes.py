@@ -26,9 +26,9 @@ that replaces it, e.g. ``env -u``) is found only while it is a member of the gro
 changes user (``su``, a setuid program) can be killed only by root.
 """
 
-import binascii
 import ctypes
 import os
+import secrets
 import signal
 import threading
 import time
@@ -80,7 +80,7 @@ def adopt_orphans(enabled: bool = True) -> bool:
 
 def new_marker() -> str:
     """A fresh random value for :data:`MARKER_VARIABLE`."""
-    return binascii.hexlify(os.urandom(12)).decode('ascii')
+    return secrets.token_hex(12)
 
 
 def _read_stat(pid: int) -> Optional[ProcessInfo]:

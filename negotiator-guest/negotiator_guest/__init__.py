@@ -12,7 +12,7 @@ its loggers (:func:`negotiator_common.lazylog.get_logger`) never print through l
 resort.
 """
 
-__version__ = '0.1.0'
+from negotiator_common import __version__  # the one version of the three packages
 
 __all__ = ('HostClient', '__version__')
 

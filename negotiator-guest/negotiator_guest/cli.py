@@ -15,7 +15,7 @@ Supported options:
 
   -l, --list-commands
 
-    List the commands that the host offers this guest.
+    List the commands that the host offers this guest, with their descriptions.
 
   -e, --execute=COMMAND
 
@@ -29,12 +29,13 @@ Supported options:
 
   -t, --timeout=SECONDS
 
-    Bound on the whole call, connecting included (fractional; 0 = none; default 10).
+    Bound on the whole call, connecting included: seconds (fractional) or a timespan
+    like 90s or 2m (0 means no bound; default 10).
 
   -j, --json
 
     Print a JSON object instead of text (for scripts): the command's exit status and
-    output, the list of commands, or the error.
+    output, the list of commands, or the error and the exit status it gives.
 
   --max-output=BYTES
 
@@ -78,26 +79,30 @@ Exit statuses of negotiator's own failures (a command's own status passes throug
 """
 
 import sys
-from typing import Any, Dict, List, Optional
+from typing import BinaryIO, Dict, List, Optional, Sequence, cast
 
 from negotiator_common.cli_support import (
-    FullWriter, UsageError, apply_shared_option, exit_now, printable, read_stdin, setup_logging, silence_broken_pipe,
-    split_command, write_stdout,
+    FullWriter, UsageError, apply_shared_option, format_commands, exit_now, json_failure, printable, read_stdin,
+    setup_logging, silence_broken_pipe, split_command, write_stdout,
 )
-from negotiator_common.exit_status import (  # the one table of both CLIs
-    EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_REFUSED, EXIT_SOFTWARE, EXIT_TIMEOUT, EXIT_UNAVAILABLE, EXIT_USAGE,
-    exit_status_for, exit_status_of_result,
+from negotiator_common.exit_status import (
+    EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, exit_status_for, exit_status_of_result,
 )
 
-__all__ = ('main', 'EXIT_USAGE', 'EXIT_UNAVAILABLE', 'EXIT_SOFTWARE', 'EXIT_TIMEOUT', 'EXIT_REFUSED',
-           'exit_status_for')
+__all__ = ('main', 'run', 'Options', 'parse_options', 'exit_status_for')
 
+PROGRAM = 'negotiator-guest'
 
 DEFAULT_TIMEOUT = 10.0
+"""Seconds that a call may take when --timeout does not say."""
 
 _SHORT_OPTIONS = 'dle:it:jc:vqh'
 _LONG_OPTIONS = ['daemon', 'list-commands', 'execute=', 'stdin', 'timeout=', 'json', 'max-output=',
                  'character-device=', 'commands-dir=', 'syslog', 'verbose', 'quiet', 'help']
+
+_ACTIONS = {'-d': 'daemon', '--daemon': 'daemon', '-l': 'list-commands', '--list-commands': 'list-commands',
+            '-e': 'execute', '--execute': 'execute', '-h': 'help', '--help': 'help'}
+"""The options that choose what the program does (one of them; --help wins over the others)."""
 
 
 class Options(object):
@@ -116,39 +121,34 @@ class Options(object):
         self.verbosity = 0
 
 
-def parse_arguments(arguments: List[str]) -> Options:
+def parse_options(arguments: Sequence[str]) -> Options:
     """Turn the command line into :class:`Options`; raise :class:`UsageError` if it is wrong."""
     import getopt
-    options = Options()
     try:
-        pairs, rest = getopt.gnu_getopt(arguments, _SHORT_OPTIONS, _LONG_OPTIONS)
+        pairs, rest = getopt.gnu_getopt(list(arguments), _SHORT_OPTIONS, _LONG_OPTIONS)
     except getopt.GetoptError as exc:
-        raise UsageError(str(exc)) from exc
+        raise UsageError(str(exc)) from None
     if rest:
         raise UsageError('unexpected argument %r (quote the whole command: -e "COMMAND ARG...")' % rest[0])
-    actions = []
+    options = Options()
+    actions = set()
     for option, value in pairs:
-        if option in ('-d', '--daemon'):
-            actions.append('daemon')
-        elif option in ('-l', '--list-commands'):
-            actions.append('list-commands')
-        elif option in ('-e', '--execute'):
-            actions.append('execute')
-            options.command = split_command(value)
+        if option in _ACTIONS:
+            actions.add(_ACTIONS[option])
+            if option in ('-e', '--execute'):
+                options.command = split_command(value)
         elif option in ('-c', '--character-device'):
             options.character_device = value
         elif option == '--syslog':
             options.syslog = True
-        elif apply_shared_option(options, option, value):
-            pass
-        elif option in ('-h', '--help'):
-            actions.append('help')
+        else:
+            apply_shared_option(options, option, value)
     if 'help' in actions:
         options.action = 'help'
-    elif len(set(actions)) > 1:
+    elif len(actions) > 1:
         raise UsageError('choose one of --daemon, --list-commands and --execute')
     elif actions:
-        options.action = actions[0]
+        options.action = actions.pop()
     return options
 
 
@@ -163,7 +163,7 @@ def _advice(error: BaseException) -> str:
     return ''
 
 
-def _print_json(data: Dict[str, Any]) -> None:
+def _print_json(data: Dict[str, object]) -> None:
     import json
     write_stdout(json.dumps(data, indent=2, sort_keys=True) + '\n')
 
@@ -186,7 +186,7 @@ def _run_client(options: Options) -> int:
         if options.json:
             _print_json({'commands': [c.to_dict() for c in commands]})
         else:
-            _print_commands(commands)
+            sys.stdout.write(format_commands(commands))
         return 0
     stdin = read_stdin() if options.stdin else None
     if options.json:
@@ -195,34 +195,27 @@ def _run_client(options: Options) -> int:
         result = client.execute(options.command[0], *options.command[1:], input=stdin, max_output=max_output)
         _print_json(result.to_dict())
     else:
+        # execute writes to binary file objects, and calls only their write and flush.
         result = client.execute(options.command[0], *options.command[1:], input=stdin,
-                                stdout=FullWriter(sys.stdout.buffer), stderr=FullWriter(sys.stderr.buffer))
+                                stdout=cast(BinaryIO, FullWriter(sys.stdout.buffer)),
+                                stderr=cast(BinaryIO, FullWriter(sys.stderr.buffer)))
     return exit_status_of_result(result.exit_status, result.signal)
 
 
-def _print_commands(commands: List[Any]) -> None:
-    """The host's commands, one a line with its description; both are the host's text, escaped."""
-    names = [printable(c.name) for c in commands]
-    width = max([len(name) for name in names] + [0])
-    for name, command in zip(names, commands):
-        line = name.ljust(width) + ('  ' + printable(command.description) if command.description else '')
-        sys.stdout.write(line.rstrip() + '\n')
-
-
-def main(arguments: Optional[List[str]] = None) -> None:
-    """The command line interface of negotiator-guest (exits the process)."""
+def main(arguments: Optional[Sequence[str]] = None) -> None:
+    """The ``negotiator-guest`` program: run and exit with its status."""
     status = run(sys.argv[1:] if arguments is None else arguments)
     if status == EXIT_INTERRUPTED:
         exit_now(status)  # nothing may hold the exit: ending the process cancels the call on the host
     sys.exit(status)
 
 
-def run(arguments: List[str]) -> int:
-    """Run the command line ``arguments``; return the exit status."""
+def run(arguments: Sequence[str]) -> int:
+    """Run the CLI with ``arguments`` (without the program name) and return the exit status."""
     try:
-        options = parse_arguments(arguments)
+        options = parse_options(arguments)
     except UsageError as exc:
-        sys.stderr.write('negotiator-guest: %s (see negotiator-guest --help)\n' % exc)
+        sys.stderr.write('%s: %s (see %s --help)\n' % (PROGRAM, exc, PROGRAM))
         return EXIT_USAGE
     if options.action in (None, 'help'):
         from humanfriendly.terminal import usage
@@ -239,20 +232,15 @@ def run(arguments: List[str]) -> int:
             return exit_status_for(exc)
         status = exit_status_for(exc)
         if options.json:
-            _print_json({'error': {'type': type(exc).__name__, 'code': exc.code, 'message': exc.message,
-                                   'data': exc.data}, 'exit_status': status})
-        sys.stderr.write('negotiator-guest: %s%s\n' % (printable(exc.message), _advice(exc)))
+            _print_json(json_failure(exc, status))
+        sys.stderr.write('%s: %s%s\n' % (PROGRAM, printable(exc.message), _advice(exc)))
         return status
     except UsageError as exc:
-        sys.stderr.write('negotiator-guest: %s\n' % exc)
+        sys.stderr.write('%s: %s\n' % (PROGRAM, exc))
         return EXIT_USAGE
     except KeyboardInterrupt:
-        sys.stderr.write('negotiator-guest: interrupted\n')
+        sys.stderr.write('%s: interrupted\n' % PROGRAM)
         return EXIT_INTERRUPTED
     except BrokenPipeError:
         silence_broken_pipe()
         return EXIT_BROKEN_PIPE
-
-
-if __name__ == '__main__':
-    main()

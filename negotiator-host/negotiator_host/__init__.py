@@ -27,6 +27,7 @@ Every error is a :class:`~negotiator_common.errors.NegotiatorError` (re-exported
 imported here, so that ``import negotiator_host`` stays quick.
 """
 
+from negotiator_common import __version__  # the one version of the three packages
 from negotiator_common.channels import GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNELS
 from negotiator_common.client import CommandDescription, ExecuteResult
 from negotiator_common.errors import (
@@ -38,8 +39,6 @@ from negotiator_host.channel import DEFAULT_TIMEOUT, GuestChannel, GuestOutcome,
 from negotiator_host.discovery import (
     Guest, LibvirtPaths, LibvirtUnavailable, default_uri, find_guest, list_guests,
 )
-
-__version__ = '0.1.0'
 
 __all__ = (
     'GuestChannel', 'GuestOutcome', 'map_guests', 'connect_socket', 'DEFAULT_TIMEOUT',

@@ -24,7 +24,7 @@ Supported options:
 
   -c, --list-commands
 
-    List the commands that each GUEST offers.
+    List the commands that each GUEST offers, with their descriptions.
 
   -e, --execute=COMMAND
 
@@ -43,7 +43,8 @@ Supported options:
 
   -t, --timeout=SECONDS
 
-    Bound on the whole call, fractional seconds (0 means no bound; default 10).
+    Bound on the whole call: seconds (fractional) or a timespan like 90s or 2m (0
+    means no bound; default 10).
 
   -a, --all
 
@@ -118,21 +119,25 @@ output closed by its reader (| head). With several guests: the status of the fir
 
 import getopt
 import sys
-from typing import Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, cast
 
 from negotiator_common.cli_support import (
-    FullWriter, UsageError, apply_shared_option, exit_now, printable, read_stdin, setup_logging, silence_broken_pipe,
-    split_command, write_stdout,
+    FullWriter, UsageError, apply_shared_option, format_commands, error_object, exit_now, json_failure, printable,
+    read_stdin, setup_logging, silence_broken_pipe, split_command, write_stdout,
 )
-from negotiator_common.exit_status import (  # the one table of both CLIs
-    EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_REFUSED as EX_NOPERM, EXIT_SOFTWARE as EX_SOFTWARE,
-    EXIT_TIMEOUT as EX_TEMPFAIL, EXIT_UNAVAILABLE as EX_UNAVAILABLE, EXIT_USAGE as EX_USAGE,
+from negotiator_common.exit_status import (
+    EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, exit_status_of_result,
 )
 
-__all__ = ('main', 'run', 'exit_status_for', 'EX_USAGE', 'EX_UNAVAILABLE', 'EX_SOFTWARE', 'EX_TEMPFAIL',
-           'EX_NOPERM')
+if TYPE_CHECKING:
+    from negotiator_host.channel import GuestChannel, GuestOutcome
+
+__all__ = ('main', 'run', 'Options', 'parse_options', 'exit_status_for')
 
 PROGRAM = 'negotiator-host'
+
+DEFAULT_TIMEOUT = 10.0
+"""Seconds that a call may take when --timeout does not say."""
 
 LIST_PROBE_TIMEOUT = 3.0
 """Seconds that --list-guests waits for each agent (at most; a smaller --timeout wins)."""
@@ -144,21 +149,28 @@ line is written in pieces of this size, each prefixed, so a guest's output witho
 costs no memory and no time beyond this.
 """
 
+_SHORT_OPTIONS = 'gce:pit:ajdvqh'
+_LONG_OPTIONS = ['list-guests', 'list-commands', 'execute=', 'ping', 'stdin', 'timeout=', 'all', 'json', 'max-output=',
+                 'connect=', 'daemon', 'commands-dir=', 'policy=', 'max-commands=', 'max-queued=', 'max-timeout=',
+                 'verbose', 'quiet', 'help']
+
+_ACTIONS = {'-g': 'list-guests', '--list-guests': 'list-guests', '-c': 'list-commands',
+            '--list-commands': 'list-commands', '-e': 'execute', '--execute': 'execute', '-p': 'ping', '--ping': 'ping',
+            '-d': 'daemon', '--daemon': 'daemon', '-h': 'help', '--help': 'help'}
+"""The options that choose what the program does (one of them, once)."""
+
 
 def exit_status_for(error: BaseException) -> int:
-    """The CLI's exit status for one of negotiator's own failures (the table it shares with negotiator-guest)."""
-    from negotiator_common.exit_status import exit_status_for as common_exit_status_for
+    """The exit status for a failure: the table shared with negotiator-guest, and 69 when libvirt is not there."""
+    from negotiator_common.exit_status import exit_status_for as shared_exit_status_for
     from negotiator_host.discovery import LibvirtUnavailable
 
-    if isinstance(error, UsageError):
-        return EX_USAGE
     if isinstance(error, LibvirtUnavailable):
-        return EX_UNAVAILABLE
-    return common_exit_status_for(error)
+        return EXIT_UNAVAILABLE
+    return shared_exit_status_for(error)
 
 
 def _result_status(result: Any) -> int:
-    from negotiator_common.exit_status import exit_status_of_result
     return exit_status_of_result(result.exit_status, result.signal)
 
 
@@ -168,17 +180,14 @@ def _error_line(guest: str, error: BaseException) -> str:
     return '%s: %s%s' % (PROGRAM, '%s: ' % printable(guest) if guest else '', message)
 
 
-def _error_object(error: BaseException) -> Dict[str, Any]:
-    return {'type': type(error).__name__, 'code': getattr(error, 'code', None),
-            'message': ' '.join(str(error).split()), 'exit_status': exit_status_for(error)}
+class Options(object):
+    """What the command line asked for."""
 
-
-class _Options(object):
     def __init__(self) -> None:
         self.action: Optional[str] = None
-        self.command = ''
+        self.command: List[str] = []
         self.stdin = False
-        self.timeout: Optional[float] = 10.0
+        self.timeout: Optional[float] = DEFAULT_TIMEOUT
         self.max_output: Optional[int] = None  # None: the API's default
         self.all = False
         self.json = False
@@ -190,60 +199,54 @@ class _Options(object):
         self.guests: List[str] = []
 
 
-def parse_options(argv: Sequence[str]) -> _Options:
-    """Parse the command line (options may come before and after guest names)."""
+def parse_options(arguments: Sequence[str]) -> Options:
+    """
+    Turn the command line into :class:`Options` (options may come before and after guest names);
+    raise :class:`UsageError` if it is wrong.
+    """
     try:
-        options, arguments = getopt.gnu_getopt(list(argv), 'gce:pit:ajdvqh', [
-            'list-guests', 'list-commands', 'execute=', 'ping', 'stdin', 'timeout=', 'all', 'json', 'max-output=',
-            'connect=', 'daemon', 'commands-dir=', 'policy=', 'max-commands=', 'max-queued=', 'max-timeout=',
-            'verbose', 'quiet', 'help'])
+        pairs, guests = getopt.gnu_getopt(list(arguments), _SHORT_OPTIONS, _LONG_OPTIONS)
     except getopt.GetoptError as exc:
         raise UsageError(str(exc)) from None
-    parsed = _Options()
+    options = Options()
+    for option, value in pairs:
+        _apply_option(options, option, value)
+    options.guests = guests
+    _check_options(options)
+    return options
 
-    def set_action(action: str) -> None:
-        if parsed.action not in (None, action):
+
+def _apply_option(options: Options, option: str, value: str) -> None:
+    if option in _ACTIONS:
+        if options.action not in (None, _ACTIONS[option]):
             raise UsageError('choose one of --list-guests, --list-commands, --execute, --ping and --daemon')
-        parsed.action = action
+        options.action = _ACTIONS[option]
+        if options.action == 'execute':
+            options.command = split_command(value)
+    elif option in ('-a', '--all'):
+        options.all = True
+    elif option == '--connect':
+        options.uri = value
+    elif option == '--policy':
+        options.policy = value
+    elif option in _DAEMON_LIMITS:
+        options.daemon_limits[option] = _parse_daemon_limit(option, value)
+    else:
+        apply_shared_option(options, option, value)
 
-    for option, value in options:
-        if option in ('-g', '--list-guests'):
-            set_action('list-guests')
-        elif option in ('-c', '--list-commands'):
-            set_action('list-commands')
-        elif option in ('-e', '--execute'):
-            set_action('execute')
-            parsed.command = value
-        elif option in ('-p', '--ping'):
-            set_action('ping')
-        elif option in ('-d', '--daemon'):
-            set_action('daemon')
-        elif option in ('-a', '--all'):
-            parsed.all = True
-        elif option == '--connect':
-            parsed.uri = value
-        elif option == '--policy':
-            parsed.policy = value
-        elif option in _DAEMON_LIMITS:
-            parsed.daemon_limits[option] = _parse_daemon_limit(option, value)
-        elif apply_shared_option(parsed, option, value):
-            pass
-        elif option in ('-h', '--help'):
-            set_action('help')
-    parsed.guests = arguments
-    for name in arguments:
-        _check_utf8(name, 'GUEST-PATTERN' if parsed.action == 'daemon' else 'GUEST')
-    if parsed.action is None:
+
+def _check_options(options: Options) -> None:
+    """What no single option shows: a missing action or guest, and options that do not go together."""
+    for name in options.guests:
+        _check_utf8(name, 'GUEST-PATTERN' if options.action == 'daemon' else 'GUEST')
+    if options.action is None:
         raise UsageError('nothing to do: give --list-guests, --ping, --list-commands, --execute or --daemon')
-    if parsed.action in ('ping', 'list-commands', 'execute') and not parsed.guests and not parsed.all:
+    if options.action in ('ping', 'list-commands', 'execute') and not options.guests and not options.all:
         raise UsageError('name at least one GUEST (or give --all)')
-    if parsed.action == 'daemon' and parsed.all:
+    if options.action == 'daemon' and options.all:
         raise UsageError('--daemon serves every guest unless given GUEST-PATTERNs; --all makes no sense with it')
-    if parsed.daemon_limits and parsed.action != 'daemon':
-        raise UsageError('%s is an option of --daemon' % sorted(parsed.daemon_limits)[0])
-    if parsed.action == 'execute':
-        parsed.argv = split_command(parsed.command)  # type: ignore
-    return parsed
+    if options.daemon_limits and options.action != 'daemon':
+        raise UsageError('%s is an option of --daemon' % sorted(options.daemon_limits)[0])
 
 
 def _check_utf8(name: str, what: str) -> None:
@@ -270,21 +273,21 @@ def _parse_daemon_limit(option: str, value: str) -> Any:
     return number
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(arguments: Optional[Sequence[str]] = None) -> None:
     """The ``negotiator-host`` program: run and exit with its status."""
-    status = run(sys.argv[1:] if argv is None else argv)
+    status = run(sys.argv[1:] if arguments is None else arguments)
     if status == EXIT_INTERRUPTED:
         exit_now(status)  # worker threads may still be connecting: do not wait for them
     sys.exit(status)
 
 
-def run(argv: Sequence[str]) -> int:
-    """Run the CLI with ``argv`` (without the program name) and return the exit status."""
+def run(arguments: Sequence[str]) -> int:
+    """Run the CLI with ``arguments`` (without the program name) and return the exit status."""
     try:
-        options = parse_options(argv)
+        options = parse_options(arguments)
     except UsageError as exc:
         sys.stderr.write('%s: error: %s (see %s --help)\n' % (PROGRAM, exc, PROGRAM))
-        return EX_USAGE
+        return EXIT_USAGE
     if options.action == 'help':
         from humanfriendly.terminal import usage
         usage(__doc__)
@@ -304,17 +307,17 @@ def run(argv: Sequence[str]) -> int:
         return EXIT_BROKEN_PIPE
     except UsageError as exc:
         sys.stderr.write('%s: error: %s\n' % (PROGRAM, exc))
-        return EX_USAGE
+        return EXIT_USAGE
     except Exception as exc:
         from negotiator_common.errors import NegotiatorError
         from negotiator_host.policy import PolicyError
         if not isinstance(exc, (NegotiatorError, PolicyError)):
             raise
         sys.stderr.write(_error_line('', exc) + '\n')
-        return EX_USAGE if isinstance(exc, PolicyError) else exit_status_for(exc)
+        return EXIT_USAGE if isinstance(exc, PolicyError) else exit_status_for(exc)
 
 
-def _run_daemon(options: _Options) -> int:
+def _run_daemon(options: Options) -> int:
     from negotiator_common.commands import DEFAULT_COMMANDS_DIR
     from negotiator_common.slots import DEFAULT_MAX_COMMANDS, DEFAULT_MAX_QUEUED
     from negotiator_host.daemon import DEFAULT_MAX_TIMEOUT, HostDaemon, default_limits
@@ -330,7 +333,7 @@ def _run_daemon(options: _Options) -> int:
     return daemon.run()
 
 
-def _targets(options: _Options) -> List[Any]:
+def _targets(options: Options) -> List[Any]:
     """The guests to talk to: names as given, or every running guest with the channel (--all)."""
     from negotiator_host.discovery import list_guests
 
@@ -388,28 +391,38 @@ class _LinePrefixer(object):
             self.partial = b''
 
 
-def _run_on_guests(options: _Options) -> int:
+def _sink(writer: Any) -> BinaryIO:
+    """``execute`` writes the output to a binary file object and calls only its ``write`` and ``flush``."""
+    return cast(BinaryIO, writer)
+
+
+def _run_on_guests(options: Options) -> int:
+    """--ping, --list-commands or --execute: one guest passes straight through, several run in parallel."""
     from negotiator_host.channel import GuestChannel, map_guests
 
     targets = _targets(options)
     if not targets:
         sys.stderr.write('%s: no running guest has a negotiator channel (see --list-guests)\n' % PROGRAM)
-        return EX_UNAVAILABLE
+        return EXIT_UNAVAILABLE
     stdin = read_stdin() if options.stdin and options.action == 'execute' else None
-    argv = getattr(options, 'argv', [])
     if len(targets) == 1 and not options.all and not options.json:
-        return _one_guest(options, GuestChannel(targets[0], uri=options.uri, timeout=options.timeout), argv, stdin)
+        return _one_guest(options, GuestChannel(targets[0], uri=options.uri, timeout=options.timeout), stdin)
+    outcomes = map_guests(_guest_call(options, stdin), targets, uri=options.uri, timeout=options.timeout)
+    return _report(options, outcomes)
 
+
+def _guest_call(options: Options, stdin: Optional[bytes]) -> Callable[['GuestChannel'], Any]:
+    """What to do with each guest's channel when there are several (or --json): one call, its output prefixed."""
     import threading
+    from negotiator_common.client import DEFAULT_MAX_OUTPUT
+
     lock = threading.Lock()
     stdout = FullWriter(sys.stdout.buffer)
     stderr = FullWriter(sys.stderr.buffer)
-    single = len(targets) == 1
-
-    from negotiator_common.client import DEFAULT_MAX_OUTPUT
     max_output = DEFAULT_MAX_OUTPUT if options.max_output is None else options.max_output
+    argv = options.command
 
-    def work(channel: GuestChannel) -> Any:
+    def call(channel: 'GuestChannel') -> Any:
         if options.action == 'ping':
             info = channel.hello()
             return {'rtt': channel.ping(), 'agent': info.get('agent'), 'version': info.get('version')}
@@ -420,45 +433,61 @@ def _run_on_guests(options: _Options) -> int:
         prefix = channel.name.encode('utf-8', 'surrogateescape') + b': '
         out, err = _LinePrefixer(prefix, stdout, lock), _LinePrefixer(prefix, stderr, lock)
         try:
-            return channel.execute(argv[0], *argv[1:], input=stdin, stdout=out, stderr=err)
+            return channel.execute(argv[0], *argv[1:], input=stdin, stdout=_sink(out), stderr=_sink(err))
         finally:
             out.close()
             err.close()
 
-    outcomes = map_guests(work, targets, uri=options.uri, timeout=options.timeout)
+    return call
+
+
+def _report(options: Options, outcomes: List['GuestOutcome']) -> int:
+    """Show every guest's outcome, in order; the exit status is that of the first guest that failed."""
     status = 0
+    listed: List[Any] = []
     for outcome in outcomes:
-        guest_status = 0
         if isinstance(outcome.error, BrokenPipeError):
             raise outcome.error
-        if not outcome.ok:
-            guest_status = exit_status_for(outcome.error)
-            if options.json:
-                _write_json({'guest': outcome.guest, 'ok': False, 'error': _error_object(outcome.error)})
-            else:
-                sys.stderr.write(_error_line(outcome.guest, outcome.error) + '\n')
-        elif options.action == 'ping':
-            if options.json:
-                data = dict(outcome.result, guest=outcome.guest, ok=True)
-                _write_json(data)
-            else:
-                sys.stdout.write(_ping_line(outcome.guest, outcome.result, outcome.result['rtt']))
-        elif options.action == 'list-commands':
-            if options.json:
-                _write_json({'guest': outcome.guest, 'ok': True, 'commands': [c.to_dict() for c in outcome.result]})
-            else:
-                for command in outcome.result:
-                    line = printable(command.name) if single else '%s: %s' % (outcome.guest, printable(command.name))
-                    sys.stdout.write(line + '\n')
+        if outcome.error is not None:
+            guest_status = _report_failure(options, outcome.guest, outcome.error)
         else:
-            guest_status = _result_status(outcome.result)
-            if options.json:
-                data = outcome.result.to_dict()
-                data.update(guest=outcome.guest, ok=guest_status == 0)
-                _write_json(data)
-        if guest_status and not status:
-            status = guest_status
+            guest_status = _report_result(options, outcome.guest, outcome.result)
+            if options.action == 'list-commands':
+                listed.extend((outcome.guest, command) for command in outcome.result)
+        status = status or guest_status
+    if options.action == 'list-commands' and not options.json:
+        guests = [guest for guest, _ in listed] if len(outcomes) > 1 else None
+        sys.stdout.write(format_commands([command for _, command in listed], guests))
     sys.stdout.flush()
+    return status
+
+
+def _report_failure(options: Options, guest: str, error: BaseException) -> int:
+    status = exit_status_for(error)
+    if options.json:
+        _write_json(dict(json_failure(error, status), guest=guest, ok=False))
+    else:
+        sys.stderr.write(_error_line(guest, error) + '\n')
+    return status
+
+
+def _report_result(options: Options, guest: str, result: Any) -> int:
+    """Show one guest's result (the --list-commands lines wait for every guest's) and return its status."""
+    if options.action == 'ping':
+        if options.json:
+            _write_json(dict(result, guest=guest, ok=True))
+        else:
+            sys.stdout.write(_ping_line(guest, result, result['rtt']))
+        return 0
+    if options.action == 'list-commands':
+        if options.json:
+            _write_json({'guest': guest, 'ok': True, 'commands': [command.to_dict() for command in result]})
+        return 0
+    status = _result_status(result)
+    if options.json:
+        data = result.to_dict()
+        data.update(guest=guest, ok=status == 0)
+        _write_json(data)
     return status
 
 
@@ -468,7 +497,7 @@ def _ping_line(guest: str, info: Dict[str, Any], rtt: float) -> str:
         guest, printable(info.get('agent')), printable(info.get('version')), rtt * 1000)
 
 
-def _one_guest(options: _Options, channel: Any, argv: List[str], stdin: Optional[bytes]) -> int:
+def _one_guest(options: Options, channel: 'GuestChannel', stdin: Optional[bytes]) -> int:
     """One guest, plain output: the command's bytes and status pass straight through."""
     with channel:
         if options.action == 'ping':
@@ -476,18 +505,18 @@ def _one_guest(options: _Options, channel: Any, argv: List[str], stdin: Optional
             sys.stdout.write(_ping_line(channel.name, info, channel.ping()))
             return 0
         if options.action == 'list-commands':
-            for command in channel.list_commands():
-                sys.stdout.write(printable(command.name) + '\n')
+            sys.stdout.write(format_commands(channel.list_commands()))
             return 0
         stdout = FullWriter(sys.stdout.buffer)
-        stderr = FullWriter(sys.stderr.buffer)
         sys.stdout.flush()
-        result = channel.execute(argv[0], *argv[1:], input=stdin, stdout=stdout, stderr=stderr)
+        argv = options.command
+        result = channel.execute(argv[0], *argv[1:], input=stdin, stdout=_sink(stdout),
+                                 stderr=_sink(FullWriter(sys.stderr.buffer)))
         stdout.flush()
         return _result_status(result)
 
 
-def _list_guests(options: _Options) -> int:
+def _list_guests(options: Options) -> int:
     from negotiator_host.channel import map_guests
     from negotiator_host.discovery import list_guests
 
@@ -504,14 +533,14 @@ def _list_guests(options: _Options) -> int:
     # (a channel held by another client would otherwise stall the whole table for --timeout).
     probe_timeout = LIST_PROBE_TIMEOUT if options.timeout is None else min(options.timeout, LIST_PROBE_TIMEOUT)
     outcomes = map_guests(probe, guests, uri=options.uri, timeout=probe_timeout)
-    rows = []
+    rows: List[Dict[str, Any]] = []
     for guest, outcome in zip(guests, outcomes):
-        row = {'name': guest.name, 'id': guest.id, 'state': guest.state, 'channel': guest.socket_for(),
-               'reachable': outcome.ok, 'agent': None, 'version': None, 'rtt': None, 'error': None}
-        if outcome.ok:
-            row.update(outcome.result)
+        row: Dict[str, Any] = {'name': guest.name, 'id': guest.id, 'state': guest.state, 'channel': guest.socket_for(),
+                               'reachable': outcome.ok, 'agent': None, 'version': None, 'rtt': None, 'error': None}
+        if outcome.error is not None:
+            row['error'] = error_object(outcome.error)
         else:
-            row['error'] = _error_object(outcome.error)
+            row.update(outcome.result)
         rows.append(row)
     if options.json:
         _write_json(rows)
