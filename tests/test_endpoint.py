@@ -16,6 +16,8 @@ from negotiator_common.errors import (
 from negotiator_common.protocol import LineDecoder, Request, Response, encode_message
 from negotiator_common.transport import Transport
 
+from support import result_or_error
+
 
 def make_dispatcher(gates=None):
     """Methods for the tests: echo, sleep (releases in the order the test decides), fail."""
@@ -211,7 +213,8 @@ def test_a_new_session_fails_the_calls_waiting_on_the_old_one_at_once():
     client = Endpoint(Transport.from_socket(client_sock), name='guest').start()
     dead_agent = socket.socket(fileno=agent_sock.detach())
     errors = []
-    caller = threading.Thread(target=lambda: errors.append(_raises(client.call, 'wait', {'gate': 'a'}, timeout=30)))
+    caller = threading.Thread(
+        target=lambda: errors.append(result_or_error(client.call, 'wait', {'gate': 'a'}, timeout=30)))
     started = time.monotonic()
     caller.start()
     dead_agent.settimeout(5)
@@ -226,14 +229,6 @@ def test_a_new_session_fails_the_calls_waiting_on_the_old_one_at_once():
     assert client.call('echo', {'value': 'still works'}, timeout=5) == 'still works'
     client.close()
     successor.close()
-
-
-def _raises(function, *args, **kwargs):
-    try:
-        function(*args, **kwargs)
-    except Exception as exc:
-        return exc
-    return None
 
 
 def test_a_stale_raw_output_header_cannot_swallow_the_hello_reply():

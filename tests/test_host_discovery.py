@@ -11,7 +11,7 @@ from negotiator_host.discovery import (
     parse_virsh_list,
 )
 
-from test_host_support import FakeLibvirt, status_xml
+from fake_libvirt import FakeLibvirt, status_xml
 
 ODD_NAMES = ['web-1', 'db.prod.example', 'gäste-ß-ünïcode', 'a', 'x-y.z_w']
 

@@ -11,8 +11,8 @@ from negotiator_common.errors import InvalidParams, LimitExceeded, NegotiatorErr
 from negotiator_host.daemon import DEFAULT_MAX_TIMEOUT, HostDaemon
 from negotiator_host.discovery import GUEST_TO_HOST_CHANNEL, LibvirtPaths
 
-from test_host_daemon import FakeGuestSide
-from test_host_support import GUEST_COMMANDS, FakeLibvirt, make_commands_dir, short_tempdir
+from fake_libvirt import FakeLibvirt
+from support import GUEST_COMMANDS, FakeGuestSide, make_commands_dir, short_tempdir
 from waiting import wait_until
 
 HOLD = '''
