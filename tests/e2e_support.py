@@ -14,6 +14,7 @@ import tempfile
 
 import pytest
 
+from support import write_command
 from vmfixtures import VENV_BIN, negotiator_vm, wait_for_agent
 from waiting import wait_until
 
@@ -60,7 +61,6 @@ def remove_guests(guests):
         guest.remove()
 
 
-
 def start_host_daemon(guest, commands, policy=None):
     """
     ``negotiator-host --daemon GUEST`` serving only ``guest`` (other test sessions on this machine
@@ -74,10 +74,7 @@ def start_host_daemon(guest, commands, policy=None):
     directory = os.path.join(workdir, 'commands')
     os.mkdir(directory, 0o755)
     for name, text in commands.items():
-        path = os.path.join(directory, name)
-        with open(path, 'w') as handle:
-            handle.write(text)
-        os.chmod(path, 0o755)
+        write_command(directory, name, text)
     argv = [HOST_CLI, '--daemon', '--commands-dir', directory]
     if policy is not None:
         policy_path = os.path.join(workdir, 'policy.ini')

@@ -1,5 +1,6 @@
 """
-The peak memory of a program that a test runs, without the test process's own.
+The peak memory of a program that a test runs, without the test process's own, and the memory
+figures of a running process (:func:`status_kib`).
 
 Why: a child's ``ru_maxrss`` (``os.wait4``) counts the time between ``fork`` and ``exec``,
 when the child still maps its parent's pages: a CLI forked from a pytest process of 245 MiB
@@ -11,7 +12,7 @@ import os
 import subprocess
 import sys
 
-__all__ = ('start_measured', 'peak_rss')
+__all__ = ('start_measured', 'peak_rss', 'status_kib')
 
 _LAUNCHER = '''
 import resource, subprocess, sys
@@ -33,3 +34,12 @@ def peak_rss(report):
         raise AssertionError('the launcher wrote no report (did the program end?)')
     with open(str(report)) as handle:
         return int(handle.read())
+
+
+def status_kib(pid, field):
+    """A figure in KiB of the running process ``pid`` from /proc/PID/status: ``VmHWM`` (its peak), ``VmRSS``."""
+    with open('/proc/%d/status' % pid) as handle:
+        for line in handle:
+            if line.startswith(field + ':'):
+                return int(line.split()[1])
+    raise AssertionError('no %s in /proc/%d/status' % (field, pid))

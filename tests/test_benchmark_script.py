@@ -19,7 +19,7 @@ import sys
 import pytest
 
 from negotiator_host import GuestChannel
-from test_host_support import FakeGuestAgent, short_tempdir
+from support import FakeGuestAgent, short_tempdir
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'benchmark')
 

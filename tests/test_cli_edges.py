@@ -2,7 +2,7 @@
 The edges of the two CLIs and of the client under them (``docs/faults.rst``): output held
 within its cap, requests checked against the agent's limits before they are sent, no traceback
 for any input, Ctrl-C and a closed pipe, and a guest's text shown escaped. The CLIs run as real
-subprocesses against real agents on UNIX sockets in a fake libvirt tree (``test_host_support``).
+subprocesses against real agents on UNIX sockets in a fake libvirt tree (``fake_libvirt``).
 """
 
 import json
@@ -26,9 +26,9 @@ from negotiator_guest import cli as guest_cli
 from negotiator_host.cli import MAX_PENDING_LINE, _LinePrefixer
 
 from fake_libvirt import FakeLibvirt
-from test_host_support import start_agents, start_odd_agent
+from support import start_agents, start_odd_agent
 from measuring import peak_rss, start_measured
-from waiting import process_alive, wait_until
+from waiting import wait_dead, wait_until
 
 ESCAPE = '\x1b]0;owned\x07\x1b[2J'
 """A window title and a screen clear: what a hostile guest would like to reach the terminal."""
@@ -67,7 +67,7 @@ def wait_for_pids(directory, count):
     return [int(name) for name in os.listdir(str(directory))]
 
 
-# Finding 7: collected output is capped, prefixing is linear.
+# docs/faults.rst, "A guest streams output without bound": collected output is capped, prefixing is linear.
 
 def test_json_output_is_capped_and_says_so(world):
     status, out, err = run_cli(world, '--json', '--max-output', '1K', '-e', 'bytes 100000', 'alpha', 'gamma.3')
@@ -126,7 +126,7 @@ def test_the_prefixer_holds_at_most_one_piece_of_a_line_without_newline():
     assert max(len(line) for line in lines) == 3 + MAX_PENDING_LINE
 
 
-# Finding 8, the client's half: what the agent would refuse is refused before sending.
+# docs/faults.rst, "A request the agent cannot take": what the agent would refuse is refused before sending.
 
 @pytest.mark.parametrize('args', [
     ['--stdin', '-e', 'cat-stdin', 'alpha'],
@@ -181,7 +181,8 @@ def test_a_command_that_ignores_sigterm_is_answered_before_the_callers_deadline(
         server.close()
 
 
-# Finding 9: no traceback for any input, every status in the table.
+# docs/faults.rst, "Odd input to a CLI, or a reply out of the spec": no traceback for any input, every status in
+# the table.
 
 @pytest.mark.parametrize('args,stdin,expected', [
     (['-t', '1e10', '-e', 'echo-args x', 'alpha'], b'', 64),
@@ -288,7 +289,7 @@ def test_a_closed_pipe_ends_quietly_with_141_and_the_guests_commands_end(world, 
         process.wait()
         process.stderr.close()
     pids = [int(name) for name in os.listdir(str(tmp_path))]
-    assert wait_until(lambda: not any(process_alive(pid) for pid in pids), timeout=10)
+    assert wait_dead(*pids, timeout=10)
 
 
 @pytest.mark.parametrize('args,guests', [
@@ -310,5 +311,5 @@ def test_ctrl_c_cancels_the_calls_in_the_guests_and_exits_130(world, tmp_path, a
         process.wait()
         process.stdout.close()
         process.stderr.close()
-    assert wait_until(lambda: not any(process_alive(pid) for pid in pids), timeout=10)
+    assert wait_dead(*pids, timeout=10)
 

@@ -14,15 +14,11 @@ import pytest
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.errors import CommandNotFound
 
+from support import write_command
+
 NOBODY = 65534
-
-
-def write_command(directory, name='probe'):
-    path = os.path.join(str(directory), name)
-    with open(path, 'w') as handle:
-        handle.write('#!/bin/sh\necho ran\n')
-    os.chmod(path, 0o755)
-    return path
+PROBE = 'echo ran'
+"""The body of the commands these tests write."""
 
 
 def commands_dir_under(parent, parent_mode=0o755):
@@ -32,7 +28,7 @@ def commands_dir_under(parent, parent_mode=0o755):
     directory = os.path.join(str(parent), 'commands')
     os.mkdir(directory)
     os.chmod(directory, 0o755)
-    write_command(directory)
+    write_command(directory, 'probe', PROBE)
     return directory
 
 
@@ -53,7 +49,7 @@ def refusals(caplog):
 
 def test_a_command_file_owned_by_someone_else_is_refused_and_logged_once(tmp_path, caplog):
     directory = commands_dir_under(tmp_path / 'safe')
-    write_command(directory, 'mine')
+    write_command(directory, 'mine', PROBE)
     os.chown(os.path.join(directory, 'probe'), NOBODY, NOBODY)
     caplog.set_level(logging.WARNING)
     registry = CommandRegistry([directory], builtins=False)

@@ -19,15 +19,8 @@ from negotiator_common.runner import run_process
 from negotiator_common.service import AgentService, Limits
 from negotiator_common.transport import Transport
 
-from waiting import process_alive, wait_until
-
-
-def write_command(directory, name, script, mode=0o755):
-    path = os.path.join(str(directory), name)
-    with open(path, 'w') as handle:
-        handle.write(script)
-    os.chmod(path, mode)
-    return path
+from support import result_or_error, write_command
+from waiting import wait_dead, wait_until
 
 
 @pytest.fixture
@@ -48,18 +41,6 @@ def commands_dir(tmp_path):
     write_command(directory, 'writable', '#!/bin/sh\necho no\n', mode=0o777)
     write_command(directory, '.hidden', '#!/bin/sh\necho no\n')
     return directory
-
-
-def wait_dead(pid, seconds=3.0):
-    return wait_until(lambda: not process_alive(pid), seconds)
-
-
-def _outcome(function, *args, **kwargs):
-    """What ``function`` returned or raised: a thread hands it to the test's thread, which checks it."""
-    try:
-        return function(*args, **kwargs)
-    except Exception as exc:
-        return exc
 
 
 @pytest.fixture
@@ -182,7 +163,7 @@ def test_timeout_kills_the_whole_process_group(agent, tmp_path):
     with pytest.raises(CommandTimedOut):
         agent.execute('sleepy', str(pidfile), timeout=2.0)
     assert time.monotonic() - started < 2.5
-    assert wait_dead(int(pidfile.read_text()))
+    assert wait_dead(int(pidfile.read_text()), timeout=3.0)
     # The next call gets its own reply.
     assert agent.execute('args', 'next').stdout == b'[next]\n'
 
@@ -207,14 +188,14 @@ def test_command_ignoring_sigterm_is_killed(tmp_path, commands_dir):
     pidfile = tmp_path / 'stubborn.pid'
     result = run_process([os.path.join(str(commands_dir), 'stubborn'), str(pidfile)], timeout=0.5, kill_grace=0.5)
     assert result.timed_out and result.signal == 9
-    assert wait_dead(int(pidfile.read_text()))
+    assert wait_dead(int(pidfile.read_text()), timeout=3.0)
 
 
 def test_no_orphan_is_left_behind(tmp_path, commands_dir):
     pidfile = tmp_path / 'leaver.pid'
     result = run_process([os.path.join(str(commands_dir), 'leaver'), str(pidfile)], timeout=10)
     assert result.exit_status == 0
-    assert wait_dead(int(pidfile.read_text()))
+    assert wait_dead(int(pidfile.read_text()), timeout=3.0)
 
 
 def test_cancellation_stops_a_command(tmp_path, commands_dir):
@@ -223,7 +204,7 @@ def test_cancellation_stops_a_command(tmp_path, commands_dir):
     threading.Timer(0.3, cancelled.set).start()
     result = run_process([os.path.join(str(commands_dir), 'sleepy'), str(pidfile)], cancelled=cancelled)
     assert result.cancelled and not result.timed_out
-    assert wait_dead(int(pidfile.read_text()))
+    assert wait_dead(int(pidfile.read_text()), timeout=3.0)
 
 
 def test_output_cap_sets_the_truncation_flag(commands_dir):
@@ -247,7 +228,7 @@ def test_slow_command_never_delays_a_ping(agent, commands_dir, tmp_path):
     write_command(commands_dir, 'gated', '#!/bin/sh\necho started > "$1"\nwhile [ ! -e "$2" ]; do sleep 0.05; done\n')
     started, release = tmp_path / 'started', tmp_path / 'release'
     outcome = []
-    thread = threading.Thread(target=lambda: outcome.append(_outcome(agent.execute, 'gated', str(started),
+    thread = threading.Thread(target=lambda: outcome.append(result_or_error(agent.execute, 'gated', str(started),
                                                                      str(release), timeout=30)))
     thread.start()
     try:
@@ -309,7 +290,7 @@ def test_listing_is_answered_even_when_every_handler_slot_is_busy(commands_dir, 
                       max_concurrent=1).start()
     client = AgentClient(Endpoint(Transport.from_socket(client_sock), name='client').start())
     outcome = []
-    busy = threading.Thread(target=lambda: outcome.append(_outcome(client.execute, 'sleepy', str(tmp_path / 'p'),
+    busy = threading.Thread(target=lambda: outcome.append(result_or_error(client.execute, 'sleepy', str(tmp_path / 'p'),
                                                                    timeout=2)))
     busy.start()
     try:

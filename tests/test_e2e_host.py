@@ -26,6 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vmfixtures import vm_host  # noqa: E402,F401 (a fixture)
 from e2e_support import HOST_CLI, host_cli, remove_guests, start_agents  # noqa: E402
 from measuring import peak_rss, start_measured  # noqa: E402
+from waiting import wait_until  # noqa: E402
 
 from negotiator_common.errors import CommandNotFound, CommandTimedOut  # noqa: E402
 from negotiator_host import GuestChannel, map_guests  # noqa: E402
@@ -268,13 +269,14 @@ def _send_garbage(guest, payload):
         sock.sendall(payload)
         # Then speak properly on the same connection: the agent answers.
         sock.sendall(b'\n{"jsonrpc": "2.0", "id": "after-garbage", "method": "ping"}\n')
-        received = b''
-        deadline = time.monotonic() + 60
-        while b'"after-garbage"' not in received and time.monotonic() < deadline:
+        received = [b'']
+
+        def answered():
             chunk = sock.recv(65536)
             assert chunk, 'the agent closed the channel'
-            received = received[-65536:] + chunk
-        assert b'"after-garbage"' in received
+            received[0] = received[0][-65536:] + chunk
+            return b'"after-garbage"' in received[0]
+        assert wait_until(answered, timeout=60, interval=0)
 
 
 @pytest.mark.parametrize('payload', [

@@ -1,6 +1,7 @@
 """
-No message of any shape kills an endpoint's reader (``docs/faults.rst``); a reader that dies
-anyway closes its connection; a null-id error fails the one call waiting (finding 8).
+No message of any shape kills an endpoint's reader, and a reader that dies anyway closes its
+connection (``docs/faults.rst``, "A message of an unexpected shape"); a null-id error fails the
+one call waiting ("An error reply with ``id`` ``null``").
 """
 
 import json
@@ -17,9 +18,9 @@ from negotiator_common.errors import ConnectionClosed, InternalError, MessageToo
 from negotiator_common.protocol import LineDecoder, Notification, Request, Response, decode_bytes, encode_message
 from negotiator_common.transport import Transport
 
-LIMIT = 4096
+from support import OUTPUT_WITH_AN_ARRAY_ID, result_or_error
 
-THE_LINE_OF_FINDING_3 = b'{"jsonrpc":"2.0","method":"output","params":{"id":[1]}}\n'
+LIMIT = 4096
 
 
 class RawPeer(object):
@@ -80,10 +81,7 @@ class CallInThread(object):
         self._thread.start()
 
     def _run(self, endpoint, method, kwargs):
-        try:
-            self._outcome = endpoint.call(method, **kwargs)
-        except Exception as exc:
-            self._outcome = exc
+        self._outcome = result_or_error(endpoint.call, method, **kwargs)
 
     def outcome(self, timeout: float = 10):
         self._thread.join(timeout)
@@ -108,10 +106,10 @@ def called_ping_is_answered(endpoint: Endpoint, peer: RawPeer) -> bool:
     return call.outcome() == 'pong' and not endpoint.closed
 
 
-def test_the_line_of_finding_3_kills_no_reader():
+def test_an_output_notification_with_an_array_id_kills_no_reader():
     endpoint, peer = serving_pair()
     try:
-        peer.send(THE_LINE_OF_FINDING_3)
+        peer.send(OUTPUT_WITH_AN_ARRAY_ID)
         assert served_ping_is_answered(endpoint, peer)
     finally:
         endpoint.close()
@@ -120,7 +118,7 @@ def test_the_line_of_finding_3_kills_no_reader():
     try:
         pending = CallInThread(endpoint, 'execute', timeout=10, on_notification=lambda params: None)
         request = peer.next_request()
-        peer.send(THE_LINE_OF_FINDING_3 + encode_message(Response(request.id, result='done')))
+        peer.send(OUTPUT_WITH_AN_ARRAY_ID + encode_message(Response(request.id, result='done')))
         assert pending.outcome() == 'done'
         assert called_ping_is_answered(endpoint, peer)
     finally:

@@ -1,5 +1,5 @@
 """
-Fault matrix and defences of issue 6 that honest in-process fakes can prove (``docs/faults.rst``).
+The rows of the fault matrix (``docs/faults.rst``) that honest in-process fakes can prove.
 
 Real sockets and real processes throughout: an agent (AgentService + Endpoint) served over a
 socket pair, the host daemon serving fake guests' listening sockets (the shape of QEMU's
@@ -29,24 +29,8 @@ from negotiator_common.transport import Transport
 from negotiator_host.daemon import DEFAULT_GUEST_CONCURRENCY, HostDaemon
 from negotiator_host.discovery import LibvirtPaths
 
-from test_host_daemon import FakeGuestSide
-from test_host_support import GUEST_COMMANDS, make_commands_dir, short_tempdir
-from waiting import process_alive, wait_until
-
-
-def write_command(directory, name, script):
-    path = os.path.join(str(directory), name)
-    with open(path, 'w') as handle:
-        handle.write('#!/bin/sh\n' + script + '\n')
-    os.chmod(path, 0o755)
-
-
-
-
-
-def read_pid(path, timeout=5.0):
-    assert wait_until(lambda: os.path.exists(path) and open(path).read().strip(), timeout), 'no pid in %s' % path
-    return int(open(path).read().split()[0])
+from support import GUEST_COMMANDS, FakeGuestSide, make_commands_dir, result_or_error, short_tempdir, write_command
+from waiting import process_alive, read_pid, wait_dead, wait_until
 
 
 @pytest.fixture
@@ -93,8 +77,7 @@ def test_client_disconnect_mid_command_cancels_it(served, tmp_path):
     caller.join(5)
     assert outcome, 'the waiting call did not fail when its own side closed'
     # The server notices end of stream, cancels the handler, and the runner kills the group.
-    assert wait_until(lambda: not process_alive(shell) and not process_alive(child), timeout=5), \
-        'the command outlived its client'
+    assert wait_dead(shell, child, timeout=5), 'the command outlived its client'
     assert server.wait_closed(2)
     print('command killed %.2f s after the client disconnected' % (time.monotonic() - started))
 
@@ -112,7 +95,7 @@ def test_reader_that_does_not_read_is_dropped_and_its_command_killed(served, tmp
     assert server.wait_closed(10), 'the server kept waiting for a reader that does not read'
     took = time.monotonic() - started
     assert 'stopped reading' in server.close_reason
-    assert wait_until(lambda: not process_alive(pid), timeout=5), 'the command outlived the dropped connection'
+    assert wait_dead(pid, timeout=5), 'the command outlived the dropped connection'
     # Bounded: the output waited in the pipe and the socket buffers, not in the server's memory.
     assert took < 8
 
@@ -226,7 +209,8 @@ def test_host_daemon_bounds_concurrent_requests_per_guest(host_commands):
         threads = [threading.Thread(target=call) for _ in range(DEFAULT_GUEST_CONCURRENCY + 3)]
         for thread in threads:
             thread.start()
-        time.sleep(0.5)
+        # Every slot is taken once the requests beyond the bound are refused (each command naps 1.5 s).
+        assert wait_until(lambda: sum(isinstance(o, LimitExceeded) for o in outcomes) == 3), outcomes
         # Meanwhile: the greedy guest's ping, and the other guest's commands (its own slots).
         assert greedy.ping(timeout=5) < 1
         assert other.execute('echo-args', 'still', 'served', timeout=10).stdout == b'still served\n'
@@ -296,7 +280,7 @@ def test_a_flooding_guest_cannot_starve_another(host_commands):
         flood_threads = [threading.Thread(target=reader, daemon=True), threading.Thread(target=writer, daemon=True)]
         for thread in flood_threads:
             thread.start()
-        time.sleep(0.5)
+        assert wait_until(lambda: counts['refused'] > 0), 'the flood never hit the per-guest bound: %r' % counts
         flooded = baseline(20)
         pings = []
         for _ in range(10):
@@ -327,10 +311,11 @@ def test_host_daemon_restart_the_guest_is_served_again(host_commands):
             client = guest.accept()
             assert client.execute('whoami-guest', timeout=10).stdout == b'web-1\n'
             pending = []
-            caller = threading.Thread(target=lambda pending=pending, client=client: pending.append(
-                _outcome(client.execute, 'nap', '30', timeout=60)))
+            piddir = short_tempdir()
+            caller = threading.Thread(target=lambda pending=pending, client=client, piddir=piddir: pending.append(
+                result_or_error(client.execute, 'sleep-pid', piddir, '30', timeout=60)))
             caller.start()
-            time.sleep(0.3)
+            assert wait_until(lambda piddir=piddir: os.listdir(piddir)), 'the command did not start'
             daemon.stop('restart %d' % generation)  # the daemon stops with a call in flight
             thread.join(10)
             assert not thread.is_alive()
@@ -340,13 +325,6 @@ def test_host_daemon_restart_the_guest_is_served_again(host_commands):
             assert client.endpoint.wait_closed(5)
     finally:
         guest.close()
-
-
-def _outcome(function, *args, **kwargs):
-    try:
-        return function(*args, **kwargs)
-    except Exception as exc:
-        return exc
 
 
 def test_a_write_after_close_never_reaches_a_reused_descriptor():

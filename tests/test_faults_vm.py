@@ -27,7 +27,9 @@ from negotiator_common.transport import Transport
 from negotiator_host import GuestChannel
 from negotiator_host.channel import connect_socket
 
+from support import result_or_error, write_command
 from vmfixtures import VENV_BIN, negotiator_vm, vm_host, wait_for_agent  # noqa: F401 (vm_host: a fixture)
+from waiting import process_reaped, wait_until
 
 pytestmark = pytest.mark.vm
 
@@ -130,9 +132,10 @@ def test_guest_shut_down_during_a_call_fails_clearly(late):
     path = late.channel_path(H2G)
     with channel(late, timeout=90) as ch:
         ch.ping()
-        caller = threading.Thread(target=lambda: outcome.append(_outcome(ch.execute, 'nap', '60', timeout=90)))
+        caller = threading.Thread(target=lambda: outcome.append(result_or_error(ch.execute, 'long', timeout=90)))
         caller.start()
-        time.sleep(1.0)
+        assert wait_until(lambda: len(ch.execute('pids').stdout.split()) == 2, timeout=20, interval=0.2), \
+            'the long command did not start'
         started = time.monotonic()
         late.destroy()  # virsh destroy: QEMU is killed, its socket closes
         caller.join(30)
@@ -194,14 +197,11 @@ def test_guest_daemon_sigterm_during_a_long_command(agent):
     old_daemon = run(agent, 'daemon-pid').stdout.split()[0]
     outcome = []
     with channel(agent, timeout=90) as ch:
-        caller = threading.Thread(target=lambda: outcome.append(_outcome(ch.execute, 'long', timeout=90)))
+        caller = threading.Thread(target=lambda: outcome.append(result_or_error(ch.execute, 'long', timeout=90)))
         caller.start()
-        deadline = time.monotonic() + 20
-        pids = []
-        while len(pids) < 2 and time.monotonic() < deadline:
-            time.sleep(0.2)
-            pids = ch.execute('pids').stdout.split()
-        assert len(pids) == 2, 'the long command did not start'
+        assert wait_until(lambda: len(ch.execute('pids').stdout.split()) == 2, timeout=20, interval=0.2), \
+            'the long command did not start'
+        pids = ch.execute('pids').stdout.split()
         started = time.monotonic()
         ch.execute('stop-daemon')
         caller.join(30)
@@ -223,8 +223,7 @@ def test_libvirtd_stopped_and_started_under_a_running_host_daemon(agent, tmp_pat
     commands = tmp_path / 'host-commands'
     commands.mkdir(mode=0o755)
     for name, text in HOST_COMMANDS.items():
-        (commands / name).write_text(text)
-        os.chmod(str(commands / name), 0o755)
+        write_command(commands, name, text)
     os.chmod(str(tmp_path), 0o755)
     log = open(str(tmp_path / 'host-daemon.log'), 'w+b')
     daemon = subprocess.Popen([os.path.join(VENV_BIN, 'negotiator-host'), '--daemon', '-v',
@@ -236,19 +235,20 @@ def test_libvirtd_stopped_and_started_under_a_running_host_daemon(agent, tmp_pat
     def ask_host():
         with GuestChannel(socket_path=path, timeout=40) as ch:
             return ch.execute('ask-host', 'whoami-guest', timeout=40)
+    attempts = []
+
+    def served():
+        attempts.append(ask_host())
+        return attempts[-1].exit_status == 0
     try:
-        deadline = time.monotonic() + 40
-        while True:
-            result = ask_host()
-            if result.exit_status == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(1)
+        wait_until(served, timeout=40, interval=1)
+        result = attempts[-1]
         assert result.stdout == b'asked by %s\n' % agent.name.encode(), result.stderr
         pid = _libvirtd_pid()
         assert pid, 'libvirtd is not running'
         os.kill(pid, signal.SIGTERM)
         stopped_libvirtd = True
-        assert _wait(lambda: not os.path.exists('/proc/%d' % pid), 10), 'libvirtd did not stop'
+        assert wait_until(lambda: process_reaped(pid), 10, interval=0.2), 'libvirtd did not stop'
         # Without libvirtd: the daemon lives, and the guest it serves is still served.
         result = ask_host()
         assert daemon.poll() is None
@@ -256,7 +256,7 @@ def test_libvirtd_stopped_and_started_under_a_running_host_daemon(agent, tmp_pat
         negotiator_vm.ensure_host(force=True)  # starts libvirtd as setup-host does
         stopped_libvirtd = False
         # The daemon starts watching libvirt's events again (back-off 1, 2, 4... s) and serves on.
-        assert _wait(lambda: _log(log).count("Watching libvirt's events") >= 2, 40), _log(log)
+        assert wait_until(lambda: _log(log).count("Watching libvirt's events") >= 2, 40, interval=0.2), _log(log)
         result = ask_host()
         assert result.exit_status == 0 and result.stdout.startswith(b'asked by'), result.stderr
         assert daemon.poll() is None
@@ -290,20 +290,3 @@ def _log(handle):
     handle.flush()
     with open(handle.name, 'rb') as reader:
         return reader.read().decode('utf-8', 'replace')
-
-
-def _wait(predicate, timeout):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.2)
-    return predicate()
-
-
-def _outcome(function, *args, **kwargs):
-    try:
-        return function(*args, **kwargs)
-    except Exception as exc:
-        return exc
-

@@ -26,7 +26,8 @@ json_values = st.recursive(
 message_like = st.dictionaries(
     st.sampled_from(['jsonrpc', 'id', 'method', 'params', 'result', 'error']) | st.text(max_size=5),
     json_values, max_size=6).map(lambda d: json.dumps(d).encode('utf-8'))
-# The JSON edge cases of issue 6, as fragments that land inside or between messages.
+# JSON edge cases (docs/faults.rst, "Garbage on the channel" and "Bugs these tests found"), as
+# fragments that land inside or between messages.
 edge_cases = st.sampled_from([b'NaN', b'-Infinity', b'1e999', b'9' * 5000, b'[' * 200, b'{"id": 1, "id": 2}',
                               b'"\\ud800"', b'\xff', b'\x00', b'{"jsonrpc": "2.0", "id": 1, "result": 1}'])
 # Raw output headers (docs/protocol.rst, "Raw output"): good sizes, sizes above the limit (skipped

@@ -28,6 +28,9 @@ from negotiator_guest import cli, port
 from negotiator_guest.client import HostClient
 from negotiator_guest.port import host_connected
 
+from support import write_command
+from waiting import wait_until
+
 
 class FakeHostDaemon(object):
     """A host daemon on a pty master: a new endpoint whenever a guest client opens the slave."""
@@ -47,21 +50,15 @@ class FakeHostDaemon(object):
 
     def _serve(self):
         while not self._stop.is_set():
-            if not host_connected(self.master):
-                time.sleep(0.005)
+            if not wait_until(lambda: self._stop.is_set() or host_connected(self.master), interval=0.005):
                 continue
+            if self._stop.is_set():
+                return
             self.sessions += 1
             Endpoint(Transport(self.master, close_fd=False), self.service.dispatcher(), name='test-guest').run()
 
     def close(self):
         self._stop.set()
-
-
-def write_command(directory, name, body):
-    path = os.path.join(str(directory), name)
-    with open(path, 'w') as handle:
-        handle.write('#!/bin/sh\n' + body + '\n')
-    os.chmod(path, 0o755)
 
 
 @pytest.fixture

@@ -33,7 +33,8 @@ from negotiator_common.transport import Transport
 from negotiator_guest.daemon import _Session
 from negotiator_guest.port import host_connected
 
-from waiting import wait_until
+from support import result_or_error, write_command
+from waiting import process_alive, process_reaped, read_pid, wait_until
 
 DRIVER = r"""
 import logging, sys
@@ -52,22 +53,6 @@ def cpu_seconds(pid):
     with open('/proc/%d/stat' % pid) as handle:
         fields = handle.read().rsplit(')', 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
-
-
-def process_gone(pid):
-    try:
-        with open('/proc/%d/stat' % pid) as handle:
-            return handle.read().rsplit(')', 1)[1].split()[0] in ('Z', 'X')
-    except OSError:
-        return True
-
-
-def write_command(directory, name, body):
-    path = os.path.join(str(directory), name)
-    with open(path, 'w') as handle:
-        handle.write('#!/bin/sh\n' + body + '\n')
-    os.chmod(path, 0o755)
-    return path
 
 
 class FakeHost(object):
@@ -257,7 +242,7 @@ def test_sigterm_kills_commands_releases_port_and_exits_zero(tmp_path):
         endpoint.handshake(timeout=5.0)
         client = AgentClient(endpoint)
         for command in ('obedient', 'stubborn'):
-            worker = threading.Thread(target=lambda c=command: _ignore_errors(client.execute, c, timeout=60))
+            worker = threading.Thread(target=lambda c=command: result_or_error(client.execute, c, timeout=60))
             worker.daemon = True
             worker.start()
         deadline = time.monotonic() + 5
@@ -265,7 +250,7 @@ def test_sigterm_kills_commands_releases_port_and_exits_zero(tmp_path):
             time.sleep(0.02)
         time.sleep(0.1)
         running = {n: int((pids / n).read_text()) for n in ('obedient', 'stubborn')}
-        assert not any(process_gone(pid) for pid in running.values())
+        assert all(process_alive(pid) for pid in running.values())
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
         status = process.wait(timeout=5)
@@ -274,7 +259,7 @@ def test_sigterm_kills_commands_releases_port_and_exits_zero(tmp_path):
         assert status == 0, log
         assert took < 2.0, 'took %.2f s to stop' % took
         time.sleep(0.1)
-        assert all(process_gone(pid) for pid in running.values()), log
+        assert not any(process_alive(pid) for pid in running.values()), log
         # Released: with nobody holding the slave any more, the master reports POLLHUP.
         poller = select.poll()
         poller.register(master, select.POLLIN)
@@ -294,13 +279,6 @@ def test_sigint_also_stops_cleanly(daemon_on_pty):
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=2) == 0
     assert b'KeyboardInterrupt' not in process.stderr.read()
-
-
-def _ignore_errors(function, *args, **kw):
-    try:
-        function(*args, **kw)
-    except Exception:
-        pass
 
 
 def test_a_malformed_message_leaves_the_session_serving(daemon_on_pty):
@@ -327,16 +305,14 @@ exec sleep 60'''
 
 def _pids(directory):
     """The (escaped, leader) pids that ESCAPER wrote in ``directory``, once both are there."""
-    names = ('escaped', 'leader')
-    assert wait_until(lambda: all((directory / n).exists() and (directory / n).read_text().strip() for n in names))
-    return [int((directory / n).read_text()) for n in names]
+    return [read_pid(directory / name) for name in ('escaped', 'leader')]
 
 
 def _start_escaper(host, directory):
     host.connect()
     endpoint = Endpoint(Transport(host.fd, close_fd=False), name='guest').start()
     endpoint.handshake(timeout=5.0)
-    caller = threading.Thread(target=_ignore_errors, args=(AgentClient(endpoint).execute, 'escaper', str(directory)),
+    caller = threading.Thread(target=result_or_error, args=(AgentClient(endpoint).execute, 'escaper', str(directory)),
                               kwargs={'timeout': 60})
     caller.daemon = True
     caller.start()
@@ -351,10 +327,10 @@ def test_no_process_of_a_command_outlives_its_departed_host(daemon_on_pty, tmp_p
         endpoint.close()
         host.disconnect()
         # Killed (SIGKILL after the grace: it ignores SIGTERM) and reaped: not even a zombie is left.
-        assert wait_until(lambda: not any(os.path.exists('/proc/%d' % pid) for pid in pids))
+        assert wait_until(lambda: all(process_reaped(pid) for pid in pids))
     finally:
         for pid in pids:
-            _ignore_errors(os.kill, pid, signal.SIGKILL)
+            result_or_error(os.kill, pid, signal.SIGKILL)
 
 
 def test_no_process_of_a_command_outlives_the_daemon(daemon_on_pty, tmp_path):
@@ -364,11 +340,11 @@ def test_no_process_of_a_command_outlives_the_daemon(daemon_on_pty, tmp_path):
     try:
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=10) == 0
-        assert all(process_gone(pid) for pid in pids), process.stderr.read().decode()
+        assert not any(process_alive(pid) for pid in pids), process.stderr.read().decode()
     finally:
         endpoint.close()
         for pid in pids:
-            _ignore_errors(os.kill, pid, signal.SIGKILL)
+            result_or_error(os.kill, pid, signal.SIGKILL)
 
 
 def test_the_daemon_reaps_what_a_finished_command_left_running(daemon_on_pty, tmp_path):
@@ -388,6 +364,6 @@ def test_the_daemon_reaps_what_a_finished_command_left_running(daemon_on_pty, tm
         with open('/proc/%d/stat' % escaped) as handle:
             assert int(handle.read().rsplit(')', 1)[1].split()[1]) == process.pid  # adopted
         os.kill(escaped, signal.SIGKILL)
-        assert wait_until(lambda: not os.path.exists('/proc/%d' % escaped))
+        assert wait_until(lambda: process_reaped(escaped))
     finally:
         endpoint.close()

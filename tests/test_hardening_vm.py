@@ -32,6 +32,7 @@ from vmfixtures import vm_host  # noqa: E402,F401 (a fixture)
 from e2e_support import (  # noqa: E402
     GUEST_CLI, HOST_CLI, read_log, remove_guests, start_agents, start_host_daemon, stop_host_daemon,
 )
+from measuring import status_kib  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.vm
@@ -152,7 +153,7 @@ def test_a_hostile_guest_program_is_answered_and_the_host_daemon_stays_small(gue
     with channel(guest) as ch:
         result = ch.execute('ask-host', 'whoami-guest', timeout=90)
     assert result.stdout == b'asked by %s\n' % guest.name.encode(), (result.stderr, read_log(host_daemon)[-3000:])
-    peak = _status_kib(host_daemon.pid, 'VmHWM')
+    peak = status_kib(host_daemon.pid, 'VmHWM')
     print('host daemon peak RSS: %d MiB' % (peak // 1024))
     assert peak < 200 * 1024, 'the host daemon peaked at %d MiB' % (peak // 1024)
     log = read_log(host_daemon)
@@ -176,11 +177,3 @@ def test_ctrl_c_ends_the_cli_at_once_and_kills_the_command_in_the_guest(guest):
     print('Ctrl-C: exit status %s after %.2f s; stderr %r' % (status, took, cli.stderr.read()))
     assert status == 130
     assert wait_until(lambda: not sleeping(guest, 600), timeout=15, interval=0.5), 'the command survived'
-
-
-def _status_kib(pid, field):
-    with open('/proc/%d/status' % pid) as handle:
-        for line in handle:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise AssertionError('no %s in /proc/%d/status' % (field, pid))

@@ -14,8 +14,9 @@ from negotiator_common.errors import (
 from negotiator_host import GuestChannel, LibvirtPaths, list_guests, map_guests
 from negotiator_host.channel import connect_socket
 
-from fake_libvirt import FakeLibvirt, listening_socket
-from test_host_support import GUEST_COMMANDS, FakeGuestAgent, make_commands_dir, short_tempdir, start_agents
+from fake_libvirt import FakeLibvirt
+from support import GUEST_COMMANDS, FakeGuestAgent, listening_socket, make_commands_dir, short_tempdir, start_agents
+from waiting import wait_until
 
 
 @pytest.fixture
@@ -104,10 +105,11 @@ def test_threads_share_one_connection(agent):
 
 
 def test_slow_command_does_not_block_ping(agent):
+    piddir = short_tempdir()
     with GuestChannel(socket_path=agent.path) as guest:
-        thread = threading.Thread(target=guest.execute, args=('sleep', '1'))
+        thread = threading.Thread(target=guest.execute, args=('sleep-pid', piddir, '1'))
         thread.start()
-        time.sleep(0.2)
+        assert wait_until(lambda: os.listdir(piddir)), 'the slow command did not start'
         assert guest.ping() < 0.5
         thread.join()
 

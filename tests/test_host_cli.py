@@ -12,7 +12,7 @@ import pytest
 from negotiator_host import cli
 
 from fake_libvirt import FakeLibvirt
-from test_host_support import start_agents
+from support import start_agents
 
 
 @pytest.fixture

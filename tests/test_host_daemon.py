@@ -10,43 +10,14 @@ import time
 import pytest
 
 from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
-from negotiator_common.endpoint import Endpoint
-from negotiator_common.client import AgentClient
 from negotiator_common.errors import CommandNotFound
-from negotiator_common.transport import Transport
 from negotiator_host.daemon import HostDaemon
 from negotiator_host.discovery import LibvirtPaths
 from negotiator_host.policy import Policy, PolicyError
 
-from fake_libvirt import FakeLibvirt, listening_socket
-from test_host_support import GUEST_COMMANDS, make_commands_dir, short_tempdir
-from waiting import process_alive, wait_until
-
-
-class FakeGuestSide(object):
-    """The guest end of a guest-to-host channel: a listening socket that the daemon connects to."""
-
-    def __init__(self, path: str) -> None:
-        self.path = path
-        self.sock = listening_socket(path)
-        self.sock.settimeout(10)
-        self.endpoint = None
-
-    def accept(self, timeout: float = 10) -> AgentClient:
-        self.sock.settimeout(timeout)
-        conn, _ = self.sock.accept()
-        conn.setblocking(True)
-        self.endpoint = Endpoint(Transport.from_socket(conn), name='host').start()
-        self.endpoint.handshake(5, agent='negotiator-guest')
-        return AgentClient(self.endpoint)
-
-    def close(self) -> None:
-        if self.endpoint is not None:
-            self.endpoint.close()
-        self.sock.close()
-
-
-
+from fake_libvirt import FakeLibvirt
+from support import GUEST_COMMANDS, FakeGuestSide, make_commands_dir, result_or_error, short_tempdir
+from waiting import process_alive, process_reaped, wait_dead, wait_until
 
 
 @pytest.fixture
@@ -156,7 +127,7 @@ def test_sigterm_stops_cleanly_and_kills_commands(host_commands):
                                env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         client = guest.accept(timeout=10)
-        caller = threading.Thread(target=lambda: _ignore(client.execute, 'sleep', '30', timeout=60))
+        caller = threading.Thread(target=lambda: result_or_error(client.execute, 'sleep', '30', timeout=60))
         caller.start()
         time.sleep(0.5)
         pattern = os.path.join(host_commands, 'sleep') + ' 30'
@@ -164,20 +135,13 @@ def test_sigterm_stops_cleanly_and_kills_commands(host_commands):
         assert children
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
-        assert wait_until(lambda: not any(os.path.exists('/proc/%s' % pid.decode()) for pid in children))
+        assert wait_until(lambda: all(process_reaped(int(pid)) for pid in children))
         assert b'Stopping (signal 15)' in process.stderr.read()
     finally:
         if process.poll() is None:
             process.kill()
         guest.close()
         fake.cleanup()
-
-
-def _ignore(function, *args, **kwargs):
-    try:
-        function(*args, **kwargs)
-    except Exception:
-        pass
 
 
 def test_guest_patterns_restrict_the_daemon_to_matching_guests(monkeypatch, host_commands):
@@ -276,7 +240,7 @@ def test_escaping_commands_time_out_free_their_slots_and_die_with_their_guest_or
         # The guest goes away while one runs; the daemon connects again.
         start_call(client, directories[4])
         client.endpoint.close()
-        assert wait_until(lambda: not process_alive(pids[-1]))
+        assert wait_dead(pids[-1])
         client = guest.accept(timeout=15)
         # One more, running when the daemon is told to stop.
         start_call(client, directories[5])
@@ -285,9 +249,9 @@ def test_escaping_commands_time_out_free_their_slots_and_die_with_their_guest_or
         assert not any(process_alive(pid) for pid in pids), process.stderr.read().decode()
     finally:
         for pid in pids:
-            _ignore(os.kill, pid, signal.SIGKILL)
+            result_or_error(os.kill, pid, signal.SIGKILL)
         if process.poll() is None:
             process.terminate()  # not kill(): the daemon stops its virsh watcher
-            _ignore(process.wait, 10)
+            result_or_error(process.wait, 10)
         guest.close()
         fake.cleanup()

@@ -22,7 +22,7 @@ from negotiator_host.daemon import HostDaemon
 from negotiator_host.discovery import LibvirtPaths
 from negotiator_host.policy import Policy, PolicyError
 
-from test_host_support import GUEST_COMMANDS, make_commands_dir, short_tempdir
+from support import GUEST_COMMANDS, make_commands_dir, short_tempdir
 
 BUILTINS = ['disk-usage', 'hostname', 'ip-addresses', 'os-release', 'uptime']
 

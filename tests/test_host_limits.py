@@ -12,9 +12,8 @@ from negotiator_common.errors import InvalidParams, LimitExceeded, NegotiatorErr
 from negotiator_host.daemon import DEFAULT_MAX_TIMEOUT, HostDaemon
 from negotiator_host.discovery import LibvirtPaths
 
-from test_host_daemon import FakeGuestSide
 from fake_libvirt import FakeLibvirt
-from test_host_support import GUEST_COMMANDS, make_commands_dir, short_tempdir
+from support import GUEST_COMMANDS, FakeGuestSide, make_commands_dir, short_tempdir
 from waiting import wait_until
 
 HOLD = '''

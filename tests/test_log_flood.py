@@ -1,6 +1,7 @@
 """
 A guest cannot flood the host daemon's log (``docs/faults.rst``), and a malformed message
-neither cuts a guest off nor stops the daemon from connecting it again (finding 3).
+neither cuts a guest off nor stops the daemon from connecting it again ("A message of an
+unexpected shape").
 """
 
 import json
@@ -19,13 +20,11 @@ from negotiator_common.protocol import Request, Response, encode_message
 from negotiator_host.daemon import HostDaemon
 from negotiator_host.discovery import LibvirtPaths
 
-from fake_libvirt import FakeLibvirt, listening_socket
-from test_host_support import GUEST_COMMANDS, make_commands_dir, short_tempdir
+from fake_libvirt import FakeLibvirt
+from support import GUEST_COMMANDS, OUTPUT_WITH_AN_ARRAY_ID, listening_socket, make_commands_dir, short_tempdir
 from waiting import wait_until
 
 MiB = 1024 * 1024
-
-THE_LINE_OF_FINDING_3 = b'{"jsonrpc":"2.0","method":"output","params":{"id":[1]}}\n'
 
 
 class GuestSide(object):
@@ -71,14 +70,17 @@ class GuestSide(object):
 
 
 def flood(conn: socket.socket, rounds: int) -> None:
-    """Every kind of noise of finding 6: garbage lines, replies nobody asked for, malformed notifications."""
+    """
+    Every kind of noise of docs/faults.rst's "A guest floods the host daemon's log": garbage
+    lines, replies nobody asked for, malformed notifications.
+    """
     huge_id = encode_message(Response('x' * (4 * MiB - 100), result=None))
     noise = b''.join([
         b'x\n' * 20000,
         b''.join(encode_message(Response(n, result=None)) for n in range(2000)),
         encode_message(Response(None, error=None)).replace(b'"result":null', b'"error":{"code":-32700,"message":"?"}')
         * 500,
-        THE_LINE_OF_FINDING_3 * 500,
+        OUTPUT_WITH_AN_ARRAY_ID * 500,
         b'{"jsonrpc":"2.0","method":"output","params":{"id":"%s"}}\n' % (b'y' * 5000) * 100,
     ])
     for _ in range(rounds):
@@ -113,7 +115,7 @@ def test_a_flooding_guest_cannot_flood_the_log(tmp_path, verbosity):
     with open(log_path, 'rb') as handle:
         lines = handle.read().splitlines()
     size = os.path.getsize(log_path)
-    # 3 rounds send about 13 MiB and 70,000 bad messages; the target of finding 6 is under
+    # 3 rounds send about 13 MiB and 70,000 bad messages; the target of that row is under
     # 1 MiB per 10 seconds of flood, and no line of 1,000 characters or more.
     assert size < MiB * max(1.0, elapsed / 10), (size, elapsed)
     assert max(len(line) for line in lines) < 1000
@@ -132,7 +134,7 @@ def test_a_malformed_message_does_not_cut_the_guest_off(monkeypatch):
         daemon.rescan()
         guest.accept()
         connection = daemon.connections['victim']
-        guest.conn.sendall(THE_LINE_OF_FINDING_3)
+        guest.conn.sendall(OUTPUT_WITH_AN_ARRAY_ID)
         assert guest.served('after-the-line')
         assert daemon.connections.get('victim') is connection and not connection.closed
     finally:

@@ -19,7 +19,9 @@ from negotiator_common.protocol import MAX_NESTING, MAX_VALUES, DecodeError, Req
 from negotiator_common.transport import Transport
 from negotiator_common.turns import Turns, Usage
 
-from fake_libvirt import FakeLibvirt, listening_socket
+from fake_libvirt import FakeLibvirt
+from measuring import status_kib
+from support import listening_socket
 from waiting import wait_until
 
 MIB = 1024 * 1024
@@ -73,14 +75,6 @@ def test_nesting_deeper_than_the_limit_is_refused_among_few_values():
     assert isinstance(event, DecodeError) and type(event.error) is InvalidRequest and event.id == 'bad'
 
 
-def memory_kib(pid: int, field: str) -> int:
-    with open('/proc/%d/status' % pid) as handle:
-        for line in handle:
-            if line.startswith(field + ':'):
-                return int(line.split()[1])
-    raise AssertionError('no %s for %d' % (field, pid))
-
-
 def read_reply(conn: socket.socket, wanted: bytes) -> bytes:
     """The first line from ``conn`` that contains ``wanted``."""
     buffer = b''
@@ -125,8 +119,8 @@ def test_host_daemon_memory_stays_bounded_under_costly_lines():
             assert 'time' in good.call('ping', timeout=60)
             pings += 1
         assert len(replies) == 16 and pings
-        assert memory_kib(process.pid, 'VmHWM') < 400 * 1024
-        assert wait_until(lambda: memory_kib(process.pid, 'VmRSS') < 150 * 1024, timeout=20, interval=0.2)
+        assert status_kib(process.pid, 'VmHWM') < 400 * 1024
+        assert wait_until(lambda: status_kib(process.pid, 'VmRSS') < 150 * 1024, timeout=20, interval=0.2)
         assert 'time' in good.call('ping', timeout=10)
     finally:
         process.terminate()

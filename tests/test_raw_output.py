@@ -19,6 +19,8 @@ from negotiator_common.protocol import (
 from negotiator_common.service import CAPABILITIES, AgentService
 from negotiator_common.transport import Transport
 
+from support import write_command
+
 # Attachments full of what would break a line framing: line feeds, NUL, invalid UTF-8, and
 # bytes that look like a message of their own.
 TRICKY = b'\n\n\x00\xff\xfe' + encode_message(Request(666, 'ping')) + b'{"jsonrpc"'
@@ -132,13 +134,6 @@ def test_decode_bytes_prefers_the_raw_bytes():
 
 def test_hello_announces_raw_output():
     assert 'raw-output' in CAPABILITIES
-
-
-def write_command(directory, name, script):
-    path = os.path.join(str(directory), name)
-    with open(path, 'w') as handle:
-        handle.write(script)
-    os.chmod(path, 0o755)
 
 
 @pytest.fixture

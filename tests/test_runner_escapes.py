@@ -16,7 +16,8 @@ import pytest
 from negotiator_common import processes
 from negotiator_common.runner import run_process
 
-from waiting import process_alive, wait_until
+from support import result_or_error, write_command
+from waiting import process_alive, process_reaped, read_pid, wait_until
 
 # Each script waits on a FIFO until its child has left the process group (else the child could
 # still be in the group when the command ends, and die with it).
@@ -63,44 +64,17 @@ echo done
 '''
 
 
-def write_script(directory, name, text):
-    path = os.path.join(str(directory), name)
-    with open(path, 'w') as handle:
-        handle.write(text)
-    os.chmod(path, 0o755)
-    return path
-
-
-def read_pid(directory, name, seconds=5.0):
-    path = os.path.join(str(directory), name)
-    assert wait_until(lambda: os.path.exists(path) and open(path).read().strip(), seconds), 'no %s pid' % name
-    with open(path) as handle:
-        return int(handle.read())
-
-
-def gone(pid):
-    """Not running and not a zombie either: nothing is left of ``pid``."""
-    return not os.path.exists('/proc/%d' % pid)
-
-
 def run_bounded(seconds, *args, **kwargs):
     """run_process on a thread: its result, or a failure if it has not returned within ``seconds``."""
-    outcome = {}
-
-    def target():
-        try:
-            outcome['result'] = run_process(*args, **kwargs)
-        except Exception as exc:  # handed to the test below
-            outcome['error'] = exc
-
-    thread = threading.Thread(target=target)
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(result_or_error(run_process, *args, **kwargs)))
     thread.daemon = True
     thread.start()
     thread.join(seconds)
     assert not thread.is_alive(), 'run_process did not return within %s s' % seconds
-    if 'error' in outcome:
-        raise outcome['error']
-    return outcome['result']
+    if isinstance(outcome[0], Exception):
+        raise outcome[0]
+    return outcome[0]
 
 
 @pytest.fixture
@@ -130,52 +104,52 @@ def piddir(tmp_path, adopting):
 
 def test_a_command_that_closes_its_pipes_still_times_out(tmp_path, piddir):
     # The everyday logging idiom: once both pipes are closed, only the deadline can end the call.
-    script = write_script(tmp_path, 'quiet', '#!/bin/sh\necho $$ > "$1/leader"\nexec >/dev/null 2>&1\nexec sleep 30\n')
+    script = write_command(tmp_path, 'quiet', '#!/bin/sh\necho $$ > "$1/leader"\nexec >/dev/null 2>&1\nexec sleep 30\n')
     result = run_bounded(10, [script, str(piddir)], timeout=1.0, kill_grace=0.5)
     assert result.timed_out and result.signal == signal.SIGTERM
     assert not result.output_abandoned
-    assert gone(read_pid(piddir, 'leader'))
+    assert process_reaped(read_pid(piddir / 'leader'))
 
 
 def test_a_setsid_child_holding_stdout_is_killed_at_the_timeout(tmp_path, piddir):
-    script = write_script(tmp_path, 'escaper', ESCAPER)
+    script = write_command(tmp_path, 'escaper', ESCAPER)
     result = run_bounded(10, [script, str(piddir)], timeout=1.0, kill_grace=0.5)
     assert result.timed_out
     # Killed with the command (it ignored SIGTERM), and reaped: not even a zombie is left.
-    assert gone(read_pid(piddir, 'escaped'))
-    assert gone(read_pid(piddir, 'leader'))
+    assert process_reaped(read_pid(piddir / 'escaped'))
+    assert process_reaped(read_pid(piddir / 'leader'))
     assert not result.output_abandoned  # every process that held the pipe was found and killed
 
 
 def test_a_double_forked_orphan_is_adopted_and_killed_at_the_timeout(tmp_path, piddir):
-    script = write_script(tmp_path, 'double-forker', DOUBLE_FORKER)
+    script = write_command(tmp_path, 'double-forker', DOUBLE_FORKER)
     result = run_bounded(10, [script, str(piddir)], timeout=1.0, kill_grace=0.5)
     assert result.timed_out and not result.output_abandoned
-    assert gone(read_pid(piddir, 'escaped'))
+    assert process_reaped(read_pid(piddir / 'escaped'))
 
 
 def test_a_process_out_of_reach_does_not_hold_the_reply(tmp_path, piddir):
     # The documented limit: a process that leaves the group and drops the marker survives, but
     # the reply comes after the kill grace all the same, and says that output was abandoned.
-    script = write_script(tmp_path, 'hider', HIDER)
+    script = write_command(tmp_path, 'hider', HIDER)
     result = run_bounded(10, [script, str(piddir)], timeout=1.0, kill_grace=0.5)
     assert result.timed_out and result.output_abandoned
-    assert process_alive(read_pid(piddir, 'escaped'))
+    assert process_alive(read_pid(piddir / 'escaped'))
 
 
 def test_cancellation_kills_a_setsid_child_too(tmp_path, piddir):
-    script = write_script(tmp_path, 'escaper', ESCAPER)
+    script = write_command(tmp_path, 'escaper', ESCAPER)
     cancelled = threading.Event()
-    watcher = threading.Thread(target=lambda: read_pid(piddir, 'escaped') and cancelled.set())
+    watcher = threading.Thread(target=lambda: read_pid(piddir / 'escaped') and cancelled.set())
     watcher.start()
     result = run_bounded(10, [script, str(piddir)], cancelled=cancelled, kill_grace=0.5)
     watcher.join()
     assert result.cancelled and not result.timed_out
-    assert gone(read_pid(piddir, 'escaped'))
+    assert process_reaped(read_pid(piddir / 'escaped'))
 
 
 def test_a_normal_exit_is_answered_within_the_grace_while_a_setsid_child_holds_stdout(tmp_path, piddir):
-    script = write_script(tmp_path, 'leaver', LEAVER)
+    script = write_command(tmp_path, 'leaver', LEAVER)
     chunks = []
     result = run_bounded(10, [script, str(piddir)], timeout=30, kill_grace=0.5,
                          on_output=lambda stream, chunk: chunks.append(chunk))
@@ -183,24 +157,24 @@ def test_a_normal_exit_is_answered_within_the_grace_while_a_setsid_child_holds_s
     assert b''.join(chunks) == b'done\n'
     assert result.output_abandoned  # the reply says why the output may be incomplete
     # It left the group on purpose: it is left alone, and reaped once it ends.
-    escaped = read_pid(piddir, 'escaped')
+    escaped = read_pid(piddir / 'escaped')
     assert process_alive(escaped)
     os.kill(escaped, signal.SIGKILL)
-    assert wait_until(lambda: processes.reap_orphans() is not None and gone(escaped))
+    assert wait_until(lambda: processes.reap_orphans() is not None and process_reaped(escaped))
 
 
 def test_a_background_process_that_let_go_of_the_output_outlives_a_normal_exit(tmp_path, piddir):
-    script = write_script(tmp_path, 'quiet-leaver', QUIET_LEAVER)
+    script = write_command(tmp_path, 'quiet-leaver', QUIET_LEAVER)
     result = run_bounded(10, [script, str(piddir)], timeout=30, kill_grace=0.5)
     assert result.exit_status == 0 and not result.output_abandoned
-    escaped = read_pid(piddir, 'escaped')
+    escaped = read_pid(piddir / 'escaped')
     assert process_alive(escaped)
     os.kill(escaped, signal.SIGKILL)
-    assert wait_until(lambda: processes.reap_orphans() is not None and gone(escaped))
+    assert wait_until(lambda: processes.reap_orphans() is not None and process_reaped(escaped))
 
 
 def test_killing_one_command_leaves_another_commands_processes_alone(tmp_path, piddir):
-    script = write_script(tmp_path, 'escaper', ESCAPER)
+    script = write_command(tmp_path, 'escaper', ESCAPER)
     (piddir / 'a').mkdir()
     (piddir / 'b').mkdir()
     cancel_b = threading.Event()
@@ -209,20 +183,20 @@ def test_killing_one_command_leaves_another_commands_processes_alone(tmp_path, p
                                                                        cancelled=cancel_b, kill_grace=0.5)))
     b.start()
     try:
-        other = read_pid(piddir / 'b', 'escaped')
+        other = read_pid(piddir / 'b' / 'escaped')
         result = run_bounded(10, [script, str(piddir / 'a')], timeout=1.0, kill_grace=0.5)
-        assert result.timed_out and gone(read_pid(piddir / 'a', 'escaped'))
-        assert process_alive(other) and process_alive(read_pid(piddir / 'b', 'leader'))
+        assert result.timed_out and process_reaped(read_pid(piddir / 'a' / 'escaped'))
+        assert process_alive(other) and process_alive(read_pid(piddir / 'b' / 'leader'))
     finally:
         cancel_b.set()
         b.join(10)
-    assert results['b'].cancelled and gone(other)
+    assert results['b'].cancelled and process_reaped(other)
 
 
 def test_the_reaper_never_takes_the_exit_status_of_a_running_command(tmp_path, adopting):
     # Sweeping for orphans all the time while commands start and exit: each command's status
     # still reaches the runner (a stolen one would read as 0).
-    script = write_script(tmp_path, 'three', '#!/bin/sh\nexit 3\n')
+    script = write_command(tmp_path, 'three', '#!/bin/sh\nexit 3\n')
     stop = threading.Event()
 
     def sweep():

@@ -1,32 +1,40 @@
 """
-Shared fixtures of the negotiator-host tests (no tests here).
+What the tests share (no tests here). Waiting on conditions is in ``waiting.py``, the fake
+libvirt in ``fake_libvirt.py``.
 
-- The fake libvirt tree (:class:`FakeLibvirt`) is ``scripts/fake_libvirt.py``, shared with the
-  benchmark.
+- :func:`short_tempdir`, :func:`listening_socket`: places for UNIX sockets.
+- :func:`write_command`, :func:`make_commands_dir`, :data:`GUEST_COMMANDS`: commands for an
+  agent to run.
 - :class:`FakeGuestAgent`: a real agent (AgentService + Endpoint from negotiator-common)
   listening on a UNIX socket, one client at a time, like QEMU's chardev socket.
 - :class:`OddAgent`: the same, answering some methods with canned replies out of the spec
   (a hostile guest).
+- :class:`FakeGuestSide`: the guest end of a guest-to-host channel, for the host daemon.
+- :data:`OUTPUT_WITH_AN_ARRAY_ID`: the line that once killed a reader.
+- :func:`result_or_error`: a call's result or the exception it raised, for calls on threads.
 """
 
 import atexit
 import os
 import shutil
 import socket
-import stat
 import sys
 import tempfile
 import textwrap
 import threading
-from typing import Dict, List
+from typing import TYPE_CHECKING, Dict, List, Optional
 
+from negotiator_common.client import AgentClient
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.service import AgentService
 from negotiator_common.transport import Transport
 
-from fake_libvirt import FakeLibvirt, listening_socket
+from fake_libvirt import listening_socket
+
+if TYPE_CHECKING:
+    from fake_libvirt import FakeLibvirt
 
 
 def short_tempdir() -> str:
@@ -36,16 +44,27 @@ def short_tempdir() -> str:
     return path
 
 
+def write_command(directory, name: str, script: str, mode: int = 0o755) -> str:
+    """
+    An executable ``directory/name`` (its path): ``script`` is the file's whole text if it
+    starts with ``#!``, else the body of a shell script, which gets ``#!/bin/sh`` first.
+    """
+    path = os.path.join(str(directory), name)
+    if not script.startswith('#!'):
+        script = '#!/bin/sh\n' + script + '\n'
+    with open(path, 'w') as handle:
+        handle.write(script)
+    os.chmod(path, mode)
+    return path
+
+
 def make_commands_dir(root: str, scripts: Dict[str, str]) -> str:
     """A commands directory with Python scripts (name -> body)."""
     directory = os.path.join(root, 'commands')
     os.makedirs(directory, exist_ok=True)
     os.chmod(directory, 0o755)
     for name, body in scripts.items():
-        path = os.path.join(directory, name)
-        with open(path, 'w') as handle:
-            handle.write('#!%s\n%s' % (sys.executable, textwrap.dedent(body)))
-        os.chmod(path, stat.S_IRWXU | stat.S_IRGRP | stat.S_IXGRP | stat.S_IROTH | stat.S_IXOTH)
+        write_command(directory, name, '#!%s\n%s' % (sys.executable, textwrap.dedent(body)))
     return directory
 
 
@@ -92,7 +111,7 @@ GUEST_COMMANDS = {
     'sleep-pid': '''
         import os, sys, time
         open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close()
-        time.sleep(60)
+        time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 60)
     ''',
     'flood-pid': '''
         import os, sys
@@ -202,3 +221,43 @@ def start_agents(fake: 'FakeLibvirt') -> List['FakeGuestAgent']:
         agents.append(FakeGuestAgent(path, commands, name=name))
         fake.add_running(name, number)
     return agents
+
+
+class FakeGuestSide(object):
+    """The guest end of a guest-to-host channel: a listening socket that the daemon connects to."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.sock = listening_socket(path)
+        self.sock.settimeout(10)
+        self.endpoint: Optional[Endpoint] = None
+
+    def accept(self, timeout: float = 10) -> AgentClient:
+        self.sock.settimeout(timeout)
+        conn, _ = self.sock.accept()
+        conn.setblocking(True)
+        self.endpoint = Endpoint(Transport.from_socket(conn), name='host').start()
+        self.endpoint.handshake(5, agent='negotiator-guest')
+        return AgentClient(self.endpoint)
+
+    def close(self) -> None:
+        if self.endpoint is not None:
+            self.endpoint.close()
+        self.sock.close()
+
+
+OUTPUT_WITH_AN_ARRAY_ID = b'{"jsonrpc":"2.0","method":"output","params":{"id":[1]}}\n'
+"""A notification whose ``params.id`` is an array: it raised ``TypeError`` in the reader (docs/faults.rst, "A
+message of an unexpected shape")."""
+
+
+def result_or_error(function, *args, **kwargs):
+    """
+    ``function(*args, **kwargs)``'s result, or the exception it raised: for a call on a thread
+    that may fail (an exception that leaves a thread fails the test, see pytest.ini), and for a
+    clean-up that may find nothing left to clean.
+    """
+    try:
+        return function(*args, **kwargs)
+    except Exception as exc:
+        return exc
