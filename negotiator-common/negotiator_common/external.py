@@ -107,5 +107,11 @@ class ExternalProgram(object):
         return self._process
 
     def close(self) -> None:
-        """Wait for the program to end (end it first) and release what executor holds for it."""
+        """
+        Release what executor holds for the program (``/dev/null`` for its input, its exit
+        status); one still running is killed first, so that this never waits for a program that
+        may not end. Call it once the program has been waited for, or could not be started.
+        """
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
         self._command.cleanup()
