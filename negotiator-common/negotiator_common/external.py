@@ -108,10 +108,16 @@ class ExternalProgram(object):
 
     def close(self) -> None:
         """
-        Release what executor holds for the program (``/dev/null`` for its input, its exit
-        status); one still running is killed first, so that this never waits for a program that
-        may not end. Call it once the program has been waited for, or could not be started.
+        Release the program's pipes and what executor holds for it (``/dev/null`` for its
+        input, its exit status); one still running is killed first, so that this never waits for
+        a program that may not end. Call it once the program has been waited for, or could not
+        be started.
         """
-        if self._process is not None and self._process.poll() is None:
-            self._process.kill()
+        process = self._process
+        if process is not None:
+            if process.poll() is None:
+                process.kill()
+            for pipe in (process.stdin, process.stdout, process.stderr):
+                if pipe is not None and not pipe.closed:
+                    pipe.close()
         self._command.cleanup()
