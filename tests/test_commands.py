@@ -54,6 +54,14 @@ def wait_dead(pid, seconds=3.0):
     return wait_until(lambda: not process_alive(pid), seconds)
 
 
+def _outcome(function, *args, **kwargs):
+    """What ``function`` returned or raised: a thread hands it to the test's thread, which checks it."""
+    try:
+        return function(*args, **kwargs)
+    except Exception as exc:
+        return exc
+
+
 @pytest.fixture
 def agent(commands_dir):
     """An AgentClient talking to a real AgentService over a socket pair."""
@@ -233,14 +241,24 @@ def test_large_output_streams_intact(agent):
     assert not result.stdout_truncated
 
 
-def test_slow_command_never_delays_a_ping(agent, tmp_path):
-    thread = threading.Thread(target=lambda: pytest.raises(CommandTimedOut, agent.execute, 'sleepy',
-                                                           str(tmp_path / 'p'), timeout=3))
+def test_slow_command_never_delays_a_ping(agent, commands_dir, tmp_path):
+    # The command runs until the test lets it end: a ping and a listing answered before that
+    # were never queued behind it.
+    write_command(commands_dir, 'gated', '#!/bin/sh\necho started > "$1"\nwhile [ ! -e "$2" ]; do sleep 0.05; done\n')
+    started, release = tmp_path / 'started', tmp_path / 'release'
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(_outcome(agent.execute, 'gated', str(started),
+                                                                     str(release), timeout=30)))
     thread.start()
-    time.sleep(0.2)
-    assert agent.ping() < 0.5
-    assert 'args' in [c.name for c in agent.list_commands()]
-    thread.join(10)
+    try:
+        assert wait_until(started.exists), 'the command never started'
+        assert agent.ping(timeout=5) >= 0
+        assert 'args' in [c.name for c in agent.list_commands(timeout=5)]
+        assert not outcome, 'the command ended before the ping: this test proved nothing'
+    finally:
+        release.touch()
+        thread.join(10)
+    assert outcome and getattr(outcome[0], 'exit_status', None) == 0, outcome
 
 
 def test_builtins(agent):
@@ -290,8 +308,9 @@ def test_listing_is_answered_even_when_every_handler_slot_is_busy(commands_dir, 
     server = Endpoint(Transport.from_socket(server_sock), service.dispatcher(), name='host',
                       max_concurrent=1).start()
     client = AgentClient(Endpoint(Transport.from_socket(client_sock), name='client').start())
-    busy = threading.Thread(target=lambda: pytest.raises(CommandTimedOut, client.execute, 'sleepy',
-                                                         str(tmp_path / 'p'), timeout=2))
+    outcome = []
+    busy = threading.Thread(target=lambda: outcome.append(_outcome(client.execute, 'sleepy', str(tmp_path / 'p'),
+                                                                   timeout=2)))
     busy.start()
     try:
         assert wait_until(lambda: (tmp_path / 'p').exists(), 3), 'the command never started'
@@ -302,3 +321,4 @@ def test_listing_is_answered_even_when_every_handler_slot_is_busy(commands_dir, 
         busy.join(10)
         client.endpoint.close()
         server.close()
+    assert len(outcome) == 1 and isinstance(outcome[0], CommandTimedOut), outcome

@@ -1,28 +1,30 @@
-"""The dispatcher's bookkeeping of requests in flight, which daemons wait on when they stop."""
+"""The dispatcher: a pure registry of the methods a peer may call, each with its inline flag."""
 
 import threading
+
+import pytest
 
 from negotiator_common.dispatcher import CallContext, Dispatcher
 from negotiator_common.errors import MethodNotFound
 from negotiator_common.protocol import Request
 
 
-def test_in_flight_counts_running_handlers_and_wait_idle_waits_for_them():
-    gate = threading.Event()
+def test_dispatch_runs_one_request_on_the_calling_thread_whatever_its_flag():
+    # Where a request runs (inline or on a thread of its own) is the endpoint's decision:
+    # the dispatcher only records the flag and runs what it is handed.
     dispatcher = Dispatcher()
-    dispatcher.register('slow', lambda params, ctx: gate.wait(5))
-    dispatcher.register('ping', lambda params, ctx: 'pong', inline=True)
-    worker = threading.Thread(target=dispatcher.dispatch, args=(Request(1, 'slow'), CallContext(1)))
-    worker.start()
-    try:
-        assert not dispatcher.wait_idle(0.3)
-        assert dispatcher.in_flight == 1
-        # An inline method is answered at once, whatever runs beside it.
-        assert dispatcher.dispatch(Request(2, 'ping'), CallContext(2)).result == 'pong'
-    finally:
-        gate.set()
-        worker.join(5)
-    assert dispatcher.wait_idle(1) and dispatcher.in_flight == 0
+    threads = []
+    dispatcher.register('slow', lambda params, ctx: threads.append(threading.current_thread()) or 'done')
+    dispatcher.register('ping', lambda params, ctx: threads.append(threading.current_thread()) or 'pong',
+                        inline=True)
+    assert dispatcher.dispatch(Request(1, 'slow'), CallContext(1)).result == 'done'
+    assert dispatcher.dispatch(Request(2, 'ping'), CallContext(2)).result == 'pong'
+    assert threads == [threading.current_thread()] * 2
+    assert not dispatcher.is_inline('slow') and dispatcher.is_inline('ping')
+    assert dispatcher.is_inline('unknown')  # answered at once: an error reply
+    assert dispatcher.names == ['ping', 'slow']
+    with pytest.raises(ValueError):
+        dispatcher.register('ping', lambda params, ctx: None)
 
 
 def test_unknown_method_is_an_error_reply_not_an_exception():

@@ -1,6 +1,7 @@
 """Two endpoints wired over a socket pair: routing, concurrency, resynchronisation, timeouts."""
 
 import fcntl
+import logging
 import os
 import socket
 import threading
@@ -8,13 +9,16 @@ import time
 
 import pytest
 
+from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import Dispatcher
-from negotiator_common.endpoint import Endpoint
+from negotiator_common.endpoint import Endpoint, EndpointGroup
 from negotiator_common.errors import (
     CallTimeout, ConnectionClosed, InternalError, InvalidParams, LimitExceeded, MethodNotFound, ParseError,
 )
 from negotiator_common.protocol import LineDecoder, Request, Response, encode_message
 from negotiator_common.transport import Transport
+
+from waiting import wait_until
 
 
 def make_dispatcher(gates=None):
@@ -61,11 +65,14 @@ def test_both_sides_call_each_other_concurrently(pair):
                threading.Thread(target=call, args=(left, 'L-c', 'c'))]
     for thread in threads:
         thread.start()
-    time.sleep(0.2)
-    # Release in reverse order: replies come back out of order and must still be routed by id.
-    for gate in 'cba':
-        gates[gate].set()
-        time.sleep(0.05)
+    assert wait_until(lambda: right.in_flight == 2 and left.in_flight == 1)
+    # Release in reverse order: replies come back out of order and must still be routed by id
+    # (each reply is out before the next gate opens).
+    gates['c'].set()
+    assert wait_until(lambda: right.in_flight == 1)
+    gates['b'].set()
+    assert wait_until(lambda: left.in_flight == 0)
+    gates['a'].set()
     for thread in threads:
         thread.join(5)
     assert results == {'L-a': 'a', 'R-b': 'b', 'L-c': 'c'}
@@ -75,13 +82,62 @@ def test_both_sides_call_each_other_concurrently(pair):
 
 def test_slow_handler_never_delays_an_inline_call(pair):
     left, right, gates = pair
-    thread = threading.Thread(target=left.call, args=('wait', {'gate': 'd'}), kwargs={'timeout': 5})
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(left.call('wait', {'gate': 'd'}, timeout=5)))
     thread.start()
-    started = time.monotonic()
+    assert wait_until(lambda: right.in_flight == 1)
+    # Answered while the handler is still blocked on its gate (which it would wait 5 s for).
     assert left.call('echo', {'value': 1}, timeout=2) == 1
-    assert time.monotonic() - started < 1.0
+    assert right.in_flight == 1 and not outcome
     gates['d'].set()
     thread.join(5)
+    assert outcome == ['d']
+
+
+def test_in_flight_counts_requests_until_their_reply_is_out(pair):
+    left, right, gates = pair
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(left.call('wait', {'gate': 'a'}, timeout=5)))
+    thread.start()
+    assert wait_until(lambda: right.in_flight == 1)
+    assert not right.wait_replies(0.2)
+    # An inline method never counts: it is answered on the reading thread.
+    assert left.call('echo', {'value': 1}) == 1 and right.in_flight == 1
+    gates['a'].set()
+    assert right.wait_replies(5) and right.in_flight == 0
+    thread.join(5)
+    assert outcome == ['a'] and left.in_flight == 0
+
+
+def test_an_endpoint_group_waits_for_every_endpoint_even_a_closed_one():
+    gate = threading.Event()
+    dispatcher = Dispatcher()
+    dispatcher.register('block', lambda params, ctx: gate.wait(5))
+    group = EndpointGroup()
+    servers, clients, outcomes, threads = [], [], [], []
+    for name in ('first', 'second'):
+        server_sock, client_sock = socket.socketpair()
+        servers.append(group.add(Endpoint(Transport.from_socket(server_sock), dispatcher, name=name).start()))
+        client = Endpoint(Transport.from_socket(client_sock), name='client').start()
+        clients.append(client)
+        threads.append(threading.Thread(target=lambda c=client: outcomes.append(_raises(c.call, 'block', timeout=5))))
+        threads[-1].start()
+    try:
+        assert wait_until(lambda: group.in_flight == 2)
+        servers[0].close('gone')  # its handler still runs: the group waits for it all the same
+        assert not group.wait_replies(0.2)
+        gate.set()
+        assert group.wait_replies(5) and group.in_flight == 0
+        for thread in threads:
+            thread.join(5)
+        assert len(outcomes) == 2 and None in outcomes  # the open connection got its reply
+        # A closed endpoint with nothing in flight is forgotten when the next one comes.
+        third = group.add(Endpoint(Transport.from_socket(socket.socketpair()[0]), name='third'))
+        assert group._endpoints == [servers[1], third]
+        third.close()
+    finally:
+        for endpoint in servers + clients:
+            endpoint.close()
 
 
 def test_errors_travel_with_their_class(pair):
@@ -102,8 +158,8 @@ def test_timeout_then_late_reply_is_dropped(pair):
     left, right, gates = pair
     with pytest.raises(CallTimeout):
         left.call('wait', {'gate': 'a'}, timeout=0.2)
-    gates['a'].set()  # the late reply arrives now, for an id nobody waits for
-    time.sleep(0.1)
+    gates['a'].set()  # the late reply goes out now, for an id nobody waits for
+    assert wait_until(lambda: right.in_flight == 0)  # written before the next request is
     assert left.call('echo', {'value': 'next'}) == 'next'
 
 
@@ -124,7 +180,7 @@ def test_too_many_requests_in_flight_get_an_error_reply():
     threads = [threading.Thread(target=call) for _ in range(4)]
     for thread in threads:
         thread.start()
-    time.sleep(0.3)
+    assert wait_until(lambda: server.in_flight == 2 and len(outcomes) == 2)
     gate.set()
     for thread in threads:
         thread.join(5)
@@ -145,7 +201,7 @@ def test_peer_closing_fails_waiting_calls(pair):
             errors.append(exc)
     thread = threading.Thread(target=call)
     thread.start()
-    time.sleep(0.1)
+    assert wait_until(lambda: right.in_flight == 1)
     right.close()
     thread.join(5)
     assert len(errors) == 1
@@ -154,26 +210,29 @@ def test_peer_closing_fails_waiting_calls(pair):
         left.call('echo')
 
 
-def test_handshake_drops_stale_lines_left_by_an_earlier_client():
+def test_handshake_drops_stale_lines_left_by_an_earlier_client(caplog):
     server_sock, client_sock = socket.socketpair()
     dispatcher = make_dispatcher()
     dispatcher.register('hello', lambda params, ctx: {'protocol': 1}, inline=True)
     # What an earlier client left in the channel: a reply it never read, a half line.
     server_sock.sendall(encode_message(Response(1, result='stale')) + b'{"jsonrpc": "2.0", "id": 1, "res')
     client = Endpoint(Transport.from_socket(client_sock), name='client').start()
-    server_decoder_sees = []
-
-    def serve():
-        # A server that has been half-fed by the earlier client too.
-        server = Endpoint(Transport.from_socket(server_sock), dispatcher, name='server')
-        server._decoder.feed(b'{"jsonrpc": "2.0", "id": 5, "method": "ec')
-        server_decoder_sees.append(True)
-        server.run()
-    threading.Thread(target=serve, daemon=True).start()
-    assert client.handshake(timeout=2) == {'protocol': 1}
-    # Request id 1 again: the stale reply with id 1 must not be mistaken for its answer.
-    assert client.call('echo', {'value': 'fresh'}, timeout=2) == 'fresh'
-    client.close()
+    # A server that has been half-fed by the earlier client too (fed before it reads anything).
+    server = Endpoint(Transport.from_socket(server_sock), dispatcher, name='server')
+    server._decoder.feed(b'{"jsonrpc": "2.0", "id": 5, "method": "ec')
+    caplog.set_level(logging.WARNING, logger='negotiator_common.endpoint.server')
+    server.start()
+    try:
+        assert client.handshake(timeout=2) == {'protocol': 1}
+        # The handshake's leading newline ended the server's half line: one bad line, answered
+        # with an error that the resynchronising client dropped, and hello read on its own.
+        assert [r.getMessage().split(':')[0] for r in caplog.records if r.name == 'negotiator_common.endpoint.server'] \
+            == ['Bad line from server (answered with an error)']
+        # Request id 1 again: the stale reply with id 1 must not be mistaken for its answer.
+        assert client.call('echo', {'value': 'fresh'}, timeout=2) == 'fresh'
+    finally:
+        client.close()
+        server.close()
 
 
 def test_garbage_from_a_peer_gets_error_replies_and_the_server_lives_on():
@@ -261,7 +320,7 @@ def test_a_small_read_allocates_about_what_it_returns():
     transport = Transport.from_socket(left_sock)
     message = b'{"jsonrpc":"2.0","id":1,"method":"ping"}\n'
     try:
-        transport.read(deadline=time.monotonic())  # the reused buffer exists before tracing
+        transport.read(deadline=Deadline(0))  # the reused buffer exists before tracing
     except CallTimeout:
         pass
     try:
@@ -269,7 +328,7 @@ def test_a_small_read_allocates_about_what_it_returns():
             right_sock.sendall(message)
             tracemalloc.start()  # (a new start resets the peak: Python 3.6 has no reset_peak)
             try:
-                assert transport.read(deadline=time.monotonic() + 5) == message
+                assert transport.read(deadline=Deadline(5)) == message
                 assert tracemalloc.get_traced_memory()[1] < 16 * 1024
             finally:
                 tracemalloc.stop()

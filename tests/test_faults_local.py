@@ -17,6 +17,7 @@ import pytest
 from negotiator_common import endpoint as endpoint_module
 from negotiator_common.client import AgentClient
 from negotiator_common.commands import CommandRegistry
+from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import (
@@ -268,7 +269,7 @@ def test_a_flooding_guest_cannot_starve_another(host_commands):
         def reader():
             while not stop.is_set():
                 try:
-                    data = flood_sock.read(deadline=time.monotonic() + 0.2)
+                    data = flood_sock.read(deadline=Deadline(0.2))
                 except CallTimeout:
                     continue
                 except (ConnectionClosed, OSError):
@@ -288,7 +289,7 @@ def test_a_flooding_guest_cannot_starve_another(host_commands):
                                  for i in range(50))
                 number += 50
                 try:
-                    flood_sock.write_all(batch, time.monotonic() + 5)
+                    flood_sock.write_all(batch, Deadline(5))
                 except (CallTimeout, ConnectionClosed, OSError):
                     return
                 counts['sent'] += 50

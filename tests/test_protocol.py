@@ -64,6 +64,15 @@ def test_error_response_round_trips_as_the_same_class():
     assert event.error.stderr == b'\x00\xff'
 
 
+def test_an_error_with_malformed_output_still_arrives_with_empty_output():
+    # The peer's data is read with protocol.decode_bytes; what it cannot read is no output, not a crash.
+    error = error_from_wire({'code': CommandFailed.code, 'message': 'x failed',
+                             'data': {'exit_status': 1, 'stdout': 42, 'stderr_b64': '***'}})
+    assert type(error) is CommandFailed and error.exit_status == 1
+    assert error.stdout == b'' and error.stderr == b''
+    assert CommandFailed('no output at all').stdout == b''
+
+
 def test_unknown_error_code_keeps_its_code():
     exc = error_from_wire({'code': 12345, 'message': 'from the future'})
     assert isinstance(exc, NegotiatorError)

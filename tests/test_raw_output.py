@@ -241,7 +241,8 @@ def test_an_unknown_stream_mode_is_refused(channel):
         client.close()
 
 
-def test_the_client_falls_back_to_text_with_an_agent_older_than_raw_output():
+def old_agent(capabilities):
+    """An agent from before raw output: its hello announces ``capabilities``, its execute takes only booleans."""
     from negotiator_common.dispatcher import Dispatcher, get_param
 
     asked = []
@@ -253,13 +254,39 @@ def test_the_client_falls_back_to_text_with_an_agent_older_than_raw_output():
         return {'exit_status': 0, 'signal': None, 'duration': 0.0, 'stdout_truncated': False,
                 'stderr_truncated': False, 'streamed': True}
     dispatcher = Dispatcher()
+    dispatcher.register('hello', lambda params, context: {'protocol': 1, 'agent': 'negotiator-guest',
+                                                          'capabilities': capabilities, 'limits': {}}, inline=True)
     dispatcher.register('execute', old_execute)
     server_sock, client_sock = socket.socketpair()
     server = Endpoint(Transport.from_socket(server_sock), dispatcher, name='old').start()
     client = Endpoint(Transport.from_socket(client_sock), name='client').start()
+    return server, client, asked
+
+
+@pytest.mark.parametrize('capabilities', [['ping', 'list_commands', 'execute', 'stream'], 'raw-output', None])
+def test_the_client_asks_an_agent_whose_hello_lacks_raw_output_for_text(capabilities):
+    # Decided from what the agent declared, before anything is sent: one request, never a retry
+    # (a capability is only a string in a list: a bare string is no list of capabilities).
+    server, client, asked = old_agent(capabilities)
     try:
-        assert AgentClient(client).execute('anything', timeout=5).stdout == b'old\n'
-        assert asked == ['raw', True]
+        agent = AgentClient(client, client.handshake(timeout=5))
+        assert not agent.raw_output
+        assert agent.execute('anything', timeout=5).stdout == b'old\n'
+        assert asked == [True]
     finally:
         client.close()
         server.close()
+
+
+def test_the_client_asks_for_raw_output_where_hello_lists_it_or_nothing_is_known():
+    for hello in ({'capabilities': ['stream', 'raw-output']}, None):
+        server, client, asked = old_agent([])
+        try:
+            agent = AgentClient(client, hello)
+            assert agent.raw_output
+            with pytest.raises(InvalidParams):  # this agent lied: it refuses "raw"
+                agent.execute('anything', timeout=5)
+            assert asked == ['raw']
+        finally:
+            client.close()
+            server.close()

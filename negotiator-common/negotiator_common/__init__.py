@@ -3,6 +3,7 @@ negotiator-common: what the host and guest sides of negotiator share.
 
 - :mod:`~negotiator_common.protocol`: the wire protocol, with no I/O (line-delimited JSON-RPC 2.0).
 - :mod:`~negotiator_common.errors`: the one exception tree, with stable wire codes.
+- :mod:`~negotiator_common.deadline`: the one type that bounds every wait by a caller's timeout.
 - :mod:`~negotiator_common.transport`: bytes over one file descriptor (socket or port).
 - :mod:`~negotiator_common.endpoint`: requests out and in over a transport, routed by id.
 - :mod:`~negotiator_common.dispatcher`: the explicit registry of callable methods.
@@ -14,14 +15,10 @@ negotiator-common: what the host and guest sides of negotiator share.
 - :mod:`~negotiator_common.service` and :mod:`~negotiator_common.client`: the four standard
   methods, served and called.
 
-The library never configures logging (a :class:`logging.NullHandler` is installed when logging is
-first used: :mod:`~negotiator_common.lazylog` spares quick CLI calls the import); the CLIs do.
+The library never configures logging and never prints through logging's last resort: every
+module takes its logger from :mod:`~negotiator_common.lazylog`, which installs a
+:class:`logging.NullHandler` when logging is first used (and spares quick CLI calls the import);
+the CLIs configure logging.
 """
 
-import sys
-
 __version__ = '0.1.0'
-
-if 'logging' in sys.modules:
-    import logging
-    logging.getLogger(__name__).addHandler(logging.NullHandler())

@@ -13,8 +13,9 @@ import os
 import socket
 import struct
 import threading
-import time
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+
+from negotiator_common.deadline import Deadline
 
 __all__ = ('BUILTIN_COMMANDS', 'BuiltinCommand', 'DiskUsage', 'STATVFS_TIMEOUT', 'read_mounts')
 
@@ -152,7 +153,7 @@ def read_mounts(path: str = '/proc/mounts') -> List[Tuple[str, str, str]]:
 class _Probe(object):
     """One ``statvfs`` call on a thread of its own, and the time by which it should have answered."""
 
-    def __init__(self, mountpoint: str, answer_by: float) -> None:
+    def __init__(self, mountpoint: str, answer_by: Deadline) -> None:
         self.mountpoint = mountpoint
         self.answer_by = answer_by
         self.done = threading.Event()
@@ -189,7 +190,7 @@ class DiskUsage(object):
         mounts = self.mounts()
         probes = [self._probe(mountpoint) for _, mountpoint, _ in mounts]
         for probe in probes:
-            probe.done.wait(max(0.0, probe.answer_by - time.monotonic()))
+            probe.done.wait(probe.answer_by.remaining())
         filesystems: List[Dict[str, Any]] = []
         for (device, mountpoint, fstype), probe in zip(mounts, probes):
             entry: Dict[str, Any] = {'mountpoint': mountpoint, 'device': device, 'type': fstype}
@@ -207,7 +208,7 @@ class DiskUsage(object):
             probe = self._pending.get(mountpoint)
             if probe is not None:
                 return probe
-            probe = self._pending[mountpoint] = _Probe(mountpoint, time.monotonic() + self.timeout)
+            probe = self._pending[mountpoint] = _Probe(mountpoint, Deadline(self.timeout))
         thread = threading.Thread(target=self._run_probe, args=(probe,), name='negotiator-statvfs')
         thread.daemon = True
         thread.start()

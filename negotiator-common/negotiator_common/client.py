@@ -20,7 +20,7 @@ from typing import Any, BinaryIO, Dict, List, Optional, Sequence
 
 from negotiator_common.endpoint import DEFAULT_TIMEOUT, Endpoint
 from negotiator_common.errors import (
-    CommandFailed, ConnectionClosed, InvalidParams, InvalidRequest, UnsendableRequest,
+    CommandFailed, ConnectionClosed, InvalidRequest, UnsendableRequest,
 )
 from negotiator_common.protocol import Request, decode_bytes, encode_bytes, encode_message
 
@@ -36,6 +36,9 @@ collects when not streaming; a caller that wants more streams to a file (never c
 
 _ID_ROOM = 24
 """Bytes kept free in the line-length check for the request id, which the endpoint picks later."""
+
+RAW_OUTPUT = 'raw-output'
+"""The capability in ``hello`` of an agent that sends output in the raw framing when asked."""
 
 
 class CommandDescription(object):
@@ -130,9 +133,15 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
+def _announces(hello: Dict[str, Any], capability: str) -> bool:
+    """Whether ``hello`` lists ``capability`` (only a list of strings lists anything)."""
+    capabilities = hello.get('capabilities')
+    return isinstance(capabilities, list) and capability in capabilities
+
+
 def _limit(limits: Dict[str, Any], name: str) -> Optional[float]:
     """One of the agent's announced limits, or None when it announced none that makes sense."""
-    value = limits.get(name)
+    value: Any = limits.get(name)
     return value if _is_number(value) and value > 0 else None
 
 
@@ -140,11 +149,15 @@ def _execute_fields(reply: object) -> Dict[str, Any]:
     """
     The fields of an ``execute`` result, checked against the spec: an exit status from 0 to
     255, or none and a signal from 1 to 127 (so that 128 + it is a status); a finite duration
-    of at least 0; booleans for the truncation flags and ``output_abandoned``. Anything else is :class:`InvalidRequest`.
+    of at least 0; booleans for the truncation flags and ``output_abandoned``. Anything else is
+    :class:`InvalidRequest`.
     """
     if not isinstance(reply, dict):
         raise InvalidRequest('malformed execute reply: %r' % (reply,))
-    exit_status, signal, duration = reply.get('exit_status'), reply.get('signal'), reply.get('duration', 0.0)
+    # Whatever the peer sent, checked below before it is used as a number.
+    exit_status: Any = reply.get('exit_status')
+    signal: Any = reply.get('signal')
+    duration: Any = reply.get('duration', 0.0)
     if exit_status is None:
         if not (_is_int(signal) and 0 < signal < 128):
             raise InvalidRequest('execute reply has neither an exit status nor a signal from 1 to 127: %r'
@@ -220,13 +233,22 @@ class AgentClient(object):
     """
     Typed calls to one agent over one endpoint (thread-safe: calls may overlap).
 
-    :param limits: the ``limits`` that the agent announced in ``hello``: requests over them
-                   are refused before they are sent (None: no check here; the agent checks).
+    :param hello: what the agent answered to ``hello`` (the result of
+                  :meth:`~negotiator_common.endpoint.Endpoint.handshake`). Requests over the
+                  ``limits`` it announced are refused before they are sent, and its
+                  ``capabilities`` decide how ``execute`` asks for output: in the raw framing
+                  when they list ``raw-output``, else as text notifications (an agent older than
+                  raw output refuses ``"stream": "raw"``). None: nothing is known; no limits are
+                  checked here (the agent checks) and raw output is asked for, as every agent of
+                  this release announces it.
     """
 
-    def __init__(self, endpoint: Endpoint, limits: Optional[Dict[str, Any]] = None) -> None:
+    def __init__(self, endpoint: Endpoint, hello: Optional[Dict[str, Any]] = None) -> None:
         self.endpoint = endpoint
+        limits = hello.get('limits') if isinstance(hello, dict) else None
         self.limits = dict(limits) if isinstance(limits, dict) else {}
+        self.raw_output = _announces(hello, RAW_OUTPUT) if isinstance(hello, dict) else True
+        """Whether ``execute`` asks for raw output (``docs/protocol.rst``, "Raw output")."""
 
     def ping(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:
         """Round-trip time of one ``ping``, in seconds."""
@@ -260,9 +282,10 @@ class AgentClient(object):
         :class:`CommandFailed`. A request over the agent's announced limits raises
         :class:`UnsendableRequest` before anything is sent.
         """
-        # Raw output (every negotiator agent offers it, "raw-output" in hello): chunks arrive as
-        # bytes after a header line, not escaped in JSON text; text chunks are still accepted.
-        params: Dict[str, Any] = {'command': command, 'args': list(args), 'stream': 'raw'}
+        # Raw output, from an agent that announced it: chunks arrive as bytes after a header
+        # line, not escaped in JSON text; text chunks are accepted either way.
+        params: Dict[str, Any] = {'command': command, 'args': list(args),
+                                  'stream': 'raw' if self.raw_output else True}
         if input:
             params.update(encode_bytes(bytes(input), 'stdin'))
         if timeout is not None:
@@ -270,15 +293,7 @@ class AgentClient(object):
         self._check_request(params, len(input or b''), timeout)
         on_output = _OutputCollector({'stdout': stdout, 'stderr': stderr}, max_output, self.endpoint)
         try:
-            try:
-                reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
-            except InvalidParams as exc:
-                # An agent older than raw output refuses "stream": "raw" before it runs anything:
-                # ask again for text notifications.
-                if "'stream'" not in str(exc):
-                    raise
-                params['stream'] = True
-                reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
+            reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
         except ConnectionClosed:
             if on_output.sink_error is None:
                 raise

@@ -67,15 +67,15 @@ def _type_names(types: Sequence[type]) -> str:
 
 class Dispatcher(object):
     """
-    Methods by name. ``inline`` methods are cheap and answered on the reading thread
-    (``hello``, ``ping``); the others run on threads of their own, so that a slow command
-    never delays a ping.
+    Methods by name, each with its ``inline`` flag: a pure registry, which runs one request
+    when asked. Where a request runs is the endpoint's decision
+    (:class:`~negotiator_common.endpoint.Endpoint`): ``inline`` methods are cheap and answered on
+    the reading thread (``hello``, ``ping``), the others on threads of their own, so that a slow
+    command never delays a ping; the endpoint also counts those that run.
     """
 
     def __init__(self) -> None:
         self._methods: Dict[str, Tuple[Handler, bool]] = {}
-        self._in_flight = 0
-        self._idle = threading.Condition()
 
     def register(self, name: str, handler: Handler, inline: bool = False) -> None:
         """Make ``handler(params, context)`` callable from the wire as ``name``."""
@@ -99,32 +99,8 @@ class Dispatcher(object):
         entry = self._methods.get(name)
         return entry is None or entry[1]
 
-    @property
-    def in_flight(self) -> int:
-        """How many requests are being handled now (across every connection that shares this dispatcher)."""
-        return self._in_flight
-
-    def wait_idle(self, timeout: Optional[float]) -> bool:
-        """Wait until no request is being handled (a daemon stopping); False if ``timeout`` passed first."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._in_flight == 0, timeout)
-
     def dispatch(self, request: Request, context: CallContext) -> Response:
         """Run the request's handler and turn whatever happens into a :class:`Response`."""
-        if self.is_inline(request.method):
-            # Cheap methods answer at once on the reading thread: nothing to wait for at shutdown,
-            # and the ping path (measured by scripts/benchmark) skips the bookkeeping.
-            return self._dispatch(request, context)
-        with self._idle:
-            self._in_flight += 1
-        try:
-            return self._dispatch(request, context)
-        finally:
-            with self._idle:
-                self._in_flight -= 1
-                self._idle.notify_all()
-
-    def _dispatch(self, request: Request, context: CallContext) -> Response:
         entry = self._methods.get(request.method)
         if entry is None:
             return Response(request.id, error=MethodNotFound('method %r not found' % request.method))

@@ -8,7 +8,10 @@ ids, are dropped with a log line that :mod:`negotiator_common.peerlog` keeps sho
 an error with a null id fails the one call waiting, when only one waits), requests go to the
 :class:`~negotiator_common.dispatcher.Dispatcher`, cheap methods on the reading thread and the
 others on threads of their own (at most ``max_concurrent`` at once; more get a
-:class:`~negotiator_common.errors.LimitExceeded` reply). Every call has a timeout. No message
+:class:`~negotiator_common.errors.LimitExceeded` reply). The endpoint alone decides which
+requests run inline and counts those in flight (:attr:`Endpoint.in_flight`), from acceptance
+until the reply is out, which is what a stopping daemon waits for (:meth:`Endpoint.wait_replies`,
+and :class:`EndpointGroup` for all of a daemon's connections). Every call has a timeout. No message
 of any shape ends the reader; should it fail anyway, the connection closes with the reason in
 ``close_reason``, so that a daemon connects again or serves the next session.
 
@@ -22,9 +25,9 @@ import binascii
 import itertools
 import os
 import threading
-import time
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional
 
+from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import CallContext, Dispatcher
 from negotiator_common.errors import (
     CallTimeout, ConnectionClosed, InternalError, LimitExceeded, MethodNotFound, NegotiatorError,
@@ -39,7 +42,8 @@ from negotiator_common.peerlog import Complaints, Cut, cut
 from negotiator_common.transport import Transport
 from negotiator_common.turns import Turns, Usage
 
-__all__ = ('Endpoint', 'DEFAULT_TIMEOUT', 'DEFAULT_MAX_CONCURRENT', 'REPLY_WRITE_TIMEOUT', 'SESSION_NOTIFICATION')
+__all__ = ('Endpoint', 'EndpointGroup', 'DEFAULT_TIMEOUT', 'DEFAULT_MAX_CONCURRENT', 'REPLY_WRITE_TIMEOUT',
+           'SESSION_NOTIFICATION')
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds that a call waits for its reply unless the caller says otherwise."""
@@ -105,9 +109,9 @@ class Endpoint(object):
         self._pending: Dict[Any, _PendingCall] = {}
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
-        self._handler_slots = threading.BoundedSemaphore(max_concurrent)
-        self._handlers = 0  # handler threads that have not yet sent their reply
-        self._handlers_done = threading.Condition()
+        self.max_concurrent = max_concurrent
+        self._in_flight = 0  # requests on threads of their own whose reply is not yet sent (or dropped)
+        self._in_flight_changed = threading.Condition()
         self._sync_id: Any = None
         self._closed = threading.Event()
         self._cancelled = threading.Event()
@@ -200,10 +204,24 @@ class Endpoint(object):
         """
         self._cancelled.set()
 
+    @property
+    def in_flight(self) -> int:
+        """
+        The peer's requests that run on threads of their own now (at most ``max_concurrent``),
+        from the moment they are accepted until their reply is sent, or dropped because the
+        channel closed. Inline methods are answered on the reading thread and never count.
+        """
+        return self._in_flight
+
     def wait_replies(self, timeout: Optional[float]) -> bool:
-        """Wait until every handler thread has sent its reply (or dropped it); False on timeout."""
-        with self._handlers_done:
-            return self._handlers_done.wait_for(lambda: self._handlers == 0, timeout)
+        """
+        Wait until :attr:`in_flight` is 0: every request this side accepted has had its reply
+        sent (or dropped, once closed); False if ``timeout`` seconds passed first (None: no bound).
+        A stopping daemon cancels, waits here, then closes, so its callers get the replies of
+        the commands it killed.
+        """
+        with self._in_flight_changed:
+            return self._in_flight_changed.wait_for(lambda: self._in_flight == 0, timeout)
 
     def __enter__(self) -> 'Endpoint':
         return self
@@ -222,7 +240,7 @@ class Endpoint(object):
         """
         sync_id = 'hello-' + binascii.hexlify(os.urandom(16)).decode('ascii')
         self._sync_id = sync_id
-        self.transport.write_all(b'\n', self._deadline(timeout))
+        self.transport.write_all(b'\n', Deadline(timeout))
         result = self._call(Request(sync_id, 'hello', {'protocol': PROTOCOL_VERSION, 'agent': agent}),
                             timeout, None)
         return result if isinstance(result, dict) else {}
@@ -243,7 +261,7 @@ class Endpoint(object):
 
     def _call(self, request: Request, timeout: Optional[float],
               on_notification: Optional[Callable[[Dict[str, Any]], None]]) -> Any:
-        deadline = self._deadline(timeout)
+        deadline = Deadline(timeout)
         call = _PendingCall(request.method, on_notification)
         with self._pending_lock:
             if self._closed.is_set():
@@ -251,7 +269,7 @@ class Endpoint(object):
             self._pending[request.id] = call
         try:
             self._send(request, deadline)
-            if not call.done.wait(None if deadline is None else max(0.0, deadline - time.monotonic())):
+            if not call.done.wait(deadline.remaining()):
                 raise CallTimeout('%s did not reply to %s within %s seconds' % (self.name, request.method, timeout))
         finally:
             with self._pending_lock:
@@ -272,7 +290,7 @@ class Endpoint(object):
         """
         try:
             self.transport.write_all(b'\n' + encode_message(Notification(SESSION_NOTIFICATION, params or {})),
-                                     self._deadline(timeout))
+                                     Deadline(timeout))
         except NegotiatorError as exc:
             self.log.debug("Could not announce the session to %s: %s", self.name, exc)
 
@@ -283,15 +301,11 @@ class Endpoint(object):
         A notification with an ``attachment`` (raw output) goes out as its line and its bytes in
         one locked write, so that no other message can come between them.
         """
-        self._send(notification, self._deadline(REPLY_WRITE_TIMEOUT))
+        self._send(notification, Deadline(REPLY_WRITE_TIMEOUT))
 
     # Internals.
 
-    @staticmethod
-    def _deadline(timeout: Optional[float]) -> Optional[float]:
-        return None if timeout is None else time.monotonic() + timeout
-
-    def _send(self, message: Message, deadline: Optional[float], log_traffic: bool = True) -> None:
+    def _send(self, message: Message, deadline: Deadline, log_traffic: bool = True) -> None:
         """Write one message; ``log_traffic`` False when a complaint already logged why (a bad line's error)."""
         if self._closed.is_set():
             if isinstance(message, Request):
@@ -345,7 +359,7 @@ class Endpoint(object):
             self.complaints.complain('warning', 'bad lines', "Bad line from %s%s: %s", self.name,
                                      ' (answered with an error)' if answer else '', Cut(event.error.message))
             if answer:
-                self._send(Response(event.id, error=event.error), self._deadline(REPLY_WRITE_TIMEOUT),
+                self._send(Response(event.id, error=event.error), Deadline(REPLY_WRITE_TIMEOUT),
                            log_traffic=False)
 
     def _route_response(self, response: Response) -> None:
@@ -423,29 +437,71 @@ class Endpoint(object):
             return
         context = CallContext(request.id, peer=self.name, notify=self.notify, cancelled=self._cancelled)
         if self.dispatcher.is_inline(request.method):
+            # Cheap methods answer at once on this thread: no thread to start, nothing to count,
+            # never refused for want of a slot (the ping path that scripts/benchmark measures).
             self._reply(self.dispatcher.dispatch(request, context))
             return
-        if not self._handler_slots.acquire(blocking=False):
+        if not self._accept():
             self._reply(Response(request.id, error=LimitExceeded(
                 'too many requests in flight on this connection; try again when one has finished')))
             return
-        worker = threading.Thread(target=self._serve_in_thread, args=(request, context),
+        worker = threading.Thread(target=self._serve_in_thread, args=(self.dispatcher, request, context),
                                   name='negotiator-%s-%s' % (request.method, cut(request.id, 40)))
         worker.daemon = True
-        with self._handlers_done:
-            self._handlers += 1
         worker.start()
 
-    def _serve_in_thread(self, request: Request, context: CallContext) -> None:
+    def _accept(self) -> bool:
+        """Count one more request in flight, unless ``max_concurrent`` run already (False: refuse it)."""
+        with self._in_flight_changed:
+            if self._in_flight >= self.max_concurrent:
+                return False
+            self._in_flight += 1
+            return True
+
+    def _serve_in_thread(self, dispatcher: Dispatcher, request: Request, context: CallContext) -> None:
         try:
-            self._reply(self.dispatcher.dispatch(request, context))  # type: ignore
+            self._reply(dispatcher.dispatch(request, context))
         except NegotiatorError as exc:
             self.log.debug("Reply to %s not sent: %s", Cut(request), exc)
         finally:
-            self._handler_slots.release()
-            with self._handlers_done:
-                self._handlers -= 1
-                self._handlers_done.notify_all()
+            with self._in_flight_changed:
+                self._in_flight -= 1
+                self._in_flight_changed.notify_all()
 
     def _reply(self, response: Response) -> None:
-        self._send(response, self._deadline(REPLY_WRITE_TIMEOUT))
+        self._send(response, Deadline(REPLY_WRITE_TIMEOUT))
+
+
+class EndpointGroup(object):
+    """
+    The endpoints that a daemon serves, each kept until it is closed and its last reply is out.
+
+    A connection that ended may still have requests in flight (commands being killed after
+    their cancellation); a daemon that stops waits for those as well as for its open
+    connections' (:meth:`wait_replies`).
+    """
+
+    def __init__(self) -> None:
+        self._endpoints: List[Endpoint] = []
+        self._lock = threading.Lock()
+
+    def add(self, endpoint: Endpoint) -> Endpoint:
+        """Keep ``endpoint`` (and forget those that are closed with nothing in flight); return it."""
+        with self._lock:
+            self._endpoints = [e for e in self._endpoints if not (e.closed and e.in_flight == 0)]
+            self._endpoints.append(endpoint)
+        return endpoint
+
+    @property
+    def in_flight(self) -> int:
+        """Requests in flight on all the endpoints together."""
+        with self._lock:
+            endpoints = list(self._endpoints)
+        return sum(endpoint.in_flight for endpoint in endpoints)
+
+    def wait_replies(self, timeout: Optional[float]) -> bool:
+        """:meth:`Endpoint.wait_replies` for every endpoint, within one ``timeout`` for all; False if it passed."""
+        deadline = Deadline(timeout)
+        with self._lock:
+            endpoints = list(self._endpoints)
+        return all(endpoint.wait_replies(deadline.remaining()) for endpoint in endpoints)

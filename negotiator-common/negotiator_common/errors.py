@@ -34,7 +34,6 @@ JSON-RPC leaves to implementations. The protocol specification (``docs/protocol.
 the same table; a test checks that the two agree.
 """
 
-import base64
 from typing import Any, Dict, Optional, Type
 
 __all__ = (
@@ -148,12 +147,20 @@ class _CommandOutcome(CommandError):
     @property
     def stdout(self) -> bytes:
         """What the command wrote to its standard output (bytes)."""
-        return _bytes_field(self.data, 'stdout')
+        return self._output('stdout')
 
     @property
     def stderr(self) -> bytes:
         """What the command wrote to its standard error (bytes)."""
-        return _bytes_field(self.data, 'stderr')
+        return self._output('stderr')
+
+    def _output(self, name: str) -> bytes:
+        """One output of the error's data, as the agent sent it (text or base64); empty if unreadable."""
+        from negotiator_common.protocol import decode_bytes  # here: protocol imports this module
+        try:
+            return decode_bytes(self.data, name) or b''
+        except ValueError:  # the peer's data, malformed: the error itself is what matters
+            return b''
 
 
 class CommandFailed(_CommandOutcome):
@@ -200,13 +207,6 @@ class GuestNotFound(ChannelError):
     """No running guest has that name."""
 
     code = -32054
-
-
-def _bytes_field(data: Dict[str, Any], name: str) -> bytes:
-    """Read a bytes field carried as text (``name``) or as base64 (``name_b64``)."""
-    if name + '_b64' in data:
-        return base64.b64decode(data[name + '_b64'])
-    return str(data.get(name, '')).encode('utf-8', 'surrogateescape')
 
 
 def _all_subclasses(cls: Type[NegotiatorError]) -> list:

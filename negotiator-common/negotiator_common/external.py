@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 from executor import ExternalCommand
 
+from negotiator_common.lazylog import get_logger
+
 if TYPE_CHECKING:  # annotations only
-    import logging
     import subprocess
 
 __all__ = ('ExternalProgram',)
@@ -62,12 +63,13 @@ class ExternalProgram(object):
     :param new_session: start it in a session (and process group) of its own.
     :param stdin: give it a pipe for its standard input (False: ``/dev/null``).
     :param directory: its working directory (None: the agent's).
-    :param logger: where executor logs what it starts, at DEBUG (None: executor's own logger).
+    :param logger_name: the logger through which executor logs what it starts, at DEBUG (None:
+                        executor's own logger).
     """
 
     def __init__(self, argv: Sequence[str], environment: Optional[Dict[str, str]] = None,
                  new_session: bool = False, stdin: bool = False, directory: Optional[str] = None,
-                 logger: 'Optional[logging.Logger]' = None) -> None:
+                 logger_name: Optional[str] = None) -> None:
         overrides: Dict[str, Any] = {}
         if environment is not None:
             overrides['env'] = dict(environment)
@@ -76,8 +78,8 @@ class ExternalProgram(object):
         options: Dict[str, Any] = {'input': True} if stdin else {}
         if directory is not None:
             options['directory'] = directory
-        if logger is not None:
-            options['logger'] = logger
+        if logger_name is not None:
+            options['logger'] = get_logger(logger_name)
         self.argv = list(argv)
         self._command = _ArgvCommand(self.argv, overrides, shell=False, asynchronous=True, capture=True,
                                      capture_stderr=True, buffered=False, check=False, silent=True, **options)

@@ -8,8 +8,10 @@ imported :mod:`logging`, nobody can have configured it: DEBUG and INFO records w
 by the default WARNING level, so a :class:`LazyLogger` drops them without importing anything.
 A WARNING or above, or any other use, imports :mod:`logging` and goes to the real logger. Once
 :mod:`logging` is imported (a daemon or ``-v`` configured it, or pytest), every call goes to the
-real logger. The package's :class:`logging.NullHandler` is installed whenever the real logging
-is first used, so the library still never prints through logging's last resort.
+real logger. Whenever a real logger is first made here, its package (``negotiator_common``,
+``negotiator_host`` or ``negotiator_guest``) gets a :class:`logging.NullHandler`, so the library
+never prints through logging's last resort: this module is the only way in which the library
+modules get a logger (``tests/test_quiet_library.py`` checks both).
 """
 
 import sys
@@ -20,14 +22,13 @@ if TYPE_CHECKING:  # the annotations name logging's types without importing it a
 
 __all__ = ('LazyLogger', 'get_logger')
 
-_ROOT = 'negotiator_common'
-
 
 def _real_logger(name: str) -> 'logging.Logger':
+    """``logging.getLogger(name)``, with a :class:`logging.NullHandler` on the logger of its package."""
     import logging
-    root = logging.getLogger(_ROOT)
-    if not any(isinstance(handler, logging.NullHandler) for handler in root.handlers):
-        root.addHandler(logging.NullHandler())
+    package = logging.getLogger(name.split('.', 1)[0])
+    if not any(isinstance(handler, logging.NullHandler) for handler in package.handlers):
+        package.addHandler(logging.NullHandler())
     return logging.getLogger(name)
 
 

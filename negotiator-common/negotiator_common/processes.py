@@ -34,6 +34,7 @@ import threading
 import time
 from typing import Dict, Iterator, List, NamedTuple, Optional
 
+from negotiator_common.deadline import Deadline
 from negotiator_common.lazylog import get_logger
 
 __all__ = ('MARKER_VARIABLE', 'COMMANDS', 'adopt_orphans', 'new_marker', 'command_processes',
@@ -195,12 +196,12 @@ def kill_command(group: int, marker: str, give_up_after: float) -> bool:
     A process may fork while its siblings are being killed; the next round finds the child.
     Returns False (and logs) if processes were still alive after ``give_up_after`` seconds.
     """
-    deadline = time.monotonic() + give_up_after
+    deadline = Deadline(give_up_after)
     while True:
         left = signal_command(group, marker, signal.SIGKILL)
         if not left:
             return True
-        if time.monotonic() >= deadline:
+        if deadline.expired:
             logger.warning("Processes %s of a stopped command survived SIGKILL for %s s", left, give_up_after)
             return False
         time.sleep(KILL_ROUND_PAUSE)

@@ -22,9 +22,10 @@ import signal
 import subprocess
 import threading
 import time
-from typing import IO, TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from negotiator_common.lazylog import get_logger
+from negotiator_common.deadline import Deadline
 from negotiator_common.errors import CommandNotFound
 from negotiator_common.processes import (
     COMMANDS, MARKER_VARIABLE, command_processes, kill_command, new_marker, reap_orphans, signal_command,
@@ -98,36 +99,30 @@ def _grow_pipe(fd: int) -> None:
         pass
 
 
-def _pipe(stream: 'Optional[IO[bytes]]', name: str) -> 'IO[bytes]':
-    """One of the pipes that :class:`~negotiator_common.external.ExternalProgram` gives a command."""
-    if stream is None:  # pragma: no cover (the command is always started with all three)
-        raise RuntimeError('the command was started without a pipe for its %s' % name)
-    return stream
-
-
 class _Pipes(object):
     """The command's pipes: its input written as the pipe takes it, its output read in chunks and handed on."""
 
     def __init__(self, process: 'subprocess.Popen', stdin: bytes, max_output: Optional[int],
                  on_output: Optional[OutputCallback]) -> None:
+        # Started with its three pipes (capture, capture_stderr, input): none of them is None.
+        assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         self.process = process
+        self.stdin_pipe = process.stdin
         self.max_output = max_output
         self.on_output = on_output
         self.selector = selectors.DefaultSelector()
-        self.stdin = _pipe(process.stdin, 'stdin')
-        self.streams = {_pipe(process.stdout, 'stdout').fileno(): 'stdout',
-                        _pipe(process.stderr, 'stderr').fileno(): 'stderr'}
+        self.streams = {process.stdout.fileno(): 'stdout', process.stderr.fileno(): 'stderr'}
         for fd in self.streams:
             _grow_pipe(fd)
             os.set_blocking(fd, False)
             self.selector.register(fd, selectors.EVENT_READ)
         self.pending_input = memoryview(stdin)
-        self.stdin_fd = self.stdin.fileno()
+        self.stdin_fd = self.stdin_pipe.fileno()
         if self.pending_input:
             os.set_blocking(self.stdin_fd, False)
             self.selector.register(self.stdin_fd, selectors.EVENT_WRITE)
         else:
-            self.stdin.close()
+            self.stdin_pipe.close()
         self.emitted = {'stdout': 0, 'stderr': 0}
         self.truncated = {'stdout': False, 'stderr': False}
         self.buffer = ReadBuffer(CHUNK_SIZE)  # reused by every read of both pipes
@@ -161,7 +156,7 @@ class _Pipes(object):
             self.pending_input = memoryview(b'')
         if not self.pending_input:
             self.selector.unregister(self.stdin_fd)
-            self.stdin.close()
+            self.stdin_pipe.close()
 
     def _read_output(self, fd: int) -> bool:
         """Read one chunk from ``fd`` and hand it on; False when there was nothing to read."""
@@ -213,7 +208,7 @@ class _Supervisor(object):
         self.pipes = pipes
         self.marker = marker
         self.name = name
-        self.deadline = None if timeout is None else time.monotonic() + timeout
+        self.deadline = Deadline(timeout)
         self.cancelled = cancelled
         self.kill_grace = kill_grace
         self.result = result
@@ -261,7 +256,7 @@ class _Supervisor(object):
         if self.exited and not self.stopping:
             if self._is_cancelled:  # the command is over: only the reading is left to stop
                 self.read_until = now
-        elif not self.stopping and (self._is_cancelled or (self.deadline is not None and now >= self.deadline)):
+        elif not self.stopping and (self._is_cancelled or self.deadline.expired):
             self.stopping = True
             self.result.cancelled = self._is_cancelled
             self.result.timed_out = not self.result.cancelled
@@ -281,7 +276,7 @@ class _Supervisor(object):
 
     def _next_event(self, now: float) -> float:
         events = [now + self.POLL_INTERVAL, self.read_until, None if self.killed else self.kill_at,
-                  None if self.stopping or self.exited else self.deadline]
+                  None if self.stopping or self.exited else self.deadline.at]
         return min(t for t in events if t is not None)
 
     def _wait(self, timeout: float) -> None:
@@ -318,7 +313,7 @@ def _start(argv: List[str], environment: Optional[Dict[str, str]], directory: st
     command_environment = clean_environment(environment)
     command_environment[MARKER_VARIABLE] = marker
     program = ExternalProgram(argv, environment=command_environment, new_session=True, stdin=True,
-                              directory=directory, logger=logger)
+                              directory=directory, logger_name=__name__)
     with COMMANDS.starting():
         try:
             process = program.start()

@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, List, Optional
 
 from negotiator_common import __version__
 from negotiator_common.commands import CommandInfo, CommandRegistry, missing_command_message
+from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
 from negotiator_common.peerlog import Complaints, Cut
 from negotiator_common.errors import (
@@ -24,7 +25,7 @@ from negotiator_common.protocol import (
 from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
 from negotiator_common.slots import CommandSlots
 
-__all__ = ('AgentService', 'Limits', 'Policy', 'CAPABILITIES', 'RAW_CHUNK_SIZE')
+__all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'RAW_CHUNK_SIZE')
 
 logger = get_logger(__name__)
 
@@ -37,8 +38,11 @@ What ``hello`` announces: ``stream`` means ``execute`` can send its output as no
 RAW_CHUNK_SIZE = 1024 * 1024
 """The largest attachment this side sends: any receiver with the default line length (16 MiB) takes it."""
 
-Policy = Callable[[str, str], bool]
-"""``policy(peer, command_name)``: may this peer run this command?"""
+CommandFilter = Callable[[str, str], bool]
+"""
+``policy(peer, command_name)``: may this peer run this command? The host daemon passes the
+methods of its :class:`negotiator_host.policy.Policy`; the guest allows every command.
+"""
 
 
 class Limits(object):
@@ -62,6 +66,7 @@ class Limits(object):
 
 
 def _allow_everything(peer: str, command: str) -> bool:
+    """The policy of an agent that offers every command it has to its one peer (the guest daemon's)."""
     return True
 
 
@@ -96,9 +101,9 @@ class AgentService(object):
     """
 
     def __init__(self, agent: str, registry: CommandRegistry, version: str = __version__,
-                 policy: Policy = _allow_everything, limits: Optional[Limits] = None,
+                 policy: CommandFilter = _allow_everything, limits: Optional[Limits] = None,
                  environment: Optional[Callable[[str], Dict[str, str]]] = None,
-                 builtin_policy: Optional[Policy] = None, slots: Optional[CommandSlots] = None) -> None:
+                 builtin_policy: Optional[CommandFilter] = None, slots: Optional[CommandSlots] = None) -> None:
         self.agent = agent
         self.version = version
         self.registry = registry
@@ -204,9 +209,9 @@ class AgentService(object):
     def _wait_for_slot(self, options: Dict[str, Any], context: CallContext) -> None:
         """Wait for one of the shared command slots; the time spent waiting comes off the command's timeout."""
         assert self.slots is not None
-        started = time.monotonic()
-        self.slots.acquire(context.peer, started + options['timeout'], context.cancelled)
-        options['timeout'] = max(0.0, options['timeout'] - (time.monotonic() - started))
+        deadline = Deadline(options['timeout'])
+        self.slots.acquire(context.peer, deadline, context.cancelled)
+        options['timeout'] = deadline.remaining()
 
     def _run(self, command: CommandInfo, options: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         collected = {'stdout': bytearray(), 'stderr': bytearray()}

@@ -21,9 +21,9 @@ so a guest's pings are answered while its commands wait.
 
 import collections
 import threading
-import time
-from typing import Deque, Dict, Optional
+from typing import Deque, Dict
 
+from negotiator_common.deadline import Deadline
 from negotiator_common.errors import ConnectionClosed, LimitExceeded
 from negotiator_common.lazylog import get_logger
 
@@ -75,12 +75,11 @@ class CommandSlots(object):
         """Requests waiting now."""
         return self._queued
 
-    def acquire(self, peer: str, deadline: Optional[float], cancelled: threading.Event) -> None:
+    def acquire(self, peer: str, deadline: Deadline, cancelled: threading.Event) -> None:
         """
         Take a slot for one of ``peer``'s commands, waiting in the queue if every slot is taken.
 
-        :raises LimitExceeded: the queue is full (at once), or ``deadline`` (a
-                               :func:`time.monotonic` value) passed while waiting.
+        :raises LimitExceeded: the queue is full (at once), or ``deadline`` passed while waiting.
         :raises ConnectionClosed: ``cancelled`` was set while waiting (the caller went away).
         """
         with self._lock:
@@ -97,15 +96,15 @@ class CommandSlots(object):
                       self._queued)
         self._wait(peer, waiter, deadline, cancelled)
 
-    def _wait(self, peer: str, waiter: _Waiter, deadline: Optional[float], cancelled: threading.Event) -> None:
+    def _wait(self, peer: str, waiter: _Waiter, deadline: Deadline, cancelled: threading.Event) -> None:
         while not waiter.granted.is_set():
             if cancelled.is_set():
                 self._leave(peer, waiter, ConnectionClosed('the caller went away while its command waited for a slot'))
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
+            if deadline.expired:
                 self._leave(peer, waiter, LimitExceeded(
                     'no command slot became free in time: %d commands run at once on this host, for all '
                     'guests together' % self.limit))
+            remaining = deadline.remaining()
             waiter.granted.wait(CANCEL_CHECK_INTERVAL if remaining is None else min(remaining, CANCEL_CHECK_INTERVAL))
 
     def _leave(self, peer: str, waiter: _Waiter, error: Exception) -> None:

@@ -17,9 +17,9 @@ import os
 import select
 import socket
 import threading
-import time
 from typing import Any, Dict, Optional, Sequence, Union
 
+from negotiator_common.deadline import NO_DEADLINE, Deadline
 from negotiator_common.errors import CallTimeout, ConnectionClosed
 
 __all__ = ('Transport', 'ReadBuffer', 'READ_SIZE')
@@ -89,7 +89,7 @@ class Transport(object):
     def closed(self) -> bool:
         return self._closed
 
-    def _wait(self, events: int, deadline: Optional[float]) -> int:
+    def _wait(self, events: int, deadline: Deadline) -> int:
         """Wait until the descriptor is ready for ``events``; return the poll flags seen."""
         # One poller per direction, made once: reads and writes each hold their own lock.
         poller = self._pollers.get(events)
@@ -101,24 +101,21 @@ class Transport(object):
         while True:
             if self._closed:
                 raise ConnectionClosed('channel closed locally')
-            if deadline is None:
-                timeout_ms = None
-            else:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise CallTimeout('channel not ready within the timeout')
-                timeout_ms = max(1, int(remaining * 1000))
+            if deadline.expired:
+                raise CallTimeout('channel not ready within the timeout')
+            remaining = deadline.remaining()
+            timeout_ms = None if remaining is None else max(1, int(remaining * 1000))
             for fd, flags in poller.poll(timeout_ms):
                 if fd == self.fd:
                     return flags
             # Only the wake-up pipe fired (or the poll timed out): loop to re-check.
 
-    def read(self, size: int = READ_SIZE, deadline: Optional[float] = None) -> bytes:
+    def read(self, size: int = READ_SIZE, deadline: Deadline = NO_DEADLINE) -> bytes:
         """
         Read up to ``size`` bytes; ``b''`` means end of stream (for a port: no host connected).
 
         Raises :class:`ConnectionClosed` when :meth:`close` is called while waiting, and
-        :class:`CallTimeout` when ``deadline`` (a :func:`time.monotonic` value) passes.
+        :class:`CallTimeout` when ``deadline`` passes.
         """
         with self._read_lock:
             while True:
@@ -132,7 +129,7 @@ class Transport(object):
                         return b''
                     raise
 
-    def write_all(self, data: Union[bytes, Sequence[bytes]], deadline: Optional[float] = None) -> None:
+    def write_all(self, data: Union[bytes, Sequence[bytes]], deadline: Deadline = NO_DEADLINE) -> None:
         """
         Write every byte, looping over partial writes (a port may take 32 KiB of 1 MiB).
 

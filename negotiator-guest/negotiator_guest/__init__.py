@@ -9,13 +9,9 @@ negotiator-guest: the guest half of negotiator, a generic KVM/QEMU guest agent.
 Importing this package is cheap and configures no logging (the CLI does that).
 """
 
-import logging
-
 __version__ = '0.1.0'
 
 __all__ = ('HostClient', '__version__')
-
-logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 
 def __getattr__(name: str) -> object:

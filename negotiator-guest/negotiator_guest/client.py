@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, List, Optional
 
 from negotiator_common.lazylog import get_logger
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
+from negotiator_common.deadline import Deadline
 from negotiator_common.endpoint import DEFAULT_TIMEOUT, Endpoint
 from negotiator_common.errors import ChannelBusy, ConnectionClosed
 from negotiator_common.transport import Transport
@@ -71,26 +72,22 @@ class HostClient(object):
 
     # Connecting.
 
-    def _bounded(self, seconds: float, deadline: Optional[float]) -> float:
-        end = time.monotonic() + seconds
-        return end if deadline is None else min(end, deadline)
-
-    def _open(self, deadline: Optional[float]) -> int:
+    def _open(self, deadline: Deadline) -> int:
         path = self.character_device or find_port((GUEST_TO_HOST_CHANNEL,), self.root)
-        give_up = self._bounded(self.busy_timeout, deadline)
+        give_up = deadline.capped(self.busy_timeout)
         while True:
             try:
                 fd = open_port(path)
                 break
             except ChannelBusy:
-                if time.monotonic() >= give_up:
+                if give_up.expired:
                     raise
                 logger.debug("%s is busy; retrying", path)
                 time.sleep(RETRY_INTERVAL)
         try:
-            give_up = self._bounded(self.connect_timeout, deadline)
+            give_up = deadline.capped(self.connect_timeout)
             while not host_connected(fd):
-                if time.monotonic() >= give_up:
+                if give_up.expired:
                     raise ConnectionClosed(
                         'the host side of %s is not connected: is negotiator-host --daemon running on the '
                         'host, and does it know this guest?' % path, {'path': path})
@@ -104,15 +101,14 @@ class HostClient(object):
         """Open the port and shake hands; return the connected :class:`AgentClient`."""
         if self._client is not None:
             return self._client
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        deadline = Deadline(self.timeout)
         endpoint = Endpoint(Transport(self._open(deadline)), name='host').start()
         try:
-            self.hello = endpoint.handshake(None if deadline is None else max(0.0, deadline - time.monotonic()),
-                                            agent='negotiator-guest')
+            self.hello = endpoint.handshake(deadline.remaining(), agent='negotiator-guest')
         except BaseException:
             endpoint.close()
             raise
-        self._client = AgentClient(endpoint, self.hello.get('limits'))
+        self._client = AgentClient(endpoint, self.hello)
         return self._client
 
     def close(self) -> None:
@@ -131,12 +127,13 @@ class HostClient(object):
     def _call(self, method: str, *args: Any, **kw: Any) -> Any:
         if self._client is not None:
             return getattr(self._client, method)(*args, **kw)
-        started = time.monotonic()
+        deadline = Deadline(kw['timeout'])
         client = self.connect()
         try:
-            if kw['timeout'] is not None:
-                # Connecting took part of the caller's time.
-                kw['timeout'] = max(0.001, kw['timeout'] - (time.monotonic() - started))
+            left = deadline.remaining()
+            if left is not None:
+                # Connecting took part of the caller's time (a timeout of 0 would be refused, not timed out).
+                kw['timeout'] = max(0.001, left)
             return getattr(client, method)(*args, **kw)
         finally:
             self.close()

@@ -40,8 +40,9 @@ import time
 from typing import Callable, List, Optional
 
 from negotiator_common.lazylog import get_logger
+from negotiator_common.deadline import NO_DEADLINE, Deadline
 from negotiator_common.dispatcher import Dispatcher
-from negotiator_common.endpoint import Endpoint
+from negotiator_common.endpoint import Endpoint, EndpointGroup
 from negotiator_common.processes import OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService
 from negotiator_common.signals import SignalQueue
@@ -82,7 +83,7 @@ class _CountingTransport(Transport):
 
     bytes_read = 0
 
-    def read(self, size: int = READ_SIZE, deadline: Optional[float] = None) -> bytes:
+    def read(self, size: int = READ_SIZE, deadline: Deadline = NO_DEADLINE) -> bytes:
         data = super().read(size, deadline)
         self.bytes_read += len(data)
         return data
@@ -141,6 +142,7 @@ class GuestDaemon(object):
         self.stop_timeout = stop_timeout
         self.root = root
         self.dispatcher = service.register(Dispatcher())
+        self.endpoints = EndpointGroup()
         self.sessions_served = 0
         self._session: Optional[_Session] = None
         self._signals = SignalQueue(STOP_SIGNALS + (signal.SIGIO, signal.SIGCHLD))
@@ -241,6 +243,7 @@ class GuestDaemon(object):
         assert self.fd is not None
         self.sessions_served += 1
         self._session = _Session(self.fd, self.dispatcher, self.sessions_served, self._signals.wake)
+        self.endpoints.add(self._session.endpoint)
         logger.debug("Host connected: session %d", self.sessions_served)
         self._sigio(False)
         self._session.start()
@@ -251,7 +254,7 @@ class GuestDaemon(object):
         logger.info("Stopping (%s)", reason)
         deadline = time.monotonic() + self.stop_timeout
         session, self._session = self._session, None
-        stop_serving([session.endpoint] if session is not None else [], self.dispatcher,
+        stop_serving([session.endpoint] if session is not None else [], self.endpoints,
                      'daemon stopping: %s' % reason, self.stop_timeout, STOP_KILL_WAIT)
         if session is not None:
             session.thread.join(max(0.1, deadline - time.monotonic()))

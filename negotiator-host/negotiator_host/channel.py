@@ -23,6 +23,7 @@ import time
 from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
+from negotiator_common.deadline import Deadline
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import (
     CallTimeout, ChannelBusy, ChannelNotFound, ConnectionClosed, NegotiatorError,
@@ -40,13 +41,11 @@ DEFAULT_TIMEOUT = 10.0
 logger = get_logger(__name__)  # lazy: a quick CLI call never imports logging
 
 
-def _remaining(deadline: Optional[float]) -> Optional[float]:
-    if deadline is None:
-        return None
-    left = deadline - time.monotonic()
-    if left <= 0:
+def _remaining(deadline: Deadline) -> Optional[float]:
+    """The time left for the next step of a call (None: no limit); :class:`CallTimeout` if none is left."""
+    if deadline.expired:
         raise CallTimeout('the timeout passed before the call could be made')
-    return left
+    return deadline.remaining()
 
 
 def connect_socket(path: str, timeout: Optional[float] = DEFAULT_TIMEOUT, name: str = '') -> socket.socket:
@@ -59,7 +58,7 @@ def connect_socket(path: str, timeout: Optional[float] = DEFAULT_TIMEOUT, name: 
     :class:`ChannelNotFound`.
     """
     label = name or path
-    deadline = None if timeout is None else time.monotonic() + timeout
+    deadline = Deadline(timeout)
     delay = 0.005
     while True:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -86,7 +85,7 @@ def connect_socket(path: str, timeout: Optional[float] = DEFAULT_TIMEOUT, name: 
         except OSError as exc:
             sock.close()
             raise ChannelNotFound('cannot connect to the channel socket of %s (%s): %s' % (label, path, exc)) from exc
-        if deadline is not None and time.monotonic() + delay > deadline:
+        if deadline.expires_within(delay):
             raise ChannelBusy('the channel of %s is busy: another client holds it (the socket serves one client at'
                               ' a time); try again later' % label)
         time.sleep(delay)
@@ -142,7 +141,7 @@ class GuestChannel(object):
         with self._lock:
             if self._client is not None and self._endpoint is not None and not self._endpoint.closed:
                 return self._client
-            deadline = None if timeout is None else time.monotonic() + timeout
+            deadline = Deadline(timeout)
             path = self.socket_path
             if path is None:
                 guest: Guest = find_guest(self.name, uri=self.uri, paths=self.paths,
@@ -161,7 +160,7 @@ class GuestChannel(object):
             except NegotiatorError:
                 endpoint.close('handshake failed')
                 raise
-            self._endpoint, self._client = endpoint, AgentClient(endpoint, self.agent_info.get('limits'))
+            self._endpoint, self._client = endpoint, AgentClient(endpoint, self.agent_info)
             return self._client
 
     def close(self) -> None:
@@ -190,14 +189,14 @@ class GuestChannel(object):
     def ping(self, timeout: Optional[float] = None) -> float:
         """The round-trip time of one ``ping``, in seconds (the connection is made first, untimed)."""
         timeout = self._call_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         client = self._connected_client(timeout)
         return client.ping(timeout=_remaining(deadline))
 
     def list_commands(self, timeout: Optional[float] = None) -> List[CommandDescription]:
         """The commands that the guest's agent offers (each with ``name``, ``builtin``, ``description``)."""
         timeout = self._call_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         client = self._connected_client(timeout)
         return client.list_commands(timeout=_remaining(deadline))
 
@@ -222,7 +221,7 @@ class GuestChannel(object):
         b'hello'
         """
         timeout = self._call_timeout(timeout)
-        deadline = None if timeout is None else time.monotonic() + timeout
+        deadline = Deadline(timeout)
         client = self._connected_client(timeout)
         return client.execute(command, *args, input=input, timeout=_remaining(deadline), check=check,
                               stdout=stdout, stderr=stderr, max_output=max_output)
@@ -274,53 +273,74 @@ def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[s
     ...     print(outcome.guest, outcome.result if outcome.ok else outcome.error)
     """
     items = list(guests)
-    interrupted = threading.Event()
-    owned: List[GuestChannel] = []
-    owned_lock = threading.Lock()
+    if not items:
+        return []
+    from concurrent.futures import ThreadPoolExecutor  # imported lazily: a one-guest call needs no pool
 
-    def channel_for(item: Union[str, Guest, GuestChannel]) -> GuestChannel:
-        if isinstance(item, GuestChannel):
-            return item
-        if isinstance(item, Guest):
-            channel = GuestChannel(item.name, socket_path=item.socket_for(channel_names), uri=uri, timeout=timeout,
-                                   channel_names=channel_names, paths=paths)
-        else:
-            channel = GuestChannel(item, uri=uri, timeout=timeout, channel_names=channel_names, paths=paths)
-        with owned_lock:
-            owned.append(channel)
-        return channel
+    calls = _GuestCalls(function, uri, timeout, paths, channel_names)
+    pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items))))
+    try:
+        outcomes = list(pool.map(calls.run, items))
+    except BaseException:
+        # Ctrl-C (or any exception) in the waiting thread: the calls are abandoned, their
+        # connections closed at once, and the workers are not waited for.
+        calls.interrupt()
+        pool.shutdown(wait=False)
+        raise
+    pool.shutdown()
+    return outcomes
 
-    def run(item: Union[str, Guest, GuestChannel]) -> GuestOutcome:
+
+class _GuestCalls(object):
+    """The calls of one :func:`map_guests`: a channel per guest (unless given one), closed after its call."""
+
+    def __init__(self, function: Callable[[GuestChannel], Any], uri: Optional[str], timeout: Optional[float],
+                 paths: Optional[LibvirtPaths], channel_names: Sequence[str]) -> None:
+        self.function = function
+        self.uri = uri
+        self.timeout = timeout
+        self.paths = paths
+        self.channel_names = channel_names
+        self.interrupted = threading.Event()
+        self.owned: List[GuestChannel] = []
+        self.owned_lock = threading.Lock()
+
+    def run(self, item: Union[str, Guest, GuestChannel]) -> GuestOutcome:
+        """Call the function for one guest; whatever it raises is kept in the outcome."""
         started = time.monotonic()
-        channel = channel_for(item)
+        channel = self._channel_for(item)
         try:
-            if interrupted.is_set():
+            if self.interrupted.is_set():
                 raise ConnectionClosed('the caller was interrupted before this guest was called')
             if isinstance(item, Guest) and channel.socket_path is None:
-                item.require_socket(channel_names)
-            return GuestOutcome(channel.name, result=function(channel), duration=time.monotonic() - started)
+                item.require_socket(self.channel_names)
+            return GuestOutcome(channel.name, result=self.function(channel), duration=time.monotonic() - started)
         except Exception as exc:
             return GuestOutcome(channel.name, error=exc, duration=time.monotonic() - started)
         finally:
             if channel is not item:
                 channel.close()
 
-    if not items:
-        return []
-    from concurrent.futures import ThreadPoolExecutor  # imported lazily: a one-guest call needs no pool
-
-    pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items))))
-    try:
-        outcomes = list(pool.map(run, items))
-    except BaseException:
-        # Ctrl-C (or any exception) in the waiting thread: the calls are abandoned. Closing
-        # their connections makes each agent cancel its command, and frees the workers at once
-        # instead of after every remote call has run its course; guests not yet called are not.
-        interrupted.set()
-        with owned_lock:
-            for channel in owned:
+    def interrupt(self) -> None:
+        """
+        Close every channel opened here, at once: each agent cancels its command, and the
+        workers are freed instead of waiting for every remote call to run its course; guests
+        not yet called are not called.
+        """
+        self.interrupted.set()
+        with self.owned_lock:
+            for channel in self.owned:
                 channel.close()
-        pool.shutdown(wait=False)
-        raise
-    pool.shutdown()
-    return outcomes
+
+    def _channel_for(self, item: Union[str, Guest, GuestChannel]) -> GuestChannel:
+        if isinstance(item, GuestChannel):
+            return item
+        if isinstance(item, Guest):
+            channel = GuestChannel(item.name, socket_path=item.socket_for(self.channel_names), uri=self.uri,
+                                   timeout=self.timeout, channel_names=self.channel_names, paths=self.paths)
+        else:
+            channel = GuestChannel(item, uri=self.uri, timeout=self.timeout, channel_names=self.channel_names,
+                                   paths=self.paths)
+        with self.owned_lock:
+            self.owned.append(channel)
+        return channel

@@ -17,18 +17,16 @@ that each guest gets the replies of its stopped commands; then the connections c
 
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict
+from typing import Callable, Dict
 
 from negotiator_common.dispatcher import Dispatcher
-from negotiator_common.endpoint import Endpoint
+from negotiator_common.endpoint import Endpoint, EndpointGroup
+from negotiator_common.lazylog import get_logger
 from negotiator_common.stopping import stop_serving
 from negotiator_common.transport import Transport
 
 from negotiator_host.channel import connect_socket
 from negotiator_host.mainloop import Job
-
-if TYPE_CHECKING:  # annotations only
-    import logging
 
 __all__ = ('GuestConnection', 'GuestConnections', 'STOP_GRACE', 'STOP_KILL_WAIT')
 
@@ -40,14 +38,17 @@ STOP_KILL_WAIT = 1.0
 
 
 class GuestConnection(object):
-    """The daemon's connection to one guest's channel: ``name``, socket ``path``, ``endpoint``, ``log``."""
+    """
+    The daemon's connection to one guest's channel: ``name``, socket ``path``, ``endpoint``, and
+    ``log``, the guest's own logger (a child of the logger ``log_name``, named after the guest).
+    """
 
-    def __init__(self, name: str, path: str, endpoint: Endpoint, log: 'logging.Logger') -> None:
+    def __init__(self, name: str, path: str, endpoint: Endpoint, log_name: str) -> None:
         self.name = name
         self.path = path
         self.endpoint = endpoint
         self.started = time.monotonic()
-        self.log = log
+        self.log = get_logger(log_name).getChild(name.replace('.', '_') or 'guest')
 
     @property
     def closed(self) -> bool:
@@ -67,16 +68,17 @@ class GuestConnections(Job):
     :param max_line_length: the longest line a guest may send.
     :param max_concurrent: requests that one guest may have running at once.
     :param on_end: called with each connection that ended, on its thread, once it is forgotten.
-    :param log: the daemon's logger: each guest logs through a child of it named after the guest.
+    :param log_name: the daemon's logger: each guest logs through a child of it named after the guest.
     """
 
     def __init__(self, dispatcher: Dispatcher, max_line_length: int, max_concurrent: int,
-                 on_end: Callable[[GuestConnection], None], log: 'logging.Logger') -> None:
+                 on_end: Callable[[GuestConnection], None], log_name: str) -> None:
         self.dispatcher = dispatcher
         self.max_line_length = max_line_length
         self.max_concurrent = max_concurrent
         self.on_end = on_end
-        self.log = log
+        self.log_name = log_name
+        self.endpoints = EndpointGroup()  # every guest's connection, until its last reply is out
         self._connections: Dict[str, GuestConnection] = {}
         self._lock = threading.Lock()
 
@@ -89,7 +91,8 @@ class GuestConnections(Job):
         sock = connect_socket(path, timeout, name)
         endpoint = Endpoint(Transport.from_socket(sock), self.dispatcher, name=name,
                             max_line_length=self.max_line_length, max_concurrent=self.max_concurrent)
-        connection = GuestConnection(name, path, endpoint, self.log.getChild(name.replace('.', '_') or 'guest'))
+        self.endpoints.add(endpoint)
+        connection = GuestConnection(name, path, endpoint, self.log_name)
         with self._lock:
             old = self._connections.get(name)
             self._connections[name] = connection
@@ -133,5 +136,5 @@ class GuestConnections(Job):
         """Stop serving every guest: cancel, wait for the replies (bounded), close."""
         with self._lock:
             connections, self._connections = list(self._connections.values()), {}
-        stop_serving([c.endpoint for c in connections], self.dispatcher, 'the host daemon is stopping',
+        stop_serving([c.endpoint for c in connections], self.endpoints, 'the host daemon is stopping',
                      STOP_GRACE, STOP_KILL_WAIT)

@@ -138,7 +138,7 @@ class HostDaemon(object):
         self.dispatcher = Dispatcher()
         self.service.register(self.dispatcher)
         self._connections = GuestConnections(self.dispatcher, self.limits.max_line_length, max_concurrent,
-                                             on_end=self._connection_ended, log=logger)
+                                             on_end=self._connection_ended, log_name=__name__)
         self._backoff = Backoff()
         self._loop = MainLoop()
         self._rescans = DelayedCall(self.rescan, self._loop.wake)
