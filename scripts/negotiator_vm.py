@@ -13,7 +13,8 @@ Every guest gets a unique name (``negotiator-test-`` plus a random suffix, or a 
 a console log in its work directory and one ``<channel type='unix'>`` per channel name, whose
 host-side UNIX socket path libvirt chooses (see :meth:`Guest.channel_path`).
 
-Library use (standard library only, Python 3.6+)::
+Library use (standard library and ``negotiator_common.channels``, which it takes from the
+repository when negotiator-common is not installed; Python 3.6+)::
 
     import negotiator_vm
     negotiator_vm.ensure_host()
@@ -30,7 +31,8 @@ Command line::
 ``start`` prints the guest's name, work directory, console log and channel socket paths;
 ``remove`` destroys and undefines guests and deletes their work directories; ``list`` shows the
 guests whose names start with the prefix; ``cleanup`` removes those whose starting process is gone
-(leftovers of a crashed run; ``--all``: every one).
+(leftovers of a crashed run), but not those kept on purpose (``scripts/demo --keep``); ``--all``:
+every one.
 """
 
 import argparse
@@ -48,6 +50,17 @@ import time
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
+SCRIPTS = os.path.dirname(os.path.abspath(__file__))
+
+# The channel names and their XML come from negotiator-common. The demo imports this module with
+# Debian's python3 before any virtual environment exists: the repository's copy serves then
+# (appended to the path, so an installed negotiator-common comes first).
+try:
+    from negotiator_common.channels import GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNEL, channel_xml
+except ImportError:
+    sys.path.append(os.path.join(os.path.dirname(SCRIPTS), 'negotiator-common'))
+    from negotiator_common.channels import GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNEL, channel_xml
+
 __all__ = (
     'DEFAULT_CHANNELS',
     'DEFAULT_PREFIX',
@@ -59,10 +72,12 @@ __all__ = (
     'build_guest',
     'ensure_host',
     'list_guests',
+    'owner_pid',
     'remove_guest',
     'remove_stale_guests',
     'start_guest',
     'AGENT_READY',
+    'AgentAnswer',
     'agent_guest_files',
     'start_agent_guest',
 )
@@ -70,14 +85,19 @@ __all__ = (
 logger = logging.getLogger(__name__)
 logger.addHandler(logging.NullHandler())
 
-SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_PREFIX = 'negotiator-test-'
 DEFAULT_URI = 'qemu:///system'
-DEFAULT_CHANNELS = ('negotiator-host-to-guest.0', 'negotiator-guest-to-host.0')
+DEFAULT_CHANNELS = (HOST_TO_GUEST_CHANNEL, GUEST_TO_HOST_CHANNEL)
 #: Parent of the guests' work directories; never a tmpfs in the guest (see test-guest-init).
 WORK_ROOT = '/var/tmp/negotiator-vm'
 
 GuestImage = collections.namedtuple('GuestImage', 'kernel initrd')
+
+AgentAnswer = collections.namedtuple('AgentAnswer', 'output tries')
+"""What :meth:`Guest.wait_for_agent` got: the line ``negotiator-host --ping`` printed, after how many tries."""
+
+#: A file in a guest's work directory that keeps it from :func:`remove_stale_guests` (:meth:`Guest.keep`).
+KEPT_MARK = 'kept'
 
 
 class VMError(Exception):
@@ -143,10 +163,7 @@ def _random_suffix(length=8):
 
 
 def _domain_xml(name, image, cmdline, channels, memory_mib, console_log):
-    channel_xml = ''.join(
-        "    <channel type='unix'><source mode='bind'/>"
-        "<target type='virtio' name=%s/></channel>\n" % quoteattr(channel)
-        for channel in channels)
+    channels_xml = ''.join('    %s\n' % channel_xml(channel) for channel in channels)
     return """<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{memory}</memory>
@@ -169,7 +186,7 @@ def _domain_xml(name, image, cmdline, channels, memory_mib, console_log):
   </devices>
 </domain>
 """.format(name=escape(name), memory=int(memory_mib), kernel=escape(image.kernel),
-           initrd=escape(image.initrd), cmdline=escape(cmdline), channels=channel_xml,
+           initrd=escape(image.initrd), cmdline=escape(cmdline), channels=channels_xml,
            log=quoteattr(console_log))
 
 
@@ -294,6 +311,37 @@ class Guest(object):
         """Destroy and undefine the guest and delete its work directory; safe to call twice."""
         remove_guest(self.name, uri=self.uri)
 
+    def keep(self):
+        """Keep this guest from :func:`remove_stale_guests` once its starting process is gone."""
+        open(os.path.join(self.workdir, KEPT_MARK), 'w').close()
+
+    def wait_for_agent(self, bindir, timeout=120.0, interval=0.5):
+        """
+        Wait until the agent in this guest answers ``negotiator-host --ping`` (the one in
+        ``bindir``) and return an :class:`AgentAnswer`.
+
+        Why the CLI: the demo waits from an interpreter that has no negotiator installed, the
+        tests and the benchmark from its virtual environment, and all of them wait for what a
+        user's first call needs. The agent's Python starts slowly (over 9p, under TCG), hence
+        the retries. Raises VMError with the console's tail at the timeout, or as soon as the
+        guest has stopped.
+        """
+        argv = [os.path.join(bindir, 'negotiator-host'), '--connect', self.uri, '--ping', '--timeout', '3', self.name]
+        deadline = time.monotonic() + timeout
+        tries = 0
+        while True:
+            tries += 1
+            result = _run(argv, check=False, timeout=30)
+            if result.returncode == 0:
+                return AgentAnswer(result.stdout.strip(), tries)
+            if time.monotonic() >= deadline:
+                raise VMError('the agent in %s did not answer within %.0f s (last: %s); console tail:\n%s'
+                              % (self.name, timeout, (result.stderr or result.stdout).strip(), self.console_tail()))
+            if not self._domain_active():
+                raise VMError('guest %s stopped before its agent answered; console tail:\n%s'
+                              % (self.name, self.console_tail()))
+            time.sleep(interval)
+
 
 def remove_guest(name, uri=DEFAULT_URI):
     """Destroy and undefine guest ``name`` and delete its work directory, whatever is left."""
@@ -322,14 +370,19 @@ def list_guests(prefix=DEFAULT_PREFIX, uri=DEFAULT_URI):
                   if line.strip().startswith(prefix))
 
 
-def _owner_alive(name):
-    """Whether the process that started guest ``name`` (recorded in its work directory) lives."""
+def owner_pid(name):
+    """The pid of the process that started guest ``name`` (recorded in its work directory), or None."""
     try:
         with open(os.path.join(WORK_ROOT, name, 'owner.pid')) as handle:
-            pid = int(handle.read().strip())
+            return int(handle.read().strip())
     except (IOError, OSError, ValueError):
-        return False
-    if pid == os.getpid():
+        return None
+
+
+def _owner_alive(name):
+    """Whether another process that started guest ``name`` still lives (this one's guests are stale to it)."""
+    pid = owner_pid(name)
+    if pid is None or pid == os.getpid():
         return False
     try:
         os.kill(pid, 0)
@@ -344,17 +397,22 @@ def remove_stale_guests(prefix=DEFAULT_PREFIX, uri=DEFAULT_URI, all_owners=False
     """
     Remove guests (and work directories) left by earlier runs and return their names.
 
-    By default a guest whose starting process is still alive (another test session running
-    at the same time) is kept; ``all_owners=True`` removes every guest with the prefix.
+    By default a guest whose starting process is still alive (another test session or demo
+    running at the same time, whose work directory may not be a defined guest yet) is kept, and
+    so is a guest kept on purpose (:meth:`Guest.keep`); ``all_owners=True`` removes every guest
+    with the prefix.
     """
-    names = [name for name in list_guests(prefix, uri) if all_owners or not _owner_alive(name)]
+    def stale(name):
+        return all_owners or not (_owner_alive(name) or os.path.exists(os.path.join(WORK_ROOT, name, KEPT_MARK)))
+
+    names = [name for name in list_guests(prefix, uri) if stale(name)]
     for name in names:
         logger.info('removing stale guest %s', name)
         remove_guest(name, uri=uri)
     defined = set(list_guests(prefix, uri))
     if os.path.isdir(WORK_ROOT):
         for entry in os.listdir(WORK_ROOT):
-            if entry.startswith(prefix) and entry not in defined:
+            if entry.startswith(prefix) and entry not in defined and stale(entry):
                 shutil.rmtree(os.path.join(WORK_ROOT, entry), ignore_errors=True)
     return names
 
@@ -452,7 +510,7 @@ def start_agent_guest(bindir, commands=None, supervised=True, daemon_args=(), **
     Start a guest that runs ``negotiator-guest --daemon`` (see :func:`agent_guest_files`) and
     wait until its init script has started it; other arguments go to :func:`start_guest`.
     The daemon itself needs a few seconds more to start (Python over 9p under TCG): callers
-    wait for its first answer (e.g. ``negotiator-host --ping``) with a retry.
+    wait for its first answer with :meth:`Guest.wait_for_agent`.
     """
     boot_timeout = kwargs.pop('boot_timeout', 90)
     init_script, files = agent_guest_files(bindir, commands, supervised, daemon_args)
@@ -485,11 +543,11 @@ def main(argv=None):
     remove.add_argument('names', nargs='+')
     for command in ('list', 'cleanup'):
         sub = commands.add_parser(command, help='list guests' if command == 'list'
-                                  else 'remove leftover guests (whose starting process is gone)')
+                                  else 'remove leftover guests (whose starting process is gone, unless kept)')
         sub.add_argument('--prefix', default=DEFAULT_PREFIX, help='guest name prefix')
         if command == 'cleanup':
             sub.add_argument('--all', action='store_true',
-                             help='also guests whose starting process still runs')
+                             help='also guests whose starting process still runs, and kept ones')
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format='%(message)s')

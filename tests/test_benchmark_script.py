@@ -1,14 +1,17 @@
 """
-The parts of scripts/benchmark that run without a VM: its workloads and its floor client.
+The parts of scripts/benchmark that run without a VM: its workloads, its floor client, its
+command line and exit statuses, and its many-guests figure over daemons on ptys.
 
 The benchmark itself boots a guest and is run by hand (docs/benchmark.rst); these tests keep
 what its figures rest on honest between runs: each guest command makes exactly the output
 its figure says, and the "floor of any Python client" program gets the same listing from a
-real agent as ``negotiator-host --list-commands`` does.
+real agent as ``negotiator-host --list-commands`` does. Its figures are read, never asserted:
+a run that measured exits 0 or 1 (a target missed), one that failed exits 2.
 """
 
 import importlib.machinery
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -65,3 +68,49 @@ def test_the_floor_client_lists_what_the_agent_offers(benchmark, commands):
     finally:
         agent.stop()
     assert listed == expected and 'ddout' in listed
+
+
+def run_script(*args):
+    return subprocess.run([sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=300)
+
+
+def test_the_usage_shows_the_options_it_takes_and_the_exit_statuses():
+    result = run_script('--help')
+    assert result.returncode == 0, result.stderr
+    for option in ('--quick', '--json-out FILE', '--venv PATH', '--real-guests N', '--fleet N', '--fleet-only'):
+        assert option in result.stdout, option
+    assert ' -v' not in result.stdout
+    assert ('Exit status: 0 when every target passed, 1 when one missed, 2 when the run itself failed'
+            in result.stdout)
+
+
+def test_an_option_it_does_not_take_is_a_usage_error():
+    result = run_script('-v')
+    assert result.returncode == 2
+    assert 'unrecognized arguments: -v' in result.stderr
+
+
+def test_a_run_that_fails_exits_2_and_writes_no_figures(benchmark, monkeypatch, tmp_path, capsys):
+    class FailingFleet(object):
+        def __init__(self, python, count, real_guests=()):
+            raise RuntimeError('no pseudo-terminal left')
+
+    monkeypatch.setattr(benchmark, 'FakeFleet', FailingFleet)
+    out = tmp_path / 'figures.json'
+    # --venv is this environment: the benchmark runs here, without re-executing itself.
+    status = benchmark.main(['--fleet-only', '--fleet', '2', '--quick', '--venv', sys.prefix, '--json-out', str(out)])
+    assert status == benchmark.EXIT_FAILED == 2
+    assert 'benchmark: failed: no pseudo-terminal left' in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_the_many_guests_figure_runs_without_a_vm(tmp_path):
+    out = tmp_path / 'figures.json'
+    result = run_script('--fleet-only', '--fleet', '2', '--quick', '--venv', sys.prefix, '--json-out', str(out))
+    assert result.returncode in (0, 1), result.stderr  # 1: the target was missed (figures are not asserted)
+    document = json.loads(out.read_text())
+    assert document['fleet_only'] is True
+    assert [figure['key'] for figure in document['figures']] == ['many_guests']
+    assert document['figures'][0]['negotiator'] > 0
+    assert '| --all --list-commands, 2 daemons + 0 real guests |' in result.stdout

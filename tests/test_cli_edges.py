@@ -25,7 +25,8 @@ from negotiator_common.transport import Transport
 from negotiator_guest import cli as guest_cli
 from negotiator_host.cli import MAX_PENDING_LINE, _LinePrefixer
 
-from test_host_support import FakeLibvirt, start_agents, start_odd_agent
+from fake_libvirt import FakeLibvirt
+from test_host_support import start_agents, start_odd_agent
 from measuring import peak_rss, start_measured
 from waiting import process_alive, wait_until
 

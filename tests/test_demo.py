@@ -4,7 +4,8 @@ The README's first command, ``scripts/demo``, run for real: one run, checked ste
 Why: the demo is what a newcomer runs first; if it breaks, nothing else in the README is
 believed. It boots a real guest, so it runs in ``tox -e e2e`` (marker ``vm``), and like the other
 end-to-end tests it fails, never skips, when the guest cannot boot: the demo's own output (which
-names the failed step and why) is in the failure message.
+names the failed step and why) is in the failure message. Its command line (usage text, usage
+errors) is checked without a VM.
 """
 
 import os
@@ -32,6 +33,30 @@ def _step(steps, start):
     matches = [text for title, text in steps.items() if title.startswith(start)]
     assert matches, 'the demo printed no step starting with %r; steps: %s' % (start, list(steps))
     return matches[0]
+
+
+def run_demo(*args):
+    return subprocess.run([DEMO] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True, timeout=60)
+
+
+def test_the_usage_shows_the_options_and_the_exit_statuses():
+    result = run_demo('--help')
+    assert result.returncode == 0, result.stderr
+    assert '--keep' in result.stdout and '--venv DIR' in result.stdout
+    assert 'Exit status: 0 when every step worked, 1 when one failed' in result.stdout
+    assert '2 for a usage error' in result.stdout
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--verbose'], 'unrecognized arguments: --verbose'),
+    (['--venv', '/tmp/demo-venv'], 'is under /tmp, which the guest does not share'),
+])
+def test_a_usage_error_exits_2_before_anything_is_done(args, message):
+    result = run_demo(*args)
+    assert result.returncode == 2
+    assert message in result.stdout + result.stderr
+    assert not os.path.exists('/tmp/demo-venv')
 
 
 @pytest.mark.vm

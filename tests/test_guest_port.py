@@ -13,12 +13,10 @@ import stat
 
 import pytest
 
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNELS
 from negotiator_common.errors import ChannelBusy, ChannelNotFound
 from negotiator_guest import port
-from negotiator_guest.port import (
-    FALLBACK_DEVICE, GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNELS, candidate_paths, find_port, host_connected,
-    open_port,
-)
+from negotiator_guest.port import FALLBACK_DEVICE, candidate_paths, find_port, host_connected, open_port
 
 
 def make_tree(root, udev=(), sysfs=(), devices=()):

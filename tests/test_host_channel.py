@@ -14,9 +14,8 @@ from negotiator_common.errors import (
 from negotiator_host import GuestChannel, LibvirtPaths, list_guests, map_guests
 from negotiator_host.channel import connect_socket
 
-from test_host_support import (
-    GUEST_COMMANDS, FakeGuestAgent, FakeLibvirt, listening_socket, make_commands_dir, short_tempdir, start_agents,
-)
+from fake_libvirt import FakeLibvirt, listening_socket
+from test_host_support import GUEST_COMMANDS, FakeGuestAgent, make_commands_dir, short_tempdir, start_agents
 
 
 @pytest.fixture

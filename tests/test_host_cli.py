@@ -10,7 +10,8 @@ import pytest
 
 from negotiator_host import cli
 
-from test_host_support import FakeLibvirt, start_agents
+from fake_libvirt import FakeLibvirt
+from test_host_support import start_agents
 
 
 @pytest.fixture

@@ -9,15 +9,17 @@ import time
 
 import pytest
 
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.client import AgentClient
 from negotiator_common.errors import CommandNotFound
 from negotiator_common.transport import Transport
 from negotiator_host.daemon import HostDaemon
-from negotiator_host.discovery import GUEST_TO_HOST_CHANNEL, LibvirtPaths
+from negotiator_host.discovery import LibvirtPaths
 from negotiator_host.policy import Policy, PolicyError
 
-from test_host_support import GUEST_COMMANDS, FakeLibvirt, listening_socket, make_commands_dir, short_tempdir
+from fake_libvirt import FakeLibvirt, listening_socket
+from test_host_support import GUEST_COMMANDS, make_commands_dir, short_tempdir
 from waiting import process_alive, wait_until
 
 

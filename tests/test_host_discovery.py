@@ -5,13 +5,14 @@ import time
 
 import pytest
 
+from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.errors import ChannelNotFound, GuestNotFound
 from negotiator_host.discovery import (
-    HOST_TO_GUEST_CHANNELS, run_virsh, LibvirtPaths, LibvirtUnavailable, find_guest, list_guests, parse_domain_xml,
+    run_virsh, LibvirtPaths, LibvirtUnavailable, find_guest, list_guests, parse_domain_xml,
     parse_virsh_list,
 )
 
-from test_host_support import FakeLibvirt, status_xml
+from fake_libvirt import FakeLibvirt, status_xml
 
 ODD_NAMES = ['web-1', 'db.prod.example', 'gäste-ß-ünïcode', 'a', 'x-y.z_w']
 

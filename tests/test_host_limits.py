@@ -7,12 +7,14 @@ import threading
 
 import pytest
 
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
 from negotiator_common.errors import InvalidParams, LimitExceeded, NegotiatorError
 from negotiator_host.daemon import DEFAULT_MAX_TIMEOUT, HostDaemon
-from negotiator_host.discovery import GUEST_TO_HOST_CHANNEL, LibvirtPaths
+from negotiator_host.discovery import LibvirtPaths
 
 from test_host_daemon import FakeGuestSide
-from test_host_support import GUEST_COMMANDS, FakeLibvirt, make_commands_dir, short_tempdir
+from fake_libvirt import FakeLibvirt
+from test_host_support import GUEST_COMMANDS, make_commands_dir, short_tempdir
 from waiting import wait_until
 
 HOLD = '''

@@ -14,11 +14,13 @@ import time
 
 import pytest
 
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
 from negotiator_common.protocol import Request, Response, encode_message
 from negotiator_host.daemon import HostDaemon
-from negotiator_host.discovery import GUEST_TO_HOST_CHANNEL, LibvirtPaths
+from negotiator_host.discovery import LibvirtPaths
 
-from test_host_support import GUEST_COMMANDS, FakeLibvirt, listening_socket, make_commands_dir, short_tempdir
+from fake_libvirt import FakeLibvirt, listening_socket
+from test_host_support import GUEST_COMMANDS, make_commands_dir, short_tempdir
 from waiting import wait_until
 
 MiB = 1024 * 1024

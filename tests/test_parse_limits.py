@@ -12,14 +12,14 @@ import time
 
 import pytest
 
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import InvalidRequest, MessageTooLarge
 from negotiator_common.protocol import MAX_NESTING, MAX_VALUES, DecodeError, Request, parse_line
 from negotiator_common.transport import Transport
 from negotiator_common.turns import Turns, Usage
-from negotiator_host.discovery import GUEST_TO_HOST_CHANNEL
 
-from test_host_support import FakeLibvirt, listening_socket
+from fake_libvirt import FakeLibvirt, listening_socket
 from waiting import wait_until
 
 MIB = 1024 * 1024

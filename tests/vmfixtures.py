@@ -33,9 +33,7 @@ import sys
 
 import pytest
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts'))
-
-import negotiator_vm  # noqa: E402
+import negotiator_vm  # scripts/ is on the tests' path (pytest.ini)
 
 __all__ = ('GUEST_PYTHON', 'VENV_BIN', 'negotiator_vm', 'python_guest_script', 'start_agent', 'start_vm', 'vm_host',
            'wait_for_agent')
@@ -98,20 +96,11 @@ VENV_BIN = os.path.dirname(GUEST_PYTHON)
 
 
 def wait_for_agent(guest, timeout=90.0):
-    """Wait until the agent in ``guest`` answers a ping (Python starts slowly over 9p under TCG)."""
-    import time
-    from negotiator_host import GuestChannel
-    from negotiator_common.errors import NegotiatorError
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with GuestChannel(socket_path=guest.channel_path('negotiator-host-to-guest.0'), timeout=3) as channel:
-                return channel.ping()
-        except (NegotiatorError, negotiator_vm.VMError, OSError) as err:
-            if time.monotonic() >= deadline:
-                pytest.fail('the agent in %s did not answer within %s s (%s); console:\n%s'
-                            % (guest.name, timeout, err, guest.console_tail(40)), pytrace=False)
-            time.sleep(0.5)
+    """:meth:`negotiator_vm.Guest.wait_for_agent` with this environment's CLI; a test fails when it times out."""
+    try:
+        return guest.wait_for_agent(VENV_BIN, timeout=timeout)
+    except negotiator_vm.VMError as err:
+        pytest.fail(str(err), pytrace=False)
 
 
 @pytest.fixture

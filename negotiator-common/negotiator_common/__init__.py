@@ -4,6 +4,7 @@ negotiator-common: what the host and guest sides of negotiator share.
 - :mod:`~negotiator_common.protocol`: the wire protocol, with no I/O (line-delimited JSON-RPC 2.0).
 - :mod:`~negotiator_common.errors`: the one exception tree, with stable wire codes.
 - :mod:`~negotiator_common.deadline`: the one type that bounds every wait by a caller's timeout.
+- :mod:`~negotiator_common.channels`: the channel names, and the libvirt XML that makes them.
 - :mod:`~negotiator_common.transport`: bytes over one file descriptor (socket or port).
 - :mod:`~negotiator_common.endpoint`: requests out and in over a transport, routed by id.
 - :mod:`~negotiator_common.dispatcher`: the explicit registry of callable methods.

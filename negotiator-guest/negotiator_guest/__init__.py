@@ -6,7 +6,10 @@ negotiator-guest: the guest half of negotiator, a generic KVM/QEMU guest agent.
 - :mod:`~negotiator_guest.client`: :class:`HostClient`, the Python API for asking the host.
 - :mod:`~negotiator_guest.cli`: the ``negotiator-guest`` command.
 
-Importing this package is cheap and configures no logging (the CLI does that).
+Importing this package is cheap: it imports neither :mod:`logging` nor the modules above (a
+quick CLI call pays for what it uses). The library never configures logging (the CLI does), and
+its loggers (:func:`negotiator_common.lazylog.get_logger`) never print through logging's last
+resort.
 """
 
 __version__ = '0.1.0'

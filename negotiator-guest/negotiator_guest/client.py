@@ -23,6 +23,7 @@ import os
 import time
 from typing import Any, BinaryIO, List, Optional
 
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
 from negotiator_common.lazylog import get_logger
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
 from negotiator_common.deadline import Deadline
@@ -30,7 +31,7 @@ from negotiator_common.endpoint import DEFAULT_TIMEOUT, Endpoint
 from negotiator_common.errors import ChannelBusy, ConnectionClosed
 from negotiator_common.transport import Transport
 
-from negotiator_guest.port import GUEST_TO_HOST_CHANNEL, find_port, host_connected, open_port
+from negotiator_guest.port import find_port, host_connected, open_port
 
 __all__ = ('HostClient', 'BUSY_TIMEOUT', 'CONNECT_TIMEOUT', 'RETRY_INTERVAL')
 

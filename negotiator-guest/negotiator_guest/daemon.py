@@ -2,9 +2,9 @@
 The guest daemon: serve one host session after another on the port, until told to stop.
 
 A virtio-serial port has no ``accept()``. While no host client is connected, ``read()``
-returns 0 bytes at once and ``poll()`` reports POLLIN|POLLHUP at once (``DESIGN.md`` §5), so
-a read loop that simply retries spins at 100% CPU. The daemon therefore alternates between
-two states:
+returns 0 bytes at once and ``poll()`` reports POLLIN|POLLHUP at once (``docs/guest.rst``,
+"How the daemon behaves"), so a read loop that simply retries spins at 100% CPU. The daemon
+therefore alternates between two states:
 
 - **a session**: a new :class:`~negotiator_common.endpoint.Endpoint` reads and serves the
   port on a thread of its own until end of stream (the host client went away). A new
@@ -39,6 +39,7 @@ import threading
 import time
 from typing import Callable, List, Optional
 
+from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.lazylog import get_logger
 from negotiator_common.deadline import NO_DEADLINE, Deadline
 from negotiator_common.dispatcher import Dispatcher
@@ -49,7 +50,7 @@ from negotiator_common.signals import SignalQueue
 from negotiator_common.stopping import stop_serving
 from negotiator_common.transport import READ_SIZE, Transport
 
-from negotiator_guest.port import FALLBACK_DEVICE, HOST_TO_GUEST_CHANNELS, find_port, host_connected, open_port
+from negotiator_guest.port import FALLBACK_DEVICE, find_port, host_connected, open_port
 
 __all__ = ('GuestDaemon', 'wait_for_host', 'RECHECK_INTERVAL', 'STOP_TIMEOUT', 'STOP_KILL_WAIT', 'STOP_SIGNALS')
 

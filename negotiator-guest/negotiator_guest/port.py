@@ -18,21 +18,13 @@ import os
 import select
 from typing import List, Optional, Sequence
 
-from negotiator_common.lazylog import get_logger
+from negotiator_common.channels import channel_xml
 from negotiator_common.errors import ChannelBusy, ChannelNotFound
+from negotiator_common.lazylog import get_logger
 
-__all__ = (
-    'HOST_TO_GUEST_CHANNELS', 'GUEST_TO_HOST_CHANNEL', 'FALLBACK_DEVICE', 'OPEN_FLAGS',
-    'candidate_paths', 'find_port', 'open_port', 'host_connected', 'libvirt_xml',
-)
+__all__ = ('FALLBACK_DEVICE', 'OPEN_FLAGS', 'candidate_paths', 'find_port', 'open_port', 'host_connected')
 
 logger = get_logger(__name__)  # the library never prints through logging's last resort
-
-HOST_TO_GUEST_CHANNELS = ('negotiator-host-to-guest.0', 'negotiator-channel.0')
-"""The channels the daemon serves on, by preference: ours, then the seed's single channel."""
-
-GUEST_TO_HOST_CHANNEL = 'negotiator-guest-to-host.0'
-"""The channel a guest-side client uses to ask the host daemon."""
 
 FALLBACK_DEVICE = '/dev/vport0p1'
 """The daemon's last resort when no port carries one of its channel names."""
@@ -43,12 +35,6 @@ OPEN_FLAGS = os.O_RDWR | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, 'O_NOCTTY', 
 
 def _under(root: str, path: str) -> str:
     return os.path.join(root, path.lstrip('/'))
-
-
-def libvirt_xml(channel: str) -> str:
-    """The ``<channel>`` element that makes libvirt create the port ``channel``."""
-    return ("<channel type='unix'><source mode='bind'/>"
-            "<target type='virtio' name='%s'/></channel>" % channel)
 
 
 def _sysfs_ports(root: str) -> List[str]:
@@ -104,7 +90,7 @@ def find_port(names: Sequence[str], root: str = '/', fallback: Optional[str] = N
         "no virtio-serial port named %s in this guest (looked in /dev/virtio-ports and "
         "/sys/class/virtio-ports%s). Add %s to the guest's libvirt XML (virsh edit), then shut "
         "the guest down and start it again: a reboot does not add devices."
-        % (' or '.join(names), ', then %s' % fallback if fallback else '', libvirt_xml(names[0])),
+        % (' or '.join(names), ', then %s' % fallback if fallback else '', channel_xml(names[0])),
         {'channels': list(names)})
 
 

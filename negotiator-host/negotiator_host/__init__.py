@@ -27,6 +27,7 @@ Every error is a :class:`~negotiator_common.errors.NegotiatorError` (re-exported
 imported here, so that ``import negotiator_host`` stays quick.
 """
 
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNELS
 from negotiator_common.client import CommandDescription, ExecuteResult
 from negotiator_common.errors import (
     CallTimeout, ChannelBusy, ChannelNotFound, CommandFailed, CommandNotAllowed, CommandNotFound,
@@ -35,8 +36,7 @@ from negotiator_common.errors import (
 
 from negotiator_host.channel import DEFAULT_TIMEOUT, GuestChannel, GuestOutcome, connect_socket, map_guests
 from negotiator_host.discovery import (
-    GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNELS, Guest, LibvirtPaths, LibvirtUnavailable, default_uri,
-    find_guest, list_guests,
+    Guest, LibvirtPaths, LibvirtUnavailable, default_uri, find_guest, list_guests,
 )
 
 __version__ = '0.1.0'

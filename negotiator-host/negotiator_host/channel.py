@@ -22,6 +22,7 @@ import threading
 import time
 from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Union
 
+from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
 from negotiator_common.deadline import Deadline
 from negotiator_common.endpoint import Endpoint
@@ -31,7 +32,7 @@ from negotiator_common.errors import (
 from negotiator_common.lazylog import get_logger
 from negotiator_common.transport import Transport
 
-from negotiator_host.discovery import HOST_TO_GUEST_CHANNELS, Guest, LibvirtPaths, find_guest
+from negotiator_host.discovery import Guest, LibvirtPaths, find_guest
 
 __all__ = ('GuestChannel', 'GuestOutcome', 'map_guests', 'connect_socket', 'DEFAULT_TIMEOUT')
 
@@ -105,9 +106,10 @@ class GuestChannel(object):
     :param paths: libvirt's directories (tests use a fake tree).
 
     The connection opens at the first call (or :meth:`connect`) and closes with
-    :meth:`close` or at the end of a ``with`` block. If it closes under a call (the guest
-    stopped, the agent restarted), the call raises :class:`ConnectionClosed` and the next
-    call connects again.
+    :meth:`close` or at the end of a ``with`` block. Many threads may call at once: calls are
+    routed by id, so a slow command never delays a ``ping``. If the connection closes under a
+    call (the guest stopped, the agent restarted), the call raises :class:`ConnectionClosed`
+    and the next call connects again.
     """
 
     def __init__(self, name: Optional[str] = None, socket_path: Optional[str] = None, uri: Optional[str] = None,
@@ -182,7 +184,8 @@ class GuestChannel(object):
         return self.timeout if timeout is None else timeout
 
     def hello(self, timeout: Optional[float] = None) -> Dict[str, Any]:
-        """Connect if needed and return what the agent said in ``hello`` (``agent``, ``version``...)."""
+        """Connect if needed and return what the agent said in ``hello`` (``agent``, ``version``,
+        ``capabilities``, ``limits``)."""
         self._connected_client(self._call_timeout(timeout))
         return dict(self.agent_info)
 
@@ -205,17 +208,22 @@ class GuestChannel(object):
                 stderr: Optional[BinaryIO] = None, max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
         """
         Run ``command`` with ``args`` in the guest and return an :class:`ExecuteResult`
-        (``exit_status``, ``stdout``, ``stderr`` as bytes, ``duration``).
+        (``exit_status``, None when a signal ended the command: see ``signal``; ``stdout``,
+        ``stderr`` as bytes; ``duration``; the truncation flags and ``output_abandoned``).
 
         ``input`` (bytes) is the command's standard input. With ``stdout``/``stderr`` binary
-        file objects the output is written there as it arrives instead of being collected;
-        collected output keeps at most ``max_output`` bytes per stream (16 MiB by default,
-        :data:`~negotiator_common.client.DEFAULT_MAX_OUTPUT`), and ``stdout_truncated``/
-        ``stderr_truncated`` say when more was dropped, so a guest cannot make the host hold
-        more. ``timeout`` bounds the whole call (the guest kills the command a little earlier).
-        With ``check``, a non-zero exit status raises :class:`CommandFailed`. A request over
-        the limits the agent announced (input, arguments, timeout) or an argument that is not
-        valid UTF-8 raises :class:`UnsendableRequest` before anything is sent.
+        file objects the output is written there as it arrives instead of being collected; if
+        writing to them fails, the connection is closed (the guest cancels the command) and the
+        call raises that error. Collected output keeps at most ``max_output`` bytes per stream
+        (16 MiB by default, :data:`~negotiator_common.client.DEFAULT_MAX_OUTPUT`; None for no
+        bound, at your own risk), and ``stdout_truncated``/``stderr_truncated`` say when more
+        was dropped, so a guest cannot make the host hold more. ``timeout`` bounds the whole
+        call (None: the channel's; the guest kills the command a little earlier). With
+        ``check``, a non-zero exit status raises :class:`CommandFailed`. A request over the
+        limits the agent announced (input, arguments, timeout, line length) or an argument
+        that is not valid UTF-8 raises :class:`UnsendableRequest` before anything is sent; a
+        reply out of the spec (an exit status outside 0 to 255, a duration that is not a
+        number) raises :class:`~negotiator_common.errors.InvalidRequest`.
 
         >>> GuestChannel('web-1').execute('cat', input=b'hello').stdout
         b'hello'
@@ -228,7 +236,10 @@ class GuestChannel(object):
 
 
 class GuestOutcome(object):
-    """What :func:`map_guests` got from one guest: ``result`` or ``error`` (an exception)."""
+    """
+    What :func:`map_guests` got from one guest (``guest``, its name): ``result``, or ``error``
+    (the exception, kept, never raised), and the call's ``duration`` in seconds.
+    """
 
     __slots__ = ('guest', 'result', 'error', 'duration')
 
@@ -241,6 +252,7 @@ class GuestOutcome(object):
 
     @property
     def ok(self) -> bool:
+        """Whether the function returned (rather than raised)."""
         return self.error is None
 
     def value(self) -> Any:

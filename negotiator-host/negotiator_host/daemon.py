@@ -44,6 +44,7 @@ from typing import Dict, List, Optional, Sequence
 
 from negotiator_common import __version__
 from negotiator_common.lazylog import get_logger
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
 from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.errors import NegotiatorError
@@ -52,9 +53,7 @@ from negotiator_common.slots import DEFAULT_MAX_COMMANDS, DEFAULT_MAX_QUEUED, Co
 
 from negotiator_host.backoff import Backoff
 from negotiator_host.connections import GuestConnection, GuestConnections
-from negotiator_host.discovery import (
-    GUEST_TO_HOST_CHANNEL, Guest, LibvirtPaths, LibvirtUnavailable, default_uri, list_guests,
-)
+from negotiator_host.discovery import Guest, LibvirtPaths, LibvirtUnavailable, default_uri, list_guests
 from negotiator_host.events import EventWatcher
 from negotiator_host.mainloop import DelayedCall, Job, MainLoop
 from negotiator_host.policy import Policy

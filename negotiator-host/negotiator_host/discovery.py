@@ -22,21 +22,15 @@ run: the rest comes from the files of steps 1 and 2. The roots of those files ar
 
 import os
 import re
-from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
+from negotiator_common.channels import HOST_TO_GUEST_CHANNELS, channel_xml
 from negotiator_common.errors import ChannelNotFound, GuestNotFound, NegotiatorError
 
 __all__ = (
-    'HOST_TO_GUEST_CHANNELS', 'GUEST_TO_HOST_CHANNEL', 'DEFAULT_URI', 'SHORT_NAME_MAX', 'CHANNEL_XML',
-    'LibvirtUnavailable', 'LibvirtPaths', 'Guest', 'default_uri', 'run_virsh', 'list_guests',
-    'find_guest', 'parse_domain_xml', 'parse_virsh_list', 'missing_channel_message',
+    'DEFAULT_URI', 'SHORT_NAME_MAX', 'LibvirtUnavailable', 'LibvirtPaths', 'Guest', 'default_uri', 'run_virsh',
+    'list_guests', 'find_guest', 'parse_domain_xml', 'parse_virsh_list', 'missing_channel_message',
 )
-
-HOST_TO_GUEST_CHANNELS = ('negotiator-host-to-guest.0', 'negotiator-channel.0')
-"""Channels that the host CLI and API use, in order of preference (the second is the seed's name)."""
-
-GUEST_TO_HOST_CHANNEL = 'negotiator-guest-to-host.0'
-"""The channel on which the host daemon serves the guest's requests."""
 
 DEFAULT_URI = 'qemu:///system'
 
@@ -45,9 +39,6 @@ SHORT_NAME_MAX = 20
 
 VIRSH_TIMEOUT = 15.0
 """Seconds a ``virsh`` call may take before discovery gives up on it."""
-
-CHANNEL_XML = ("<channel type='unix'><source mode='bind'/>"
-               "<target type='virtio' name='%s'/></channel>")
 
 
 class LibvirtUnavailable(NegotiatorError):
@@ -140,7 +131,7 @@ class Guest(object):
 def missing_channel_message(name: str, channel: str) -> str:
     """The one-line explanation of a missing channel, with the XML to add."""
     return ("guest %s has no %s channel: add %s to its <devices> (virsh edit %s), then shut the guest"
-            " down and start it (a reboot does not add channels)" % (name, channel, CHANNEL_XML % channel, name))
+            " down and start it (a reboot does not add channels)" % (name, channel, channel_xml(channel), name))
 
 
 # Running virsh.
@@ -222,6 +213,63 @@ def parse_virsh_list(output: bytes) -> List[Guest]:
 
 # Reading libvirt's files.
 
+class _DomainReader(object):
+    """
+    The expat handlers of :func:`parse_domain_xml`: they note the domain's id, state, name and
+    channels as the elements go by, looking only at the ``<domain>`` at the top (or inside a
+    ``<domstatus>``), so that a name or channel elsewhere in the XML is never taken for the guest's.
+    """
+
+    def __init__(self) -> None:
+        self.state = ''
+        self.id_text: Optional[str] = None
+        self.domain: Optional[str] = None  # the path of <domain>: 'domain' or 'domstatus/domain'
+        self.name: Optional[str] = None
+        self.channels: Dict[str, str] = {}
+        self._stack: List[str] = []
+        self._channel: Dict[str, str] = {}
+        self._name_parts: List[str] = []
+
+    def _devices(self) -> str:
+        return '\0' if self.domain is None else self.domain + '/devices'
+
+    def start(self, tag: str, attributes: Dict[str, str]) -> None:
+        where = '/'.join(self._stack)
+        self._stack.append(tag)
+        if tag == 'domstatus' and where == '':
+            self.state = attributes.get('state', '')
+        elif tag == 'domain' and where in ('', 'domstatus'):
+            self.id_text = attributes.get('id')
+            self.domain = '/'.join(self._stack)
+        elif where == self._devices() and tag == 'channel':
+            self._channel.clear()
+        elif where == self._devices() + '/channel':
+            if tag == 'source' and attributes.get('path'):
+                self._channel['path'] = attributes['path']
+            elif tag == 'target' and attributes.get('name'):
+                self._channel['name'] = attributes['name']
+
+    def end(self, tag: str) -> None:
+        self._stack.pop()
+        where = '/'.join(self._stack)
+        if tag == 'channel' and where == self._devices():
+            if 'path' in self._channel and 'name' in self._channel:
+                self.channels[self._channel['name']] = self._channel['path']
+        elif tag == 'name' and where == self.domain:
+            self.name = ''.join(self._name_parts)
+
+    def data(self, text: str) -> None:
+        if self._stack and self._stack[-1] == 'name' and '/'.join(self._stack[:-1]) == self.domain:
+            self._name_parts.append(text)
+
+    def guest(self, fallback_name: Optional[str]) -> Guest:
+        """The guest that the XML described (with an id only when it runs)."""
+        id_text = self.id_text
+        guest_id = int(id_text) if id_text and id_text.isdigit() and int(id_text) > 0 else None
+        state = self.state or ('running' if guest_id is not None else 'shut off')
+        return Guest(self.name or fallback_name or '', guest_id, state, self.channels)
+
+
 def parse_domain_xml(text: bytes, fallback_name: Optional[str] = None) -> Guest:
     """
     Read a guest from a domain XML (``virsh dumpxml``) or a status XML (``<domstatus>``).
@@ -233,55 +281,18 @@ def parse_domain_xml(text: bytes, fallback_name: Optional[str] = None) -> Guest:
     """
     from xml.parsers import expat
 
-    found: Dict[str, Any] = {'state': '', 'id': None, 'name': None}
-    channels: Dict[str, str] = {}
-    stack: List[str] = []
-    channel: Dict[str, str] = {}
-    name_parts: List[str] = []
-
-    def start(tag: str, attributes: Dict[str, str]) -> None:
-        where = '/'.join(stack)
-        stack.append(tag)
-        if tag == 'domstatus' and where == '':
-            found['state'] = attributes.get('state', '')
-        elif tag == 'domain' and where in ('', 'domstatus'):
-            found['id'] = attributes.get('id')
-            found['domain'] = '/'.join(stack)
-        elif where == found.get('domain', '\0') + '/devices' and tag == 'channel':
-            channel.clear()
-        elif where == found.get('domain', '\0') + '/devices/channel':
-            if tag == 'source' and attributes.get('path'):
-                channel['path'] = attributes['path']
-            elif tag == 'target' and attributes.get('name'):
-                channel['name'] = attributes['name']
-
-    def end(tag: str) -> None:
-        stack.pop()
-        where = '/'.join(stack)
-        if tag == 'channel' and where == found.get('domain', '\0') + '/devices':
-            if 'path' in channel and 'name' in channel:
-                channels[channel['name']] = channel['path']
-        elif tag == 'name' and where == found.get('domain'):
-            found['name'] = ''.join(name_parts)
-
-    def data(text: str) -> None:
-        if stack and stack[-1] == 'name' and '/'.join(stack[:-1]) == found.get('domain'):
-            name_parts.append(text)
-
+    reader = _DomainReader()
     parser = expat.ParserCreate()
-    parser.StartElementHandler = start
-    parser.EndElementHandler = end
-    parser.CharacterDataHandler = data
+    parser.StartElementHandler = reader.start
+    parser.EndElementHandler = reader.end
+    parser.CharacterDataHandler = reader.data
     try:
         parser.Parse(text, True)
     except expat.ExpatError as exc:
         raise ValueError('not valid XML: %s' % exc) from exc
-    if 'domain' not in found:
+    if reader.domain is None:
         raise ValueError('no <domain> element')
-    id_text = found['id']
-    guest_id = int(id_text) if id_text and id_text.isdigit() and int(id_text) > 0 else None
-    state = found['state'] or ('running' if guest_id is not None else 'shut off')
-    return Guest(found['name'] or fallback_name or '', guest_id, state, channels)
+    return reader.guest(fallback_name)
 
 
 def _read_status(paths: LibvirtPaths, name: str) -> Optional[Guest]:
