@@ -117,7 +117,8 @@ def daemon_on_pty(tmp_path):
                                pass_fds=[master], stderr=subprocess.PIPE)
     process.port_fd = master  # the port's descriptor number, in the daemon too
     os.close(master)  # only the daemon holds the port now
-    time.sleep(0.6)  # interpreter start-up
+    # Until the daemon waits for a host (SIGIO armed on the port), or died.
+    assert wait_until(lambda: process.poll() is not None or port_flags(process) & os.O_ASYNC, timeout=10)
     assert process.poll() is None, process.stderr.read().decode()
     try:
         yield process, host, commands
@@ -205,12 +206,10 @@ def test_late_reply_of_a_departed_host_never_reaches_the_next(daemon_on_pty, tmp
     write_command(commands, 'slow', 'touch %s; sleep 0.7; echo late' % marker)
     host.connect()
     host.send({'jsonrpc': '2.0', 'id': 'old-1', 'method': 'execute', 'params': {'command': 'slow'}})
-    deadline = time.monotonic() + 3
-    while not marker.exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert marker.exists(), 'the command never started'
+    assert wait_until(marker.exists, timeout=3), 'the command never started'
     host.disconnect()  # the first host client vanishes mid-request
-    time.sleep(0.1)
+    # Until the daemon has seen that session end (it arms SIGIO again to wait for the next host).
+    assert wait_until(lambda: port_flags(process) & os.O_ASYNC, timeout=10)
     host.connect()
     host.send({'jsonrpc': '2.0', 'id': 'new-1', 'method': 'ping', 'params': {}})
     lines = host.lines(1.5)
@@ -234,22 +233,22 @@ def test_sigterm_kills_commands_releases_port_and_exits_zero(tmp_path):
     process = subprocess.Popen([sys.executable, '-m', 'negotiator_guest', '--daemon', '-c', name,
                                 '--commands-dir', str(commands), '-v'], stderr=subprocess.PIPE)
     try:
-        deadline = time.monotonic() + 5
-        while not host_connected(master) and time.monotonic() < deadline:
-            time.sleep(0.02)  # until the daemon has opened the port (the slave)
+        assert wait_until(lambda: host_connected(master))  # the daemon has opened the port (the slave)
         transport = Transport(master, close_fd=False)
         endpoint = Endpoint(transport, name='guest').start()
         endpoint.handshake(timeout=5.0)
         client = AgentClient(endpoint)
+        outcomes = {}
+        workers = []
         for command in ('obedient', 'stubborn'):
-            worker = threading.Thread(target=lambda c=command: result_or_error(client.execute, c, timeout=60))
+            worker = threading.Thread(target=lambda c=command: outcomes.update({c: result_or_error(client.execute, c,
+                                                                                             timeout=60)}))
             worker.daemon = True
             worker.start()
-        deadline = time.monotonic() + 5
-        while len(os.listdir(str(pids))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.1)
-        running = {n: int((pids / n).read_text()) for n in ('obedient', 'stubborn')}
+            workers.append(worker)
+        names = ('obedient', 'stubborn')
+        assert wait_until(lambda: all((pids / n).exists() and (pids / n).read_text().strip() for n in names))
+        running = {n: int((pids / n).read_text()) for n in names}
         assert all(process_alive(pid) for pid in running.values())
         started = time.monotonic()
         process.send_signal(signal.SIGTERM)
@@ -258,8 +257,11 @@ def test_sigterm_kills_commands_releases_port_and_exits_zero(tmp_path):
         log = process.stderr.read().decode()
         assert status == 0, log
         assert took < 2.0, 'took %.2f s to stop' % took
-        time.sleep(0.1)
-        assert not any(process_alive(pid) for pid in running.values()), log
+        assert wait_until(lambda: not any(process_alive(pid) for pid in running.values())), log
+        # Each caller got the reply of its stopped command before the session closed.
+        for worker in workers:
+            worker.join(5)
+        assert {n: getattr(o, 'signal', o) for n, o in outcomes.items()} == {'obedient': 15, 'stubborn': 9}, log
         # Released: with nobody holding the slave any more, the master reports POLLHUP.
         poller = select.poll()
         poller.register(master, select.POLLIN)

@@ -105,7 +105,8 @@ def test_follows_guests_through_libvirt_events(monkeypatch, host_commands):
         # libvirtd restarts: the watcher ends and is started again.
         watchers = len([i for i in fake.invocations() if 'event' in i])
         fake.set_down()
-        time.sleep(0.3)
+        watcher = os.path.join(fake.bin_dir, 'virsh') + ' .*event'
+        assert wait_until(lambda: not subprocess.run(['pgrep', '-f', watcher], stdout=subprocess.PIPE).stdout)
         fake.set_down(False)
         assert wait_until(lambda: len([i for i in fake.invocations() if 'event' in i]) > watchers, timeout=8)
     finally:
@@ -117,7 +118,9 @@ def test_follows_guests_through_libvirt_events(monkeypatch, host_commands):
         fake.cleanup()
 
 
-def test_sigterm_stops_cleanly_and_kills_commands(host_commands):
+def test_sigterm_stops_cleanly_kills_commands_and_replies_for_them(host_commands):
+    # The stop order of both daemons (negotiator_common.stopping): the guest whose command the
+    # stop killed gets that command's reply (ended by signal 15), not ConnectionClosed.
     fake = FakeLibvirt()
     path = fake.socket_path('victim', 3, GUEST_TO_HOST_CHANNEL)
     guest = FakeGuestSide(path)
@@ -125,18 +128,22 @@ def test_sigterm_stops_cleanly_and_kills_commands(host_commands):
     environ = fake.environ
     process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--commands-dir', host_commands],
                                env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    outcomes = []
     try:
         client = guest.accept(timeout=10)
-        caller = threading.Thread(target=lambda: result_or_error(client.execute, 'sleep', '30', timeout=60))
+        caller = threading.Thread(
+            target=lambda: outcomes.append(result_or_error(client.execute, 'sleep', '30', timeout=60)))
         caller.start()
-        time.sleep(0.5)
         pattern = os.path.join(host_commands, 'sleep') + ' 30'
-        children = subprocess.run(['pgrep', '-f', pattern], stdout=subprocess.PIPE).stdout.split()
+        children = wait_until(lambda: subprocess.run(['pgrep', '-f', pattern], stdout=subprocess.PIPE).stdout.split())
         assert children
         process.send_signal(signal.SIGTERM)
         assert process.wait(10) == 0
         assert wait_until(lambda: all(process_reaped(int(pid)) for pid in children))
         assert b'Stopping (signal 15)' in process.stderr.read()
+        caller.join(10)
+        assert len(outcomes) == 1 and getattr(outcomes[0], 'signal', None) == 15, outcomes
+        assert client.endpoint.wait_closed(5)
     finally:
         if process.poll() is None:
             process.kill()

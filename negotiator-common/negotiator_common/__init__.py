@@ -9,7 +9,10 @@ negotiator-common: what the host and guest sides of negotiator share.
 - :mod:`~negotiator_common.endpoint`: requests out and in over a transport, routed by id.
 - :mod:`~negotiator_common.dispatcher`: the explicit registry of callable methods.
 - :mod:`~negotiator_common.commands` and :mod:`~negotiator_common.runner`: which commands
-  exist, and how one runs (argv list, no shell, bounded in time and output).
+  exist, and how one runs (argv list, no shell, bounded in time and output), started through
+  :mod:`~negotiator_common.external`, the one module that knows executor's insides.
+- :mod:`~negotiator_common.signals` and :mod:`~negotiator_common.stopping`: what both daemons
+  share, their signal queue and the order in which they stop serving.
 - :mod:`~negotiator_common.service` and :mod:`~negotiator_common.client`: the four standard
   methods, served and called.
 

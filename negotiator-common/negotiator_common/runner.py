@@ -6,8 +6,7 @@ of a peer's arguments ever reaches a shell. It starts in a session of its own (s
 is its process group's id, and a timeout kills every process it started, not just the first)
 with exactly a small clean environment (``PATH``, ``LANG``, ``HOME`` and ``NEGOTIATOR_*``: the
 agent's own environment never leaks into a command). Both are set on the one ``fork``/``exec``
-that executor makes (:class:`_IsolatedCommand`): wrapper programs such as ``setsid`` and
-``env -i`` would cost two more ``exec`` calls per command, which is slow in an emulated guest.
+that executor makes (:class:`~negotiator_common.external.ExternalProgram` says how).
 Output is read as it comes and handed to a callback in chunks, so a 64 MiB output streams
 through without being held in memory twice.
 
@@ -23,7 +22,7 @@ import signal
 import subprocess
 import threading
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from negotiator_common.lazylog import get_logger
 from negotiator_common.deadline import Deadline
@@ -33,13 +32,16 @@ from negotiator_common.processes import (
 )
 from negotiator_common.transport import ReadBuffer
 
+if TYPE_CHECKING:  # annotations only: executor is imported when a command starts
+    from negotiator_common.external import ExternalProgram
+
 __all__ = ('ProcessResult', 'run_process', 'clean_environment', 'DEFAULT_PATH',
            'DEFAULT_KILL_GRACE', 'CHUNK_SIZE')
 
 logger = get_logger(__name__)  # the library never prints through logging's last resort
 
 DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
-"""The ``PATH`` a command sees (and where ``setsid`` and ``env`` are looked up)."""
+"""The ``PATH`` a command sees, whatever the agent's own (:func:`clean_environment`)."""
 
 DEFAULT_KILL_GRACE = 2.0
 """
@@ -87,23 +89,6 @@ def clean_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
             raise ValueError('only NEGOTIATOR_* variables may be added to a command environment: %r' % name)
         environment[name] = value
     return environment
-
-
-def _isolated_command(argv: List[str], environment: Dict[str, str], directory: str) -> object:
-    """An executor command for ``argv`` that starts in a new session with exactly ``environment``."""
-    from executor import ExternalCommand  # imported lazily: it costs tens of milliseconds
-
-    class _IsolatedCommand(ExternalCommand):
-        # executor merges the agent's own environment into the command's and has no option for
-        # a new session: both are set on the arguments it hands to subprocess.Popen.
-        def start_once(self, check: Optional[bool] = None, **kw: object) -> None:
-            kw['env'] = dict(environment)
-            kw['start_new_session'] = True
-            super().start_once(check=check, **kw)
-
-    return _IsolatedCommand(*argv, shell=False, asynchronous=True, capture=True, capture_stderr=True,
-                            buffered=False, input=True, check=False, directory=directory,
-                            silent=True, logger=logger)
 
 
 def _grow_pipe(fd: int) -> None:
@@ -321,21 +306,21 @@ def _signal_group(pid: int, signum: int) -> None:
 
 
 def _start(argv: List[str], environment: Optional[Dict[str, str]], directory: str,
-           marker: str) -> Tuple[object, 'subprocess.Popen']:
+           marker: str) -> Tuple['ExternalProgram', 'subprocess.Popen']:
     """Start the command and register it with :data:`~negotiator_common.processes.COMMANDS`."""
+    from negotiator_common.external import ExternalProgram  # imported lazily: executor costs tens of milliseconds
+
     command_environment = clean_environment(environment)
     command_environment[MARKER_VARIABLE] = marker
-    command = _isolated_command(argv, command_environment, directory)
+    program = ExternalProgram(argv, environment=command_environment, new_session=True, stdin=True,
+                              directory=directory, logger_name=__name__)
     with COMMANDS.starting():
         try:
-            command.start()
+            process = program.start()
         except OSError as exc:
             raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
-        process = command.subprocess
-        if process is None:  # executor turns ENOENT (e.g. a missing "#!" interpreter) into status 127
-            raise CommandNotFound('cannot start %s: it or its interpreter does not exist' % argv[0])
         COMMANDS.add(process.pid, marker)
-    return command, process
+    return program, process
 
 
 def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = None,
@@ -356,7 +341,7 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
     result = ProcessResult()
     started = time.monotonic()
     marker = new_marker()
-    command, process = _start(argv, environment, directory, marker)
+    program, process = _start(argv, environment, directory, marker)
     pipes = _Pipes(process, stdin, max_output, on_output)
     supervisor = _Supervisor(process, pipes, marker, argv[0], timeout, cancelled, kill_grace, result)
     completed = False
@@ -369,7 +354,7 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
         pipes.close()
         returncode = process.wait()
         COMMANDS.remove(process.pid)
-        command.cleanup()
+        program.close()
     result.duration = time.monotonic() - started
     result.stdout_bytes, result.stderr_bytes = pipes.emitted['stdout'], pipes.emitted['stderr']
     result.stdout_truncated, result.stderr_truncated = pipes.truncated['stdout'], pipes.truncated['stderr']

@@ -18,11 +18,13 @@ therefore alternates between two states:
   :data:`RECHECK_INTERVAL` seconds. After a wake-up, ``poll()`` with timeout 0 tells whether a
   host is connected (no POLLHUP), and a session starts.
 
-Signals are handled as gunicorn does: the handlers only queue the signal number; the main
-loop acts. SIGTERM and SIGINT take one shutdown path: close the session (which cancels its
-running commands: the runner sends their processes SIGTERM), wait for the handlers to
-finish, SIGKILL every process of a command still left near the deadline, release the port, and
-return exit status 0 within :data:`STOP_TIMEOUT` seconds (plus a little).
+Signals are handled as gunicorn does (:class:`~negotiator_common.signals.SignalQueue`): the
+handlers only queue the signal number; the main loop acts. SIGTERM and SIGINT take one shutdown
+path, in the order that both daemons share (:func:`~negotiator_common.stopping.stop_serving`):
+cancel the session's requests while the session stays open (the runner sends their commands'
+processes SIGTERM), wait for the handlers to finish, SIGKILL every process of a command still
+left at the deadline, let the replies go out, close the session, release the port, and return
+exit status 0 within :data:`STOP_TIMEOUT` seconds (plus a little).
 
 The daemon adopts the orphans of its commands (:func:`~negotiator_common.processes.adopt_orphans`),
 so that a process that left its command's group can still be found and killed; SIGCHLD makes
@@ -32,24 +34,25 @@ the main loop reap those that exit (:class:`~negotiator_common.processes.OrphanR
 import errno
 import fcntl
 import os
-import select
 import signal
 import threading
 import time
-from typing import Any, Callable, List, Optional
+from typing import Callable, List, Optional
 
 from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.lazylog import get_logger
 from negotiator_common.deadline import NO_DEADLINE, Deadline
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint, EndpointGroup
-from negotiator_common.processes import COMMANDS, OrphanReaper, adopt_orphans
+from negotiator_common.processes import OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService
+from negotiator_common.signals import SignalQueue
+from negotiator_common.stopping import stop_serving
 from negotiator_common.transport import READ_SIZE, Transport
 
 from negotiator_guest.port import FALLBACK_DEVICE, find_port, host_connected, open_port
 
-__all__ = ('GuestDaemon', 'SignalQueue', 'wait_for_host', 'RECHECK_INTERVAL', 'STOP_TIMEOUT', 'STOP_SIGNALS')
+__all__ = ('GuestDaemon', 'wait_for_host', 'RECHECK_INTERVAL', 'STOP_TIMEOUT', 'STOP_KILL_WAIT', 'STOP_SIGNALS')
 
 logger = get_logger(__name__)  # the library never prints through logging's last resort
 
@@ -59,72 +62,13 @@ RECHECK_INTERVAL = 3.0
 STOP_TIMEOUT = 1.2
 """Seconds that running commands get to die after SIGTERM or SIGINT before their groups are SIGKILLed."""
 
+STOP_KILL_WAIT = 0.4
+"""Seconds that SIGKILLed commands get to die and their handlers to return, when stopping."""
+
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
 
-class SignalQueue(object):
-    """
-    Signals delivered as a queue that the main loop reads (handlers do nothing else).
-
-    :func:`signal.set_wakeup_fd` makes the interpreter write to a pipe as soon as a signal
-    arrives, so a main loop that sleeps in ``poll()`` on that pipe wakes at once; other
-    threads wake it with :meth:`wake`.
-    """
-
-    def __init__(self, signals: List[int]) -> None:
-        self.signals = list(signals)
-        self._queue: List[int] = []
-        self._read_fd, self._write_fd = os.pipe()
-        for fd in (self._read_fd, self._write_fd):
-            os.set_blocking(fd, False)
-            os.set_inheritable(fd, False)
-        self._previous: dict = {}
-        self._previous_wakeup_fd = -1
-
-    def install(self) -> None:
-        """Install the handlers and the wake-up pipe (only the main thread may do this)."""
-        for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._handler)
-        self._previous_wakeup_fd = signal.set_wakeup_fd(self._write_fd)
-
-    def _handler(self, signum: int, frame: Any) -> None:
-        self._queue.append(signum)
-
-    def wake(self) -> None:
-        """Wake the main loop from another thread."""
-        try:
-            os.write(self._write_fd, b'\0')
-        except OSError:
-            pass  # the pipe is full: the loop will wake anyway
-
-    def wait(self, timeout: Optional[float]) -> List[int]:
-        """Sleep until a signal or :meth:`wake` (or ``timeout`` seconds); return the queued signals."""
-        poller = select.poll()
-        poller.register(self._read_fd, select.POLLIN)
-        if not self._queue:
-            try:
-                poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
-            except InterruptedError:  # pragma: no cover (Python 3.5+ retries poll itself)
-                pass
-        try:
-            while os.read(self._read_fd, 4096):
-                pass
-        except BlockingIOError:
-            pass
-        queued, self._queue = self._queue, []
-        return queued
-
-    def restore(self) -> None:
-        """Put back the previous handlers and wake-up descriptor; release the pipe."""
-        signal.set_wakeup_fd(self._previous_wakeup_fd)
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
-        self._previous.clear()
-        for fd in (self._read_fd, self._write_fd):
-            os.close(fd)
-
-
-def wait_for_host(signals: SignalQueue, recheck_interval: float) -> List[int]:
+def wait_for_host(signals: SignalQueue, recheck_interval: Optional[float]) -> List[int]:
     """
     The waiting strategy while no host is connected: sleep until SIGIO (the port driver's news
     that the host side opened), a stop signal, or ``recheck_interval`` seconds.
@@ -202,7 +146,7 @@ class GuestDaemon(object):
         self.endpoints = EndpointGroup()
         self.sessions_served = 0
         self._session: Optional[_Session] = None
-        self._signals = SignalQueue(list(STOP_SIGNALS) + [signal.SIGIO, signal.SIGCHLD])
+        self._signals = SignalQueue(STOP_SIGNALS + (signal.SIGIO, signal.SIGCHLD))
         self._reaper = OrphanReaper()
         self._stop_reason: Optional[str] = None
 
@@ -306,20 +250,14 @@ class GuestDaemon(object):
         self._session.start()
 
     def _shutdown(self) -> None:
+        """Stop the session in the one order of :mod:`negotiator_common.stopping`, then release the port."""
         reason = self._stop_reason or 'stopped'
         logger.info("Stopping (%s)", reason)
         deadline = time.monotonic() + self.stop_timeout
         session, self._session = self._session, None
+        stop_serving([session.endpoint] if session is not None else [], self.endpoints,
+                     'daemon stopping: %s' % reason, self.stop_timeout, STOP_KILL_WAIT)
         if session is not None:
-            # Cancel first and close after: the host gets the replies of the killed commands
-            # (ended by SIGTERM) instead of waiting for its own timeout.
-            session.endpoint.cancel_requests()
-        # Every session's requests, an ended session's too: their commands may still be dying.
-        if not self.endpoints.wait_replies(self.stop_timeout):
-            COMMANDS.kill_all(give_up_after=0.3)
-            self.endpoints.wait_replies(0.6)
-        if session is not None:
-            session.endpoint.close('daemon stopping: %s' % reason)
             session.thread.join(max(0.1, deadline - time.monotonic()))
         if self.fd is not None:
             try:
@@ -328,5 +266,5 @@ class GuestDaemon(object):
                 if exc.errno != errno.EBADF:
                     raise
             self.fd = None
-        self._signals.restore()
+        self._signals.close()
         logger.info("Stopped; port %s released", self.path)

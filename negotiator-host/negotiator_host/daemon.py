@@ -24,8 +24,14 @@ and only when the policy (:mod:`negotiator_host.policy`) allows it (a built-in, 
 policy names it). Across guests, one :class:`~negotiator_common.slots.CommandSlots` bounds the
 commands that run at once and the requests that wait for them (round-robin by guest); the wait
 is on the request's handler thread, so a guest's pings are answered while its commands wait.
-SIGTERM and SIGINT stop the daemon through one path: connections close, running commands are
-killed, exit status 0.
+
+The daemon is a few jobs in one main loop (:mod:`negotiator_host.mainloop`), each in a module
+of its own: the connections (:mod:`negotiator_host.connections`), the rescans (here: which
+guests to serve), the event watcher (:mod:`negotiator_host.events`); reconnections wait
+according to :mod:`negotiator_host.backoff`. SIGTERM and SIGINT stop the daemon through one
+path, in the order that the guest daemon follows too (:mod:`negotiator_common.stopping`): no
+more rescans, running commands are stopped (SIGTERM, then SIGKILL), their replies go out to
+the guests, the connections close, exit status 0.
 
 Run on the main thread, the daemon adopts the orphans of its commands
 (:func:`~negotiator_common.processes.adopt_orphans`), so that a process that left its
@@ -34,30 +40,25 @@ command's group can still be found and killed, and reaps those that exit on SIGC
 """
 
 import fnmatch
-import os
-import select
-import signal
-import threading
-import time
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from negotiator_common import __version__
 from negotiator_common.lazylog import get_logger
 from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
 from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
-from negotiator_common.endpoint import Endpoint, EndpointGroup
 from negotiator_common.errors import NegotiatorError
-from negotiator_common.processes import COMMANDS, OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService, Limits
 from negotiator_common.slots import DEFAULT_MAX_COMMANDS, DEFAULT_MAX_QUEUED, CommandSlots
-from negotiator_common.transport import Transport
 
-from negotiator_host.channel import connect_socket
-from negotiator_host.discovery import LibvirtPaths, LibvirtUnavailable, default_uri, list_guests
+from negotiator_host.backoff import Backoff
+from negotiator_host.connections import GuestConnection, GuestConnections
+from negotiator_host.discovery import Guest, LibvirtPaths, LibvirtUnavailable, default_uri, list_guests
+from negotiator_host.events import EventWatcher
+from negotiator_host.mainloop import DelayedCall, Job, MainLoop
 from negotiator_host.policy import Policy
 
-__all__ = ('HostDaemon', 'GuestConnection', 'DEFAULT_GUEST_CONCURRENCY', 'DEFAULT_MAX_TIMEOUT', 'default_limits')
+__all__ = ('HostDaemon', 'DEFAULT_GUEST_CONCURRENCY', 'DEFAULT_MAX_TIMEOUT', 'default_limits')
 
 logger = get_logger(__name__)  # the library never prints through logging's last resort
 
@@ -78,9 +79,14 @@ ten minutes still leaves room for slow jobs.
 RESCAN_DELAY = 0.1
 """Seconds between an event and its rescan, so that a burst of events makes one rescan."""
 
-MAX_BACKOFF = 30.0
-STOP_GRACE = 5.0
-"""Seconds that stopping waits for killed commands to end."""
+RECONNECT_DELAY = 0.5
+"""Seconds before a guest whose connection ended is connected again (doubled while it keeps ending at once)."""
+
+CONNECT_RETRY_DELAY = 1.0
+"""Seconds before a guest whose socket refused the connection is tried again (then doubled)."""
+
+STABLE_CONNECTION = 5.0
+"""Seconds after which a connection that ends had lived well: its guest is reconnected after the first delay."""
 
 
 def default_limits(max_timeout: float = DEFAULT_MAX_TIMEOUT) -> Limits:
@@ -91,21 +97,6 @@ def default_limits(max_timeout: float = DEFAULT_MAX_TIMEOUT) -> Limits:
     return Limits(max_line_length=4 * 1024 * 1024, max_stdin=1024 * 1024, max_args=256 * 1024,
                   max_collected_output=4 * 1024 * 1024, default_timeout=min(DEFAULT_TIMEOUT, max_timeout),
                   max_timeout=max_timeout)
-
-
-class GuestConnection(object):
-    """The daemon's connection to one guest's channel."""
-
-    def __init__(self, name: str, path: str, endpoint: Endpoint) -> None:
-        self.name = name
-        self.path = path
-        self.endpoint = endpoint
-        self.started = time.monotonic()
-        self.log = logger.getChild(name.replace('.', '_') or 'guest')
-
-    @property
-    def closed(self) -> bool:
-        return self.endpoint.closed
 
 
 class HostDaemon(object):
@@ -145,68 +136,41 @@ class HostDaemon(object):
                                     environment=lambda peer: {'NEGOTIATOR_GUEST': peer}, slots=self.slots)
         self.dispatcher = Dispatcher()
         self.service.register(self.dispatcher)
-        self.endpoints = EndpointGroup()  # every guest's connection, until its last reply is out
-        self.connections: Dict[str, GuestConnection] = {}
-        self._lock = threading.Lock()
-        self._retry_at: Dict[str, float] = {}
-        self._backoff: Dict[str, float] = {}
-        self._rescan_at: Optional[float] = None
-        self._signals: List[int] = []
-        self._reaper = OrphanReaper()
-        self._stopping = threading.Event()
-        self._wake_read, self._wake_write = os.pipe()
-        os.set_blocking(self._wake_read, False)
-        os.set_blocking(self._wake_write, False)
-        self._watcher: Optional[threading.Thread] = None
-        self._watcher_process: Any = None
-        self._watcher_backoff = 1.0
-        self._watcher_restart_at: Optional[float] = None
-        self.stop_reason = ''
+        self._connections = GuestConnections(self.dispatcher, self.limits.max_line_length, max_concurrent,
+                                             on_end=self._connection_ended, log_name=__name__)
+        self._backoff = Backoff()
+        self._loop = MainLoop()
+        self._rescans = DelayedCall(self.rescan, self._loop.wake)
+        jobs: List[Job] = [self._rescans, self._connections]
+        if watch:
+            jobs.append(EventWatcher(self.uri, on_event=self.request_rescan,
+                                     on_events_missed=lambda: self.request_rescan(0)))
+        self._loop.jobs = jobs
+
+    @property
+    def connections(self) -> Dict[str, GuestConnection]:
+        """The guests served now, by name (a copy)."""
+        return self._connections.snapshot()
+
+    @property
+    def stop_reason(self) -> str:
+        return self._loop.stop_reason
 
     # Serving one guest.
 
     def serve_socket(self, name: str, path: str, timeout: float = 2.0) -> GuestConnection:
         """Connect to ``path`` (a guest's channel socket) and serve the guest ``name`` on it."""
-        sock = connect_socket(path, timeout, name)
-        endpoint = Endpoint(Transport.from_socket(sock), self.dispatcher, name=name,
-                            max_line_length=self.limits.max_line_length, max_concurrent=self.max_concurrent)
-        self.endpoints.add(endpoint)
-        connection = GuestConnection(name, path, endpoint)
-        with self._lock:
-            old = self.connections.get(name)
-            self.connections[name] = connection
-        if old is not None:
-            old.endpoint.close('replaced by a new connection')
-        thread = threading.Thread(target=self._run_connection, args=(connection,),
-                                  name='negotiator-host-%s' % name)
-        thread.daemon = True
-        thread.start()
-        connection.log.info("Serving guest %s on %s", name, path)
-        return connection
-
-    def _run_connection(self, connection: GuestConnection) -> None:
-        try:
-            connection.endpoint.run()
-        finally:
-            # However the reader ended, the guest is forgotten and connected again: a dead
-            # reader must never leave a guest cut off until the daemon restarts.
-            connection.endpoint.close('the reader ended')
-            self._connection_ended(connection)
+        return self._connections.connect(name, path, timeout)
 
     def _connection_ended(self, connection: GuestConnection) -> None:
-        """Forget a closed connection and schedule its reconnection (unless the daemon stops)."""
-        with self._lock:
-            if self.connections.get(connection.name) is connection:
-                del self.connections[connection.name]
-        if self._stopping.is_set():
+        """Schedule the reconnection of a guest whose connection ended (unless the daemon stops)."""
+        if self._loop.stopping:
             return
         connection.log.info("Guest %s disconnected (%s)", connection.name, connection.endpoint.close_reason)
         # A connection that ended at once must not be retried in a tight loop.
-        lived = time.monotonic() - connection.started
-        delay = self._backoff.get(connection.name, 0.5) if lived < 5 else 0.5
-        self._backoff[connection.name] = min(delay * 2, MAX_BACKOFF)
-        self._retry_at[connection.name] = time.monotonic() + delay
-        self.request_rescan(delay)
+        if connection.lifetime >= STABLE_CONNECTION:
+            self._backoff.reset(connection.name)
+        self.request_rescan(self._backoff.failed(connection.name, RECONNECT_DELAY))
 
     def wants(self, name: str) -> bool:
         """Whether this daemon serves guest ``name`` (it matches a guest pattern, or there are none)."""
@@ -216,11 +180,7 @@ class HostDaemon(object):
 
     def request_rescan(self, delay: float = RESCAN_DELAY) -> None:
         """Schedule a rescan ``delay`` seconds from now (earlier requests win); safe from any thread."""
-        with self._lock:
-            at = time.monotonic() + delay
-            if self._rescan_at is None or at < self._rescan_at:
-                self._rescan_at = at
-        self._wake()
+        self._rescans.request(delay)
 
     def rescan(self) -> None:
         """Connect to every running guest with the channel; drop connections of guests that are gone."""
@@ -229,6 +189,17 @@ class HostDaemon(object):
         except LibvirtUnavailable as exc:
             logger.warning("Rescan failed, keeping the %d connections there are: %s", len(self.connections), exc)
             return
+        wanted = self._wanted_sockets(guests)
+        for name, connection in self.connections.items():
+            if wanted.get(name) != connection.path:
+                connection.log.info("Dropping guest %s: it stopped or its channel changed", name)
+                self._connections.drop(connection, 'guest stopped')
+        for name, path in sorted(wanted.items()):
+            self._connect_when_due(name, path)
+        self._backoff.forget_all_but(wanted)
+
+    def _wanted_sockets(self, guests: List[Guest]) -> Dict[str, str]:
+        """The channel socket of each guest to serve, by name."""
         wanted: Dict[str, str] = {}
         for guest in guests:
             if not self.wants(guest.name):
@@ -238,169 +209,35 @@ class HostDaemon(object):
                 wanted[guest.name] = path
             else:
                 logger.debug("Guest %s has no %s channel", guest.name, self.channel)
-        with self._lock:
-            current = dict(self.connections)
-        for name, connection in current.items():
-            if wanted.get(name) != connection.path:
-                connection.log.info("Dropping guest %s: it stopped or its channel changed", name)
-                connection.endpoint.close('guest stopped')
-                with self._lock:
-                    if self.connections.get(name) is connection:
-                        del self.connections[name]
-        now = time.monotonic()
-        for name, path in sorted(wanted.items()):
-            with self._lock:
-                connected = name in self.connections
-            if connected or self._stopping.is_set():
-                continue
-            if self._retry_at.get(name, 0) > now:
-                self.request_rescan(self._retry_at[name] - now)
-                continue
-            try:
-                self.serve_socket(name, path)
-            except NegotiatorError as exc:
-                delay = self._backoff.get(name, 1.0)
-                self._backoff[name] = min(delay * 2, MAX_BACKOFF)
-                self._retry_at[name] = now + delay
-                logger.warning("Cannot connect to guest %s (retrying in %s s): %s", name, delay, exc)
-                self.request_rescan(delay)
-        for name in list(self._backoff):
-            if name not in wanted:
-                self._backoff.pop(name, None)
-                self._retry_at.pop(name, None)
+        return wanted
 
-    # Watching libvirt's events.
-
-    def _start_watcher(self) -> None:
-        self._watcher_restart_at = None
-        self._watcher = threading.Thread(target=self._watch_events, name='negotiator-host-events')
-        self._watcher.daemon = True
-        self._watcher.start()
-
-    def _watch_events(self) -> None:
-        from executor import ExternalCommand  # imported lazily
-
-        started = time.monotonic()
-        command = ExternalCommand('virsh', '-q', '-c', self.uri, 'event', '--all', '--loop', '--timestamp',
-                                  shell=False, asynchronous=True, capture=True, capture_stderr=True,
-                                  buffered=False, check=False, silent=True)
+    def _connect_when_due(self, name: str, path: str) -> None:
+        """Connect to guest ``name`` unless it is connected or its back-off is not over (then rescan when it is)."""
+        if name in self._connections or self._loop.stopping:
+            return
+        wait = self._backoff.remaining(name)
+        if wait > 0:
+            self.request_rescan(wait)
+            return
         try:
-            command.start()
-        except Exception as exc:
-            logger.warning("Cannot run virsh event: %s", exc)
-        else:
-            self._watcher_process = command.subprocess
-            logger.info("Watching libvirt's events at %s", self.uri)
-            # Events that happened before the watcher ran are found by a full rescan.
-            self.request_rescan(0)
-            for line in iter(command.subprocess.stdout.readline, b''):
-                text = line.decode('utf-8', 'replace').strip()
-                if text:
-                    logger.debug("libvirt: %s", text)
-                    self.request_rescan()
-            command.subprocess.wait()
-            errors = command.subprocess.stderr.read().decode('utf-8', 'replace').strip()
-            if not self._stopping.is_set():
-                logger.warning("virsh event ended (status %s)%s", command.subprocess.returncode,
-                               ': %s' % ' '.join(errors.split()) if errors else '')
-        if time.monotonic() - started > 60:
-            self._watcher_backoff = 1.0
-        with self._lock:
-            self._watcher_restart_at = time.monotonic() + self._watcher_backoff
-        self._watcher_backoff = min(self._watcher_backoff * 2, MAX_BACKOFF)
-        self.request_rescan(0)
+            self.serve_socket(name, path)
+        except NegotiatorError as exc:
+            delay = self._backoff.failed(name, CONNECT_RETRY_DELAY)
+            logger.warning("Cannot connect to guest %s (retrying in %s s): %s", name, delay, exc)
+            self.request_rescan(delay)
 
     # The main loop.
 
-    def _wake(self) -> None:
-        try:
-            os.write(self._wake_write, b'x')
-        except OSError:
-            pass  # the pipe is full: the main loop wakes anyway
-
-    def _on_signal(self, signum: int, frame: Any) -> None:
-        # Only record it: the main loop acts, logs and stops (no lock is taken here).
-        self._signals.append(signum)
-        self._wake()
-
-    def _on_child_exit(self, signum: int, frame: Any) -> None:
-        self._reaper.child_exited()  # only a time is noted: the main loop sweeps
-        self._wake()
-
     def stop(self, reason: str = 'asked to stop') -> None:
         """Ask the main loop to stop (safe from any thread)."""
-        self.stop_reason = self.stop_reason or reason
-        self._stopping.set()
-        self._wake()
+        self._loop.stop(reason)
 
     def run(self) -> int:
         """Serve until SIGTERM, SIGINT or :meth:`stop`; return the exit status (0)."""
-        handlers = {}
-        if threading.current_thread() is threading.main_thread():
-            for signum in (signal.SIGTERM, signal.SIGINT):
-                handlers[signum] = signal.signal(signum, self._on_signal)
-            handlers[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, self._on_child_exit)
-            adopt_orphans()
         logger.info("negotiator-host %s daemon serving %s channels (libvirt %s) of %s", __version__, self.channel,
                     self.uri, 'guests matching %s' % ' '.join(self.guest_patterns) if self.guest_patterns
                     else 'every guest')
-        try:
-            if self.watch:
-                self._start_watcher()
-                self.request_rescan(0)
-            while not self._stopping.is_set():
-                if self._signals:
-                    self.stop('signal %d' % self._signals[-1])
-                    break
-                now = time.monotonic()
-                with self._lock:
-                    due = [t for t in (self._rescan_at, self._watcher_restart_at, self._reaper.due) if t is not None]
-                timeout = max(0.0, min(due) - now) if due else None
-                try:
-                    select.select([self._wake_read], [], [], timeout)
-                except InterruptedError:  # pragma: no cover (Python 3.5+ retries)
-                    pass
-                try:
-                    while os.read(self._wake_read, 4096):
-                        pass
-                except BlockingIOError:
-                    pass
-                self._reaper.sweep_if_due()
-                now = time.monotonic()
-                if self._stopping.is_set() or self._signals:
-                    continue
-                with self._lock:
-                    restart = self._watcher_restart_at is not None and self._watcher_restart_at <= now
-                    rescan = self._rescan_at is not None and self._rescan_at <= now
-                    if rescan:
-                        self._rescan_at = None
-                if restart:
-                    self._start_watcher()
-                if rescan:
-                    self.rescan()
-        finally:
-            self._shutdown()
-            for signum, handler in handlers.items():
-                signal.signal(signum, handler)
+        if self.watch:
+            self.request_rescan(0)
+        self._loop.run()
         return 0
-
-    def _shutdown(self) -> None:
-        self._stopping.set()
-        logger.info("Stopping (%s)", self.stop_reason or 'asked to stop')
-        process = self._watcher_process
-        if process is not None and process.poll() is None:
-            process.terminate()
-        with self._lock:
-            connections, self.connections = list(self.connections.values()), {}
-        for connection in connections:
-            connection.endpoint.close('the host daemon is stopping')
-        if not self.endpoints.wait_replies(STOP_GRACE):
-            COMMANDS.kill_all(give_up_after=1.0)
-            if not self.endpoints.wait_replies(1.0):
-                logger.warning("Some commands were still running when the daemon stopped")
-        if process is not None:
-            try:
-                process.wait(timeout=STOP_GRACE)
-            except Exception:
-                process.kill()
-        logger.info("Stopped")

@@ -144,29 +144,29 @@ def run_virsh(uri: str, *args: str, timeout: float = VIRSH_TIMEOUT) -> Tuple[int
     when ``virsh`` is not installed or does not finish within ``timeout`` seconds.
     """
     import shutil
-    from executor import ExternalCommand  # imported lazily: the fast paths need no process
+    import subprocess
+    from negotiator_common.external import ExternalProgram  # imported lazily: the fast paths need no process
 
     virsh = shutil.which('virsh')
     if virsh is None:
         raise LibvirtUnavailable('virsh is not installed (or not on $PATH): install the libvirt client tools'
                                  ' (apt-get install libvirt-clients)')
-    argv = [virsh, '-q', '-c', uri] + list(args)
-    # executor starts it (an argv list, shell=False); the pipes are read with communicate(),
-    # which has a real timeout (executor's own wait() polls, and may draw a spinner).
-    command = ExternalCommand(*argv, shell=False, capture=True, capture_stderr=True, check=False,
-                              silent=True, asynchronous=True, buffered=False)
+    program = ExternalProgram([virsh, '-q', '-c', uri] + list(args))
     try:
-        command.start()
+        process = program.start()
     except OSError as exc:
+        program.close()
         raise LibvirtUnavailable('cannot run virsh: %s' % exc) from exc
-    process = command.subprocess
     try:
+        # communicate() has a real timeout (executor's own wait() polls, and may draw a spinner).
         stdout, stderr = process.communicate(timeout=timeout)
-    except Exception as exc:  # subprocess.TimeoutExpired, imported lazily with executor
+    except subprocess.TimeoutExpired as exc:
         process.kill()
         process.communicate()
         raise LibvirtUnavailable('virsh -c %s %s did not finish within %s seconds: is libvirtd stuck?'
                                  % (uri, ' '.join(args), timeout)) from exc
+    finally:
+        program.close()
     return process.returncode, stdout or b'', (stderr or b'').decode('utf-8', 'replace').strip()
 
 
