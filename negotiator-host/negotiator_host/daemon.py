@@ -96,7 +96,7 @@ def default_limits(max_timeout: float = DEFAULT_MAX_TIMEOUT) -> Limits:
     """
     return Limits(max_line_length=4 * 1024 * 1024, max_stdin=1024 * 1024, max_args=256 * 1024,
                   max_collected_output=4 * 1024 * 1024, default_timeout=min(DEFAULT_TIMEOUT, max_timeout),
-                  max_timeout=max_timeout)
+                  max_timeout=max_timeout, max_in_flight=DEFAULT_GUEST_CONCURRENCY)
 
 
 class HostDaemon(object):
@@ -118,7 +118,7 @@ class HostDaemon(object):
 
     def __init__(self, uri: Optional[str] = None, commands_dirs: Sequence[str] = (DEFAULT_COMMANDS_DIR,),
                  policy: Optional[Policy] = None, paths: Optional[LibvirtPaths] = None,
-                 max_concurrent: int = DEFAULT_GUEST_CONCURRENCY, limits: Optional[Limits] = None,
+                 limits: Optional[Limits] = None,
                  watch: bool = True, channel: str = GUEST_TO_HOST_CHANNEL,
                  guest_patterns: Sequence[str] = (), max_commands: int = DEFAULT_MAX_COMMANDS,
                  max_queued: int = DEFAULT_MAX_QUEUED) -> None:
@@ -127,7 +127,6 @@ class HostDaemon(object):
         self.paths = paths or LibvirtPaths.for_uri(self.uri)
         self.channel = channel
         self.watch = watch
-        self.max_concurrent = max_concurrent
         self.limits = limits or default_limits()
         self.policy = policy if policy is not None else Policy.default()
         self.slots = CommandSlots(max_commands, max_queued)
@@ -136,7 +135,7 @@ class HostDaemon(object):
                                     environment=lambda peer: {'NEGOTIATOR_GUEST': peer}, slots=self.slots)
         self.dispatcher = Dispatcher()
         self.service.register(self.dispatcher)
-        self._connections = GuestConnections(self.dispatcher, self.limits.max_line_length, max_concurrent,
+        self._connections = GuestConnections(self.dispatcher, self.limits.max_line_length, self.limits.max_in_flight,
                                              on_end=self._connection_ended, log_name=__name__)
         self._backoff = Backoff()
         self._loop = MainLoop()
