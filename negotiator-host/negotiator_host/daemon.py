@@ -40,23 +40,31 @@ command's group can still be found and killed, and reaps those that exit on SIGC
 """
 
 import fnmatch
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 from negotiator_common import __version__
 from negotiator_common.lazylog import get_logger
-from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNELS
 from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.errors import NegotiatorError
 from negotiator_common.service import AgentService, Limits
 from negotiator_common.slots import DEFAULT_MAX_COMMANDS, DEFAULT_MAX_QUEUED, CommandSlots
 
+from negotiator_host.agents import AgentLink, GuestAgent, GuestAgents
 from negotiator_host.backoff import Backoff
 from negotiator_host.connections import GuestConnection, GuestConnections
 from negotiator_host.discovery import Guest, LibvirtPaths, LibvirtUnavailable, default_uri, list_guests
 from negotiator_host.events import EventWatcher
+from negotiator_host.local import LocalServer
 from negotiator_host.mainloop import DelayedCall, Job, MainLoop
 from negotiator_host.policy import Policy
+
+if TYPE_CHECKING:  # annotations only
+    import socket
+
+    from negotiator_host.access import Caller, CallerPolicy
+    from negotiator_host.audit import AuditLog
 
 __all__ = ('HostDaemon', 'DEFAULT_GUEST_CONCURRENCY', 'DEFAULT_MAX_TIMEOUT', 'default_limits')
 
@@ -114,6 +122,13 @@ class HostDaemon(object):
     :param max_commands: commands that run at once for all guests together.
     :param max_queued: requests that wait for one of those slots, for all guests together
                        (served round-robin by guest); more are refused with ``LimitExceeded``.
+    :param socket_path: serve local clients on this UNIX socket (:mod:`negotiator_host.local`;
+                        the CLI gives :data:`~negotiator_host.local.DEFAULT_SOCKET`), holding the
+                        host-to-guest channel of every guest served (:mod:`negotiator_host.agents`);
+                        None: neither.
+    :param caller_policy: which local callers may use which guests (default: root only).
+    :param audit: where every local call is written (default: nowhere).
+    :param caller_of: who a local client is (default: its ``SO_PEERCRED``; tests give their own).
     """
 
     def __init__(self, uri: Optional[str] = None, commands_dirs: Sequence[str] = (DEFAULT_COMMANDS_DIR,),
@@ -121,7 +136,9 @@ class HostDaemon(object):
                  limits: Optional[Limits] = None,
                  watch: bool = True, channel: str = GUEST_TO_HOST_CHANNEL,
                  guest_patterns: Sequence[str] = (), max_commands: int = DEFAULT_MAX_COMMANDS,
-                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+                 max_queued: int = DEFAULT_MAX_QUEUED, socket_path: Optional[str] = None,
+                 caller_policy: 'Optional[CallerPolicy]' = None, audit: 'Optional[AuditLog]' = None,
+                 caller_of: 'Optional[Callable[[socket.socket], Caller]]' = None) -> None:
         self.uri = uri or default_uri()
         self.guest_patterns = tuple(guest_patterns)
         self.paths = paths or LibvirtPaths.for_uri(self.uri)
@@ -138,13 +155,39 @@ class HostDaemon(object):
         self._connections = GuestConnections(self.dispatcher, self.limits.max_line_length, self.limits.max_in_flight,
                                              on_end=self._connection_ended, log_name=__name__)
         self._backoff = Backoff()
+        self._agent_backoff = Backoff()
         self._loop = MainLoop()
         self._rescans = DelayedCall(self.rescan, self._loop.wake)
+        self._agents = GuestAgents(on_end=self._link_ended)
         jobs: List[Job] = [self._rescans, self._connections]
+        self._local: Optional[LocalServer] = None
+        if socket_path is not None:
+            self._local = self._local_server(socket_path, caller_policy, audit, caller_of)
+            jobs += [self._local, self._agents]
         if watch:
             jobs.append(EventWatcher(self.uri, on_event=self.request_rescan,
                                      on_events_missed=lambda: self.request_rescan(0)))
         self._loop.jobs = jobs
+
+    def _local_server(self, path: str, caller_policy: 'Optional[CallerPolicy]', audit: 'Optional[AuditLog]',
+                      caller_of: 'Optional[Callable[[socket.socket], Caller]]') -> LocalServer:
+        if caller_policy is None:
+            from negotiator_host.access import CallerPolicy
+            caller_policy = CallerPolicy()
+        if audit is None:
+            from negotiator_host.audit import AuditLog
+            audit = AuditLog(None)
+        return LocalServer(path, self._agents, caller_policy, audit, caller_of)
+
+    @property
+    def agents(self) -> Dict[str, GuestAgent]:
+        """The guests served to local clients now, by name (a copy)."""
+        return self._agents.snapshot()
+
+    @property
+    def local(self) -> Optional[LocalServer]:
+        """The local socket's server (None without a socket)."""
+        return self._local
 
     @property
     def connections(self) -> Dict[str, GuestConnection]:
@@ -171,6 +214,23 @@ class HostDaemon(object):
             self._backoff.reset(connection.name)
         self.request_rescan(self._backoff.failed(connection.name, RECONNECT_DELAY))
 
+    def serve_agent(self, name: str, path: str) -> GuestAgent:
+        """Serve guest ``name``'s agent, at the host-to-guest socket ``path``, to local clients (linked on a thread)."""
+        agent = self._agents.serve(name, path)
+        self._agents.connect(agent)
+        return agent
+
+    def _link_ended(self, agent: GuestAgent, link: Optional[AgentLink], error: Optional[NegotiatorError]) -> None:
+        """Schedule a new link to a guest whose link ended or could not be made (unless it is gone)."""
+        if self._loop.stopping or agent.dropped:
+            return
+        if link is not None and link.lifetime >= STABLE_CONNECTION:
+            self._agent_backoff.reset(agent.name)
+        delay = self._agent_backoff.failed(agent.name, CONNECT_RETRY_DELAY if link is None else RECONNECT_DELAY)
+        if error is not None:
+            agent.log.warning("Cannot link to the agent of guest %s (retrying in %s s): %s", agent.name, delay, error)
+        self.request_rescan(delay)
+
     def wants(self, name: str) -> bool:
         """Whether this daemon serves guest ``name`` (it matches a guest pattern, or there are none)."""
         return not self.guest_patterns or any(fnmatch.fnmatchcase(name, p) for p in self.guest_patterns)
@@ -188,7 +248,7 @@ class HostDaemon(object):
         except LibvirtUnavailable as exc:
             logger.warning("Rescan failed, keeping the %d connections there are: %s", len(self.connections), exc)
             return
-        wanted = self._wanted_sockets(guests)
+        wanted = self._wanted_sockets(guests, [self.channel])
         for name, connection in self.connections.items():
             if wanted.get(name) != connection.path:
                 connection.log.info("Dropping guest %s: it stopped or its channel changed", name)
@@ -196,19 +256,35 @@ class HostDaemon(object):
         for name, path in sorted(wanted.items()):
             self._connect_when_due(name, path)
         self._backoff.forget_all_but(wanted)
+        if self._local is not None:
+            self._rescan_agents(self._wanted_sockets(guests, HOST_TO_GUEST_CHANNELS))
 
-    def _wanted_sockets(self, guests: List[Guest]) -> Dict[str, str]:
-        """The channel socket of each guest to serve, by name."""
+    def _wanted_sockets(self, guests: List[Guest], channels: Sequence[str]) -> Dict[str, str]:
+        """The socket of the first of ``channels`` of each guest to serve, by name."""
         wanted: Dict[str, str] = {}
         for guest in guests:
             if not self.wants(guest.name):
                 continue
-            path = guest.socket_for([self.channel])
+            path = guest.socket_for(channels)
             if path is not None:
                 wanted[guest.name] = path
             else:
-                logger.debug("Guest %s has no %s channel", guest.name, self.channel)
+                logger.debug("Guest %s has no %s channel", guest.name, channels[0])
         return wanted
+
+    def _rescan_agents(self, wanted: Dict[str, str]) -> None:
+        """Link to the agent of every guest in ``wanted`` (name: socket) when due; drop the others."""
+        for name, agent in self.agents.items():
+            if wanted.get(name) != agent.path:
+                self._agents.drop(name, 'the guest stopped or its channel changed')
+        for name, path in sorted(wanted.items()):
+            agent = self._agents.serve(name, path)
+            wait = self._agent_backoff.remaining(name)
+            if wait > 0:
+                self.request_rescan(wait)
+            elif not self._loop.stopping:
+                self._agents.connect(agent)
+        self._agent_backoff.forget_all_but(wanted)
 
     def _connect_when_due(self, name: str, path: str) -> None:
         """Connect to guest ``name`` unless it is connected or its back-off is not over (then rescan when it is)."""
@@ -232,7 +308,12 @@ class HostDaemon(object):
         self._loop.stop(reason)
 
     def run(self) -> int:
-        """Serve until SIGTERM, SIGINT or :meth:`stop`; return the exit status (0)."""
+        """
+        Serve until SIGTERM, SIGINT or :meth:`stop`; return the exit status (0). The local socket
+        is made first: :class:`~negotiator_host.local.LocalSocketError` if it cannot be.
+        """
+        if self._local is not None:
+            self._local.open()
         logger.info("negotiator-host %s daemon serving %s channels (libvirt %s) of %s", __version__, self.channel,
                     self.uri, 'guests matching %s' % ' '.join(self.guest_patterns) if self.guest_patterns
                     else 'every guest')
