@@ -112,7 +112,8 @@ def test_huge_arguments_keep_a_record_bounded_and_count_what_was_left_out():
     assert_one_safe_line(audit_line(CALLER, 'g', 'm' * 100000, params, outcome, 1.0))
     assert record['command'].endswith('(10485760 characters)')
     assert record['args'][-1] == '... (100000 arguments)' and 1 < len(record['args']) < 20
-    assert record['exit_status'] == '(a int too large to show)' or record['exit_status'].endswith("... (cut)")
+    # a text, not the number: on Python 3.11 and later not even its repr (too many digits)
+    assert isinstance(record['exit_status'], str) and len(record['exit_status']) <= 64
     assert isinstance(record['signal'], str)
 
 
