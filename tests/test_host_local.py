@@ -4,13 +4,20 @@ The host daemon's local socket: many local callers share one connection to each 
 A fake libvirt lists the guests; each runs a real agent (FakeGuestAgent, one client at a time as
 QEMU's chardev socket); the daemon runs its main loop on a thread, and the test's clients connect
 to its socket. A client names the uid it plays in its socket's abstract address (``caller_of``):
-the kernel would say the test's own uid for all of them.
+the kernel would say the test's own uid (root) for all of them; one test runs a client as
+``nobody`` for the kernel's own word.
 """
 
+import grp
 import io
+import json
 import os
+import pwd
+import signal
 import socket
 import stat
+import subprocess
+import sys
 import threading
 
 import pytest
@@ -25,6 +32,8 @@ from negotiator_common.protocol import LineDecoder, Notification, Request, Respo
 from negotiator_common.service import Limits
 from negotiator_common.transport import Transport
 from negotiator_host import local
+from negotiator_host.access import Caller, CallerPolicy
+from negotiator_host.audit import AuditLog
 from negotiator_host.daemon import HostDaemon
 from negotiator_host.discovery import LibvirtPaths
 from negotiator_host.local import LocalSocketError, open_local_socket
@@ -36,52 +45,21 @@ from waiting import process_alive, wait_dead, wait_until
 
 GUESTS = ('alpha', 'beta')
 
-
-class Caller(object):
-    """Stands in for negotiator_host.access.Caller (the access branch brings the real one)."""
-
-    def __init__(self, uid):
-        self.uid = self.gid = uid
-        self.pid = os.getpid()
-        self.user = 'root' if uid == 0 else 'user%d' % uid
-        self.groups = frozenset()
-
-    def describe(self):
-        return 'uid %d (%s)' % (self.uid, self.user)
-
-
-class Policy(object):
-    """Stands in for negotiator_host.access.CallerPolicy: root, and the (uid, guest) pairs given."""
-
-    def __init__(self, allowed=()):
-        self.allowed = set(allowed)
-
-    def allows(self, caller, guest):
-        return caller.uid == 0 or (caller.uid, guest) in self.allowed
-
-    def refusal(self, caller, guest):
-        return '%s may not use guest %s' % (caller.describe(), guest)
-
-
-class Audit(object):
-    """Stands in for negotiator_host.audit.AuditLog: keeps the records."""
-
-    def __init__(self):
-        self.records = []
-
-    def record(self, caller, guest, method, params, outcome, seconds):
-        self.records.append((caller.uid, guest, method, dict(params), outcome))
-
-    def close(self):
-        pass
+NOBODY = pwd.getpwnam('nobody')
+ALLOWED_GROUP = grp.getgrgid(NOBODY.pw_gid).gr_name
+"""The group that the daemon's --allow-group lets use guest alpha: nobody's, and that of the uids the tests play."""
 
 
 def caller_of(sock):
-    """The caller a test client plays: the uid in its abstract address, else root."""
+    """
+    The caller a test client plays: the uid in its abstract address (1001 and 1002 in the allowed
+    group, others in none), else what the kernel says (the test runs as root).
+    """
     name = sock.getpeername()
     if isinstance(name, bytes) and name.startswith(b'\0nh-uid-'):
-        return Caller(int(name.split(b'-')[2]))
-    return Caller(0)
+        uid = int(name.split(b'-')[2])
+        return Caller(uid, uid, os.getpid(), 'user%d' % uid, [ALLOWED_GROUP] if uid in (1001, 1002) else [])
+    return Caller.from_socket(sock)
 
 
 class World(object):
@@ -95,12 +73,14 @@ class World(object):
         for number, name in enumerate(GUESTS, 1):
             self.fake.add_running(name, number)
             self.start_agent(name)
-        self.socket = os.path.join(short_tempdir(), 'run', 'host.sock')
-        self.policy = Policy({(1001, 'alpha'), (1002, 'alpha')})
-        self.audit = Audit()
+        top = short_tempdir()
+        os.chmod(top, 0o755)  # so that nobody may reach the socket
+        self.socket = os.path.join(top, 'run', 'host.sock')
+        self.audit_path = os.path.join(self.fake.root, 'audit', 'audit.log')
         self.daemon = HostDaemon(commands_dirs=[self.commands], watch=False, socket_path=self.socket,
                                  paths=LibvirtPaths(self.fake.status_dir, self.fake.channel_dir),
-                                 caller_policy=self.policy, audit=self.audit, caller_of=caller_of)
+                                 caller_policy=CallerPolicy.from_options(['%s=alpha' % ALLOWED_GROUP]),
+                                 audit=AuditLog(self.audit_path), caller_of=caller_of)
         self.daemon.request_rescan(0)
         self.thread = threading.Thread(target=self.daemon.run)
         self.thread.start()
@@ -115,6 +95,13 @@ class World(object):
     def linked(self, name):
         agent = self.daemon.agents.get(name)
         return agent is not None and agent.link is not None and not agent.link.endpoint.closed
+
+    def audit(self):
+        """The records of the audit log so far."""
+        if not os.path.exists(self.audit_path):
+            return []
+        with open(self.audit_path) as handle:
+            return [json.loads(line) for line in handle]
 
     def queue(self, name='alpha'):
         return self.daemon.agents[name].queue
@@ -202,7 +189,8 @@ def test_eight_clients_run_at_once_in_the_guest_over_its_one_connection(world):
     # Each command waited until all eight ran at once in the guest: none could have met alone.
     assert [outcome[0].stdout for _, outcome in calls] == [b'met\n'] * 8
     assert world.agents['alpha'].connections == 1 and len(os.listdir(meeting)) == 8
-    assert [r[2] for r in world.audit.records].count('execute') == 8
+    executions = [r for r in world.audit() if r['method'] == 'execute']
+    assert [(r['command'], r['exit_status'], r['uid']) for r in executions] == [('rendezvous', 0, 0)] * 8
 
 
 def test_the_attach_answers_the_guests_hello_with_via_and_this_connections_bounds(world):
@@ -236,15 +224,43 @@ def test_attach_errors_unknown_guest_refused_caller_and_calls_before_the_attach(
         endpoint.call('hello', {'guest': 'gamma'}, timeout=10)
     with pytest.raises(CommandNotAllowed) as refused:
         world.connect(uid=1003).call('hello', {'guest': 'alpha'}, timeout=10)
-    assert str(refused.value) == 'uid 1003 (user1003) may not use guest alpha'
-    assert [(uid, guest, method, type(outcome)) for uid, guest, method, _, outcome in world.audit.records] == [
-        (1003, 'alpha', 'hello', CommandNotAllowed)]
+    assert str(refused.value).startswith("uid 1003 (user1003) may not use guest 'alpha' through the host daemon")
+    assert [(r['uid'], r['guest'], r['method'], r['error']) for r in world.audit()] == [
+        (1003, 'alpha', 'hello', 'CommandNotAllowed')]
     # A refused caller may not reach a guest it does not name either (no hint that it exists).
     with pytest.raises(CommandNotAllowed):
         world.connect(uid=1003).call('hello', {'guest': 'gamma'}, timeout=10)
     # After all that, the connection attaches as usual.
     assert endpoint.call('hello', {'guest': 'beta'}, timeout=10)['via'] == 'negotiator-host-daemon'
     assert endpoint.call('ping', timeout=10)['time'] > 0
+
+
+def _hello_as_nobody(path, guest):
+    """In a forked child running as nobody: the first line the daemon answers to a hello that names ``guest``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.connect(path)
+        client.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "hello", "params": {"guest": "%s", "uid": 0}}\n'
+                       % guest.encode())
+        return client.makefile('rb').readline()
+
+
+def test_the_kernels_word_decides_who_a_caller_is_whatever_it_claims(world):
+    # A real process of another user (nobody, in the allowed group) claims to be root: the
+    # daemon goes by SO_PEERCRED, so it may attach to alpha and not to beta.
+    child = os.fork()
+    if child == 0:
+        status = 1
+        try:
+            os.setgroups([])
+            os.setgid(NOBODY.pw_gid)
+            os.setuid(NOBODY.pw_uid)
+            alpha, beta = _hello_as_nobody(world.socket, 'alpha'), _hello_as_nobody(world.socket, 'beta')
+            status = 0 if b'"via"' in alpha and b'-32011' in beta else 2
+        finally:
+            os._exit(status)
+    assert os.waitpid(child, 0)[1] == 0
+    assert [(r['uid'], r['user'], r['guest'], r['error']) for r in world.audit()] == [
+        (NOBODY.pw_uid, 'nobody', 'beta', 'CommandNotAllowed')]
 
 
 def test_output_streams_reach_only_the_client_that_asked_raw_and_text(world):
@@ -310,8 +326,8 @@ def test_a_client_that_goes_away_has_its_command_killed_in_the_guest_and_the_oth
     assert isinstance(outcome[0], ConnectionClosed)
     assert staying.ping(timeout=10) >= 0 and staying.execute('echo-args', 'still', timeout=10).stdout == b'still\n'
     # The guest answered the cancelled command, and the audit log has its outcome.
-    assert wait_until(lambda: any(method == 'execute' and isinstance(out, dict) and out.get('signal')
-                                  for _, _, method, _, out in world.audit.records))
+    assert wait_until(lambda: ('sleep-pid', 15) in [(r['command'], r.get('signal')) for r in world.audit()
+                                                    if r['method'] == 'execute'])
 
 
 def test_beyond_the_guests_limit_calls_wait_in_a_queue_served_in_turn_by_caller(monkeypatch):
@@ -441,7 +457,7 @@ def test_a_daemon_whose_socket_is_taken_stops_at_start_with_the_reason():
     path = os.path.join(short_tempdir(), 'host.sock')
     taken = open_local_socket(path)
     daemon = HostDaemon(commands_dirs=[], watch=False, socket_path=path, paths=LibvirtPaths(None, None),
-                        caller_policy=Policy(), audit=Audit(), caller_of=caller_of)
+                        caller_policy=CallerPolicy(), audit=AuditLog(None), caller_of=caller_of)
     with pytest.raises(LocalSocketError):
         daemon.run()
     taken.close()
@@ -455,3 +471,87 @@ def test_only_the_spec_fields_of_a_guests_output_reach_a_client():
     for junk in ({'stream': 1, 'data': 'x'}, {'stream': 'stdout'}, {'stream': 'stdout', 'data': 5},
                  {'stream': 'stdout', 'data': 'a', 'data_b64': 'YQ=='}):
         assert client_output(junk, 1) is None
+
+
+def test_the_daemons_options_of_the_socket_the_callers_and_the_audit_log():
+    from negotiator_host.cli import UsageError, parse_options
+
+    options = parse_options(['--daemon', '--socket', '/tmp/x.sock', '--allow-group', 'ops', '--allow-group',
+                             'dev=web-*,db-?', '--audit-log', ''])
+    assert (options.socket, options.allow_groups, options.audit_log) == ('/tmp/x.sock', ['ops', 'dev=web-*,db-?'], '')
+    assert parse_options(['--daemon']).audit_log is None
+    for wrong in (['--ping', 'web-1', '--allow-group', 'ops'], ['--ping', 'web-1', '--audit-log', '/tmp/a'],
+                  ['--daemon', '--socket', '']):
+        with pytest.raises(UsageError):
+            parse_options(wrong)
+
+
+def _daemon_cli(*args, env=None):
+    return subprocess.run([sys.executable, '-m', 'negotiator_host', '--daemon'] + list(args), env=env,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=60)
+
+
+def test_the_daemon_refuses_an_unknown_group_and_a_socket_taken_by_another_daemon(tmp_path):
+    process = _daemon_cli('--allow-group', 'no-such-group-ngt=web-*', '--audit-log', '')
+    assert process.returncode == 64 and b"'no-such-group-ngt=web-*'" in process.stderr
+    path = os.path.join(short_tempdir(), 'host.sock')
+    taken = open_local_socket(path)
+    try:
+        process = _daemon_cli('--socket', path, '--audit-log', '', '--connect', 'qemu:///nowhere')
+    finally:
+        taken.close()
+    assert process.returncode == 69 and b'another negotiator-host daemon listens on' in process.stderr
+
+
+def test_the_daemon_program_serves_its_socket_audits_the_calls_and_stops_on_sigterm(monkeypatch):
+    fake = FakeLibvirt().activate(monkeypatch)
+    commands = make_commands_dir(fake.root, GUEST_COMMANDS)
+    fake.add_running('alpha', 1)
+    agent = FakeGuestAgent(fake.socket_path('alpha', 1, 'negotiator-host-to-guest.0'), commands, name='alpha')
+    audit = os.path.join(fake.root, 'audit', 'audit.log')
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--commands-dir', commands,
+                                '--audit-log', audit], env=fake.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        # The socket is where the environment says (the clients look there too), open to all.
+        assert wait_until(lambda: os.path.exists(fake.host_socket), timeout=20)
+        assert stat.S_IMODE(os.stat(fake.host_socket).st_mode) == 0o666
+        endpoint = Endpoint(Transport.from_socket(_connected(fake.host_socket)), name='client').start()
+        linked = [{'name': 'alpha', 'connected': True}]
+        assert wait_until(lambda: endpoint.call('hello', timeout=10)['guests'] == linked, timeout=20)
+        client = AgentClient(endpoint, endpoint.call('hello', {'guest': 'alpha'}, timeout=10))
+        assert client.execute('echo-args', 'via', 'the', 'daemon', timeout=10).stdout == b'via the daemon\n'
+        endpoint.close()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        assert not os.path.exists(fake.host_socket)
+        with open(audit) as handle:
+            record = json.loads(handle.readline())
+        assert (record['uid'], record['guest'], record['command'], record['args'], record['exit_status']) == (
+            os.getuid(), 'alpha', 'echo-args', ['via', 'the', 'daemon'], 0)
+        assert stat.S_IMODE(os.stat(audit).st_mode) == 0o640
+    finally:
+        if process.poll() is None:
+            process.kill()
+        agent.stop()
+        fake.cleanup()
+
+
+def _connected(path):
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.connect(path)
+    return sock
+
+
+def test_the_systemd_unit_makes_the_sockets_directory_and_outwaits_the_daemons_stop():
+    from negotiator_common.stopping import REPLY_MOMENT
+    from negotiator_host import connections
+
+    unit = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'negotiator-host', 'contrib',
+                        'negotiator-host.service')
+    with open(unit) as handle:
+        lines = dict(line.strip().split('=', 1) for line in handle if '=' in line and not line.startswith('#'))
+    assert os.path.dirname(local.DEFAULT_SOCKET) == '/run/' + lines['RuntimeDirectory']
+    assert lines['RuntimeDirectoryMode'] == '0755' and lines['LogsDirectoryMode'] == '0750'
+    # Each side's stop is bounded (grace, then SIGKILL and its wait, then a moment for the replies).
+    stops = [(connections.STOP_GRACE, connections.STOP_KILL_WAIT), (local.STOP_GRACE, local.STOP_KILL_WAIT)]
+    assert float(lines['TimeoutStopSec']) > sum(grace + 2 * kill_wait + REPLY_MOMENT for grace, kill_wait in stops)

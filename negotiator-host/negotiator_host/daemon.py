@@ -1,5 +1,6 @@
 """
-The host daemon: serve the guests' requests on their ``negotiator-guest-to-host.0`` channels.
+The host daemon: serve the guests' requests on their ``negotiator-guest-to-host.0`` channels,
+and share each guest's agent with the host's own callers.
 
 For every running guest that has the channel, the daemon connects to the channel's socket
 as a client and then *serves* on that connection (the guest's ``negotiator-guest --execute``
@@ -25,13 +26,23 @@ policy names it). Across guests, one :class:`~negotiator_common.slots.CommandSlo
 commands that run at once and the requests that wait for them (round-robin by guest); the wait
 is on the request's handler thread, so a guest's pings are answered while its commands wait.
 
+With a local socket (``socket_path``; the CLI always gives one), the same rescans also link
+the daemon to every served guest's agent on its host-to-guest channel, one connection per
+guest (:mod:`negotiator_host.agents`), and the host's callers share those connections through
+the socket (:mod:`negotiator_host.local`, :mod:`negotiator_host.proxy`), as far as the
+callers' policy (:mod:`negotiator_host.access`) allows, each call written to the audit log
+(:mod:`negotiator_host.audit`).
+
 The daemon is a few jobs in one main loop (:mod:`negotiator_host.mainloop`), each in a module
-of its own: the connections (:mod:`negotiator_host.connections`), the rescans (here: which
-guests to serve), the event watcher (:mod:`negotiator_host.events`); reconnections wait
-according to :mod:`negotiator_host.backoff`. SIGTERM and SIGINT stop the daemon through one
-path, in the order that the guest daemon follows too (:mod:`negotiator_common.stopping`): no
-more rescans, running commands are stopped (SIGTERM, then SIGKILL), their replies go out to
-the guests, the connections close, exit status 0.
+of its own: the rescans (here: which guests to serve), the guests' connections
+(:mod:`negotiator_host.connections`), the local clients (:mod:`negotiator_host.local`), the
+links to the agents (:mod:`negotiator_host.agents`), the event watcher
+(:mod:`negotiator_host.events`); reconnections wait according to :mod:`negotiator_host.backoff`.
+SIGTERM and SIGINT stop the daemon through one path, in the order that the guest daemon follows
+too (:mod:`negotiator_common.stopping`): no more rescans nor local clients, the guests' running
+commands are stopped (SIGTERM, then SIGKILL) and their replies go out to the guests, then the
+local clients' calls are cancelled in the guests and their replies go out to the clients, the
+connections close (the agents' last, as the clients' calls travel over them), exit status 0.
 
 Run on the main thread, the daemon adopts the orphans of its commands
 (:func:`~negotiator_common.processes.adopt_orphans`), so that a process that left its
@@ -109,7 +120,8 @@ def default_limits(max_timeout: float = DEFAULT_MAX_TIMEOUT) -> Limits:
 
 class HostDaemon(object):
     """
-    Serve every running guest's ``negotiator-guest-to-host.0`` channel.
+    Serve every running guest's ``negotiator-guest-to-host.0`` channel (and, with a
+    ``socket_path``, its agent to local callers).
 
     :param uri: the libvirt URI (default: ``$LIBVIRT_DEFAULT_URI``, else ``qemu:///system``).
     :param commands_dirs: the host's commands directories.
