@@ -128,10 +128,11 @@ class Outbox(object):
                 self._pushed += 1
                 self._start_writer()
                 self._changed.notify_all()
+            number = self._pushed
         if behind:
             self.endpoint.close('the client left more than %d bytes of output unread' % self.max_bytes)
             self.close()
-        return self._pushed
+        return number
 
     def _start_writer(self) -> None:
         if self._writer is None:
