@@ -142,6 +142,17 @@ def test_help_and_usage_errors(pyz, version):
         assert refused.returncode == 64, (wrong, refused.stderr)
 
 
+@pytest.mark.parametrize('version', PYTHONS)
+def test_a_symbolic_link_to_the_archive_is_the_negotiator_guest_command(pyz, version, tmp_path):
+    # docs/guest.rst: its #! line runs the python3 on PATH (this version's, here).
+    os.symlink(pyz, str(tmp_path / 'negotiator-guest'))
+    path = os.pathsep.join([str(tmp_path), os.path.dirname(interpreter(version)), os.environ.get('PATH', '')])
+    shown = subprocess.run(['negotiator-guest', '--help'], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           env=dict(os.environ, PATH=path), timeout=60)
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout.startswith(b'Usage: negotiator-guest [OPTIONS]')
+
+
 @pytest.fixture
 def pty_port():
     """A pseudo-terminal in raw mode: yields (master, slave path); the test plays the host on the master."""
