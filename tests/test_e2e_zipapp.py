@@ -5,20 +5,18 @@ Why: old guests run the agent as ``python3 negotiator-guest.pyz --daemon`` (docs
 on the Python they have, which the other end-to-end tests (the installed package on this
 interpreter) do not prove. One guest does it all, to keep the suite's time: its supervisord
 starts the archive (built by this module's set-up into /var/tmp, which the guest shares) on
-Python 3.6; the core checks run; a command of the agent then asks for Python 3.13 and stops the
-agent, supervisord starts it again, and the same checks run on 3.13.
-
-The interpreters are the host's (pyenv's), which the guest runs from the shared root. The agent
-is started through a small wrapper, ``negotiator-guest``, that runs the archive with the Python
-named in the guest's ``/tmp/agent-python`` (3.6 until a restart asks otherwise); the guest's own
-commands call the host through the same wrapper, so the client mode of the archive runs on the
-same Python as its daemon.
+Python 3.6; the core checks run; a command of the agent then names Python 3.13 and stops the
+agent, supervisord starts it again (``scripts/switch_agent.py``), and the same checks run on
+3.13. The interpreters are the host's (pyenv's), which the guest runs from the shared root. The
+guest's own commands call the host through the same wrapper as the agent, so the client mode of
+the archive runs on the same Python as its daemon.
 """
 
 import hashlib
 import os
 import shlex
 import shutil
+import signal
 import sys
 import tempfile
 
@@ -28,8 +26,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vmfixtures import negotiator_vm, vm_host, wait_for_agent  # noqa: E402,F401 (a fixture)
 from e2e_support import host_cli, start_host_daemon, stop_host_daemon  # noqa: E402
-from waiting import wait_until  # noqa: E402
 from zipapp_support import GUEST_PYTHONS, build_zipapp, interpreter  # noqa: E402
+
+import switch_agent  # noqa: E402 (scripts/, on sys.path through vmfixtures)
 
 pytestmark = pytest.mark.vm
 
@@ -47,7 +46,7 @@ class AgentPhase(object):
     def __init__(self, python, process, restart=None):
         self.python = python
         self.process = process  # (pid, argv) of the agent, as /proc in the guest says
-        self.restart = restart  # (agent before, result of the restart call), when this phase restarted it
+        self.restart = restart  # (agent before, result of the restart-agent call), if this phase restarted it
 
 
 @pytest.fixture(scope='module')
@@ -59,30 +58,23 @@ def zipapp():
     print(build_zipapp(archive))
     bindir = os.path.join(directory, 'bin')
     os.mkdir(bindir, 0o755)
-    with open(os.path.join(bindir, 'negotiator-guest'), 'w') as handle:
-        handle.write('#!/bin/sh\n# The Python that the guest\'s /tmp/agent-python names, else the oldest.\n'
-                     'python=$(cat /tmp/agent-python 2>/dev/null) || python=%s\nexec "$python" %s "$@"\n'
-                     % (shlex.quote(interpreter(GUEST_PYTHONS[0])), shlex.quote(archive)))
-    os.chmod(os.path.join(bindir, 'negotiator-guest'), 0o755)
+    switch_agent.write_wrapper(bindir, [interpreter(GUEST_PYTHONS[0]), archive])
     yield bindir, archive
     shutil.rmtree(directory, ignore_errors=True)
 
 
 def guest_commands(bindir):
-    wrapper = shlex.quote(os.path.join(bindir, 'negotiator-guest'))
-    return {
+    commands = dict(switch_agent.COMMANDS)
+    commands.update({
         'argv': '#!/bin/sh\nprintf "%s\\0" "$@"\n',
         'sha': '#!/bin/sh\nsha256sum | cut -d" " -f1\n',
         'catfile': '#!/bin/sh\nexec cat "$1"\n',
         'slow': '#!/bin/sh\necho started\nexec sleep 60\n',
         # Python starts slowly over 9p under TCG, and the archive's modules are compiled at each start.
-        'ask-host': '#!/bin/sh\nexec %s --timeout 60 --execute "$*"\n' % wrapper,
-        # The agent is this command's parent: its pid, then its argv (NUL-separated).
-        'agent-process': '#!/bin/sh\necho $PPID\ncat /proc/$PPID/cmdline\n',
-        # Ask for another Python, then stop the agent (SIGTERM) while this command runs: the agent
-        # stops it, replies, exits, and supervisord starts it again through the wrapper.
-        'restart-agent': '#!/bin/sh\nprintf %s "$1" > /tmp/agent-python\nkill -TERM $PPID\nexec sleep 30\n',
-    }
+        'ask-host': '#!/bin/sh\nexec %s --timeout 60 --execute "$*"\n'
+                    % shlex.quote(os.path.join(bindir, 'negotiator-guest')),
+    })
+    return commands
 
 
 @pytest.fixture(scope='module')
@@ -108,33 +100,19 @@ def execute(guest, command_line, timeout=60):
     return host_cli('--timeout', str(timeout), '--execute', command_line, guest.name, timeout=timeout + 60)
 
 
-def agent_process(guest):
-    """(pid, argv) of the guest's agent, from its own /proc."""
-    result = execute(guest, 'agent-process')
-    assert result.returncode == 0, result.stderr
-    pid, cmdline = result.stdout.split(b'\n', 1)
-    return int(pid), [arg.decode() for arg in cmdline.split(b'\0')[:-1]]
-
-
 @pytest.fixture(scope='module', params=GUEST_PYTHONS, ids=['python' + version for version in GUEST_PYTHONS])
-def agent(request, guest):
+def agent(request, guest, zipapp):
     """
     The agent on each Python in turn: the guest starts it on the first; every other comes by a
     restart that a command of the agent asks for (checked by test_the_agent_runs_the_archive).
     """
+    _, archive = zipapp
     python = interpreter(request.param)
-    before = agent_process(guest)
-    if before[1][0] == python:
-        return AgentPhase(python, before)
-    restart = execute(guest, 'restart-agent ' + shlex.quote(python))
-    restarted = wait_until(lambda: _answering_pid(guest) not in (None, before[0]), timeout=120, interval=0.5)
-    assert restarted, 'the agent did not come back on %s:\n%s' % (python, guest.console_tail(40))
-    return AgentPhase(python, agent_process(guest), (before, restart))
-
-
-def _answering_pid(guest):
-    result = execute(guest, 'agent-process')
-    return int(result.stdout.split(b'\n', 1)[0]) if result.returncode == 0 else None
+    process = switch_agent.agent_process(guest)
+    if process[1][0] == python:
+        return AgentPhase(python, process)
+    result, before, after = switch_agent.restart_agent(guest, [python, archive])
+    return AgentPhase(python, after, (before, result))
 
 
 def test_the_agent_runs_the_archive(agent, guest, zipapp):
@@ -146,9 +124,9 @@ def test_the_agent_runs_the_archive(agent, guest, zipapp):
     if agent.restart is not None:
         (old_pid, old_argv), call = agent.restart
         assert pid != old_pid and old_argv[0] != agent.python
-        # The agent stopped the command that stopped it and replied before it exited (SIGTERM:
-        # 128 + 15), then exited cleanly, and supervisord started it again.
-        assert call.returncode == 143, (call.returncode, call.stderr)
+        # The agent stopped the command that stopped it and replied before it exited, then
+        # exited cleanly, and supervisord started it again.
+        assert (call.exit_status, call.signal) == (None, signal.SIGTERM), call
         assert 'exited: negotiator-guest (exit status 0; expected)' in guest.read_console()
 
 
