@@ -38,6 +38,7 @@ TRICKY_ARGS = ['with space', "single ' quote", '$(touch /tmp/pwned)', 'back\\sla
 
 #: Imports every module of the archive as ``python ARCHIVE`` would find them, then says where
 #: ``pipes`` came from: the standard library before 3.13, the archive's folder for 3.13 after.
+#: Run with ``-S``: no site-packages, so nothing that is installed beside can stand in for the archive.
 PROBE = r'''
 import importlib, json, runpy, sys, zipfile
 archive = sys.argv[1]
@@ -118,7 +119,7 @@ def test_the_archive_holds_the_sources_and_the_pinned_wheels_and_nothing_of_the_
 @pytest.mark.parametrize('version', PYTHONS + [pytest.param(None, id='this-python')])
 def test_every_bundled_module_imports_and_pipes_comes_from_the_right_place(pyz, version):
     python = interpreter(version) if version else sys.executable
-    result = subprocess.run([python, '-c', PROBE, pyz], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    result = subprocess.run([python, '-S', '-c', PROBE, pyz], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             universal_newlines=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
