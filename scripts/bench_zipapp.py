@@ -1,15 +1,16 @@
 #!/usr/bin/env python3
 """
-Usage: VENV/bin/python scripts/bench_zipapp.py [--seconds N] [--pings N] [--json-out FILE]
+Usage: scripts/bench_zipapp.py [--venv PATH] [--seconds N] [--pings N] [--json-out FILE]
 
 The guest daemon at rest and its ping, run as the single file (scripts/build-guest-agent) on
 Python 3.6 and 3.13, beside the installed package: the figures of scripts/benchmark's "daemon at
 rest" and "ping" for each way of running the agent (docs/benchmark.rst says what they mean).
 
-Run it with the Python of a virtual environment outside /tmp that has the three packages
-installed (non-editable, as scripts/benchmark makes it): its negotiator-guest is the installed
-variant, on that Python, and its negotiator_host the API that measures. The archive is also
-measured on that Python, to tell what the archive costs from what the older Python costs.
+It runs from the benchmark's virtual environment (--venv, default
+/var/lib/negotiator-bench/venv, made or refreshed by scripts/negotiator_venv.py, then the script
+runs again with its Python): its negotiator-guest is the installed variant, on that Python, and
+its negotiator_host the API that measures. The archive is also measured on that Python, to tell
+what the archive costs from what the older Python costs.
 
 One TCG guest (scripts/negotiator_vm.py) runs the agent under supervisord, restarted as each
 variant in turn (scripts/switch_agent.py). For each: the time from the restart call to the new
@@ -38,10 +39,13 @@ import time
 SCRIPTS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, SCRIPTS)
 
-import negotiator_vm  # noqa: E402
+import negotiator_venv  # noqa: E402
+import negotiator_vm  # noqa: E402 (it puts negotiator_common on the path when it is not installed)
 import switch_agent  # noqa: E402
+from negotiator_common.channels import HOST_TO_GUEST_CHANNEL  # noqa: E402
+from negotiator_common.errors import NegotiatorError  # noqa: E402
 
-HOST_CHANNEL = 'negotiator-host-to-guest.0'
+DEFAULT_VENV = '/var/lib/negotiator-bench/venv'
 STAT_PREFIX = 'negotiator-zipapp-stat'
 DEFAULT_JSON = '/var/tmp/negotiator-bench-zipapp.json'
 OTHER_PYTHONS = ('3.6', '3.13')
@@ -114,7 +118,7 @@ def start_bench_guest(bindir, sampler_python):
 def ping_figures(guest, pings):
     """Median ping round trip (seconds) on one open connection, then five runs of a one-line command."""
     from negotiator_host import GuestChannel
-    with GuestChannel(socket_path=guest.channel_path(HOST_CHANNEL), timeout=30) as channel:
+    with GuestChannel(socket_path=guest.channel_path(HOST_TO_GUEST_CHANNEL), timeout=30) as channel:
         channel.connect()
         for _ in range(20):
             channel.ping()
@@ -158,35 +162,16 @@ def measure(guest, label, argv, pings, seconds):
             'rest_guest_seconds': rest['guest_seconds'], 'pid': pid}
 
 
-def wait_for_first_agent(guest, timeout=180):
-    """Wait until the agent that the guest booted with answers (Python over 9p under TCG starts slowly)."""
-    from negotiator_common.errors import NegotiatorError
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return switch_agent.agent_process(guest, timeout=10)
-        except (NegotiatorError, OSError, negotiator_vm.VMError) as err:
-            if time.monotonic() >= deadline:
-                raise RuntimeError('the agent in %s did not answer: %s\n%s'
-                                   % (guest.name, err, guest.console_tail())) from err
-            time.sleep(0.5)
-
-
 def print_table(rows):
+    from humanfriendly.tables import format_pretty_table
     header = ['variant', 'answered after restart (s)', 'ping (ms)', 'at rest: CPU (% of a core)', 'at rest: RSS (MiB)']
-    lines = [header] + [[row['variant'], '%.1f' % row['answered_after_s'], '%.2f' % row['ping_ms'],
-                         '%.3f' % row['rest_cpu_percent'], '%.1f' % row['rest_rss_mib']] for row in rows]
-    widths = [max(len(line[column]) for line in lines) for column in range(len(header))]
-    for number, line in enumerate(lines):
-        print('  '.join(cell.ljust(width) for cell, width in zip(line, widths)).rstrip())
-        if number == 0:
-            print('  '.join('-' * width for width in widths))
+    print(format_pretty_table([[row['variant'], '%.1f' % row['answered_after_s'], '%.2f' % row['ping_ms'],
+                                '%.3f' % row['rest_cpu_percent'], '%.1f' % row['rest_rss_mib']] for row in rows],
+                              header))
 
 
 def run(args):
     """Build, boot one guest, measure every variant, remove the guest; return the rows."""
-    if os.path.realpath(sys.prefix).startswith('/tmp/'):
-        raise RuntimeError('run this with a virtual environment outside /tmp (the guest has a /tmp of its own)')
     negotiator_vm.ensure_host()
     directory = tempfile.mkdtemp(prefix='negotiator-bench-zipapp-', dir='/var/tmp')
     os.chmod(directory, 0o755)
@@ -198,7 +183,7 @@ def run(args):
         ways = variants(archive)
         switch_agent.write_wrapper(bindir, ways[0][1])
         with start_bench_guest(bindir, os.path.realpath(sys.executable)) as guest:
-            wait_for_first_agent(guest)
+            guest.wait_for_agent(os.path.dirname(sys.executable), timeout=180)
             # Every variant comes by a restart, the first too: their start-up times compare.
             return [measure(guest, label, argv, args.pings, args.seconds) for label, argv in ways]
     finally:
@@ -207,13 +192,23 @@ def run(args):
 
 def main():
     parser = argparse.ArgumentParser(prog='bench_zipapp.py', description=__doc__.split('\n\n')[1])
+    parser.add_argument('--venv', metavar='PATH', default=DEFAULT_VENV,
+                        help='the virtual environment to run negotiator from, not under /tmp (default %(default)s)')
     parser.add_argument('--seconds', type=int, default=30, help='seconds of guest time at rest (default 30)')
     parser.add_argument('--pings', type=int, default=200, help='pings for the median (default 200)')
     parser.add_argument('--json-out', default=DEFAULT_JSON, help='where to write the JSON (default %(default)s)')
     args = parser.parse_args()
+    venv = os.path.abspath(args.venv)
+    if os.path.realpath(sys.prefix) != os.path.realpath(venv):
+        try:
+            python = os.path.join(negotiator_venv.ensure_venv(venv, sys.executable, say=log), 'python')
+        except (negotiator_venv.VenvError, OSError) as err:
+            log('failed: %s', err)
+            return 1
+        os.execv(python, [python, os.path.abspath(__file__)] + sys.argv[1:])
     try:
         rows = run(args)
-    except (RuntimeError, OSError, subprocess.CalledProcessError, negotiator_vm.VMError) as err:
+    except (RuntimeError, OSError, subprocess.CalledProcessError, negotiator_vm.VMError, NegotiatorError) as err:
         log('failed: %s', err)
         return 1
     print_table(rows)

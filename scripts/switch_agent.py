@@ -47,8 +47,9 @@ def write_wrapper(bindir, default_argv):
 
 
 def _channel(guest, timeout):
+    from negotiator_common.channels import HOST_TO_GUEST_CHANNEL
     from negotiator_host import GuestChannel
-    return GuestChannel(socket_path=guest.channel_path('negotiator-host-to-guest.0'), timeout=timeout)
+    return GuestChannel(socket_path=guest.channel_path(HOST_TO_GUEST_CHANNEL), timeout=timeout)
 
 
 def agent_process(guest, timeout=60):
