@@ -46,7 +46,7 @@ sys.path.insert(0, archive)  # as `python ARCHIVE` does
 runpy.run_path(archive, run_name='probe')  # the bootstrap, without the CLI
 modules = []
 for name in zipfile.ZipFile(archive).namelist():
-    if name.endswith('.py') and name != '__main__.py':
+    if name.endswith('.py') and not name.endswith('__main__.py'):  # entry points run, not import
         parts = name[:-3].split('/')
         parts = parts[1:] if parts[0].startswith('python-') else parts
         modules.append('.'.join(parts[:-1] if parts[-1] == '__init__' else parts))
