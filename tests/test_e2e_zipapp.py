@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from vmfixtures import negotiator_vm, vm_host, wait_for_agent  # noqa: E402,F401 (a fixture)
 from e2e_support import host_cli, start_host_daemon, stop_host_daemon  # noqa: E402
-from zipapp_support import GUEST_PYTHONS, build_zipapp, interpreter  # noqa: E402
+from support import GUEST_PYTHONS, build_zipapp, interpreter  # noqa: E402
 
 import switch_agent  # noqa: E402 (scripts/ is on the tests' path: pytest.ini)
 

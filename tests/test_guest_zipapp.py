@@ -30,7 +30,7 @@ from negotiator_guest import __version__
 from negotiator_guest.port import host_connected
 
 from waiting import wait_until
-from zipapp_support import GUEST_PYTHONS, ROOT, build_zipapp, interpreter, write_command
+from support import GUEST_PYTHONS, REPOSITORY, build_zipapp, interpreter, write_command
 
 #: Arguments that a shell would mangle and that must arrive byte for byte.
 TRICKY_ARGS = ['with space', "single ' quote", '$(touch /tmp/pwned)', 'back\\slash', 'tab\there', 'ünïcödé ✓', '',
@@ -75,8 +75,8 @@ def test_the_build_is_byte_for_byte_the_same_from_a_copy_of_the_sources(pyz, tmp
     # A copy elsewhere, with fresh dates and modes, and bytecode lying in the packages.
     checkout = tmp_path / 'elsewhere'
     for part in ('negotiator-common', 'negotiator-guest', 'scripts'):
-        shutil.copytree(os.path.join(ROOT, part), str(checkout / part), copy_function=shutil.copyfile)
-    shutil.copyfile(os.path.join(ROOT, 'LICENSE.txt'), str(checkout / 'LICENSE.txt'))
+        shutil.copytree(os.path.join(REPOSITORY, part), str(checkout / part), copy_function=shutil.copyfile)
+    shutil.copyfile(os.path.join(REPOSITORY, 'LICENSE.txt'), str(checkout / 'LICENSE.txt'))
     cache = checkout / 'negotiator-guest' / 'negotiator_guest' / '__pycache__'
     cache.mkdir(exist_ok=True)
     (cache / 'cli.cpython-36.pyc').write_bytes(b'not from the sources')
@@ -101,10 +101,11 @@ def test_the_archive_holds_the_sources_and_the_pinned_wheels_and_nothing_of_the_
     assert not [name for name in names if name.endswith(left_out) or '__pycache__' in name]
     with zipfile.ZipFile(pyz) as archive:
         for project, package in (('negotiator-common', 'negotiator_common'), ('negotiator-guest', 'negotiator_guest')):
-            sources = sorted(name for name in os.listdir(os.path.join(ROOT, project, package)) if name.endswith('.py'))
+            folder = os.path.join(REPOSITORY, project, package)
+            sources = sorted(name for name in os.listdir(folder) if name.endswith('.py'))
             assert sorted(n.split('/', 1)[1] for n in names if n.startswith(package + '/')) == sources
             for name in sources:
-                with open(os.path.join(ROOT, project, package, name), 'rb') as handle:
+                with open(os.path.join(folder, name), 'rb') as handle:
                     assert archive.read(package + '/' + name) == handle.read(), name
     assert [name for name in names if '/pipes/' in name or name.startswith('pipes/')] == [
         'python-3.13-and-later/pipes/__init__.py']
@@ -233,7 +234,7 @@ def test_the_service_files_beside_the_archive_start_it(pyz):
                                             'negotiator-guest.pyz --daemon',
                 'supervisord.conf': 'command=/usr/bin/python3 /usr/local/lib/negotiator/negotiator-guest.pyz --daemon'}
     for name, start_line in expected.items():
-        with open(os.path.join(ROOT, 'negotiator-guest', 'contrib', name)) as handle:
+        with open(os.path.join(REPOSITORY, 'negotiator-guest', 'contrib', name)) as handle:
             shipped = handle.read().splitlines()
         with open(os.path.join(os.path.dirname(pyz), name)) as handle:
             adapted = handle.read().splitlines()

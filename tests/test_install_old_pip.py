@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from zipapp_support import ROOT, interpreter
+from support import REPOSITORY, interpreter
 
 #: The commands of docs/guest.rst, word for word: on the host (pip 19 or later, in the
 #: checkout), then in the guest with only the folder ``wheels`` copied in.
@@ -56,14 +56,15 @@ def guest_environment():
 
 
 def test_the_documented_commands_are_the_ones_tested():
-    with open(os.path.join(ROOT, 'docs', 'guest.rst')) as handle:
+    with open(os.path.join(REPOSITORY, 'docs', 'guest.rst')) as handle:
         page = handle.read()
     for command in ON_THE_HOST + [IN_THE_GUEST, OLD_PIP_REFUSES]:
         assert command in page, command
 
 
 def test_pip_9_cannot_build_the_checkout(old_pip):
-    status, output = run(old_pip + ['install', '--no-index', './negotiator-common'], cwd=ROOT, env=guest_environment())
+    status, output = run(old_pip + ['install', '--no-index', './negotiator-common'], cwd=REPOSITORY,
+                         env=guest_environment())
     assert status != 0 and OLD_PIP_REFUSES in output, output
 
 
@@ -71,7 +72,7 @@ def test_pip_9_installs_the_wheels_built_on_the_host_with_no_network(old_pip, tm
     wheels = str(tmp_path / 'wheels')
     for command in ON_THE_HOST:
         argv = [wheels if word == 'wheels' else word for word in shlex.split(command)]
-        status, output = run([sys.executable, '-m'] + argv, cwd=ROOT)
+        status, output = run([sys.executable, '-m'] + argv, cwd=REPOSITORY)
         assert status == 0, (command, output)
     argv = [wheels if word == 'wheels' else word for word in shlex.split(IN_THE_GUEST)[1:]]
     status, output = run(old_pip + argv, cwd=str(tmp_path), env=guest_environment())
