@@ -12,17 +12,22 @@ libvirt in ``fake_libvirt.py``.
 - :class:`FakeGuestSide`: the guest end of a guest-to-host channel, for the host daemon.
 - :data:`OUTPUT_WITH_AN_ARRAY_ID`: the line that once killed a reader.
 - :func:`result_or_error`: a call's result or the exception it raised, for calls on threads.
+- :func:`interpreter`, :data:`GUEST_PYTHONS`, :func:`build_zipapp`: the single-file guest agent
+  (``scripts/build-guest-agent``) and the Pythons it must run on.
 """
 
 import atexit
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import tempfile
 import textwrap
 import threading
 from typing import TYPE_CHECKING, Dict, List, Optional
+
+import pytest
 
 from negotiator_common.client import AgentClient
 from negotiator_common.commands import CommandRegistry
@@ -290,3 +295,44 @@ def result_or_error(function, *args, **kwargs):
         return function(*args, **kwargs)
     except Exception as exc:
         return exc
+
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+GUEST_PYTHONS = ('3.6', '3.13')
+"""The oldest Python that negotiator supports (RHEL 8's) and the newest: the single-file agent must run on both."""
+
+_interpreters: Dict[str, str] = {}
+
+
+def interpreter(version: str) -> str:
+    """
+    The real path of CPython ``version`` (``'3.6'``), found on PATH as ``pythonVERSION``; the test
+    fails (it is never skipped) when there is none: ``scripts/test`` and tox put every pyenv
+    interpreter on PATH. The real path, not a pyenv shim: a guest runs it from the shared root,
+    where no shim would know which version to choose.
+    """
+    if version not in _interpreters:
+        found = shutil.which('python' + version)
+        result = None
+        if found:
+            result = subprocess.run([found, '-c', 'import os, sys; print(os.path.realpath(sys.executable));'
+                                     ' print("%d.%d" % sys.version_info[:2])'],
+                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
+        if result is None or result.returncode != 0 or result.stdout.split()[1:] != [version]:
+            pytest.fail('no working python%s on PATH (%s): the single-file agent must be tested on it; put '
+                        "pyenv's versions/%s.*/bin on PATH, as scripts/test does"
+                        % (version, found or 'not found', version), pytrace=False)
+        _interpreters[version] = result.stdout.split()[0]
+    return _interpreters[version]
+
+
+def build_zipapp(output: str, source_root: str = REPOSITORY) -> str:
+    """Run ``scripts/build-guest-agent --output OUTPUT`` (of ``source_root``); return its line about the archive."""
+    result = subprocess.run([sys.executable, os.path.join(source_root, 'scripts', 'build-guest-agent'),
+                             '--output', str(output)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            universal_newlines=True, timeout=600)
+    if result.returncode != 0:
+        pytest.fail('build-guest-agent failed (%d):\n%s%s' % (result.returncode, result.stdout, result.stderr),
+                    pytrace=False)
+    return result.stdout.strip()
