@@ -119,6 +119,7 @@ class FakeLibvirt(object):
         self.status_dir = os.path.join(self.root, 'run')
         self.channel_dir = os.path.join(self.root, 'ch')
         self.bin_dir = os.path.join(self.root, 'bin')
+        self.host_socket = os.path.join(self.root, 'host.sock')
         for directory in (self.status_dir, self.channel_dir, self.bin_dir, os.path.join(self.root, 'xml')):
             os.makedirs(directory)
         virsh = os.path.join(self.bin_dir, 'virsh')
@@ -135,11 +136,15 @@ class FakeLibvirt(object):
         return self.environ_from(os.environ)
 
     def environ_from(self, base: Mapping[str, str]) -> Dict[str, str]:
-        """``base`` pointed at the fake: its ``virsh`` first on ``PATH``, its directories for discovery."""
+        """
+        ``base`` pointed at the fake: its ``virsh`` first on ``PATH``, its directories for discovery,
+        and a host daemon's socket of its own (``NEGOTIATOR_HOST_SOCKET``), so that a daemon started
+        with it never takes the host's ``/run/negotiator/host.sock``.
+        """
         environ = dict(base)
         environ.update(PATH=self.bin_dir + os.pathsep + base.get('PATH', ''),
                        NEGOTIATOR_LIBVIRT_STATUS_DIR=self.status_dir, NEGOTIATOR_LIBVIRT_CHANNEL_DIR=self.channel_dir,
-                       LIBVIRT_DEFAULT_URI='qemu:///system')
+                       LIBVIRT_DEFAULT_URI='qemu:///system', NEGOTIATOR_HOST_SOCKET=self.host_socket)
         return environ
 
     def activate(self, monkeypatch) -> 'FakeLibvirt':

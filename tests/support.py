@@ -118,6 +118,27 @@ GUEST_COMMANDS = {
         open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close()
         time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 60)
     ''',
+    'rendezvous': '''
+        import os, sys, time
+        directory, count = sys.argv[1], int(sys.argv[2])
+        open(os.path.join(directory, str(os.getpid())), 'w').close()
+        deadline = time.monotonic() + 20
+        while len(os.listdir(directory)) < count:
+            if time.monotonic() > deadline:
+                sys.exit('only %d of %d met' % (len(os.listdir(directory)), count))
+            time.sleep(0.01)
+        sys.stdout.write('met\\n')
+    ''',
+    'log-run': '''
+        import os, sys, time
+        log, tag = sys.argv[1], sys.argv[2]
+        with open(log, 'a') as handle:
+            handle.write(tag + '\\n')
+        gate = sys.argv[3] if len(sys.argv) > 3 else None
+        deadline = time.monotonic() + 20
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    ''',
     'flood-pid': '''
         import os, sys
         open(os.path.join(sys.argv[1], str(os.getpid())), 'w').close()
@@ -131,16 +152,19 @@ GUEST_COMMANDS = {
 class FakeGuestAgent(object):
     """
     A real negotiator agent serving on a listening UNIX socket: one client at a time, as
-    QEMU's chardev socket does. ``policy`` as in AgentService.
+    QEMU's chardev socket does. ``policy`` and ``limits`` as in AgentService (its
+    ``max_in_flight`` bounds each connection). ``endpoint`` is the connection served now;
+    :meth:`stop` closes it too (the agent dies), and the socket file goes.
     """
 
-    def __init__(self, path: str, commands_dir: str, name: str = 'guest', policy=None) -> None:
+    def __init__(self, path: str, commands_dir: str, name: str = 'guest', policy=None, limits=None) -> None:
         self.path = path
         kwargs = {'policy': policy} if policy else {}
-        self.service = AgentService('negotiator-guest', CommandRegistry([commands_dir]), **kwargs)
+        self.service = AgentService('negotiator-guest', CommandRegistry([commands_dir]), limits=limits, **kwargs)
         self.sock = listening_socket(path)
         self.name = name
         self.connections = 0
+        self.endpoint: Optional[Endpoint] = None
         self._stopped = False
         self._thread = threading.Thread(target=self._serve)
         self._thread.daemon = True
@@ -154,8 +178,9 @@ class FakeGuestAgent(object):
                 return
             self.connections += 1
             conn.setblocking(True)
-            endpoint = Endpoint(Transport.from_socket(conn), self.dispatcher(), name=self.name)
-            endpoint.run()
+            self.endpoint = Endpoint(Transport.from_socket(conn), self.dispatcher(), name=self.name,
+                                     max_concurrent=self.service.limits.max_in_flight)
+            self.endpoint.run()
 
     def dispatcher(self) -> Dispatcher:
         return self.service.dispatcher()
@@ -167,6 +192,10 @@ class FakeGuestAgent(object):
         except OSError:
             pass
         self.sock.close()
+        if self.endpoint is not None:
+            self.endpoint.close('the agent stopped')
+        if os.path.exists(self.path):
+            os.unlink(self.path)
 
 
 class OddAgent(FakeGuestAgent):

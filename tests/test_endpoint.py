@@ -398,3 +398,109 @@ def test_a_reply_followed_at_once_by_a_hang_up_still_reaches_the_caller():
     client.close('peer closed the channel')
     right_sock.close()
     assert call.done.is_set() and call.response.error is None and call.response.result == 'made it'
+
+
+def _watching_server(sock, max_concurrent=16):
+    """A server whose ``watch`` waits for its own cancellation (5 s at most) and says whether it came."""
+    dispatcher = Dispatcher()
+    dispatcher.register('watch', lambda params, ctx: ctx.cancelled.wait(5))
+    return Endpoint(Transport.from_socket(sock), dispatcher, name='server', max_concurrent=max_concurrent).start()
+
+
+def _replies(sock, count):
+    """The next ``count`` replies on a raw socket, by id."""
+    decoder, replies = LineDecoder(), {}
+    while len(replies) < count:
+        for event in decoder.feed(sock.recv(65536)):
+            replies[event.id] = event
+    return replies
+
+
+def test_cancel_reaches_the_one_request_it_names_and_that_request_still_replies():
+    server_sock, client_sock = socket.socketpair()
+    server = _watching_server(server_sock)
+    client_sock.settimeout(10)
+    for request_id in ('a', 'b'):
+        client_sock.sendall(encode_message(Request(request_id, 'watch')))
+    assert wait_until(lambda: server.in_flight == 2)
+    client_sock.sendall(encode_message(Request('c', 'cancel', {'id': 'a'})))
+    client_sock.sendall(encode_message(Request('d', 'cancel', {'id': 'nobody'})))
+    client_sock.sendall(encode_message(Request('e', 'cancel', {'id': [1]})))
+    replies = _replies(client_sock, 4)
+    assert replies['c'].result == {'cancelled': True} and replies['d'].result == {'cancelled': False}
+    assert isinstance(replies['e'].error, InvalidParams)
+    assert replies['a'].result is True and 'b' not in replies and server.in_flight == 1
+    client_sock.sendall(encode_message(Request('f', 'cancel', {'id': 'b'})))
+    replies = _replies(client_sock, 2)
+    assert replies['f'].result == {'cancelled': True} and replies['b'].result is True
+    assert server.wait_replies(5)
+    # A request that was answered cannot be cancelled any more.
+    client_sock.sendall(encode_message(Request('g', 'cancel', {'id': 'a'})))
+    assert _replies(client_sock, 1)['g'].result == {'cancelled': False}
+    server.close()
+    client_sock.close()
+
+
+def test_a_call_whose_cancellation_is_set_sends_cancel_and_still_waits_for_its_reply():
+    from negotiator_common.cancellation import Cancellation
+
+    server_sock, client_sock = socket.socketpair()
+    server = _watching_server(server_sock)
+    client = Endpoint(Transport.from_socket(client_sock), name='client').start()
+    cancelled = Cancellation()
+    outcome = []
+    caller = threading.Thread(target=lambda: outcome.append(client.call('watch', timeout=30, cancelled=cancelled)))
+    caller.start()
+    assert wait_until(lambda: server.in_flight == 1)
+    cancelled.set()
+    caller.join(10)
+    # The handler saw its own cancellation: the call's reply says so.
+    assert outcome == [True] and server.wait_replies(5)
+    client.close()
+    server.close()
+
+
+class HeldReplies(Transport):
+    """A transport that holds its first writer, once its bytes are out, until a second write is done."""
+
+    def __init__(self, sock):
+        super().__init__(sock.fileno(), close_fd=False, owner=sock)
+        self.writes = 0
+        self.second = threading.Event()
+
+    def write_all(self, data, deadline=Deadline(None)):
+        super().write_all(data, deadline)
+        self.writes += 1
+        if self.writes == 1:
+            self.second.wait(5)
+        else:
+            self.second.set()
+
+
+def test_a_handler_frees_its_slot_before_its_reply_so_a_caller_within_the_bound_is_never_refused():
+    # With one request allowed in flight, the caller sends its second request as soon as the
+    # first reply is in, while the first handler's thread has not finished writing it: the
+    # slot must be free already (the host daemon keeps a guest at its bound so).
+    server_sock, client_sock = socket.socketpair()
+    dispatcher = Dispatcher()
+    dispatcher.register('work', lambda params, ctx: params['n'])
+    server = Endpoint(HeldReplies(server_sock), dispatcher, name='server', max_concurrent=1).start()
+    client = Endpoint(Transport.from_socket(client_sock), name='client').start()
+    assert client.call('work', {'n': 1}, timeout=10) == 1
+    assert client.call('work', {'n': 2}, timeout=10) == 2
+    assert server.wait_replies(5) and server.in_flight == 0
+    client.close()
+    server.close()
+
+
+def test_a_session_notification_reaches_the_endpoints_hook_after_the_calls_failed():
+    client_sock, agent_sock = socket.socketpair()
+    sessions = []
+    client = Endpoint(Transport.from_socket(client_sock), name='guest', on_session=sessions.append).start()
+    agent = Endpoint(Transport.from_socket(agent_sock), make_dispatcher(), name='host')
+    agent.announce_session({'agent': 'negotiator-guest', 'pid': 42})
+    agent.start()
+    assert wait_until(lambda: sessions == [{'agent': 'negotiator-guest', 'pid': 42}])
+    assert client.call('echo', {'value': 'on'}, timeout=5) == 'on'
+    client.close()
+    agent.close()

@@ -126,8 +126,8 @@ def test_sigterm_stops_cleanly_kills_commands_and_replies_for_them(host_commands
     guest = FakeGuestSide(path)
     fake.add_running('victim', 3)
     environ = fake.environ
-    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--commands-dir', host_commands],
-                               env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--commands-dir', host_commands,
+                                '--audit-log', ''], env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     outcomes = []
     try:
         client = guest.accept(timeout=10)
@@ -214,8 +214,8 @@ def test_escaping_commands_time_out_free_their_slots_and_die_with_their_guest_or
     fake = FakeLibvirt()
     guest = FakeGuestSide(fake.socket_path('escapee', 3, GUEST_TO_HOST_CHANNEL))
     fake.add_running('escapee', 3)
-    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--commands-dir', host_commands],
-                               env=fake.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--commands-dir', host_commands,
+                                '--audit-log', ''], env=fake.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     directories = [short_tempdir() for _ in range(6)]
     pids = []
     outcomes = []

@@ -24,7 +24,8 @@ from negotiator_common.errors import (
 )
 from negotiator_common.protocol import Request, decode_bytes, encode_bytes, encode_message
 
-__all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'command_timeout_for', 'DEFAULT_MAX_OUTPUT')
+__all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'command_timeout_for', 'announces',
+           'DEFAULT_MAX_OUTPUT', 'RAW_OUTPUT')
 
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 """
@@ -133,7 +134,7 @@ def _is_int(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
-def _announces(hello: Dict[str, Any], capability: str) -> bool:
+def announces(hello: Dict[str, Any], capability: str) -> bool:
     """Whether ``hello`` lists ``capability`` (only a list of strings lists anything)."""
     capabilities = hello.get('capabilities')
     return isinstance(capabilities, list) and capability in capabilities
@@ -247,7 +248,7 @@ class AgentClient(object):
         self.endpoint = endpoint
         limits = hello.get('limits') if isinstance(hello, dict) else None
         self.limits = dict(limits) if isinstance(limits, dict) else {}
-        self.raw_output = _announces(hello, RAW_OUTPUT) if isinstance(hello, dict) else True
+        self.raw_output = announces(hello, RAW_OUTPUT) if isinstance(hello, dict) else True
         """Whether ``execute`` asks for raw output (``docs/protocol.rst``, "Raw output")."""
 
     def ping(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:

@@ -7,9 +7,9 @@ guest agents). :meth:`Dispatcher.dispatch` turns every outcome into a reply: a r
 error object with a stable code (``docs/protocol.rst``, "Errors"); the server always lives on.
 """
 
-import threading
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
+from negotiator_common.cancellation import Cancellation
 from negotiator_common.errors import InternalError, InvalidParams, MethodNotFound, NegotiatorError
 from negotiator_common.lazylog import get_logger
 from negotiator_common.protocol import Notification, Request, Response
@@ -27,15 +27,16 @@ class CallContext(object):
 
     ``peer`` names the other side (a guest's name on the host), ``notify`` sends a
     notification on the same channel (streamed output), and ``cancelled`` is set when the
-    channel closes, so that a long handler (a running command) can stop early.
+    caller cancels this request (``cancel``) or the channel closes, so that a long handler (a
+    running command) can stop early.
     """
 
     def __init__(self, request_id: Any, peer: str = '', notify: Optional[Callable[[Notification], None]] = None,
-                 cancelled: Optional[threading.Event] = None) -> None:
+                 cancelled: Optional[Cancellation] = None) -> None:
         self.request_id = request_id
         self.peer = peer
         self.notify = notify or (lambda notification: None)
-        self.cancelled = cancelled or threading.Event()
+        self.cancelled = cancelled if cancelled is not None else Cancellation()
 
 
 Handler = Callable[[Dict[str, Any], CallContext], Any]

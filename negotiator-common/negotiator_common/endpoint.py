@@ -11,9 +11,16 @@ others on threads of their own (at most ``max_concurrent`` at once; more get a
 :class:`~negotiator_common.errors.LimitExceeded` reply). The endpoint alone decides which
 requests run inline and counts those in flight (:attr:`Endpoint.in_flight`), from acceptance
 until the reply is out, which is what a stopping daemon waits for (:meth:`Endpoint.wait_replies`,
-and :class:`EndpointGroup` for all of a daemon's connections). Every call has a timeout. No message
-of any shape ends the reader; should it fail anyway, the connection closes with the reason in
-``close_reason``, so that a daemon connects again or serves the next session.
+and :class:`EndpointGroup` for all of a daemon's connections). A handler's slot is given back
+before its reply is written, so a peer that keeps within ``max_concurrent`` requests without a
+reply is never refused. Every call has a timeout. No message of any shape ends the reader;
+should it fail anyway, the connection closes with the reason in ``close_reason``, so that a
+daemon connects again or serves the next session.
+
+The endpoint itself answers ``cancel`` (``docs/protocol.rst``, "Cancellation"): the request it
+names gets its :class:`~negotiator_common.cancellation.Cancellation` set, as every request does
+when the connection closes; :meth:`Endpoint.call` sends ``cancel`` in turn when the
+cancellation it is given is set, and goes on waiting for the reply.
 
 A client starts with :meth:`Endpoint.handshake`, the resynchronisation of ``docs/protocol.rst``
 ("Resynchronisation"): a virtio-serial port keeps bytes across clients, so a new client sends
@@ -26,10 +33,11 @@ import secrets
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
+from negotiator_common.cancellation import Cancellation
 from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import CallContext, Dispatcher
 from negotiator_common.errors import (
-    CallTimeout, ConnectionClosed, InternalError, LimitExceeded, MethodNotFound, NegotiatorError,
+    CallTimeout, ConnectionClosed, InternalError, InvalidParams, LimitExceeded, MethodNotFound, NegotiatorError,
 )
 from negotiator_common.lazylog import get_logger
 from negotiator_common.memory import release_free_memory
@@ -42,7 +50,7 @@ from negotiator_common.transport import Transport
 from negotiator_common.turns import Turns, Usage
 
 __all__ = ('Endpoint', 'EndpointGroup', 'DEFAULT_TIMEOUT', 'DEFAULT_MAX_CONCURRENT', 'REPLY_WRITE_TIMEOUT',
-           'SESSION_NOTIFICATION')
+           'SESSION_NOTIFICATION', 'CANCEL_METHOD', 'CANCEL_TIMEOUT')
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds that a call waits for its reply unless the caller says otherwise."""
@@ -55,6 +63,12 @@ REPLY_WRITE_TIMEOUT = 60.0
 
 SESSION_NOTIFICATION = 'session'
 """The notification a serving side sends when a new session begins (``docs/protocol.rst``, "Sessions")."""
+
+CANCEL_METHOD = 'cancel'
+"""The request that cancels one request in flight by its id (``docs/protocol.rst``, "Cancellation")."""
+
+CANCEL_TIMEOUT = 5.0
+"""Seconds that :meth:`Endpoint.call` waits for the answer to the ``cancel`` it sends (then waits on for its reply)."""
 
 LARGE_FEED = 64 * 1024
 """
@@ -72,13 +86,24 @@ _log = get_logger(__name__)  # lazy: a quick CLI call never imports logging
 
 
 class _PendingCall(object):
-    __slots__ = ('method', 'done', 'response', 'on_notification')
+    """
+    A call waiting for its reply: ``done`` once the reply (or a failure) is in ``response``;
+    ``wake`` also when the caller's cancellation is set, so that one wait sees both.
+    """
+
+    __slots__ = ('method', 'done', 'wake', 'response', 'on_notification')
 
     def __init__(self, method: str, on_notification: Optional[Callable[[Dict[str, Any]], None]]) -> None:
         self.method = method
         self.done = threading.Event()
+        self.wake = threading.Event()
         self.response: Optional[Response] = None
         self.on_notification = on_notification
+
+    def finish(self, response: Response) -> None:
+        self.response = response
+        self.done.set()
+        self.wake.set()
 
 
 class Endpoint(object):
@@ -89,11 +114,15 @@ class Endpoint(object):
     :param dispatcher: the methods this side serves (None: a pure client).
     :param name: names the peer in logs (a guest's name on the host); handlers see it as
                  ``context.peer``.
+    :param on_session: called with the params of each ``session`` notification (the peer's
+                       agent restarted), on the reading thread, after the calls waiting for
+                       replies have failed.
     """
 
     def __init__(self, transport: Transport, dispatcher: Optional[Dispatcher] = None, name: str = 'peer',
                  max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
-                 max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> None:
+                 max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+                 on_session: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
         self.transport = transport
         self.dispatcher = dispatcher
         self.name = name
@@ -109,11 +138,15 @@ class Endpoint(object):
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
         self.max_concurrent = max_concurrent
-        self._in_flight = 0  # requests on threads of their own whose reply is not yet sent (or dropped)
+        self.on_session = on_session
+        self._running = 0  # requests whose handler runs on a thread of its own (at most max_concurrent)
+        self._in_flight = 0  # those, and those whose reply is not yet sent (or dropped)
         self._in_flight_changed = threading.Condition()
         self._sync_id: Any = None
         self._closed = threading.Event()
-        self._cancelled = threading.Event()
+        self._cancelled = threading.Event()  # every request, now and to come
+        self._served: Dict[Any, List[Cancellation]] = {}  # the cancellations of requests on threads, by id
+        self._served_lock = threading.Lock()
         self._reader: Optional[threading.Thread] = None
         self.close_reason = ''
 
@@ -181,7 +214,7 @@ class Endpoint(object):
             return
         self.close_reason = reason
         self._closed.set()
-        self._cancelled.set()
+        self._cancel_all()
         self.complaints.flush()
         self.log.debug("Connection to %s closed: %s", self.name, reason)
         self.transport.close()
@@ -192,8 +225,7 @@ class Endpoint(object):
         with self._pending_lock:
             pending, self._pending = self._pending, {}
         for call in pending.values():
-            call.response = Response(None, error=ConnectionClosed(message % call.method))
-            call.done.set()
+            call.finish(Response(None, error=ConnectionClosed(message % call.method)))
 
     def cancel_requests(self) -> None:
         """
@@ -201,14 +233,31 @@ class Endpoint(object):
         keep the channel open so that their replies still reach the peer; :meth:`close` follows.
         A daemon that is stopping does this first, so its callers learn at once what happened.
         """
-        self._cancelled.set()
+        self._cancel_all()
+
+    def _cancel_all(self) -> None:
+        """Cancel every request in flight, and every one that arrives from now on."""
+        with self._served_lock:
+            self._cancelled.set()
+            cancellations = [c for group in self._served.values() for c in group]
+        for cancellation in cancellations:
+            cancellation.set()
+
+    def cancel_request(self, request_id: Any) -> bool:
+        """Cancel the peer's requests in flight with this id (what ``cancel`` does); False if none is."""
+        with self._served_lock:
+            cancellations = list(self._served.get(request_id, ()))
+        for cancellation in cancellations:
+            cancellation.set()
+        return bool(cancellations)
 
     @property
     def in_flight(self) -> int:
         """
-        The peer's requests that run on threads of their own now (at most ``max_concurrent``),
-        from the moment they are accepted until their reply is sent, or dropped because the
-        channel closed. Inline methods are answered on the reading thread and never count.
+        The peer's requests that run on threads of their own now, from the moment they are
+        accepted until their reply is sent, or dropped because the channel closed. At most
+        ``max_concurrent`` handlers run; a few more replies may be on their way out. Inline
+        methods are answered on the reading thread and never count.
         """
         return self._in_flight
 
@@ -245,21 +294,26 @@ class Endpoint(object):
         return result if isinstance(result, dict) else {}
 
     def call(self, method: str, params: Optional[Dict[str, Any]] = None, timeout: Optional[float] = DEFAULT_TIMEOUT,
-             on_notification: Optional[Callable[[Dict[str, Any]], None]] = None) -> Any:
+             on_notification: Optional[Callable[[Dict[str, Any]], None]] = None,
+             cancelled: Optional[Cancellation] = None) -> Any:
         """
         Call ``method`` and return its result, or raise the error the peer replied with.
 
         ``timeout`` bounds the whole call in seconds (None: no bound). ``on_notification``
         receives the params of every notification the peer sends about this call (streamed
         command output), on the reading thread, in order; the raw bytes of an ``output``
-        notification in the raw framing come as bytes under ``data_raw``.
+        notification in the raw framing come as bytes under ``data_raw``. When ``cancelled``
+        is set during the call, the peer is sent ``cancel`` naming it (give it only to a peer
+        whose ``hello`` lists the ``cancel`` capability) and the call goes on waiting for the
+        reply, which says what became of the request.
         """
         if self._sync_id is None:
             self._decoder.accept_attachments = True
-        return self._call(Request(next(self._ids), method, params), timeout, on_notification)
+        return self._call(Request(next(self._ids), method, params), timeout, on_notification, cancelled)
 
     def _call(self, request: Request, timeout: Optional[float],
-              on_notification: Optional[Callable[[Dict[str, Any]], None]]) -> Any:
+              on_notification: Optional[Callable[[Dict[str, Any]], None]],
+              cancelled: Optional[Cancellation] = None) -> Any:
         deadline = Deadline(timeout)
         call = _PendingCall(request.method, on_notification)
         with self._pending_lock:
@@ -268,8 +322,7 @@ class Endpoint(object):
             self._pending[request.id] = call
         try:
             self._send(request, deadline)
-            if not call.done.wait(deadline.remaining()):
-                raise CallTimeout('%s did not reply to %s within %s seconds' % (self.name, request.method, timeout))
+            self._wait_reply(call, request, deadline, cancelled)
         finally:
             with self._pending_lock:
                 self._pending.pop(request.id, None)
@@ -279,6 +332,37 @@ class Endpoint(object):
         if response.error is not None:
             raise response.error
         return response.result
+
+    def _wait_reply(self, call: _PendingCall, request: Request, deadline: Deadline,
+                    cancelled: Optional[Cancellation]) -> None:
+        """Wait until ``call`` is done; once ``cancelled`` is set, ask the peer to cancel it (once)."""
+        if cancelled is not None:
+            cancelled.watch(call.wake)
+        try:
+            asked = False
+            while True:
+                call.wake.clear()
+                if call.done.is_set():
+                    return
+                if cancelled is not None and cancelled.is_set() and not asked:
+                    asked = True
+                    self._ask_cancel(request, deadline)
+                    continue
+                if not call.wake.wait(deadline.remaining()):
+                    raise CallTimeout('%s did not reply to %s within %s seconds' % (
+                        self.name, request.method, deadline.timeout))
+        finally:
+            if cancelled is not None:
+                cancelled.unwatch(call.wake)
+
+    def _ask_cancel(self, request: Request, deadline: Deadline) -> None:
+        """Send ``cancel`` for ``request``; a failure is only logged (the request's own reply still comes, or not)."""
+        remaining = deadline.remaining()
+        timeout = CANCEL_TIMEOUT if remaining is None else min(CANCEL_TIMEOUT, remaining)
+        try:
+            self._call(Request(next(self._ids), CANCEL_METHOD, {'id': request.id}), timeout, None)
+        except NegotiatorError as exc:
+            self.log.debug("Cancelling %s on %s failed: %s", Cut(request), self.name, exc)
 
     def announce_session(self, params: Optional[Dict[str, Any]] = None, timeout: float = 5.0) -> None:
         """
@@ -375,8 +459,7 @@ class Endpoint(object):
             self.complaints.complain('debug', 'replies to unknown ids',
                                      "Dropping reply from %s to unknown request id %s", self.name, Cut(response.id))
             return
-        call.response = response
-        call.done.set()
+        call.finish(response)
 
     def _route_unattributed_error(self, response: Response) -> None:
         """
@@ -393,13 +476,14 @@ class Endpoint(object):
                                      "Dropping an error from %s that names no request (%d calls wait): %s",
                                      self.name, waiting, Cut(response.error))
             return
-        call.response = response
-        call.done.set()
+        call.finish(response)
 
     def _route_notification(self, notification: Notification) -> None:
         params = notification.params if isinstance(notification.params, dict) else {}
         if notification.method == SESSION_NOTIFICATION:
             self._fail_pending('%s began a new session (its agent restarted?): the reply to %%s is lost' % self.name)
+            if self.on_session is not None:
+                self.on_session(params)
             return
         call_id = params.get('id')
         call = None
@@ -427,39 +511,77 @@ class Endpoint(object):
             call = self._pending.pop(call_id, None)
         if call is not None:
             error.__cause__ = cause
-            call.response = Response(call_id, error=error)
-            call.done.set()
+            call.finish(Response(call_id, error=error))
 
     def _serve(self, request: Request) -> None:
         if self.dispatcher is None:
             self._reply(Response(request.id, error=MethodNotFound('%s serves no methods' % self.name)))
             return
-        context = CallContext(request.id, peer=self.name, notify=self.notify, cancelled=self._cancelled)
+        if request.method == CANCEL_METHOD:
+            self._reply(self._answer_cancel(request))
+            return
+        cancelled = Cancellation()
+        context = CallContext(request.id, peer=self.name, notify=self.notify, cancelled=cancelled)
         if self.dispatcher.is_inline(request.method):
             # Cheap methods answer at once on this thread: no thread to start, nothing to count,
             # never refused for want of a slot (the ping path that scripts/benchmark measures).
+            if self._cancelled.is_set():
+                cancelled.set()
             self._reply(self.dispatcher.dispatch(request, context))
             return
         if not self._accept():
             self._reply(Response(request.id, error=LimitExceeded(
                 'too many requests in flight on this connection; try again when one has finished')))
             return
+        self._track(request.id, cancelled)
         worker = threading.Thread(target=self._serve_in_thread, args=(self.dispatcher, request, context),
                                   name='negotiator-%s-%s' % (request.method, cut(request.id, 40)))
         worker.daemon = True
         worker.start()
 
+    def _answer_cancel(self, request: Request) -> Response:
+        """``cancel``: set the cancellation of the peer's requests in flight with the id it names."""
+        params = request.params
+        if not isinstance(params, dict) or 'id' not in params or not valid_id(params['id']):
+            return Response(request.id, error=InvalidParams('cancel needs the id of a request (a string, an integer'
+                                                            ' or null) as its parameter "id"'))
+        return Response(request.id, result={'cancelled': self.cancel_request(params['id'])})
+
+    def _track(self, request_id: Any, cancelled: Cancellation) -> None:
+        """Keep the cancellation of a request served on a thread (set at once if every request is cancelled)."""
+        with self._served_lock:
+            self._served.setdefault(request_id, []).append(cancelled)
+            if self._cancelled.is_set():
+                cancelled.set()
+
+    def _untrack(self, request_id: Any, cancelled: Cancellation) -> None:
+        with self._served_lock:
+            group = self._served.get(request_id, [])
+            if cancelled in group:
+                group.remove(cancelled)
+            if not group:
+                self._served.pop(request_id, None)
+
     def _accept(self) -> bool:
         """Count one more request in flight, unless ``max_concurrent`` run already (False: refuse it)."""
         with self._in_flight_changed:
-            if self._in_flight >= self.max_concurrent:
+            if self._running >= self.max_concurrent:
                 return False
+            self._running += 1
             self._in_flight += 1
             return True
 
     def _serve_in_thread(self, dispatcher: Dispatcher, request: Request, context: CallContext) -> None:
         try:
-            self._reply(dispatcher.dispatch(request, context))
+            try:
+                response = dispatcher.dispatch(request, context)
+            finally:
+                # The slot is free before the reply is out: a peer that has its reply may send
+                # another request at once (the host daemon keeps a guest at its limit so).
+                self._untrack(request.id, context.cancelled)
+                with self._in_flight_changed:
+                    self._running -= 1
+            self._reply(response)
         except NegotiatorError as exc:
             self.log.debug("Reply to %s not sent: %s", Cut(request), exc)
         finally:

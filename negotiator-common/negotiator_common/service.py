@@ -14,6 +14,7 @@ from negotiator_common import __version__
 from negotiator_common.commands import CommandInfo, CommandRegistry, missing_command_message
 from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
+from negotiator_common.endpoint import DEFAULT_MAX_CONCURRENT
 from negotiator_common.peerlog import Complaints, Cut
 from negotiator_common.errors import (
     CommandFailed, CommandNotFound, CommandTimedOut, InvalidParams, LimitExceeded,
@@ -29,10 +30,11 @@ __all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'RAW_CHUNK
 
 logger = get_logger(__name__)
 
-CAPABILITIES = ('ping', 'list_commands', 'execute', 'stream', 'raw-output')
+CAPABILITIES = ('ping', 'list_commands', 'execute', 'stream', 'raw-output', 'cancel')
 """
 What ``hello`` announces: ``stream`` means ``execute`` can send its output as notifications,
-``raw-output`` that it sends them in the raw framing when asked with ``"stream": "raw"``.
+``raw-output`` that it sends them in the raw framing when asked with ``"stream": "raw"``,
+``cancel`` that a request in flight can be cancelled by its id (the endpoint answers it).
 """
 
 RAW_CHUNK_SIZE = 1024 * 1024
@@ -46,12 +48,18 @@ methods of its :class:`negotiator_host.policy.Policy`; the guest allows every co
 
 
 class Limits(object):
-    """The resource bounds of one agent (each a number of bytes or seconds; see the spec's "Limits")."""
+    """
+    The resource bounds of one agent (each a number of bytes, seconds or requests; see the
+    spec's "Limits"). ``max_in_flight`` is what the agent's endpoint takes as its
+    ``max_concurrent``: a caller that shares one connection between many (the host daemon)
+    sends no more at once.
+    """
 
     def __init__(self, max_line_length: int = DEFAULT_MAX_LINE_LENGTH, max_stdin: int = 8 * 1024 * 1024,
                  max_args: int = 1024 * 1024, max_collected_output: int = 4 * 1024 * 1024,
                  max_streamed_output: int = 1024 * 1024 * 1024, default_timeout: float = 60.0,
-                 max_timeout: float = 24 * 3600.0, kill_grace: float = DEFAULT_KILL_GRACE) -> None:
+                 max_timeout: float = 24 * 3600.0, kill_grace: float = DEFAULT_KILL_GRACE,
+                 max_in_flight: int = DEFAULT_MAX_CONCURRENT) -> None:
         self.max_line_length = max_line_length
         self.max_stdin = max_stdin
         self.max_args = max_args
@@ -60,6 +68,7 @@ class Limits(object):
         self.default_timeout = default_timeout
         self.max_timeout = max_timeout
         self.kill_grace = kill_grace
+        self.max_in_flight = max_in_flight
 
     def to_wire(self) -> Dict[str, Any]:
         return dict(vars(self))

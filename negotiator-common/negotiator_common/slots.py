@@ -17,6 +17,10 @@ therefore shares one :class:`CommandSlots` between all its guests' connections:
 
 The wait happens on the request's handler thread, never on a connection's reading thread,
 so a guest's pings are answered while its commands wait.
+
+The host daemon's proxy (:mod:`negotiator_host.proxy`) keeps one more per guest, whose slots are
+the guest's requests in flight and whose peers are the local callers' uids: many local callers
+share one connection to a guest, in turn, without going over what the guest takes.
 """
 
 import collections
@@ -52,14 +56,17 @@ class CommandSlots(object):
     """
     At most ``limit`` holders at once; at most ``max_queued`` waiters, served round-robin by peer.
 
-    Use :meth:`acquire` and then :meth:`release` exactly once, in a ``finally``.
+    Use :meth:`acquire` and then :meth:`release` exactly once, in a ``finally``. ``scope`` says in
+    the errors what the slots are shared by.
     """
 
-    def __init__(self, limit: int = DEFAULT_MAX_COMMANDS, max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+    def __init__(self, limit: int = DEFAULT_MAX_COMMANDS, max_queued: int = DEFAULT_MAX_QUEUED,
+                 scope: str = 'on this host, for all guests together') -> None:
         if limit < 1 or max_queued < 0:
             raise ValueError('a command limit of at least 1 and a queue of at least 0 are needed')
         self.limit = limit
         self.max_queued = max_queued
+        self.scope = scope
         self._lock = threading.Lock()
         self._running = 0
         self._queues: Dict[str, Deque[_Waiter]] = collections.OrderedDict()
@@ -87,8 +94,8 @@ class CommandSlots(object):
                 self._running += 1
                 return
             if self._queued >= self.max_queued:
-                raise LimitExceeded('the host is busy: %d commands run and %d wait for all guests together; '
-                                    'try again later' % (self._running, self._queued))
+                raise LimitExceeded('busy: %d commands run and %d wait %s; try again later'
+                                    % (self._running, self._queued, self.scope))
             waiter = _Waiter()
             self._queues.setdefault(peer, collections.deque()).append(waiter)
             self._queued += 1
@@ -102,8 +109,7 @@ class CommandSlots(object):
                 self._leave(peer, waiter, ConnectionClosed('the caller went away while its command waited for a slot'))
             if deadline.expired:
                 self._leave(peer, waiter, LimitExceeded(
-                    'no command slot became free in time: %d commands run at once on this host, for all '
-                    'guests together' % self.limit))
+                    'no command slot became free in time: %d commands run at once %s' % (self.limit, self.scope)))
             remaining = deadline.remaining()
             waiter.granted.wait(CANCEL_CHECK_INTERVAL if remaining is None else min(remaining, CANCEL_CHECK_INTERVAL))
 
@@ -123,13 +129,25 @@ class CommandSlots(object):
     def release(self) -> None:
         """Give a slot back: to the next peer's first waiter in turn, else free it."""
         with self._lock:
-            if not self._queues:
-                self._running -= 1
-                return
+            self._running -= 1
+            self._grant()
+
+    def resize(self, limit: int) -> None:
+        """Change :attr:`limit` (a guest announced another bound); waiters take the slots that it frees."""
+        if limit < 1:
+            raise ValueError('a command limit of at least 1 is needed')
+        with self._lock:
+            self.limit = limit
+            self._grant()
+
+    def _grant(self) -> None:
+        """Give the free slots to the waiters, a peer at a time in turn (called with the lock held)."""
+        while self._queues and self._running < self.limit:
             peer, queue = next(iter(self._queues.items()))
             waiter = queue.popleft()
             del self._queues[peer]
             if queue:
                 self._queues[peer] = queue  # back of the line: the other peers come first
             self._queued -= 1
+            self._running += 1
             waiter.granted.set()  # under the lock: a waiter that is leaving sees it, or is not in the queue

@@ -43,7 +43,7 @@ from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.lazylog import get_logger
 from negotiator_common.deadline import NO_DEADLINE, Deadline
 from negotiator_common.dispatcher import Dispatcher
-from negotiator_common.endpoint import Endpoint, EndpointGroup
+from negotiator_common.endpoint import DEFAULT_MAX_CONCURRENT, Endpoint, EndpointGroup
 from negotiator_common.processes import OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService
 from negotiator_common.signals import SignalQueue
@@ -93,10 +93,12 @@ class _CountingTransport(Transport):
 class _Session(object):
     """One host session: an endpoint reading the port on its own thread until end of stream."""
 
-    def __init__(self, fd: int, dispatcher: Dispatcher, number: int, on_end: Callable[[], None]) -> None:
+    def __init__(self, fd: int, dispatcher: Dispatcher, number: int, on_end: Callable[[], None],
+                 max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> None:
         self.number = number
         self.transport = _CountingTransport(fd, close_fd=False)
-        self.endpoint = Endpoint(self.transport, dispatcher, name='host')
+        # The bound that hello announces (limits.max_in_flight), so a caller that keeps to it is never refused.
+        self.endpoint = Endpoint(self.transport, dispatcher, name='host', max_concurrent=max_concurrent)
         self._on_end = on_end
         self._ended = False
         self.thread = threading.Thread(target=self._run, name='negotiator-session-%d' % number)
@@ -243,7 +245,8 @@ class GuestDaemon(object):
     def _start_session(self) -> None:
         assert self.fd is not None
         self.sessions_served += 1
-        self._session = _Session(self.fd, self.dispatcher, self.sessions_served, self._signals.wake)
+        self._session = _Session(self.fd, self.dispatcher, self.sessions_served, self._signals.wake,
+                                 self.service.limits.max_in_flight)
         self.endpoints.add(self._session.endpoint)
         logger.debug("Host connected: session %d", self.sessions_served)
         self._sigio(False)

@@ -69,7 +69,25 @@ Supported options:
     Answer the guests' requests on their negotiator-guest-to-host.0 channels, following
     guests as they start and stop, until SIGTERM or SIGINT. With GUEST-PATTERN arguments
     (shell-style, like 'web-*'), serve only the guests whose names match one of them;
-    without any, every guest.
+    without any, every guest. The daemon also holds one connection to each guest's
+    agent and lets the host's callers share it through its socket (--socket).
+
+  --socket=PATH
+
+    With --daemon: the UNIX socket on which local callers reach the guests through
+    the daemon (default $NEGOTIATOR_HOST_SOCKET, else /run/negotiator/host.sock; made
+    0666: the daemon decides who may call).
+
+  --allow-group=GROUP[=PATTERN,...]
+
+    With --daemon: let the members of GROUP use every guest through the socket, or
+    only the guests whose names match one of the patterns (repeatable; root may always;
+    without it, nobody else).
+
+  --audit-log=PATH
+
+    With --daemon: where every call through the socket is written, one JSON line each
+    (default /var/log/negotiator/audit.log; '' for none).
 
   --commands-dir=DIR
 
@@ -152,7 +170,7 @@ costs no memory and no time beyond this.
 _SHORT_OPTIONS = 'gce:pit:ajdvqh'
 _LONG_OPTIONS = ['list-guests', 'list-commands', 'execute=', 'ping', 'stdin', 'timeout=', 'all', 'json', 'max-output=',
                  'connect=', 'daemon', 'commands-dir=', 'policy=', 'max-commands=', 'max-queued=', 'max-timeout=',
-                 'verbose', 'quiet', 'help']
+                 'socket=', 'allow-group=', 'audit-log=', 'verbose', 'quiet', 'help']
 
 _ACTIONS = {'-g': 'list-guests', '--list-guests': 'list-guests', '-c': 'list-commands',
             '--list-commands': 'list-commands', '-e': 'execute', '--execute': 'execute', '-p': 'ping', '--ping': 'ping',
@@ -195,6 +213,9 @@ class Options(object):
         self.commands_dirs: List[str] = []
         self.policy: Optional[str] = None
         self.daemon_limits: Dict[str, Any] = {}
+        self.socket: Optional[str] = None
+        self.allow_groups: List[str] = []
+        self.audit_log: Optional[str] = None  # None: the default; '': none
         self.verbosity = 0
         self.guests: List[str] = []
 
@@ -231,6 +252,12 @@ def _apply_option(options: Options, option: str, value: str) -> None:
         options.policy = value
     elif option in _DAEMON_LIMITS:
         options.daemon_limits[option] = _parse_daemon_limit(option, value)
+    elif option == '--socket':
+        options.socket = value
+    elif option == '--allow-group':
+        options.allow_groups.append(value)
+    elif option == '--audit-log':
+        options.audit_log = value
     else:
         apply_shared_option(options, option, value)
 
@@ -247,6 +274,10 @@ def _check_options(options: Options) -> None:
         raise UsageError('--daemon serves every guest unless given GUEST-PATTERNs; --all makes no sense with it')
     if options.daemon_limits and options.action != 'daemon':
         raise UsageError('%s is an option of --daemon' % sorted(options.daemon_limits)[0])
+    if options.action != 'daemon' and (options.allow_groups or options.audit_log is not None):
+        raise UsageError('%s is an option of --daemon' % ('--allow-group' if options.allow_groups else '--audit-log'))
+    if options.socket == '':
+        raise UsageError('--socket needs a path')
 
 
 def _check_utf8(name: str, what: str) -> None:
@@ -320,16 +351,26 @@ def run(arguments: Sequence[str]) -> int:
 def _run_daemon(options: Options) -> int:
     from negotiator_common.commands import DEFAULT_COMMANDS_DIR
     from negotiator_common.slots import DEFAULT_MAX_COMMANDS, DEFAULT_MAX_QUEUED
+    from negotiator_host.access import CallerPolicy
+    from negotiator_host.audit import DEFAULT_AUDIT_LOG, AuditLog
     from negotiator_host.daemon import DEFAULT_MAX_TIMEOUT, HostDaemon, default_limits
+    from negotiator_host.local import default_socket
     from negotiator_host.policy import Policy
 
     policy = Policy.load(options.policy) if options.policy else Policy.default()
+    try:
+        callers = CallerPolicy.from_options(options.allow_groups)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     limits = options.daemon_limits
+    audit_path = DEFAULT_AUDIT_LOG if options.audit_log is None else options.audit_log
     daemon = HostDaemon(uri=options.uri, commands_dirs=options.commands_dirs or [DEFAULT_COMMANDS_DIR], policy=policy,
                         guest_patterns=options.guests,
                         limits=default_limits(limits.get('--max-timeout', DEFAULT_MAX_TIMEOUT)),
                         max_commands=limits.get('--max-commands', DEFAULT_MAX_COMMANDS),
-                        max_queued=limits.get('--max-queued', DEFAULT_MAX_QUEUED))
+                        max_queued=limits.get('--max-queued', DEFAULT_MAX_QUEUED),
+                        socket_path=options.socket or default_socket(), caller_policy=callers,
+                        audit=AuditLog(audit_path or None))
     return daemon.run()
 
 

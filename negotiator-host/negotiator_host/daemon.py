@@ -1,5 +1,6 @@
 """
-The host daemon: serve the guests' requests on their ``negotiator-guest-to-host.0`` channels.
+The host daemon: serve the guests' requests on their ``negotiator-guest-to-host.0`` channels,
+and share each guest's agent with the host's own callers.
 
 For every running guest that has the channel, the daemon connects to the channel's socket
 as a client and then *serves* on that connection (the guest's ``negotiator-guest --execute``
@@ -25,13 +26,23 @@ policy names it). Across guests, one :class:`~negotiator_common.slots.CommandSlo
 commands that run at once and the requests that wait for them (round-robin by guest); the wait
 is on the request's handler thread, so a guest's pings are answered while its commands wait.
 
+With a local socket (``socket_path``; the CLI always gives one), the same rescans also link
+the daemon to every served guest's agent on its host-to-guest channel, one connection per
+guest (:mod:`negotiator_host.agents`), and the host's callers share those connections through
+the socket (:mod:`negotiator_host.local`, :mod:`negotiator_host.proxy`), as far as the
+callers' policy (:mod:`negotiator_host.access`) allows, each call written to the audit log
+(:mod:`negotiator_host.audit`).
+
 The daemon is a few jobs in one main loop (:mod:`negotiator_host.mainloop`), each in a module
-of its own: the connections (:mod:`negotiator_host.connections`), the rescans (here: which
-guests to serve), the event watcher (:mod:`negotiator_host.events`); reconnections wait
-according to :mod:`negotiator_host.backoff`. SIGTERM and SIGINT stop the daemon through one
-path, in the order that the guest daemon follows too (:mod:`negotiator_common.stopping`): no
-more rescans, running commands are stopped (SIGTERM, then SIGKILL), their replies go out to
-the guests, the connections close, exit status 0.
+of its own: the rescans (here: which guests to serve), the guests' connections
+(:mod:`negotiator_host.connections`), the local clients (:mod:`negotiator_host.local`), the
+links to the agents (:mod:`negotiator_host.agents`), the event watcher
+(:mod:`negotiator_host.events`); reconnections wait according to :mod:`negotiator_host.backoff`.
+SIGTERM and SIGINT stop the daemon through one path, in the order that the guest daemon follows
+too (:mod:`negotiator_common.stopping`): no more rescans nor local clients, the guests' running
+commands are stopped (SIGTERM, then SIGKILL) and their replies go out to the guests, then the
+local clients' calls are cancelled in the guests and their replies go out to the clients, the
+connections close (the agents' last, as the clients' calls travel over them), exit status 0.
 
 Run on the main thread, the daemon adopts the orphans of its commands
 (:func:`~negotiator_common.processes.adopt_orphans`), so that a process that left its
@@ -40,23 +51,31 @@ command's group can still be found and killed, and reaps those that exit on SIGC
 """
 
 import fnmatch
-from typing import Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Sequence
 
 from negotiator_common import __version__
 from negotiator_common.lazylog import get_logger
-from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL, HOST_TO_GUEST_CHANNELS
 from negotiator_common.commands import DEFAULT_COMMANDS_DIR, CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.errors import NegotiatorError
 from negotiator_common.service import AgentService, Limits
 from negotiator_common.slots import DEFAULT_MAX_COMMANDS, DEFAULT_MAX_QUEUED, CommandSlots
 
+from negotiator_host.agents import AgentLink, GuestAgent, GuestAgents
 from negotiator_host.backoff import Backoff
 from negotiator_host.connections import GuestConnection, GuestConnections
 from negotiator_host.discovery import Guest, LibvirtPaths, LibvirtUnavailable, default_uri, list_guests
 from negotiator_host.events import EventWatcher
+from negotiator_host.local import LocalServer
 from negotiator_host.mainloop import DelayedCall, Job, MainLoop
 from negotiator_host.policy import Policy
+
+if TYPE_CHECKING:  # annotations only
+    import socket
+
+    from negotiator_host.access import Caller, CallerPolicy
+    from negotiator_host.audit import AuditLog
 
 __all__ = ('HostDaemon', 'DEFAULT_GUEST_CONCURRENCY', 'DEFAULT_MAX_TIMEOUT', 'default_limits')
 
@@ -96,12 +115,13 @@ def default_limits(max_timeout: float = DEFAULT_MAX_TIMEOUT) -> Limits:
     """
     return Limits(max_line_length=4 * 1024 * 1024, max_stdin=1024 * 1024, max_args=256 * 1024,
                   max_collected_output=4 * 1024 * 1024, default_timeout=min(DEFAULT_TIMEOUT, max_timeout),
-                  max_timeout=max_timeout)
+                  max_timeout=max_timeout, max_in_flight=DEFAULT_GUEST_CONCURRENCY)
 
 
 class HostDaemon(object):
     """
-    Serve every running guest's ``negotiator-guest-to-host.0`` channel.
+    Serve every running guest's ``negotiator-guest-to-host.0`` channel (and, with a
+    ``socket_path``, its agent to local callers).
 
     :param uri: the libvirt URI (default: ``$LIBVIRT_DEFAULT_URI``, else ``qemu:///system``).
     :param commands_dirs: the host's commands directories.
@@ -114,20 +134,28 @@ class HostDaemon(object):
     :param max_commands: commands that run at once for all guests together.
     :param max_queued: requests that wait for one of those slots, for all guests together
                        (served round-robin by guest); more are refused with ``LimitExceeded``.
+    :param socket_path: serve local clients on this UNIX socket (:mod:`negotiator_host.local`;
+                        the CLI gives :data:`~negotiator_host.local.DEFAULT_SOCKET`), holding the
+                        host-to-guest channel of every guest served (:mod:`negotiator_host.agents`);
+                        None: neither.
+    :param caller_policy: which local callers may use which guests (default: root only).
+    :param audit: where every local call is written (default: nowhere).
+    :param caller_of: who a local client is (default: its ``SO_PEERCRED``; tests give their own).
     """
 
     def __init__(self, uri: Optional[str] = None, commands_dirs: Sequence[str] = (DEFAULT_COMMANDS_DIR,),
                  policy: Optional[Policy] = None, paths: Optional[LibvirtPaths] = None,
-                 max_concurrent: int = DEFAULT_GUEST_CONCURRENCY, limits: Optional[Limits] = None,
+                 limits: Optional[Limits] = None,
                  watch: bool = True, channel: str = GUEST_TO_HOST_CHANNEL,
                  guest_patterns: Sequence[str] = (), max_commands: int = DEFAULT_MAX_COMMANDS,
-                 max_queued: int = DEFAULT_MAX_QUEUED) -> None:
+                 max_queued: int = DEFAULT_MAX_QUEUED, socket_path: Optional[str] = None,
+                 caller_policy: 'Optional[CallerPolicy]' = None, audit: 'Optional[AuditLog]' = None,
+                 caller_of: 'Optional[Callable[[socket.socket], Caller]]' = None) -> None:
         self.uri = uri or default_uri()
         self.guest_patterns = tuple(guest_patterns)
         self.paths = paths or LibvirtPaths.for_uri(self.uri)
         self.channel = channel
         self.watch = watch
-        self.max_concurrent = max_concurrent
         self.limits = limits or default_limits()
         self.policy = policy if policy is not None else Policy.default()
         self.slots = CommandSlots(max_commands, max_queued)
@@ -136,16 +164,42 @@ class HostDaemon(object):
                                     environment=lambda peer: {'NEGOTIATOR_GUEST': peer}, slots=self.slots)
         self.dispatcher = Dispatcher()
         self.service.register(self.dispatcher)
-        self._connections = GuestConnections(self.dispatcher, self.limits.max_line_length, max_concurrent,
+        self._connections = GuestConnections(self.dispatcher, self.limits.max_line_length, self.limits.max_in_flight,
                                              on_end=self._connection_ended, log_name=__name__)
         self._backoff = Backoff()
+        self._agent_backoff = Backoff()
         self._loop = MainLoop()
         self._rescans = DelayedCall(self.rescan, self._loop.wake)
+        self._agents = GuestAgents(on_end=self._link_ended)
         jobs: List[Job] = [self._rescans, self._connections]
+        self._local: Optional[LocalServer] = None
+        if socket_path is not None:
+            self._local = self._local_server(socket_path, caller_policy, audit, caller_of)
+            jobs += [self._local, self._agents]
         if watch:
             jobs.append(EventWatcher(self.uri, on_event=self.request_rescan,
                                      on_events_missed=lambda: self.request_rescan(0)))
         self._loop.jobs = jobs
+
+    def _local_server(self, path: str, caller_policy: 'Optional[CallerPolicy]', audit: 'Optional[AuditLog]',
+                      caller_of: 'Optional[Callable[[socket.socket], Caller]]') -> LocalServer:
+        if caller_policy is None:
+            from negotiator_host.access import CallerPolicy
+            caller_policy = CallerPolicy()
+        if audit is None:
+            from negotiator_host.audit import AuditLog
+            audit = AuditLog(None)
+        return LocalServer(path, self._agents, caller_policy, audit, caller_of)
+
+    @property
+    def agents(self) -> Dict[str, GuestAgent]:
+        """The guests served to local clients now, by name (a copy)."""
+        return self._agents.snapshot()
+
+    @property
+    def local(self) -> Optional[LocalServer]:
+        """The local socket's server (None without a socket)."""
+        return self._local
 
     @property
     def connections(self) -> Dict[str, GuestConnection]:
@@ -172,6 +226,23 @@ class HostDaemon(object):
             self._backoff.reset(connection.name)
         self.request_rescan(self._backoff.failed(connection.name, RECONNECT_DELAY))
 
+    def serve_agent(self, name: str, path: str) -> GuestAgent:
+        """Serve guest ``name``'s agent, at the host-to-guest socket ``path``, to local clients (linked on a thread)."""
+        agent = self._agents.serve(name, path)
+        self._agents.connect(agent)
+        return agent
+
+    def _link_ended(self, agent: GuestAgent, link: Optional[AgentLink], error: Optional[NegotiatorError]) -> None:
+        """Schedule a new link to a guest whose link ended or could not be made (unless it is gone)."""
+        if self._loop.stopping or agent.dropped:
+            return
+        if link is not None and link.lifetime >= STABLE_CONNECTION:
+            self._agent_backoff.reset(agent.name)
+        delay = self._agent_backoff.failed(agent.name, CONNECT_RETRY_DELAY if link is None else RECONNECT_DELAY)
+        if error is not None:
+            agent.log.warning("Cannot link to the agent of guest %s (retrying in %s s): %s", agent.name, delay, error)
+        self.request_rescan(delay)
+
     def wants(self, name: str) -> bool:
         """Whether this daemon serves guest ``name`` (it matches a guest pattern, or there are none)."""
         return not self.guest_patterns or any(fnmatch.fnmatchcase(name, p) for p in self.guest_patterns)
@@ -189,7 +260,7 @@ class HostDaemon(object):
         except LibvirtUnavailable as exc:
             logger.warning("Rescan failed, keeping the %d connections there are: %s", len(self.connections), exc)
             return
-        wanted = self._wanted_sockets(guests)
+        wanted = self._wanted_sockets(guests, [self.channel])
         for name, connection in self.connections.items():
             if wanted.get(name) != connection.path:
                 connection.log.info("Dropping guest %s: it stopped or its channel changed", name)
@@ -197,19 +268,35 @@ class HostDaemon(object):
         for name, path in sorted(wanted.items()):
             self._connect_when_due(name, path)
         self._backoff.forget_all_but(wanted)
+        if self._local is not None:
+            self._rescan_agents(self._wanted_sockets(guests, HOST_TO_GUEST_CHANNELS))
 
-    def _wanted_sockets(self, guests: List[Guest]) -> Dict[str, str]:
-        """The channel socket of each guest to serve, by name."""
+    def _wanted_sockets(self, guests: List[Guest], channels: Sequence[str]) -> Dict[str, str]:
+        """The socket of the first of ``channels`` of each guest to serve, by name."""
         wanted: Dict[str, str] = {}
         for guest in guests:
             if not self.wants(guest.name):
                 continue
-            path = guest.socket_for([self.channel])
+            path = guest.socket_for(channels)
             if path is not None:
                 wanted[guest.name] = path
             else:
-                logger.debug("Guest %s has no %s channel", guest.name, self.channel)
+                logger.debug("Guest %s has no %s channel", guest.name, channels[0])
         return wanted
+
+    def _rescan_agents(self, wanted: Dict[str, str]) -> None:
+        """Link to the agent of every guest in ``wanted`` (name: socket) when due; drop the others."""
+        for name, agent in self.agents.items():
+            if wanted.get(name) != agent.path:
+                self._agents.drop(name, 'the guest stopped or its channel changed')
+        for name, path in sorted(wanted.items()):
+            agent = self._agents.serve(name, path)
+            wait = self._agent_backoff.remaining(name)
+            if wait > 0:
+                self.request_rescan(wait)
+            elif not self._loop.stopping:
+                self._agents.connect(agent)
+        self._agent_backoff.forget_all_but(wanted)
 
     def _connect_when_due(self, name: str, path: str) -> None:
         """Connect to guest ``name`` unless it is connected or its back-off is not over (then rescan when it is)."""
@@ -233,7 +320,12 @@ class HostDaemon(object):
         self._loop.stop(reason)
 
     def run(self) -> int:
-        """Serve until SIGTERM, SIGINT or :meth:`stop`; return the exit status (0)."""
+        """
+        Serve until SIGTERM, SIGINT or :meth:`stop`; return the exit status (0). The local socket
+        is made first: :class:`~negotiator_host.local.LocalSocketError` if it cannot be.
+        """
+        if self._local is not None:
+            self._local.open()
         logger.info("negotiator-host %s daemon serving %s channels (libvirt %s) of %s", __version__, self.channel,
                     self.uri, 'guests matching %s' % ' '.join(self.guest_patterns) if self.guest_patterns
                     else 'every guest')

@@ -1,0 +1,348 @@
+"""
+The proxy: what the host daemon serves to one local client, on its guest's shared connection.
+
+A local client's connection (:mod:`negotiator_host.local`) starts unattached. Its ``hello``
+either asks the daemon itself (no ``guest``: which guests this caller may use) or attaches the
+connection to one guest (``{"guest": NAME}``), once the caller's policy allows it; the answer is
+the guest agent's own ``hello``, as the daemon's link received it, with ``"via"``. After that,
+``ping``, ``list_commands`` and ``execute`` go to that guest over the daemon's one connection
+to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's own:
+
+- ids: the daemon's link allocates its own ids on the guest's side; a reply comes back to the
+  handler that made the call, which answers under the client's id. Two clients may use the
+  same ids.
+- output: the guest's ``output`` notifications reach the call they name on the link, which
+  passes them on under the client's id, raw bytes as raw bytes, to this client only, through
+  an :class:`Outbox`, so the guest's reading thread, shared by every caller, never waits for one.
+- cancellation: the client's ``cancel``, or its going away, sets the handler's cancellation,
+  and the link sends ``cancel`` for its own id (to an agent that announces it).
+- the fair queue: an ``execute`` first takes one of the guest's slots (its announced
+  ``max_in_flight``), waiting in turn with the other callers, by uid, within its own timeout.
+
+Each forwarded call, and each refusal, is written to the audit log.
+"""
+
+import collections
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Optional, Tuple
+
+from negotiator_common import __version__
+from negotiator_common.deadline import Deadline
+from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
+from negotiator_common.endpoint import DEFAULT_TIMEOUT, REPLY_WRITE_TIMEOUT, Endpoint
+from negotiator_common.errors import (
+    ChannelNotFound, CommandNotAllowed, ConnectionClosed, InvalidParams, InvalidRequest,
+)
+from negotiator_common.lazylog import get_logger
+from negotiator_common.protocol import PROTOCOL_VERSION, RAW_OUTPUT_METHOD, Notification
+
+from negotiator_host.agents import DAEMON_AGENT, AgentLink, GuestAgent, GuestAgents
+
+if TYPE_CHECKING:  # annotations only: the daemon hands the proxy its policy and its audit log
+    from negotiator_host.access import Caller, CallerPolicy
+    from negotiator_host.audit import AuditLog
+
+__all__ = ('ProxyService', 'Outbox', 'ATTACH_WAIT', 'MAX_OUTPUT_BEHIND', 'FORWARD_TIMEOUT', 'REPLY_MARGIN')
+
+logger = get_logger(__name__)  # the library never prints through logging's last resort
+
+ATTACH_WAIT = 5.0
+"""Seconds an attach waits for a link that is being made (the daemon just started, the agent just restarted)."""
+
+MAX_OUTPUT_BEHIND = 16 * 1024 * 1024
+"""Bytes of output that one client may leave unread (it is held for it); a client that falls further behind is
+disconnected, and its calls are cancelled in the guest."""
+
+FORWARD_TIMEOUT = DEFAULT_TIMEOUT
+"""Seconds that the guest gets to answer a forwarded ``ping`` or ``list_commands``."""
+
+REPLY_MARGIN = 5.0
+"""Seconds beyond a command's timeout and kill grace that the daemon waits for the guest's reply."""
+
+DEFAULT_COMMAND_TIMEOUT = 60.0
+"""A command's timeout when neither the caller nor the guest's ``hello`` says (the protocol's default)."""
+
+
+def _number(value: Any) -> Optional[float]:
+    """``value`` if it is a number (not a boolean) above 0, else None."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+        return float(value)
+    return None
+
+
+def _limit(link: Optional[AgentLink], name: str, default: float) -> float:
+    limits = link.hello.get('limits') if link is not None else None
+    value = _number(limits.get(name)) if isinstance(limits, dict) else None
+    return default if value is None else value
+
+
+def client_output(params: Dict[str, Any], request_id: Any) -> Optional[Tuple[Notification, int]]:
+    """
+    The guest's ``output`` notification (its ``params`` as the link passed them on) as the client
+    gets it, under the client's ``request_id``, with its size in bytes; None for one that carries
+    nothing a client could take. Only the fields of the spec go through.
+    """
+    stream = params.get('stream')
+    if not isinstance(stream, str):
+        return None
+    raw = params.get('data_raw')
+    if isinstance(raw, bytes) and raw:
+        return Notification(RAW_OUTPUT_METHOD, {'id': request_id, 'stream': stream}, attachment=raw), len(raw)
+    fields = {name: params[name] for name in ('data', 'data_b64') if isinstance(params.get(name), str)}
+    if len(fields) != 1:
+        return None
+    fields.update(id=request_id, stream=stream)
+    return Notification(RAW_OUTPUT_METHOD, fields), sum(len(value) for value in fields.values()
+                                                        if isinstance(value, str))
+
+
+class Outbox(object):
+    """
+    The notifications on their way to one client, written by a thread of their own (started at
+    the first), so that whoever queues them (the guest's reading thread) never waits for the
+    client. A client that leaves more than ``max_bytes`` unread is disconnected: the guest's
+    output cannot be slowed down for one of its callers alone.
+    """
+
+    def __init__(self, endpoint: Endpoint, max_bytes: int = MAX_OUTPUT_BEHIND) -> None:
+        self.endpoint = endpoint
+        self.max_bytes = max_bytes
+        self._queue: Deque[Tuple[Notification, int]] = collections.deque()
+        self._bytes = 0
+        self._pushed = 0
+        self._written = 0
+        self._closed = False
+        self._writer: Optional[threading.Thread] = None
+        self._changed = threading.Condition()
+
+    def push(self, notification: Notification, size: int) -> int:
+        """Queue ``notification`` (``size`` bytes); return its number, for :meth:`flush`."""
+        with self._changed:
+            if self._closed:
+                return self._pushed
+            behind = self._bytes + size > self.max_bytes
+            if not behind:
+                self._queue.append((notification, size))
+                self._bytes += size
+                self._pushed += 1
+                self._start_writer()
+                self._changed.notify_all()
+            number = self._pushed
+        if behind:
+            self.endpoint.close('the client left more than %d bytes of output unread' % self.max_bytes)
+            self.close()
+        return number
+
+    def _start_writer(self) -> None:
+        if self._writer is None:
+            self._writer = threading.Thread(target=self._write, name='negotiator-outbox-%s' % self.endpoint.name)
+            self._writer.daemon = True
+            self._writer.start()
+
+    def flush(self, number: int, timeout: float = REPLY_WRITE_TIMEOUT) -> None:
+        """Wait until the notification ``number`` and those before it are written (or the client is gone)."""
+        with self._changed:
+            self._changed.wait_for(lambda: self._written >= number or self._closed, timeout)
+
+    def close(self) -> None:
+        """The client is gone: drop what is queued, end the writer."""
+        with self._changed:
+            self._closed = True
+            self._queue.clear()
+            self._changed.notify_all()
+
+    def _write(self) -> None:
+        while True:
+            with self._changed:
+                self._changed.wait_for(lambda: bool(self._queue) or self._closed)
+                if self._closed:
+                    return
+                notification, size = self._queue.popleft()
+            self.endpoint.notify(notification)  # drops it once the client is gone
+            with self._changed:
+                self._bytes -= size
+                self._written += 1
+                self._changed.notify_all()
+
+
+class _Relay(object):
+    """The output of one forwarded call: passed on to the client's outbox under the client's id."""
+
+    def __init__(self, outbox: Outbox, request_id: Any) -> None:
+        self.outbox = outbox
+        self.request_id = request_id
+        self.last = 0
+
+    def __call__(self, params: Dict[str, Any]) -> None:
+        output = client_output(params, self.request_id)
+        if output is not None:
+            self.last = self.outbox.push(*output)
+
+    def flush(self) -> None:
+        """Wait until this call's output is written to the client: its reply must not overtake it."""
+        if self.last:
+            self.outbox.flush(self.last)
+
+
+class ProxyService(object):
+    """
+    The methods of one local client's connection (see the module's documentation).
+
+    :param caller: who the client is (from ``SO_PEERCRED``).
+    :param agents: the guests the daemon serves.
+    :param policy: which callers may use which guests.
+    :param audit: where every call and refusal is written.
+    :param stopping: set when the daemon stops: calls that arrive then are refused.
+    :param max_in_flight: the client's own bound of requests in flight (its hello's ``limits`` say so).
+    :param max_line_length: the longest line the daemon reads from the client.
+    """
+
+    def __init__(self, caller: 'Caller', agents: GuestAgents, policy: 'CallerPolicy', audit: 'AuditLog',
+                 stopping: threading.Event, max_in_flight: int, max_line_length: int) -> None:
+        self.caller = caller
+        self.agents = agents
+        self.policy = policy
+        self.audit = audit
+        self.stopping = stopping
+        self.max_in_flight = max_in_flight
+        self.max_line_length = max_line_length
+        self.guest: Optional[str] = None
+        self.outbox: Optional[Outbox] = None
+
+    def dispatcher(self) -> Dispatcher:
+        """A dispatcher with the client's methods. ``hello`` answers at once; the others wait for the guest."""
+        dispatcher = Dispatcher()
+        dispatcher.register('hello', self.hello, inline=True)
+        dispatcher.register('ping', self.ping)
+        dispatcher.register('list_commands', self.list_commands)
+        dispatcher.register('execute', self.execute)
+        return dispatcher
+
+    def bind(self, endpoint: Endpoint) -> None:
+        """The client's endpoint (made with :meth:`dispatcher`): where its output goes."""
+        self.outbox = Outbox(endpoint)
+
+    def close(self) -> None:
+        """The client is gone."""
+        if self.outbox is not None:
+            self.outbox.close()
+
+    # Attaching.
+
+    def hello(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
+        guest = get_param(params, 'guest', (str,), None)
+        if guest is None:
+            return self._daemon_hello()
+        if self.guest is not None and guest != self.guest:
+            raise InvalidParams('this connection is attached to guest %s: connect again to use guest %s'
+                                % (self.guest, guest))
+        self._check_allowed(guest, params)
+        agent = self.agents.get(guest)
+        if agent is None:
+            raise ChannelNotFound('the host daemon does not serve guest %s (unknown, not running, or without a'
+                                  ' negotiator-host-to-guest.0 channel)' % guest)
+        link = agent.wait_link(ATTACH_WAIT)
+        if link is None:
+            raise ConnectionClosed('the agent in guest %s is not connected to the host daemon now (is'
+                                   ' negotiator-guest --daemon running in the guest?)' % guest)
+        self.guest = guest
+        return self._guest_hello(link)
+
+    def _check_allowed(self, guest: str, params: Dict[str, Any]) -> None:
+        """Refuse (and audit) a caller that the policy does not let use ``guest``."""
+        if self.policy.allows(self.caller, guest):
+            return
+        refusal = CommandNotAllowed(self.policy.refusal(self.caller, guest))
+        self.audit.record(self.caller, guest, 'hello', params, refusal, 0.0)
+        raise refusal
+
+    def _daemon_hello(self) -> Dict[str, Any]:
+        guests = [{'name': name, 'connected': agent.link is not None}
+                  for name, agent in sorted(self.agents.snapshot().items())
+                  if self.policy.allows(self.caller, name)]
+        return {'protocol': PROTOCOL_VERSION, 'agent': DAEMON_AGENT, 'version': __version__, 'guests': guests}
+
+    def _guest_hello(self, link: AgentLink) -> Dict[str, Any]:
+        """The agent's hello, with the bounds of this connection where they are narrower than the guest's."""
+        hello = dict(link.hello)
+        limits = dict(hello['limits']) if isinstance(hello.get('limits'), dict) else {}
+        limits['max_in_flight'] = self.max_in_flight
+        limits['max_line_length'] = int(min(_limit(link, 'max_line_length', self.max_line_length),
+                                            self.max_line_length))
+        hello.update(limits=limits, via=DAEMON_AGENT)
+        return hello
+
+    # Forwarding.
+
+    def _agent(self) -> GuestAgent:
+        """The attached guest, while the daemon serves it."""
+        if self.guest is None:
+            raise InvalidRequest('this connection is attached to no guest: its first request must be hello with'
+                                 ' {"guest": NAME}')
+        if self.stopping.is_set():
+            raise ConnectionClosed('the host daemon is stopping')
+        agent = self.agents.get(self.guest)
+        if agent is None:
+            raise ConnectionClosed('the host daemon no longer serves guest %s (it stopped?)' % self.guest)
+        return agent
+
+    @staticmethod
+    def _link(agent: GuestAgent) -> AgentLink:
+        link = agent.link
+        if link is None:
+            raise ConnectionClosed('the agent in guest %s is not connected to the host daemon now' % agent.name)
+        return link
+
+    def _audited(self, method: str, params: Dict[str, Any], call: Callable[[], Any]) -> Any:
+        """``call()``'s result, with the call written to the audit log whatever its outcome."""
+        started = time.monotonic()
+        recorded = dict(params)
+        outcome: Any = None
+        try:
+            outcome = call()
+            return outcome
+        except Exception as exc:
+            outcome = exc
+            raise
+        finally:
+            self.audit.record(self.caller, self.guest or '', method, recorded, outcome, time.monotonic() - started)
+
+    def ping(self, params: Dict[str, Any], context: CallContext) -> Any:
+        agent = self._agent()
+        return self._audited('ping', params, lambda: self._link(agent).endpoint.call(
+            'ping', params, timeout=FORWARD_TIMEOUT))
+
+    def list_commands(self, params: Dict[str, Any], context: CallContext) -> Any:
+        agent = self._agent()
+        return self._audited('list_commands', params, lambda: self._link(agent).endpoint.call(
+            'list_commands', params, timeout=FORWARD_TIMEOUT))
+
+    def execute(self, params: Dict[str, Any], context: CallContext) -> Any:
+        agent = self._agent()
+        return self._audited('execute', params, lambda: self._execute(agent, params, context))
+
+    def _execute(self, agent: GuestAgent, params: Dict[str, Any], context: CallContext) -> Any:
+        """Wait for one of the guest's slots, in turn with the other callers, then run the command there."""
+        asked = _number(get_param(params, 'timeout', (int, float, type(None)), None))
+        if params.get('timeout') is not None and asked is None:
+            raise InvalidParams('timeout must be above 0 seconds')
+        deadline = Deadline(asked or _limit(agent.link, 'default_timeout', DEFAULT_COMMAND_TIMEOUT))
+        agent.queue.acquire(str(self.caller.uid), deadline, context.cancelled)
+        try:
+            link = self._link(agent)
+            if asked is not None:  # the time spent in the queue comes off the command's
+                params['timeout'] = deadline.remaining()
+            return self._call_guest(link, params, deadline, context)
+        finally:
+            agent.queue.release()
+
+    def _call_guest(self, link: AgentLink, params: Dict[str, Any], deadline: Deadline, context: CallContext) -> Any:
+        assert self.outbox is not None
+        relay = _Relay(self.outbox, context.request_id)
+        wait = (deadline.remaining() or 0.0) + _limit(link, 'kill_grace', 0.0) + REPLY_MARGIN
+        try:
+            return link.endpoint.call('execute', params, timeout=wait, on_notification=relay,
+                                      cancelled=context.cancelled if link.can_cancel else None)
+        finally:
+            relay.flush()
