@@ -14,7 +14,10 @@ tree serves the host's tests (``tests/``) and the benchmark's many-guests figure
 - ``bin/virsh``: a stand-in that prints the canned ``list`` and ``dumpxml``, plays ``event
   --loop`` (a line per :meth:`FakeLibvirt.trigger_event`), fails as an unreachable libvirtd
   after :meth:`FakeLibvirt.set_down`, hangs when a file ``hang`` exists, and logs every call
-  (:meth:`FakeLibvirt.invocations`, so that tests can count processes).
+  (:meth:`FakeLibvirt.invocations`, so that tests can count processes);
+- ``host.sock``: the host daemon's local socket of this world (``$NEGOTIATOR_HOST_SOCKET`` in
+  :attr:`FakeLibvirt.environ`), where a test may start a daemon; the host's own daemon, if one
+  runs, is never used by accident.
 
 Standard library and ``negotiator_common.channels`` only (the benchmark imports it before its
 virtual environment has more).
@@ -128,6 +131,8 @@ class FakeLibvirt(object):
         self.rows: List[str] = []
         self.write_list()
         self.listeners: Dict[str, socket.socket] = {}
+        self.daemon_socket = os.path.join(self.root, 'host.sock')
+        """The host daemon's socket in this fake world (nothing listens on it unless a test starts a daemon there)."""
 
     @property
     def environ(self) -> Dict[str, str]:
@@ -135,11 +140,14 @@ class FakeLibvirt(object):
         return self.environ_from(os.environ)
 
     def environ_from(self, base: Mapping[str, str]) -> Dict[str, str]:
-        """``base`` pointed at the fake: its ``virsh`` first on ``PATH``, its directories for discovery."""
+        """
+        ``base`` pointed at the fake: its ``virsh`` first on ``PATH``, its directories for discovery,
+        and its own host daemon socket (a real daemon of the host is never used by accident).
+        """
         environ = dict(base)
         environ.update(PATH=self.bin_dir + os.pathsep + base.get('PATH', ''),
                        NEGOTIATOR_LIBVIRT_STATUS_DIR=self.status_dir, NEGOTIATOR_LIBVIRT_CHANNEL_DIR=self.channel_dir,
-                       LIBVIRT_DEFAULT_URI='qemu:///system')
+                       LIBVIRT_DEFAULT_URI='qemu:///system', NEGOTIATOR_HOST_SOCKET=self.daemon_socket)
         return environ
 
     def activate(self, monkeypatch) -> 'FakeLibvirt':
