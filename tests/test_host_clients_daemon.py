@@ -16,8 +16,8 @@ import sys
 import pytest
 
 from negotiator_common.errors import CallTimeout, CommandNotAllowed
-from negotiator_host import GuestChannel, map_guests
-from negotiator_host.channel import DIRECT, THROUGH_DAEMON, daemon_guests
+from negotiator_host import GuestChannel, daemon_guests, map_guests
+from negotiator_host.channel import DIRECT, THROUGH_DAEMON
 from negotiator_host.local_socket import DEFAULT_SOCKET, socket_path
 
 from fake_libvirt import FakeLibvirt
