@@ -14,7 +14,10 @@ tree serves the host's tests (``tests/``) and the benchmark's many-guests figure
 - ``bin/virsh``: a stand-in that prints the canned ``list`` and ``dumpxml``, plays ``event
   --loop`` (a line per :meth:`FakeLibvirt.trigger_event`), fails as an unreachable libvirtd
   after :meth:`FakeLibvirt.set_down`, hangs when a file ``hang`` exists, and logs every call
-  (:meth:`FakeLibvirt.invocations`, so that tests can count processes).
+  (:meth:`FakeLibvirt.invocations`, so that tests can count processes);
+- ``host.sock``: the host daemon's local socket of this world (``$NEGOTIATOR_HOST_SOCKET`` in
+  :attr:`FakeLibvirt.environ`), where a test may start a daemon; the host's own daemon, if one
+  runs, is never used by accident.
 
 Standard library and ``negotiator_common.channels`` only (the benchmark imports it before its
 virtual environment has more).
@@ -119,7 +122,6 @@ class FakeLibvirt(object):
         self.status_dir = os.path.join(self.root, 'run')
         self.channel_dir = os.path.join(self.root, 'ch')
         self.bin_dir = os.path.join(self.root, 'bin')
-        self.host_socket = os.path.join(self.root, 'host.sock')
         for directory in (self.status_dir, self.channel_dir, self.bin_dir, os.path.join(self.root, 'xml')):
             os.makedirs(directory)
         virsh = os.path.join(self.bin_dir, 'virsh')
@@ -129,6 +131,8 @@ class FakeLibvirt(object):
         self.rows: List[str] = []
         self.write_list()
         self.listeners: Dict[str, socket.socket] = {}
+        self.daemon_socket = os.path.join(self.root, 'host.sock')
+        """The host daemon's socket in this fake world (nothing listens on it unless a test starts a daemon there)."""
 
     @property
     def environ(self) -> Dict[str, str]:
@@ -144,7 +148,7 @@ class FakeLibvirt(object):
         environ = dict(base)
         environ.update(PATH=self.bin_dir + os.pathsep + base.get('PATH', ''),
                        NEGOTIATOR_LIBVIRT_STATUS_DIR=self.status_dir, NEGOTIATOR_LIBVIRT_CHANNEL_DIR=self.channel_dir,
-                       LIBVIRT_DEFAULT_URI='qemu:///system', NEGOTIATOR_HOST_SOCKET=self.host_socket)
+                       LIBVIRT_DEFAULT_URI='qemu:///system', NEGOTIATOR_HOST_SOCKET=self.daemon_socket)
         return environ
 
     def activate(self, monkeypatch) -> 'FakeLibvirt':

@@ -10,6 +10,7 @@ libvirt in ``fake_libvirt.py``.
 - :class:`OddAgent`: the same, answering some methods with canned replies out of the spec
   (a hostile guest).
 - :class:`FakeGuestSide`: the guest end of a guest-to-host channel, for the host daemon.
+- :class:`FakeHostDaemon`: a FAKE of the host daemon's local socket, for the tests of its clients.
 - :data:`OUTPUT_WITH_AN_ARRAY_ID`: the line that once killed a reader.
 - :func:`result_or_error`: a call's result or the exception it raised, for calls on threads.
 - :func:`interpreter`, :data:`GUEST_PYTHONS`, :func:`build_zipapp`: the single-file guest agent
@@ -17,6 +18,7 @@ libvirt in ``fake_libvirt.py``.
 """
 
 import atexit
+import json
 import os
 import shutil
 import socket
@@ -25,7 +27,7 @@ import sys
 import tempfile
 import textwrap
 import threading
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
@@ -33,6 +35,8 @@ from negotiator_common.client import AgentClient
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
+from negotiator_common.errors import ChannelNotFound, CommandNotAllowed
+from negotiator_common.protocol import Response, encode_message
 from negotiator_common.service import AgentService
 from negotiator_common.transport import Transport
 
@@ -278,6 +282,128 @@ class FakeGuestSide(object):
         if self.endpoint is not None:
             self.endpoint.close()
         self.sock.close()
+
+
+class FakeHostDaemon(object):
+    """
+    A FAKE of ``negotiator-host --daemon``'s local socket, for the tests of its clients (the CLI
+    and GuestChannel), not a model of the daemon: ``hello`` without ``guest`` lists the guests of
+    ``agents`` (name -> the agent's socket) but those ``refused``; ``hello`` naming a refused
+    guest gets CommandNotAllowed, one not in ``agents`` ChannelNotFound, and one in it attaches:
+    that hello goes to the agent's socket, its answer comes back with ``via`` added, and then the
+    bytes flow both ways unchanged. One agent connection per client: no sharing, no id mapping.
+    ``attached`` lists the guest of each attach.
+    """
+
+    def __init__(self, path: str, agents: Dict[str, str], refused: Sequence[str] = ()) -> None:
+        self.path = path
+        self.agents = agents
+        self.refused = set(refused)
+        self.attached: List[str] = []
+        self.sock = listening_socket(path)
+        self._sockets: List[socket.socket] = []
+        thread = threading.Thread(target=self._accept, name='fake-host-daemon')
+        thread.daemon = True
+        thread.start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            conn.setblocking(True)
+            self._sockets.append(conn)
+            thread = threading.Thread(target=self._serve, args=(conn,), name='fake-host-daemon-client')
+            thread.daemon = True
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        """Answer hellos until one attaches (then pass bytes) or the client goes."""
+        buffered = b''
+        try:
+            while True:
+                line, buffered = _read_line(conn, buffered)
+                if line is None:
+                    return
+                if not line.strip():
+                    continue
+                request = json.loads(line.decode('utf-8'))
+                guest = (request.get('params') or {}).get('guest')
+                if guest is not None and guest not in self.refused and guest in self.agents:
+                    self._attach(conn, guest, line, buffered)
+                    return
+                conn.sendall(encode_message(self._answer(request['id'], guest)))
+        except (OSError, ValueError):
+            return
+        finally:
+            conn.close()
+
+    def _answer(self, request_id: object, guest: Optional[str]) -> Response:
+        if guest is None:
+            listed = [{'name': name, 'connected': True} for name in self.agents if name not in self.refused]
+            return Response(request_id, result={'agent': 'negotiator-host-daemon', 'version': 'fake',
+                                                'guests': listed})
+        if guest in self.refused:
+            return Response(request_id, error=CommandNotAllowed('this user may not use %s' % guest))
+        return Response(request_id, error=ChannelNotFound('the daemon does not serve %s' % guest))
+
+    def _attach(self, conn: socket.socket, guest: str, hello: bytes, buffered: bytes) -> None:
+        agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sockets.append(agent)
+        try:
+            agent.connect(self.agents[guest])
+            self.attached.append(guest)
+            agent.sendall(hello + buffered)
+            answer, rest = _read_line(agent, b'')
+            if answer is None:
+                return
+            reply = json.loads(answer.decode('utf-8'))
+            reply['result']['via'] = 'negotiator-host-daemon'
+            conn.sendall(json.dumps(reply).encode('utf-8') + b'\n' + rest)
+            back = threading.Thread(target=_pass_bytes, args=(agent, conn), name='fake-host-daemon-back')
+            back.daemon = True
+            back.start()
+            _pass_bytes(conn, agent)
+            back.join()
+        finally:
+            agent.close()
+
+    def stop(self) -> None:
+        """Stop listening and end every connection (the client's and the agent's)."""
+        for sock in [self.sock] + self._sockets:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.sock.close()
+
+
+def _read_line(sock: socket.socket, buffered: bytes) -> Tuple[Optional[bytes], bytes]:
+    """One line (with its newline) from ``sock`` after ``buffered``, and the bytes after it; None at the end."""
+    while b'\n' not in buffered:
+        data = sock.recv(65536)
+        if not data:
+            return None, b''
+        buffered += data
+    end = buffered.index(b'\n') + 1
+    return buffered[:end], buffered[end:]
+
+
+def _pass_bytes(source: socket.socket, target: socket.socket) -> None:
+    """Copy bytes from ``source`` to ``target`` until ``source`` ends; then end ``target``'s writing."""
+    try:
+        while True:
+            data = source.recv(65536)
+            if not data:
+                break
+            target.sendall(data)
+    except OSError:
+        pass
+    try:
+        target.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
 
 
 OUTPUT_WITH_AN_ARRAY_ID = b'{"jsonrpc":"2.0","method":"output","params":{"id":[1]}}\n'

@@ -237,6 +237,14 @@ def test_handshake_drops_stale_lines_left_by_an_earlier_client(caplog):
         server.close()
 
 
+def test_handshake_sends_more_params_beside_protocol_and_agent(pair):
+    # What a client of the host daemon's socket says to attach to a guest: hello with ``guest``.
+    left, right, gates = pair
+    right.dispatcher.register('hello', lambda params, ctx: dict(params), inline=True)
+    said = left.handshake(timeout=2, agent='negotiator-host', params={'guest': 'web-1', 'agent': 'forged'})
+    assert said == {'guest': 'web-1', 'protocol': 1, 'agent': 'negotiator-host'}
+
+
 def test_garbage_from_a_peer_gets_error_replies_and_the_server_lives_on():
     server_sock, raw = socket.socketpair()
     server = Endpoint(Transport.from_socket(server_sock), make_dispatcher(), name='server').start()

@@ -32,7 +32,7 @@ from negotiator_common.errors import (
 from negotiator_common.protocol import LineDecoder, Notification, Request, Response, encode_message
 from negotiator_common.service import Limits
 from negotiator_common.transport import Transport
-from negotiator_host import local
+from negotiator_host import local, local_socket
 from negotiator_host.access import Caller, CallerPolicy
 from negotiator_host.audit import AuditLog
 from negotiator_host.daemon import HostDaemon
@@ -518,9 +518,9 @@ def test_the_daemon_program_serves_its_socket_audits_the_calls_and_stops_on_sigt
                                 '--audit-log', audit], env=fake.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         # The socket is where the environment says (the clients look there too), open to all.
-        assert wait_until(lambda: os.path.exists(fake.host_socket), timeout=20)
-        assert stat.S_IMODE(os.stat(fake.host_socket).st_mode) == 0o666
-        endpoint = Endpoint(Transport.from_socket(_connected(fake.host_socket)), name='client').start()
+        assert wait_until(lambda: os.path.exists(fake.daemon_socket), timeout=20)
+        assert stat.S_IMODE(os.stat(fake.daemon_socket).st_mode) == 0o666
+        endpoint = Endpoint(Transport.from_socket(_connected(fake.daemon_socket)), name='client').start()
         linked = [{'name': 'alpha', 'connected': True}]
         assert wait_until(lambda: endpoint.call('hello', timeout=10)['guests'] == linked, timeout=20)
         client = AgentClient(endpoint, endpoint.call('hello', {'guest': 'alpha'}, timeout=10))
@@ -528,7 +528,7 @@ def test_the_daemon_program_serves_its_socket_audits_the_calls_and_stops_on_sigt
         endpoint.close()
         process.send_signal(signal.SIGTERM)
         assert process.wait(20) == 0
-        assert not os.path.exists(fake.host_socket)
+        assert not os.path.exists(fake.daemon_socket)
         with open(audit) as handle:
             record = json.loads(handle.readline())
         assert (record['uid'], record['guest'], record['command'], record['args'], record['exit_status']) == (
@@ -555,7 +555,7 @@ def test_the_systemd_unit_makes_the_sockets_directory_and_outwaits_the_daemons_s
                         'negotiator-host.service')
     with open(unit) as handle:
         lines = dict(line.strip().split('=', 1) for line in handle if '=' in line and not line.startswith('#'))
-    assert os.path.dirname(local.DEFAULT_SOCKET) == '/run/' + lines['RuntimeDirectory']
+    assert os.path.dirname(local_socket.DEFAULT_SOCKET) == '/run/' + lines['RuntimeDirectory']
     assert lines['RuntimeDirectoryMode'] == '0755' and lines['LogsDirectoryMode'] == '0750'
     # Each side's stop is bounded (grace, then SIGKILL and its wait, then a moment for the replies).
     stops = [(connections.STOP_GRACE, connections.STOP_KILL_WAIT), (local.STOP_GRACE, local.STOP_KILL_WAIT)]

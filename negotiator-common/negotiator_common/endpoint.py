@@ -279,18 +279,20 @@ class Endpoint(object):
 
     # Calling the peer.
 
-    def handshake(self, timeout: Optional[float] = DEFAULT_TIMEOUT, agent: str = '') -> Dict[str, Any]:
+    def handshake(self, timeout: Optional[float] = DEFAULT_TIMEOUT, agent: str = '',
+                  params: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
         """
         Resynchronise with the peer and exchange ``hello``; return the peer's hello result.
 
         Every line that arrives before the reply to this ``hello`` is dropped: it belongs to an
-        earlier client of the same port.
+        earlier client of the same port. ``params`` go into the ``hello`` beside ``protocol``
+        and ``agent``: the ``guest`` that a client of the host daemon's socket attaches to.
         """
         sync_id = 'hello-' + secrets.token_hex(16)
         self._sync_id = sync_id
         self.transport.write_all(b'\n', Deadline(timeout))
-        result = self._call(Request(sync_id, 'hello', {'protocol': PROTOCOL_VERSION, 'agent': agent}),
-                            timeout, None)
+        hello = dict(params or {}, protocol=PROTOCOL_VERSION, agent=agent)
+        result = self._call(Request(sync_id, 'hello', hello), timeout, None)
         return result if isinstance(result, dict) else {}
 
     def call(self, method: str, params: Optional[Dict[str, Any]] = None, timeout: Optional[float] = DEFAULT_TIMEOUT,

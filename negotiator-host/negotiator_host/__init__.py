@@ -1,7 +1,8 @@
 """
 negotiator-host: the host side of negotiator, a generic KVM/QEMU guest agent.
 
-Talk to the agent in a guest (by libvirt name, or by socket path)::
+Talk to the agent in a guest (by libvirt name: through the host daemon when it serves the
+guest, else directly; or by socket path)::
 
     from negotiator_host import GuestChannel
 
@@ -35,13 +36,15 @@ from negotiator_common.errors import (
     CommandTimedOut, ConnectionClosed, GuestNotFound, NegotiatorError, UnsendableRequest,
 )
 
-from negotiator_host.channel import DEFAULT_TIMEOUT, GuestChannel, GuestOutcome, connect_socket, map_guests
+from negotiator_host.channel import (
+    DEFAULT_TIMEOUT, GuestChannel, GuestOutcome, connect_socket, daemon_guests, map_guests,
+)
 from negotiator_host.discovery import (
     Guest, LibvirtPaths, LibvirtUnavailable, default_uri, find_guest, list_guests,
 )
 
 __all__ = (
-    'GuestChannel', 'GuestOutcome', 'map_guests', 'connect_socket', 'DEFAULT_TIMEOUT',
+    'GuestChannel', 'GuestOutcome', 'map_guests', 'daemon_guests', 'connect_socket', 'DEFAULT_TIMEOUT',
     'Guest', 'LibvirtPaths', 'LibvirtUnavailable', 'list_guests', 'find_guest', 'default_uri',
     'HOST_TO_GUEST_CHANNELS', 'GUEST_TO_HOST_CHANNEL', 'ExecuteResult', 'CommandDescription',
     'NegotiatorError', 'GuestNotFound', 'ChannelNotFound', 'ChannelBusy', 'CallTimeout', 'ConnectionClosed',

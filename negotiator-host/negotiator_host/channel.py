@@ -1,10 +1,20 @@
 """
 The host's Python API: talk to the agent in one guest, or in many guests at once.
 
-:class:`GuestChannel` connects to a guest's ``negotiator-host-to-guest.0`` socket (found by
-:mod:`negotiator_host.discovery`, or given as a path), resynchronises with ``hello`` and then
-carries any number of calls, from any number of threads, over that one connection. Every
-wait is bounded: the connect, the handshake and each call.
+:class:`GuestChannel` reaches a guest's agent one of two ways, and then carries any number of
+calls, from any number of threads, over that one connection:
+
+- through the host daemon (``negotiator-host --daemon``), when it listens on its local socket
+  (:mod:`negotiator_host.local_socket`) and serves that guest: the daemon holds the guest's
+  channel and shares it between every caller on the host;
+- directly, on the guest's ``negotiator-host-to-guest.0`` socket (found by
+  :mod:`negotiator_host.discovery`, or given as a path), which takes one client at a time:
+  when no daemon listens, when it does not serve that guest, or when the caller asks for it.
+
+Either way the connection begins with ``hello`` and the calls, their results, their errors and
+their streamed output are the same. Every wait is bounded, and one timeout covers the whole way
+to a connection: the daemon's socket, its answer, the discovery, the direct connect and the
+handshake.
 
 >>> from negotiator_host import GuestChannel
 >>> with GuestChannel('web-1') as guest:
@@ -20,24 +30,32 @@ import errno
 import socket
 import threading
 import time
-from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Union
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
 from negotiator_common.deadline import Deadline
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import (
-    CallTimeout, ChannelBusy, ChannelNotFound, ConnectionClosed, NegotiatorError,
+    CallTimeout, ChannelBusy, ChannelNotFound, ConnectionClosed, GuestNotFound, InvalidRequest, NegotiatorError,
 )
 from negotiator_common.lazylog import get_logger
 from negotiator_common.transport import Transport
 
 from negotiator_host.discovery import Guest, LibvirtPaths, find_guest
+from negotiator_host.local_socket import socket_path as daemon_socket_path
 
-__all__ = ('GuestChannel', 'GuestOutcome', 'map_guests', 'connect_socket', 'DEFAULT_TIMEOUT')
+__all__ = ('GuestChannel', 'GuestOutcome', 'map_guests', 'daemon_guests', 'connect_socket', 'DEFAULT_TIMEOUT',
+           'THROUGH_DAEMON', 'DIRECT')
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds that connecting and each call may take unless the caller says otherwise."""
+
+THROUGH_DAEMON = 'daemon'
+""":attr:`GuestChannel.via` of a connection through the host daemon."""
+
+DIRECT = 'direct'
+""":attr:`GuestChannel.via` of a connection to the guest's own channel socket."""
 
 logger = get_logger(__name__)  # lazy: a quick CLI call never imports logging
 
@@ -93,29 +111,97 @@ def connect_socket(path: str, timeout: Optional[float] = DEFAULT_TIMEOUT, name: 
         delay = min(delay * 2, 0.1)
 
 
+def _daemon_connection(path: str, deadline: Deadline) -> Optional[socket.socket]:
+    """
+    A connection to the host daemon's socket at ``path``, or None when no daemon is there (the
+    file is missing, nobody listens on it, or this user may not open it): a single connect, so
+    that a call without a daemon pays one system call for looking.
+    """
+    try:
+        return connect_socket(path, _remaining(deadline), 'the host daemon')
+    except ChannelBusy as exc:
+        raise ChannelBusy('the host daemon at %s accepted no connection in time (too many at once?); try again'
+                          ' later' % path) from exc
+    except ChannelNotFound:
+        return None
+
+
+def _open(sock: socket.socket, deadline: Deadline, name: str,
+          params: Dict[str, Any]) -> Tuple[Endpoint, Dict[str, Any]]:
+    """An endpoint on ``sock``, started, and the peer's ``hello`` result (with ``params`` sent); closed on failure."""
+    endpoint = Endpoint(Transport.from_socket(sock), name=name)
+    endpoint.start()
+    try:
+        return endpoint, endpoint.handshake(_remaining(deadline), agent='negotiator-host', params=params)
+    except CallTimeout:
+        endpoint.close('no hello reply')
+        raise
+    except NegotiatorError:
+        endpoint.close('handshake failed')
+        raise
+
+
+def daemon_guests(socket: Optional[str] = None,
+                  timeout: Optional[float] = DEFAULT_TIMEOUT) -> Optional[Dict[str, bool]]:
+    """
+    The guests that the host daemon serves to this caller, each with whether its agent is
+    connected to the daemon now; None when no daemon listens on its socket (``socket``, else
+    ``$NEGOTIATOR_HOST_SOCKET``, else the default). One ``hello`` without a guest: the daemon
+    lists only the guests that this user may use.
+    """
+    path = daemon_socket_path(socket)
+    deadline = Deadline(timeout)
+    sock = _daemon_connection(path, deadline)
+    if sock is None:
+        logger.info("No host daemon listens at %s", path)
+        return None
+    endpoint, info = _open(sock, deadline, 'host-daemon', {})
+    endpoint.close()
+    listed = info.get('guests')
+    if not isinstance(listed, list):
+        raise InvalidRequest('the host daemon at %s answered hello without its list of guests' % path)
+    served = {entry['name']: entry.get('connected') is True for entry in listed
+              if isinstance(entry, dict) and isinstance(entry.get('name'), str)}
+    logger.info("The host daemon at %s serves %d guests to this user", path, len(served))
+    return served
+
+
 class GuestChannel(object):
     """
     One guest's agent, over one connection shared by every thread.
 
     :param name: the guest's libvirt name (its socket is found by discovery), or
-    :param socket_path: the channel's UNIX socket (no discovery at all).
+    :param socket_path: the channel's UNIX socket (no discovery at all; alone, without a name,
+                        it is always a direct connection).
     :param uri: the libvirt URI (default: ``$LIBVIRT_DEFAULT_URI``, else ``qemu:///system``).
     :param timeout: seconds for connecting and for each call unless a call says otherwise
                     (None: no bound).
     :param channel_names: the channels to look for, in order of preference.
     :param paths: libvirt's directories (tests use a fake tree).
+    :param direct: connect to the guest's channel socket even when the host daemon serves it.
+    :param socket: the host daemon's local socket (default: ``$NEGOTIATOR_HOST_SOCKET``, else
+                   ``/run/negotiator/host.sock``; see :mod:`negotiator_host.local_socket`).
+
+    A channel with a guest name goes through the host daemon when the daemon listens on its
+    socket and serves that guest, and connects directly otherwise: when the socket is missing
+    or nobody listens on it, or when the daemon answers that it does not serve the guest
+    (:class:`ChannelNotFound`, or :class:`GuestNotFound`). A refusal by the daemon
+    (:class:`CommandNotAllowed`: this user may not use that guest) is raised, never a reason to
+    go around the daemon; so are its other errors. One timeout covers both ways.
+    :attr:`via` says which way the connection went, and :meth:`hello` returns what the agent
+    said, with ``"via": "negotiator-host-daemon"`` added by the daemon.
 
     The connection opens at the first call (or :meth:`connect`) and closes with
     :meth:`close` or at the end of a ``with`` block. Many threads may call at once: calls are
     routed by id, so a slow command never delays a ``ping``. If the connection closes under a
     call (the guest stopped, the agent restarted), the call raises :class:`ConnectionClosed`
-    and the next call connects again.
+    and the next call connects again, the same way or the other.
     """
 
     def __init__(self, name: Optional[str] = None, socket_path: Optional[str] = None, uri: Optional[str] = None,
                  timeout: Optional[float] = DEFAULT_TIMEOUT,
                  channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS,
-                 paths: Optional[LibvirtPaths] = None) -> None:
+                 paths: Optional[LibvirtPaths] = None, direct: bool = False, socket: Optional[str] = None) -> None:
         if not name and not socket_path:
             raise ValueError('GuestChannel needs a guest name or a socket path')
         self.name = name or socket_path or ''
@@ -124,6 +210,10 @@ class GuestChannel(object):
         self.timeout = timeout
         self.channel_names = tuple(channel_names)
         self.paths = paths
+        self.direct = direct or not name
+        self.daemon_socket = daemon_socket_path(socket)
+        self.via: Optional[str] = None
+        """How the connection went: :data:`THROUGH_DAEMON` or :data:`DIRECT` (None before the first)."""
         self.agent_info: Dict[str, Any] = {}
         self._lock = threading.Lock()
         self._endpoint: Optional[Endpoint] = None
@@ -135,7 +225,7 @@ class GuestChannel(object):
     # Lifecycle.
 
     def connect(self, timeout: Optional[float] = None) -> 'GuestChannel':
-        """Find the socket, connect and handshake (a no-op when connected); return self."""
+        """Connect (through the daemon or directly) and handshake (a no-op when connected); return self."""
         self._connected_client(self._call_timeout(timeout))
         return self
 
@@ -144,26 +234,51 @@ class GuestChannel(object):
             if self._client is not None and self._endpoint is not None and not self._endpoint.closed:
                 return self._client
             deadline = Deadline(timeout)
-            path = self.socket_path
-            if path is None:
-                guest: Guest = find_guest(self.name, uri=self.uri, paths=self.paths,
-                                   timeout=_remaining(deadline))
-                path = guest.require_socket(self.channel_names)
-            sock = connect_socket(path, _remaining(deadline), self.name)
-            endpoint = Endpoint(Transport.from_socket(sock), name=self.name)
-            endpoint.start()
-            try:
-                self.agent_info = endpoint.handshake(_remaining(deadline), agent='negotiator-host')
-            except CallTimeout as exc:
-                endpoint.close('no hello reply')
-                raise CallTimeout('the agent in %s did not answer within %s seconds: is negotiator-guest --daemon'
-                                  ' running in the guest? (another client may also hold the channel)'
-                                  % (self.name, timeout)) from exc
-            except NegotiatorError:
-                endpoint.close('handshake failed')
-                raise
+            endpoint: Optional[Endpoint] = None
+            reason = 'a direct connection was asked for'
+            if not self.direct:
+                endpoint, reason = self._attach_through_daemon(deadline)
+            if endpoint is None:
+                endpoint = self._connect_directly(deadline, reason)
             self._endpoint, self._client = endpoint, AgentClient(endpoint, self.agent_info)
             return self._client
+
+    def _attach_through_daemon(self, deadline: Deadline) -> Tuple[Optional[Endpoint], str]:
+        """
+        The connection through the host daemon, attached to this guest; or None and why not,
+        when there is no daemon or it does not serve this guest (then a direct connection is
+        the way, within what is left of ``deadline``).
+        """
+        sock = _daemon_connection(self.daemon_socket, deadline)
+        if sock is None:
+            return None, 'no host daemon listens at %s' % self.daemon_socket
+        try:
+            endpoint, info = _open(sock, deadline, self.name, {'guest': self.name})
+        except (ChannelNotFound, GuestNotFound):
+            return None, 'the host daemon at %s does not serve it' % self.daemon_socket
+        except CallTimeout as exc:
+            raise CallTimeout('the host daemon at %s did not answer about %s within %s seconds'
+                              % (self.daemon_socket, self.name, deadline.timeout)) from exc
+        logger.info("Talking to %s through the host daemon at %s", self.name, self.daemon_socket)
+        self.agent_info, self.via = info, THROUGH_DAEMON
+        return endpoint, ''
+
+    def _connect_directly(self, deadline: Deadline, reason: str) -> Endpoint:
+        """The connection to the guest's own channel socket (found by discovery unless given)."""
+        path = self.socket_path
+        if path is None:
+            guest: Guest = find_guest(self.name, uri=self.uri, paths=self.paths, timeout=_remaining(deadline))
+            path = guest.require_socket(self.channel_names)
+        sock = connect_socket(path, _remaining(deadline), self.name)
+        try:
+            endpoint, info = _open(sock, deadline, self.name, {})
+        except CallTimeout as exc:
+            raise CallTimeout('the agent in %s did not answer within %s seconds: is negotiator-guest --daemon'
+                              ' running in the guest? (another client may also hold the channel)'
+                              % (self.name, deadline.timeout)) from exc
+        logger.info("Talking to %s directly at %s (%s)", self.name, path, reason)
+        self.agent_info, self.via = info, DIRECT
+        return endpoint
 
     def close(self) -> None:
         """Close the connection (calls in flight fail with :class:`ConnectionClosed`)."""
@@ -269,13 +384,16 @@ class GuestOutcome(object):
 def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[str, Guest, GuestChannel]],
                max_workers: int = 16, uri: Optional[str] = None, timeout: Optional[float] = DEFAULT_TIMEOUT,
                paths: Optional[LibvirtPaths] = None,
-               channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS) -> List[GuestOutcome]:
+               channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS, direct: bool = False,
+               socket: Optional[str] = None) -> List[GuestOutcome]:
     """
     Call ``function(channel)`` for every guest in parallel; one :class:`GuestOutcome` per guest,
     in the order given.
 
     ``guests`` are names, :class:`~negotiator_host.discovery.Guest` objects (from
     :func:`~negotiator_host.discovery.list_guests`: no more discovery) or open channels.
+    Each channel opened here goes through the host daemon or directly as :class:`GuestChannel`
+    decides, with ``direct`` and ``socket`` as given (and the other keywords).
     An exception in one guest never stops the others: it is kept in that guest's outcome.
     If the calling thread is interrupted (``KeyboardInterrupt``), the channels that this
     function opened are closed at once (each agent cancels its command) and the exception
@@ -289,7 +407,8 @@ def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[s
         return []
     from concurrent.futures import ThreadPoolExecutor  # imported lazily: a one-guest call needs no pool
 
-    calls = _GuestCalls(function, uri, timeout, paths, channel_names)
+    calls = _GuestCalls(function, dict(uri=uri, timeout=timeout, paths=paths, channel_names=channel_names,
+                                       direct=direct, socket=socket))
     pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items))))
     try:
         outcomes = list(pool.map(calls.run, items))
@@ -306,13 +425,11 @@ def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[s
 class _GuestCalls(object):
     """The calls of one :func:`map_guests`: a channel per guest (unless given one), closed after its call."""
 
-    def __init__(self, function: Callable[[GuestChannel], Any], uri: Optional[str], timeout: Optional[float],
-                 paths: Optional[LibvirtPaths], channel_names: Sequence[str]) -> None:
+    def __init__(self, function: Callable[[GuestChannel], Any], options: Dict[str, Any]) -> None:
         self.function = function
-        self.uri = uri
-        self.timeout = timeout
-        self.paths = paths
-        self.channel_names = channel_names
+        self.options = options
+        """The keyword arguments of each :class:`GuestChannel` opened here."""
+        self.channel_names: Sequence[str] = options['channel_names']
         self.interrupted = threading.Event()
         self.owned: List[GuestChannel] = []
         self.owned_lock = threading.Lock()
@@ -348,11 +465,9 @@ class _GuestCalls(object):
         if isinstance(item, GuestChannel):
             return item
         if isinstance(item, Guest):
-            channel = GuestChannel(item.name, socket_path=item.socket_for(self.channel_names), uri=self.uri,
-                                   timeout=self.timeout, channel_names=self.channel_names, paths=self.paths)
+            channel = GuestChannel(item.name, socket_path=item.socket_for(self.channel_names), **self.options)
         else:
-            channel = GuestChannel(item, uri=self.uri, timeout=self.timeout, channel_names=self.channel_names,
-                                   paths=self.paths)
+            channel = GuestChannel(item, **self.options)
         with self.owned_lock:
             self.owned.append(channel)
         return channel

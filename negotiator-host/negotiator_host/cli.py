@@ -3,7 +3,9 @@ Usage: negotiator-host [OPTIONS] [GUEST...]
        negotiator-host --daemon [OPTIONS] [GUEST-PATTERN...]
 
 Talk to the negotiator agents in the KVM/QEMU guests of this host through virtio-serial
-channels (no network, no SSH), or answer the guests' own requests (--daemon).
+channels (no network, no SSH), or answer the guests' own requests (--daemon). A call goes
+through the host daemon when it listens on its socket and serves the guest (so that many
+callers share the guest's channel), and connects to the guest's channel directly otherwise.
 
 Examples:
 
@@ -19,8 +21,9 @@ Supported options:
   -g, --list-guests
 
     List the running guests that have a negotiator channel: name, state, whether the
-    agent answers (within 3 seconds, or --timeout if shorter), its version and the
-    round-trip time (--json: a list of objects).
+    agent answers (within 3 seconds, or --timeout if shorter), its version, the
+    round-trip time and whether the host daemon serves the guest (--json: a list of
+    objects).
 
   -c, --list-commands
 
@@ -64,6 +67,18 @@ Supported options:
 
     The libvirt URI (default: $LIBVIRT_DEFAULT_URI, else qemu:///system).
 
+  --direct
+
+    Connect to each guest's channel directly, even when the host daemon serves it (the
+    channel takes one client at a time: this waits while the daemon holds it). The
+    daemon's socket is not touched.
+
+  --socket=PATH
+
+    The host daemon's local socket: where calls look for the daemon, and with --daemon
+    where it listens (default: $NEGOTIATOR_HOST_SOCKET, else /run/negotiator/host.sock;
+    the daemon makes it 0666 and decides who may call).
+
   -d, --daemon
 
     Answer the guests' requests on their negotiator-guest-to-host.0 channels, following
@@ -71,12 +86,6 @@ Supported options:
     (shell-style, like 'web-*'), serve only the guests whose names match one of them;
     without any, every guest. The daemon also holds one connection to each guest's
     agent and lets the host's callers share it through its socket (--socket).
-
-  --socket=PATH
-
-    With --daemon: the UNIX socket on which local callers reach the guests through
-    the daemon (default $NEGOTIATOR_HOST_SOCKET, else /run/negotiator/host.sock; made
-    0666: the daemon decides who may call).
 
   --allow-group=GROUP[=PATTERN,...]
 
@@ -116,7 +125,8 @@ Supported options:
 
   -v, --verbose
 
-    Log more (repeatable).
+    Log more (repeatable); one -v tells which way each call went (through the host
+    daemon or directly).
 
   -q, --quiet
 
@@ -130,9 +140,10 @@ Exit statuses: 0 success; with one guest and --execute, the command's own status
 when signal N ended it); 64 usage error (also a request over the agent's limits); 69 guest,
 channel or libvirt not available (unknown or stopped guest, no channel, channel busy, agent
 gone); 70 internal or protocol error; 75 timeout; 77 command refused by the guest's policy
-or not found; 130 interrupted (Ctrl-C; the calls are cancelled in the guests); 141 standard
-output closed by its reader (| head). With several guests: the status of the first guest
-(in the order given; --all: by name) that failed.
+or not found, or the guest refused to this user by the host daemon; 130 interrupted
+(Ctrl-C; the calls are cancelled in the guests); 141 standard output closed by its reader
+(| head). With several guests: the status of the first guest (in the order given; --all:
+by name) that failed.
 """
 
 import getopt
@@ -169,8 +180,8 @@ costs no memory and no time beyond this.
 
 _SHORT_OPTIONS = 'gce:pit:ajdvqh'
 _LONG_OPTIONS = ['list-guests', 'list-commands', 'execute=', 'ping', 'stdin', 'timeout=', 'all', 'json', 'max-output=',
-                 'connect=', 'daemon', 'commands-dir=', 'policy=', 'max-commands=', 'max-queued=', 'max-timeout=',
-                 'socket=', 'allow-group=', 'audit-log=', 'verbose', 'quiet', 'help']
+                 'connect=', 'direct', 'socket=', 'daemon', 'commands-dir=', 'policy=', 'max-commands=', 'max-queued=',
+                 'max-timeout=', 'allow-group=', 'audit-log=', 'verbose', 'quiet', 'help']
 
 _ACTIONS = {'-g': 'list-guests', '--list-guests': 'list-guests', '-c': 'list-commands',
             '--list-commands': 'list-commands', '-e': 'execute', '--execute': 'execute', '-p': 'ping', '--ping': 'ping',
@@ -194,8 +205,12 @@ def _result_status(result: Any) -> int:
 
 def _error_line(guest: str, error: BaseException) -> str:
     """One line on standard error; the message may come from the guest, so its control characters are escaped."""
-    message = printable(' '.join(str(error).split()) or type(error).__name__)
-    return '%s: %s%s' % (PROGRAM, '%s: ' % printable(guest) if guest else '', message)
+    return '%s: %s%s' % (PROGRAM, '%s: ' % printable(guest) if guest else '', _message(error))
+
+
+def _message(error: BaseException) -> str:
+    """An error's message on one line, its control characters escaped."""
+    return printable(' '.join(str(error).split()) or type(error).__name__)
 
 
 class Options(object):
@@ -210,10 +225,11 @@ class Options(object):
         self.all = False
         self.json = False
         self.uri: Optional[str] = None
+        self.direct = False
+        self.socket: Optional[str] = None  # None: $NEGOTIATOR_HOST_SOCKET, else the default
         self.commands_dirs: List[str] = []
         self.policy: Optional[str] = None
         self.daemon_limits: Dict[str, Any] = {}
-        self.socket: Optional[str] = None
         self.allow_groups: List[str] = []
         self.audit_log: Optional[str] = None  # None: the default; '': none
         self.verbosity = 0
@@ -248,12 +264,14 @@ def _apply_option(options: Options, option: str, value: str) -> None:
         options.all = True
     elif option == '--connect':
         options.uri = value
+    elif option == '--direct':
+        options.direct = True
+    elif option == '--socket':
+        options.socket = value
     elif option == '--policy':
         options.policy = value
     elif option in _DAEMON_LIMITS:
         options.daemon_limits[option] = _parse_daemon_limit(option, value)
-    elif option == '--socket':
-        options.socket = value
     elif option == '--allow-group':
         options.allow_groups.append(value)
     elif option == '--audit-log':
@@ -272,6 +290,8 @@ def _check_options(options: Options) -> None:
         raise UsageError('name at least one GUEST (or give --all)')
     if options.action == 'daemon' and options.all:
         raise UsageError('--daemon serves every guest unless given GUEST-PATTERNs; --all makes no sense with it')
+    if options.direct and options.action == 'daemon':
+        raise UsageError('--direct is an option of the calls to guests, not of --daemon')
     if options.daemon_limits and options.action != 'daemon':
         raise UsageError('%s is an option of --daemon' % sorted(options.daemon_limits)[0])
     if options.action != 'daemon' and (options.allow_groups or options.audit_log is not None):
@@ -354,7 +374,7 @@ def _run_daemon(options: Options) -> int:
     from negotiator_host.access import CallerPolicy
     from negotiator_host.audit import DEFAULT_AUDIT_LOG, AuditLog
     from negotiator_host.daemon import DEFAULT_MAX_TIMEOUT, HostDaemon, default_limits
-    from negotiator_host.local import default_socket
+    from negotiator_host import local_socket
     from negotiator_host.policy import Policy
 
     policy = Policy.load(options.policy) if options.policy else Policy.default()
@@ -369,7 +389,7 @@ def _run_daemon(options: Options) -> int:
                         limits=default_limits(limits.get('--max-timeout', DEFAULT_MAX_TIMEOUT)),
                         max_commands=limits.get('--max-commands', DEFAULT_MAX_COMMANDS),
                         max_queued=limits.get('--max-queued', DEFAULT_MAX_QUEUED),
-                        socket_path=options.socket or default_socket(), caller_policy=callers,
+                        socket_path=local_socket.socket_path(options.socket), caller_policy=callers,
                         audit=AuditLog(audit_path or None))
     return daemon.run()
 
@@ -447,8 +467,11 @@ def _run_on_guests(options: Options) -> int:
         return EXIT_UNAVAILABLE
     stdin = read_stdin() if options.stdin and options.action == 'execute' else None
     if len(targets) == 1 and not options.all and not options.json:
-        return _one_guest(options, GuestChannel(targets[0], uri=options.uri, timeout=options.timeout), stdin)
-    outcomes = map_guests(_guest_call(options, stdin), targets, uri=options.uri, timeout=options.timeout)
+        channel = GuestChannel(targets[0], uri=options.uri, timeout=options.timeout, direct=options.direct,
+                               socket=options.socket)
+        return _one_guest(options, channel, stdin)
+    outcomes = map_guests(_guest_call(options, stdin), targets, uri=options.uri, timeout=options.timeout,
+                          direct=options.direct, socket=options.socket)
     return _report(options, outcomes)
 
 
@@ -573,11 +596,14 @@ def _list_guests(options: Options) -> int:
     # A listing is a glance: an agent that does not answer within a few seconds is "not reachable"
     # (a channel held by another client would otherwise stall the whole table for --timeout).
     probe_timeout = LIST_PROBE_TIMEOUT if options.timeout is None else min(options.timeout, LIST_PROBE_TIMEOUT)
-    outcomes = map_guests(probe, guests, uri=options.uri, timeout=probe_timeout)
+    served = _daemon_guests(options, probe_timeout) if guests else {}
+    outcomes = map_guests(probe, guests, uri=options.uri, timeout=probe_timeout, direct=options.direct,
+                          socket=options.socket)
     rows: List[Dict[str, Any]] = []
     for guest, outcome in zip(guests, outcomes):
         row: Dict[str, Any] = {'name': guest.name, 'id': guest.id, 'state': guest.state, 'channel': guest.socket_for(),
-                               'reachable': outcome.ok, 'agent': None, 'version': None, 'rtt': None, 'error': None}
+                               'reachable': outcome.ok, 'agent': None, 'version': None, 'rtt': None, 'error': None,
+                               'daemon': guest.name in served}
         if outcome.error is not None:
             row['error'] = error_object(outcome.error)
         else:
@@ -589,10 +615,34 @@ def _list_guests(options: Options) -> int:
     if not rows:
         sys.stderr.write('%s: no running guest has a negotiator channel\n' % PROGRAM)
         return 0
+    _write_guest_table(rows)
+    return 0
+
+
+def _daemon_guests(options: Options, timeout: Optional[float]) -> Dict[str, bool]:
+    """
+    The guests that the host daemon serves to this user (none with --direct, which leaves the
+    daemon alone, or when no daemon listens). A daemon that fails to answer is said on standard
+    error and the listing goes on: whether each agent answers is probed all the same.
+    """
+    from negotiator_common.errors import NegotiatorError
+    from negotiator_host.channel import daemon_guests
+
+    if options.direct:
+        return {}
+    try:
+        return daemon_guests(options.socket, timeout) or {}
+    except NegotiatorError as exc:
+        sys.stderr.write('%s: the host daemon did not list its guests: %s\n' % (PROGRAM, _message(exc)))
+        return {}
+
+
+def _write_guest_table(rows: List[Dict[str, Any]]) -> None:
     from humanfriendly.tables import format_pretty_table
     table = [[r['name'], r['state'], 'yes' if r['reachable'] else 'no: %s' % r['error']['type'],
-              printable(r['version'] or '-'), '%.2f ms' % (r['rtt'] * 1000) if r['rtt'] is not None else '-']
+              printable(r['version'] or '-'), '%.2f ms' % (r['rtt'] * 1000) if r['rtt'] is not None else '-',
+              'yes' if r['daemon'] else 'no']
              for r in rows]
-    sys.stdout.write(format_pretty_table(table, ['Guest', 'State', 'Agent reachable', 'Agent version', 'Round trip']))
+    headers = ['Guest', 'State', 'Agent reachable', 'Agent version', 'Round trip', 'Daemon']
+    sys.stdout.write(format_pretty_table(table, headers))
     sys.stdout.write('\n')
-    return 0

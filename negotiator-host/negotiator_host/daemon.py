@@ -135,7 +135,7 @@ class HostDaemon(object):
     :param max_queued: requests that wait for one of those slots, for all guests together
                        (served round-robin by guest); more are refused with ``LimitExceeded``.
     :param socket_path: serve local clients on this UNIX socket (:mod:`negotiator_host.local`;
-                        the CLI gives :data:`~negotiator_host.local.DEFAULT_SOCKET`), holding the
+                        the CLI gives :data:`~negotiator_host.local_socket.DEFAULT_SOCKET`), holding the
                         host-to-guest channel of every guest served (:mod:`negotiator_host.agents`);
                         None: neither.
     :param caller_policy: which local callers may use which guests (default: root only).

@@ -2,7 +2,7 @@
 The host daemon's local socket: where the host's own callers reach the guests through the daemon.
 
 The daemon listens on a UNIX socket (``--socket PATH``, else ``$NEGOTIATOR_HOST_SOCKET``, else
-:data:`DEFAULT_SOCKET`: where the clients look for it too) with the same
+:data:`~negotiator_host.local_socket.DEFAULT_SOCKET`: where the clients look for it too) with the same
 line protocol as a channel; each client connection is one
 :class:`~negotiator_common.endpoint.Endpoint` whose methods are a
 :class:`~negotiator_host.proxy.ProxyService` (attach to a guest by ``hello``, then call it over
@@ -47,16 +47,10 @@ if TYPE_CHECKING:  # annotations only
     from negotiator_host.access import Caller, CallerPolicy
     from negotiator_host.audit import AuditLog
 
-__all__ = ('DEFAULT_SOCKET', 'SOCKET_VARIABLE', 'default_socket', 'LocalServer', 'LocalClient', 'LocalSocketError',
+__all__ = ('LocalServer', 'LocalClient', 'LocalSocketError',
            'open_local_socket', 'MAX_CLIENTS', 'MAX_CLIENTS_PER_UID', 'CLIENT_MAX_IN_FLIGHT', 'CLIENT_MAX_LINE_LENGTH')
 
 logger = get_logger(__name__)  # the library never prints through logging's last resort
-
-DEFAULT_SOCKET = '/run/negotiator/host.sock'
-"""Where the host daemon listens for local clients unless ``--socket`` or :data:`SOCKET_VARIABLE` says otherwise."""
-
-SOCKET_VARIABLE = 'NEGOTIATOR_HOST_SOCKET'
-"""The environment variable that names the daemon's socket, for the daemon and its clients alike."""
 
 DIRECTORY_MODE = 0o755
 SOCKET_MODE = 0o666
@@ -78,11 +72,6 @@ STOP_GRACE = 3.0
 
 STOP_KILL_WAIT = 1.0
 """Seconds more for the replies that are late (see :func:`~negotiator_common.stopping.stop_serving`)."""
-
-
-def default_socket() -> str:
-    """The daemon's socket when no option names it: ``$NEGOTIATOR_HOST_SOCKET``, else :data:`DEFAULT_SOCKET`."""
-    return os.environ.get(SOCKET_VARIABLE) or DEFAULT_SOCKET
 
 
 class LocalSocketError(ChannelError):
