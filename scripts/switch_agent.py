@@ -18,7 +18,6 @@ the wrapper and the commands are plain shell, run in the guest.
 
 import os
 import shlex
-import shutil
 import subprocess
 import time
 
@@ -38,20 +37,22 @@ COMMANDS = {
 
 def find_python(version):
     """
-    The real path of CPython ``version`` (``'3.6'``), found on PATH as ``pythonVERSION``, or
-    None when none is there that runs and says it is that version (``scripts/test`` puts every
-    pyenv interpreter on PATH). The real path, not a pyenv shim: a guest runs it from the
-    shared root, where no shim would know which version to choose.
+    The real path of CPython ``version`` (``'3.6'``): the first ``pythonVERSION`` on PATH that
+    runs and says it is that version (a pyenv shim of a version that pyenv does not select
+    fails, and the search goes on; ``scripts/test`` puts every pyenv interpreter on PATH), or
+    None. The real path, not a shim: a guest runs it from the shared root, where no shim would
+    know which version to choose.
     """
-    found = shutil.which('python' + version)
-    if not found:
-        return None
-    result = subprocess.run([found, '-c', 'import os, sys; print(os.path.realpath(sys.executable));'
-                             ' print("%d.%d" % sys.version_info[:2])'],
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
-    if result.returncode != 0 or result.stdout.split()[1:] != [version]:
-        return None
-    return result.stdout.split()[0]
+    for folder in os.environ.get('PATH', os.defpath).split(os.pathsep):
+        candidate = os.path.join(folder or os.curdir, 'python' + version)
+        if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
+            continue
+        result = subprocess.run([candidate, '-c', 'import os, sys; print(os.path.realpath(sys.executable));'
+                                 ' print("%d.%d" % sys.version_info[:2])'],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
+        if result.returncode == 0 and result.stdout.split()[1:] == [version]:
+            return result.stdout.split()[0]
+    return None
 
 
 def write_wrapper(bindir, default_argv):
