@@ -5,7 +5,8 @@ Two jobs, started by the guest's init script before the agent:
 
 - **Sampler** (a thread): once a second it prints one console line
   ``negotiator-bench-stat UPTIME NAME PID CPU_TICKS VMRSS_KB VMHWM_KB`` for the negotiator guest
-  daemon and for qemu-ga, read from ``/proc`` inside the guest. The host reads the console log
+  daemon (``negotiator-guest --daemon``, or the single file: ``negotiator-guest.pyz --daemon``)
+  and for qemu-ga, read from ``/proc`` inside the guest. The host reads the console log
   and takes differences over a window, so measuring the daemon at rest costs the daemon nothing
   (no host connection, no command run).
 - **Raw channel** (the main thread): a minimal loop on the port of the channel named in
@@ -16,6 +17,7 @@ Two jobs, started by the guest's init script before the agent:
 """
 
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -23,8 +25,12 @@ import time
 
 STAT_PREFIX = 'negotiator-bench-stat'
 
+#: What each sampled program's command line contains (its NUL bytes read as spaces).
+NEEDLES = {'negotiator': re.compile(br'negotiator-guest(\.pyz)? --daemon'), 'qemu-ga': re.compile(br'qemu-ga')}
+
 
 def find_pid(needle, exclude=b'supervisord'):
+    """The pid of a process whose command line matches ``needle`` (a compiled pattern), or None."""
     me = os.getpid()
     for name in os.listdir('/proc'):
         if not name.isdigit() or int(name) == me:
@@ -34,7 +40,7 @@ def find_pid(needle, exclude=b'supervisord'):
                 cmdline = handle.read().replace(b'\0', b' ')
         except OSError:
             continue
-        if needle in cmdline and exclude not in cmdline and b'bench_guest' not in cmdline:
+        if needle.search(cmdline) and exclude not in cmdline and b'bench_guest' not in cmdline:
             return int(name)
     return None
 
@@ -53,8 +59,7 @@ def sample(pid):
 
 
 def sampler():
-    pids = {'negotiator': None, 'qemu-ga': None}
-    needles = {'negotiator': b'negotiator-guest --daemon', 'qemu-ga': b'qemu-ga'}
+    pids = {name: None for name in NEEDLES}
     while True:
         with open('/proc/uptime') as handle:
             uptime = handle.read().split()[0]
@@ -65,7 +70,7 @@ def sampler():
                     raise OSError
                 ticks, rss, hwm = sample(pid)
             except (OSError, ValueError, IndexError):
-                pids[name] = find_pid(needles[name])
+                pids[name] = find_pid(NEEDLES[name])
                 continue
             lines.append('%s %s %s %d %d %d %d\n' % (STAT_PREFIX, uptime, name, pid, ticks, rss, hwm))
         if lines:

@@ -1,6 +1,7 @@
 """
 An agent guest whose agent can be restarted as another program: another Python, the single file
-or the installed package. Used by tests/test_e2e_zipapp.py and scripts/bench_zipapp.py.
+or the installed package. Used by tests/test_e2e_zipapp.py and scripts/benchmark (its "single
+file" figures); :func:`find_python` finds the other Pythons for them and for the archive's tests.
 
 Why: a guest costs seconds to boot under TCG, so one guest serves several variants of the agent
 in turn. Its supervisord (``negotiator_vm.agent_guest_files``) starts ``BINDIR/negotiator-guest
@@ -17,9 +18,10 @@ the wrapper and the commands are plain shell, run in the guest.
 
 import os
 import shlex
+import subprocess
 import time
 
-__all__ = ('COMMANDS', 'AGENT_ARGV_FILE', 'agent_process', 'restart_agent', 'write_wrapper')
+__all__ = ('COMMANDS', 'AGENT_ARGV_FILE', 'agent_process', 'find_python', 'restart_agent', 'write_wrapper')
 
 AGENT_ARGV_FILE = '/tmp/agent-argv'
 """In the guest (its own tmpfs): the argv prefix that the wrapper runs, as shell words."""
@@ -31,6 +33,26 @@ COMMANDS = {
     'restart-agent': '#!/bin/sh\nprintf "%%s" "$1" > %s\nkill -TERM $PPID\nexec sleep 30\n' % AGENT_ARGV_FILE,
 }
 """Guest commands (name: script) that the guest must offer for :func:`agent_process` and :func:`restart_agent`."""
+
+
+def find_python(version):
+    """
+    The real path of CPython ``version`` (``'3.6'``): the first ``pythonVERSION`` on PATH that
+    runs and says it is that version (a pyenv shim of a version that pyenv does not select
+    fails, and the search goes on; ``scripts/test`` puts every pyenv interpreter on PATH), or
+    None. The real path, not a shim: a guest runs it from the shared root, where no shim would
+    know which version to choose.
+    """
+    for folder in os.environ.get('PATH', os.defpath).split(os.pathsep):
+        candidate = os.path.join(folder or os.curdir, 'python' + version)
+        if not (os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
+            continue
+        result = subprocess.run([candidate, '-c', 'import os, sys; print(os.path.realpath(sys.executable));'
+                                 ' print("%d.%d" % sys.version_info[:2])'],
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, universal_newlines=True)
+        if result.returncode == 0 and result.stdout.split()[1:] == [version]:
+            return result.stdout.split()[0]
+    return None
 
 
 def write_wrapper(bindir, default_argv):

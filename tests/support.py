@@ -13,8 +13,8 @@ libvirt in ``fake_libvirt.py``.
 - :class:`FakeHostDaemon`: a FAKE of the host daemon's local socket, for the tests of its clients.
 - :data:`OUTPUT_WITH_AN_ARRAY_ID`: the line that once killed a reader.
 - :func:`result_or_error`: a call's result or the exception it raised, for calls on threads.
-- :func:`interpreter`, :data:`GUEST_PYTHONS`, :func:`build_zipapp`: the single-file guest agent
-  (``scripts/build-guest-agent``) and the Pythons it must run on.
+- :func:`interpreter`, :data:`SUPPORTED_PYTHONS`, :data:`GUEST_PYTHONS`, :func:`build_zipapp`: the
+  single-file guest agent (``scripts/build-guest-agent``) and the Pythons it must run on.
 """
 
 import atexit
@@ -41,6 +41,7 @@ from negotiator_common.service import AgentService
 from negotiator_common.transport import Transport
 
 from fake_libvirt import listening_socket
+from switch_agent import find_python
 
 if TYPE_CHECKING:
     from fake_libvirt import FakeLibvirt
@@ -425,31 +426,27 @@ def result_or_error(function, *args, **kwargs):
 
 REPOSITORY = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-GUEST_PYTHONS = ('3.6', '3.13')
-"""The oldest Python that negotiator supports (RHEL 8's) and the newest: the single-file agent must run on both."""
+SUPPORTED_PYTHONS = ('3.6', '3.7', '3.8', '3.9', '3.10', '3.11', '3.12', '3.13')
+"""Every CPython that negotiator supports (tox.ini's py36 ... py313): the single-file agent runs on each."""
+
+GUEST_PYTHONS = (SUPPORTED_PYTHONS[0], SUPPORTED_PYTHONS[-1])
+"""The oldest (RHEL 8's) and the newest: the single-file agent runs on both in a real guest."""
 
 _interpreters: Dict[str, str] = {}
 
 
 def interpreter(version: str) -> str:
     """
-    The real path of CPython ``version`` (``'3.6'``), found on PATH as ``pythonVERSION``; the test
-    fails (it is never skipped) when there is none: ``scripts/test`` and tox put every pyenv
-    interpreter on PATH. The real path, not a pyenv shim: a guest runs it from the shared root,
-    where no shim would know which version to choose.
+    The real path of CPython ``version`` (``'3.6'``) on PATH (``switch_agent.find_python``); the
+    test fails (it is never skipped) when there is none: ``scripts/test`` puts every pyenv
+    interpreter on PATH.
     """
     if version not in _interpreters:
-        found = shutil.which('python' + version)
-        result = None
-        if found:
-            result = subprocess.run([found, '-c', 'import os, sys; print(os.path.realpath(sys.executable));'
-                                     ' print("%d.%d" % sys.version_info[:2])'],
-                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, universal_newlines=True)
-        if result is None or result.returncode != 0 or result.stdout.split()[1:] != [version]:
-            pytest.fail('no working python%s on PATH (%s): the single-file agent must be tested on it; put '
-                        "pyenv's versions/%s.*/bin on PATH, as scripts/test does"
-                        % (version, found or 'not found', version), pytrace=False)
-        _interpreters[version] = result.stdout.split()[0]
+        found = find_python(version)
+        if found is None:
+            pytest.fail('no working python%s on PATH: the single-file agent must be tested on it; put '
+                        "pyenv's versions/%s.*/bin on PATH, as scripts/test does" % (version, version), pytrace=False)
+        _interpreters[version] = found
     return _interpreters[version]
 
 

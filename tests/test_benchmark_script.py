@@ -1,6 +1,7 @@
 """
 The parts of scripts/benchmark that run without a VM: its workloads, its floor client, its
-command line and exit statuses, and its many-guests figure over daemons on ptys.
+command line and exit statuses, its many-guests figure over daemons on ptys, and what the
+single-file figures start from (the Pythons, the archive, the wrapper, the sampler's match).
 
 The benchmark itself boots a guest and is run by hand (docs/benchmark.rst); these tests keep
 what its figures rest on honest between runs: each guest command makes exactly the output
@@ -18,8 +19,9 @@ import sys
 
 import pytest
 
+import bench_guest
 from negotiator_host import GuestChannel
-from support import FakeGuestAgent, short_tempdir
+from support import FakeGuestAgent, interpreter, short_tempdir
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'benchmark')
 
@@ -114,3 +116,56 @@ def test_the_many_guests_figure_runs_without_a_vm(tmp_path):
     assert [figure['key'] for figure in document['figures']] == ['many_guests']
     assert document['figures'][0]['negotiator'] > 0
     assert '| --all --list-commands, 2 daemons + 0 real guests |' in result.stdout
+
+
+def test_the_sampler_finds_the_daemon_however_it_runs():
+    needle = bench_guest.NEEDLES['negotiator']
+    for daemon in (b'/venv/bin/python /venv/bin/negotiator-guest --daemon --commands-dir /tmp/commands',
+                   b'/usr/bin/python3.6 /var/tmp/x/negotiator-guest.pyz --daemon --commands-dir /tmp/commands'):
+        assert needle.search(daemon), daemon
+    for other in (b'/venv/bin/python /venv/bin/negotiator-guest --list-commands',
+                  b'/usr/bin/python3.6 /var/tmp/x/negotiator-guest.pyz --execute host-facts',
+                  b'/bin/sh /tmp/negotiator-commands/restart-agent /usr/bin/python3.6 /var/tmp/x/negotiator-guest.pyz'):
+        assert not needle.search(other), other
+
+
+def test_a_run_on_guests_without_the_single_files_pythons_fails_before_any_guest_boots(
+        benchmark, monkeypatch, tmp_path, capsys):
+    def boot_guests(bench, guests):
+        raise AssertionError('a guest was booted')
+
+    made = []
+    mkdtemp = benchmark.tempfile.mkdtemp
+
+    def recorded_mkdtemp(prefix, dir):
+        made.append(mkdtemp(prefix=prefix, dir=str(tmp_path)))
+        return made[-1]
+
+    monkeypatch.setattr(benchmark, 'boot_guests', boot_guests)
+    monkeypatch.setattr(benchmark.tempfile, 'mkdtemp', recorded_mkdtemp)
+    monkeypatch.setenv('PATH', str(tmp_path))  # no python3.6 there, nor anything else
+    out = tmp_path / 'figures.json'
+    status = benchmark.main(['--quick', '--venv', sys.prefix, '--json-out', str(out)])
+    assert status == benchmark.EXIT_FAILED
+    this = '%d.%d' % sys.version_info[:2]  # found without PATH: this one runs the benchmark
+    missing = ' or '.join('python' + version for version in benchmark.SINGLE_FILE_PYTHONS if version != this)
+    assert 'benchmark: failed: no working %s on PATH for the single-file figures' % missing in capsys.readouterr().err
+    assert len(made) == 1 and not os.path.exists(made[0]) and not out.exists()
+
+
+@pytest.mark.interpreters
+def test_the_guest_starts_the_installed_package_through_a_wrapper_and_the_single_file_is_built(benchmark, tmp_path):
+    args = benchmark.parse_arguments(['--quick'])
+    bench = benchmark.Bench(args, sys.executable)
+    benchmark.prepare_agents(bench, str(tmp_path))
+    this = '%d.%d' % sys.version_info[:2]
+    assert bench.pythons == [(this, os.path.realpath(sys.executable))] + [
+        (version, interpreter(version)) for version in benchmark.SINGLE_FILE_PYTHONS if version != this]
+    wrapper = os.path.join(bench.agent_bindir, 'negotiator-guest')
+    with open(wrapper) as handle:
+        assert 'set -- %s "$@"' % os.path.join(bench.bindir, 'negotiator-guest') in handle.read()  # its default
+    installed = subprocess.run([wrapper, '--help'], stdout=subprocess.PIPE, check=True).stdout
+    assert installed.startswith(b'Usage: negotiator-guest [OPTIONS]')
+    for _, python in bench.pythons:
+        single_file = subprocess.run([python, bench.archive, '--help'], stdout=subprocess.PIPE, check=True).stdout
+        assert single_file == installed

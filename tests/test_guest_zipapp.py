@@ -1,20 +1,25 @@
 """
-The single-file guest agent (``scripts/build-guest-agent``) outside a guest, on Python 3.6 and 3.13.
+The single-file guest agent (``scripts/build-guest-agent``) outside a guest, on every CPython
+from 3.6 to 3.13.
 
 Why: the archive is how old guests without network get negotiator (docs/guest.rst), so it must
-run with nothing else installed on the oldest and the newest Python, and build the same bytes
-from the same sources. The daemon and the client mode run as a guest runs them, from the
+run with nothing else installed on every Python that negotiator supports, and build the same
+bytes from the same sources. The daemon and the client mode run as a guest runs them, from the
 archive, against a host played by this process on a pseudo-terminal: its master stands for the
 host's end of the port, the agent opens the slave with ``--character-device``.
+
+The interpreters run by path (pyenv's, on PATH: a missing one fails its tests), so the module
+does the same work whichever Python runs pytest: it is marked ``interpreters``, and ``tox -e
+guest-agent`` runs it once (tox.ini).
 """
 
+import configparser
 import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import tty
 import zipfile
@@ -30,7 +35,9 @@ from negotiator_guest import __version__
 from negotiator_guest.port import host_connected
 
 from waiting import wait_until
-from support import GUEST_PYTHONS, REPOSITORY, build_zipapp, interpreter, write_command
+from support import REPOSITORY, SUPPORTED_PYTHONS, build_zipapp, interpreter, write_command
+
+pytestmark = pytest.mark.interpreters
 
 #: Arguments that a shell would mangle and that must arrive byte for byte.
 TRICKY_ARGS = ['with space', "single ' quote", '$(touch /tmp/pwned)', 'back\\slash', 'tab\there', 'ünïcödé ✓', '',
@@ -56,7 +63,14 @@ import pipes
 print(json.dumps({'modules': len(modules), 'pipes': pipes.__file__}))
 '''
 
-PYTHONS = [pytest.param(version, id='python' + version) for version in GUEST_PYTHONS]
+PYTHONS = [pytest.param(version, id='python' + version) for version in SUPPORTED_PYTHONS]
+
+
+def test_the_pythons_tested_are_the_unit_environments_ones():
+    parser = configparser.ConfigParser()
+    parser.read(os.path.join(REPOSITORY, 'tox.ini'))
+    unit = [name.strip() for name in parser.get('tox', 'envlist').split(',') if name.strip().startswith('py')]
+    assert unit == ['py' + version.replace('.', '') for version in SUPPORTED_PYTHONS]
 
 
 @pytest.fixture(scope='module')
@@ -117,17 +131,15 @@ def test_the_archive_holds_the_sources_and_the_pinned_wheels_and_nothing_of_the_
     assert size < 1024 * 1024, 'the archive grew to %d bytes: what was bundled?' % size
 
 
-@pytest.mark.parametrize('version', PYTHONS + [pytest.param(None, id='this-python')])
+@pytest.mark.parametrize('version', PYTHONS)
 def test_every_bundled_module_imports_and_pipes_comes_from_the_right_place(pyz, version):
-    python = interpreter(version) if version else sys.executable
+    python = interpreter(version)
     result = subprocess.run([python, '-S', '-c', PROBE, pyz], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             universal_newlines=True, timeout=120)
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
     assert report['modules'] > 50
-    probed = subprocess.run([python, '-c', 'import sys; print(sys.version_info >= (3, 13))'],
-                            stdout=subprocess.PIPE, universal_newlines=True, check=True).stdout.strip()
-    if probed == 'True':
+    if tuple(int(part) for part in version.split('.')) >= (3, 13):  # interpreter() checked the version
         assert report['pipes'] == os.path.join(pyz, 'python-3.13-and-later', 'pipes', '__init__.py')
     else:
         assert not report['pipes'].startswith(pyz), 'the bundled pipes hides the standard library\'s'

@@ -7,6 +7,8 @@ guests without network") says what to do instead; besides the single-file agent
 (test_guest_zipapp.py), wheels built where a newer pip runs and installed by the old pip with
 no network. This test runs those very commands (checked against the page) with pip 9.0.3 on
 Python 3.6: the pip of this test's environment builds and downloads the wheels, as on the host.
+Python 3.6 runs by path, whichever Python runs pytest: the module is marked ``interpreters``,
+and ``tox -e guest-agent`` runs it once (tox.ini).
 """
 
 import os
@@ -17,6 +19,8 @@ import sys
 import pytest
 
 from support import REPOSITORY, interpreter
+
+pytestmark = pytest.mark.interpreters
 
 #: The commands of docs/guest.rst, word for word: on the host (pip 19 or later, in the
 #: checkout), then in the guest with only the folder ``wheels`` copied in.
