@@ -425,6 +425,22 @@ def test_connections_beyond_a_uids_bound_are_refused_and_others_still_connect(wo
     assert held[0].call('hello', {'guest': 'alpha'}, timeout=10)['via'] == 'negotiator-host-daemon'
 
 
+def test_a_caller_the_policy_lets_use_no_guest_gets_small_bounds_and_only_refusals(world):
+    line = b'{"jsonrpc": "2.0", "id": "long", "method": "hello", "params": {"x": "%s"}}\n' % (
+        b'y' * (local.OUTSIDER_MAX_LINE_LENGTH + 1))
+    outsider = RawClient(world.raw_socket(uid=1003))
+    outsider.sock.sendall(line)
+    outsider.send('daemon', 'hello')
+    outsider.send('attach', 'hello', {'guest': 'alpha'})
+    assert isinstance(outsider.reply('attach').error, CommandNotAllowed)
+    assert outsider.reply('daemon').result['guests'] == []
+    assert [type(e.error) for e in outsider.events if isinstance(e, Response) and e.error] == [
+        MessageTooLarge, CommandNotAllowed]
+    member = RawClient(world.raw_socket(uid=1001))
+    member.sock.sendall(line.replace(b'"long"', b'"member"'))
+    assert member.reply('member').result['agent'] == 'negotiator-host-daemon'
+
+
 def test_stopping_cancels_the_local_calls_in_the_guests_answers_them_and_removes_the_socket(monkeypatch):
     world = World(monkeypatch)
     pids = os.path.join(world.fake.root, 'pids')

@@ -182,6 +182,10 @@ class CallerPolicy(object):
                    for group in caller.groups & set(self.rules)
                    for pattern in self.rules[group])
 
+    def allows_any(self, caller: Caller) -> bool:
+        """Whether ``caller`` may use some guest (root, or a member of a group that a rule names)."""
+        return caller.uid == 0 or bool(caller.groups & set(self.rules))
+
     def refusal(self, caller: Caller, guest: str) -> str:
         """
         The message of the ``CommandNotAllowed`` that refuses ``caller`` the use of ``guest``:

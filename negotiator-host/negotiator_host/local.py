@@ -16,8 +16,9 @@ the daemon's shared connection). The rules of the socket:
   (another daemon) or a file that is not a socket is an error at start (:class:`LocalSocketError`);
 - a uid may hold :data:`MAX_CLIENTS_PER_UID` connections and all together :data:`MAX_CLIENTS`;
   one more gets an error line and is closed, so that one caller cannot use up the daemon's
-  threads; each connection has its own bounds (requests in flight, line length), and whatever
-  a client sends only ever reaches its own connection.
+  threads; each connection has its own bounds (requests in flight, line length: far lower for a
+  caller that the policy lets use no guest), and whatever a client sends only ever reaches its
+  own connection.
 
 The server is a job of the main loop (:mod:`negotiator_host.mainloop`): it accepts on a thread of
 its own, and stops in the order of :mod:`negotiator_common.stopping`: it stops accepting (the
@@ -48,7 +49,8 @@ if TYPE_CHECKING:  # annotations only
     from negotiator_host.audit import AuditLog
 
 __all__ = ('LocalServer', 'LocalClient', 'LocalSocketError',
-           'open_local_socket', 'MAX_CLIENTS', 'MAX_CLIENTS_PER_UID', 'CLIENT_MAX_IN_FLIGHT', 'CLIENT_MAX_LINE_LENGTH')
+           'open_local_socket', 'MAX_CLIENTS', 'MAX_CLIENTS_PER_UID', 'CLIENT_MAX_IN_FLIGHT', 'CLIENT_MAX_LINE_LENGTH',
+           'OUTSIDER_MAX_IN_FLIGHT', 'OUTSIDER_MAX_LINE_LENGTH')
 
 logger = get_logger(__name__)  # the library never prints through logging's last resort
 
@@ -66,6 +68,17 @@ CLIENT_MAX_IN_FLIGHT = 2 * DEFAULT_MAX_CONCURRENT
 
 CLIENT_MAX_LINE_LENGTH = DEFAULT_MAX_LINE_LENGTH
 """The longest line the daemon reads from a local client (a guest's own bound may be lower)."""
+
+OUTSIDER_MAX_LINE_LENGTH = 64 * 1024
+"""
+The longest line the daemon reads from a caller that its policy lets use no guest at all. Such a
+caller may only ask the daemon's ``hello`` (and be refused the rest): without this bound, any
+local user could make the daemon hold :data:`MAX_CLIENTS_PER_UID` lines of
+:data:`CLIENT_MAX_LINE_LENGTH` bytes (512 MiB).
+"""
+
+OUTSIDER_MAX_IN_FLIGHT = 2
+"""Requests in flight on the connection of a caller that may use no guest (see :data:`OUTSIDER_MAX_LINE_LENGTH`)."""
 
 STOP_GRACE = 3.0
 """Seconds that stopping gives the guests to answer the local clients' cancelled calls (their kill grace is 2)."""
@@ -262,10 +275,14 @@ class LocalServer(Job):
         conn.close()
 
     def _client(self, caller: 'Caller', conn: socket.socket) -> LocalClient:
-        proxy = ProxyService(caller, self.agents, self.policy, self.audit, self._stopping, CLIENT_MAX_IN_FLIGHT,
-                             CLIENT_MAX_LINE_LENGTH)
+        if self.policy.allows_any(caller):
+            max_in_flight, max_line_length = CLIENT_MAX_IN_FLIGHT, CLIENT_MAX_LINE_LENGTH
+        else:  # it will be refused every guest: it gets no more than that takes
+            max_in_flight, max_line_length = OUTSIDER_MAX_IN_FLIGHT, OUTSIDER_MAX_LINE_LENGTH
+        proxy = ProxyService(caller, self.agents, self.policy, self.audit, self._stopping, max_in_flight,
+                             max_line_length)
         endpoint = Endpoint(Transport.from_socket(conn), proxy.dispatcher(), name='local %s pid %d' % (
-            caller.user, caller.pid), max_line_length=CLIENT_MAX_LINE_LENGTH, max_concurrent=CLIENT_MAX_IN_FLIGHT)
+            caller.user, caller.pid), max_line_length=max_line_length, max_concurrent=max_in_flight)
         proxy.bind(endpoint)
         client = LocalClient(caller, endpoint, proxy)
         with self._lock:
