@@ -8,6 +8,7 @@ names the failed step and why) is in the failure message. Its command line (usag
 errors) is checked without a VM.
 """
 
+import json
 import os
 import re
 import subprocess
@@ -82,11 +83,16 @@ def test_demo_shows_every_step():
     assert 'answered in' in _step(steps, "Waiting for the guest agent")
     daemon = _step(steps, 'Starting negotiator-host --daemon')
     assert '$ negotiator-host --daemon --commands-dir ' in daemon
-    assert 'connected to the guest-to-host channel of %s' % guest in daemon
+    socket = re.search(r'--socket (\S+/host\.sock) --audit-log \S+/audit\.log %s$' % re.escape(guest), daemon,
+                       flags=re.MULTILINE)
+    assert socket, daemon
+    assert 'connected to both channels of %s' % guest in daemon
+    assert 'NEGOTIATOR_HOST_SOCKET=%s' % socket.group(1) in daemon
 
     listed = _step(steps, 'The running guests')
     assert '$ negotiator-host --list-guests' in listed
-    assert re.search(r'\| %s +\| running +\| yes ' % re.escape(guest), listed), listed
+    # Reachable, and served by the host daemon (the last column).
+    assert re.search(r'\| %s +\| running +\| yes .*\| yes +\|$' % re.escape(guest), listed, flags=re.MULTILINE), listed
 
     commands = _step(steps, 'The commands the guest offers')
     assert '$ negotiator-host --list-commands %s' % guest in commands
@@ -101,8 +107,19 @@ def test_demo_shows_every_step():
     assert "$ negotiator-host --execute 'greet World' %s" % guest in greet
     assert 'Hello, World! This is greet, a command inside the guest' in greet
 
+    together = _step(steps, 'Two callers at once')
+    assert "$ negotiator-host --execute 'take-time 2 alone' %s\n" % guest in together
+    assert 'alone: take-time 2 ran in the guest' in together and 'one call alone: ' in together
+    for number in (1, 2):
+        assert "$ negotiator-host --execute 'take-time 2 caller-%d' %s &" % (number, guest) in together
+        assert 'caller-%d: take-time 2 ran in the guest' % number in together
+    assert 'two at once: ' in together
+    records = [json.loads(line) for line in together.splitlines() if line.startswith('    {')]
+    assert sorted((r['uid'], r['guest'], r['command'], r['args'], r['exit_status']) for r in records) == [
+        (0, guest, 'take-time', ['2', 'caller-%d' % number], 0) for number in (1, 2)], together
+
     ask = _step(steps, 'Guest to host')
-    assert '$ negotiator-host --execute ask-host %s' % guest in ask
+    assert '$ negotiator-host --timeout 60 --execute ask-host %s' % guest in ask
     assert 'host-facts (on the host): NEGOTIATOR_GUEST=%s\n' % guest in ask
 
     cleanup = _step(steps, 'Cleaning up')

@@ -25,6 +25,15 @@ CLAIM = json.dumps({'uid': 0, 'user': 'root', 'pid': 1, 'groups': ['root']}).enc
 """What a client running as nobody claims to be; it must count for nothing."""
 
 
+FORK_WAIT = 30.0
+"""
+Seconds that each side of the forked test waits for the other at most. Without a bound, a
+failure in the parent between the fork and its answer (an ``accept`` that fails under memory
+pressure, say) left it waiting for the child while it still listened, and the child, queued on
+that socket, waiting for the answer: both for ever.
+"""
+
+
 def nobody_caller() -> Caller:
     return Caller.from_ids(NOBODY.pw_uid, NOBODY.pw_gid, 4242)
 
@@ -74,22 +83,28 @@ def test_a_client_running_as_another_user_is_that_user_whatever_it_claims():
     directory = short_tempdir()
     os.chmod(directory, 0o755)
     path = os.path.join(directory, 'host.sock')
-    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    with server:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as server:
+        server.settimeout(FORK_WAIT)
         server.bind(path)
         os.chmod(path, 0o666)
         server.listen(1)
         child = os.fork()
         if child == 0:
+            server.close()  # the child's copy: once the parent closes its own, nobody listens
             claim_as_nobody(path)
         try:
             connection, _ = server.accept()
             with connection:
+                connection.settimeout(FORK_WAIT)
                 claim = json.loads(connection.makefile('rb').readline().decode())
                 caller = Caller.from_socket(connection)
                 connection.sendall(b'.')
         finally:
-            assert os.waitpid(child, 0)[1] == 0
+            # Closed before the wait: whatever failed here, the child's connection is refused or
+            # reset, so the child exits instead of waiting for an answer that will never come.
+            server.close()
+            status = os.waitpid(child, 0)[1]
+    assert status == 0
     assert claim['uid'] == 0 and claim['user'] == 'root'
     assert (caller.uid, caller.gid, caller.pid, caller.user) == (NOBODY.pw_uid, NOBODY.pw_gid, child, 'nobody')
     assert NOBODY_GROUP in caller.groups and 'root' not in caller.groups
@@ -104,6 +119,7 @@ def claim_as_nobody(path: str) -> None:
         os.setgid(NOBODY.pw_gid)
         os.setuid(NOBODY.pw_uid)
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.settimeout(FORK_WAIT)
             client.connect(path)
             client.sendall(CLAIM)
             status = 0 if client.recv(1) == b'.' else 1

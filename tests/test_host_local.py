@@ -13,6 +13,7 @@ import io
 import json
 import os
 import pwd
+import re
 import signal
 import socket
 import stat
@@ -23,6 +24,7 @@ import warnings
 
 import pytest
 
+from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
 from negotiator_common.client import AgentClient
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import (
@@ -35,13 +37,14 @@ from negotiator_common.transport import Transport
 from negotiator_host import local, local_socket
 from negotiator_host.access import Caller, CallerPolicy
 from negotiator_host.audit import AuditLog
+from negotiator_host.channel import GuestChannel
 from negotiator_host.daemon import HostDaemon
 from negotiator_host.discovery import LibvirtPaths
 from negotiator_host.local import LocalSocketError, open_local_socket
 from negotiator_host.proxy import client_output
 
 from fake_libvirt import FakeLibvirt
-from support import GUEST_COMMANDS, FakeGuestAgent, make_commands_dir, result_or_error, short_tempdir
+from support import GUEST_COMMANDS, FakeGuestAgent, FakeGuestSide, make_commands_dir, result_or_error, short_tempdir
 from waiting import process_alive, wait_dead, wait_until
 
 GUESTS = ('alpha', 'beta')
@@ -239,6 +242,7 @@ def test_attach_errors_unknown_guest_refused_caller_and_calls_before_the_attach(
 def _hello_as_nobody(path, guest):
     """In a forked child running as nobody: the first line the daemon answers to a hello that names ``guest``."""
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+        client.settimeout(30)  # the parent waits for this child: a daemon that never answers fails the test
         client.connect(path)
         client.sendall(b'{"jsonrpc": "2.0", "id": 1, "method": "hello", "params": {"guest": "%s", "uid": 0}}\n'
                        % guest.encode())
@@ -501,10 +505,63 @@ def test_the_daemons_options_of_the_socket_the_callers_and_the_audit_log():
                              'dev=web-*,db-?', '--audit-log', ''])
     assert (options.socket, options.allow_groups, options.audit_log) == ('/tmp/x.sock', ['ops', 'dev=web-*,db-?'], '')
     assert parse_options(['--daemon']).audit_log is None
-    for wrong in (['--ping', 'web-1', '--allow-group', 'ops'], ['--ping', 'web-1', '--audit-log', '/tmp/a'],
-                  ['--daemon', '--socket', '']):
-        with pytest.raises(UsageError):
+    assert parse_options(['--daemon', '--socket', '', '--audit-log', '']).socket == ''
+    for wrong, message in (
+            (['--ping', 'web-1', '--allow-group', 'ops'], '--allow-group is an option of --daemon'),
+            (['--ping', 'web-1', '--audit-log', '/tmp/a'], '--audit-log is an option of --daemon'),
+            (['--ping', 'web-1', '--socket', ''], "--socket '' is for --daemon"),
+            (['--daemon', '--socket', '', '--allow-group', 'ops'], "--allow-group is an option of the daemon's socket"),
+            (['--daemon', '--socket', '', '--audit-log', '/tmp/a'], "--audit-log is an option of the daemon's socket")):
+        with pytest.raises(UsageError, match=re.escape(message)):
             parse_options(wrong)
+
+
+def test_a_daemon_without_a_socket_opens_no_audit_log(monkeypatch):
+    # --socket '' (a daemon beside the one that serves callers): no socket, and not the default
+    # audit log either, which would make /var/log/negotiator for nothing.
+    from negotiator_host import cli, daemon
+
+    made = []
+
+    class Recorder(object):
+        def __init__(self, **kwargs):
+            made.append(kwargs)
+
+        def run(self):
+            return 0
+
+    monkeypatch.setattr(daemon, 'HostDaemon', Recorder)
+    assert cli.run(['--daemon', '--socket', '', '-q']) == 0
+    assert made[0]['socket_path'] is None and made[0]['audit'].path is None
+    monkeypatch.setenv('NEGOTIATOR_HOST_SOCKET', '/run/elsewhere.sock')
+    assert cli.run(['--daemon', '--audit-log', '', '-q']) == 0
+    assert made[1]['socket_path'] == '/run/elsewhere.sock'
+
+
+def test_a_daemon_without_a_socket_serves_the_guests_requests_and_leaves_their_agents_alone(monkeypatch):
+    fake = FakeLibvirt().activate(monkeypatch)
+    commands = make_commands_dir(fake.root, GUEST_COMMANDS)
+    fake.add_running('alpha', 1)
+    agent = FakeGuestAgent(fake.socket_path('alpha', 1, 'negotiator-host-to-guest.0'), commands, name='alpha')
+    guest = FakeGuestSide(fake.socket_path('alpha', 1, GUEST_TO_HOST_CHANNEL))
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '--daemon', '--socket', '', '--commands-dir',
+                                commands], env=fake.environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        assert guest.accept(timeout=20).execute('whoami-guest').stdout == b'alpha\n'
+        # No socket where the environment points, and the guest's agent is a direct caller's.
+        assert not os.path.exists(fake.daemon_socket) and agent.connections == 0
+        with GuestChannel('alpha', timeout=10) as channel:
+            assert channel.ping() >= 0 and channel.via == 'direct'
+        assert agent.connections == 1
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(20) == 0
+        assert b'local clients' not in process.stderr.read()
+    finally:
+        if process.poll() is None:
+            process.kill()
+        guest.close()
+        agent.stop()
+        fake.cleanup()
 
 
 def _daemon_cli(*args, env=None):

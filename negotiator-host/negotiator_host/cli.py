@@ -77,7 +77,9 @@ Supported options:
 
     The host daemon's local socket: where calls look for the daemon, and with --daemon
     where it listens (default: $NEGOTIATOR_HOST_SOCKET, else /run/negotiator/host.sock;
-    the daemon makes it 0666 and decides who may call).
+    the daemon makes it 0666 and decides who may call). With --daemon, '' means no
+    socket: the daemon then answers the guests' own requests only and leaves the
+    channels to their agents alone, for direct calls or another daemon.
 
   -d, --daemon
 
@@ -297,7 +299,16 @@ def _check_options(options: Options) -> None:
     if options.action != 'daemon' and (options.allow_groups or options.audit_log is not None):
         raise UsageError('%s is an option of --daemon' % ('--allow-group' if options.allow_groups else '--audit-log'))
     if options.socket == '':
-        raise UsageError('--socket needs a path')
+        _check_no_socket(options)
+
+
+def _check_no_socket(options: Options) -> None:
+    """``--socket ''`` turns the daemon's socket off; a call has --direct for that, and the socket's options need one."""
+    if options.action != 'daemon':
+        raise UsageError("--socket needs a path: --socket '' is for --daemon (a call leaves the daemon alone with --direct)")
+    if options.allow_groups or options.audit_log:
+        raise UsageError("%s is an option of the daemon's socket, which --socket '' turns off"
+                         % ('--allow-group' if options.allow_groups else '--audit-log'))
 
 
 def _check_utf8(name: str, what: str) -> None:
@@ -383,13 +394,15 @@ def _run_daemon(options: Options) -> int:
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     limits = options.daemon_limits
-    audit_path = DEFAULT_AUDIT_LOG if options.audit_log is None else options.audit_log
+    serves_socket = options.socket != ''
+    audit_path = DEFAULT_AUDIT_LOG if options.audit_log is None and serves_socket else options.audit_log
     daemon = HostDaemon(uri=options.uri, commands_dirs=options.commands_dirs or [DEFAULT_COMMANDS_DIR], policy=policy,
                         guest_patterns=options.guests,
                         limits=default_limits(limits.get('--max-timeout', DEFAULT_MAX_TIMEOUT)),
                         max_commands=limits.get('--max-commands', DEFAULT_MAX_COMMANDS),
                         max_queued=limits.get('--max-queued', DEFAULT_MAX_QUEUED),
-                        socket_path=local_socket.socket_path(options.socket), caller_policy=callers,
+                        socket_path=local_socket.socket_path(options.socket) if serves_socket else None,
+                        caller_policy=callers,
                         audit=AuditLog(audit_path or None))
     return daemon.run()
 

@@ -26,9 +26,9 @@ policy names it). Across guests, one :class:`~negotiator_common.slots.CommandSlo
 commands that run at once and the requests that wait for them (round-robin by guest); the wait
 is on the request's handler thread, so a guest's pings are answered while its commands wait.
 
-With a local socket (``socket_path``; the CLI always gives one), the same rescans also link
-the daemon to every served guest's agent on its host-to-guest channel, one connection per
-guest (:mod:`negotiator_host.agents`), and the host's callers share those connections through
+With a local socket (``socket_path``; the CLI gives one unless ``--socket ''``), the same
+rescans also link the daemon to every served guest's agent on its host-to-guest channel, one
+connection per guest (:mod:`negotiator_host.agents`), and the host's callers share those connections through
 the socket (:mod:`negotiator_host.local`, :mod:`negotiator_host.proxy`), as far as the
 callers' policy (:mod:`negotiator_host.access`) allows, each call written to the audit log
 (:mod:`negotiator_host.audit`).
@@ -135,9 +135,10 @@ class HostDaemon(object):
     :param max_queued: requests that wait for one of those slots, for all guests together
                        (served round-robin by guest); more are refused with ``LimitExceeded``.
     :param socket_path: serve local clients on this UNIX socket (:mod:`negotiator_host.local`;
-                        the CLI gives :data:`~negotiator_host.local_socket.DEFAULT_SOCKET`), holding the
+                        the CLI gives :func:`~negotiator_host.local_socket.socket_path`), holding the
                         host-to-guest channel of every guest served (:mod:`negotiator_host.agents`);
-                        None: neither.
+                        None (the CLI's ``--socket ''``): neither, the guests' agents are left to
+                        direct callers.
     :param caller_policy: which local callers may use which guests (default: root only).
     :param audit: where every local call is written (default: nowhere).
     :param caller_of: who a local client is (default: its ``SO_PEERCRED``; tests give their own).
