@@ -29,7 +29,7 @@ drops every line until the reply to that ``hello`` arrives.
 """
 
 import itertools
-import secrets
+import os
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
@@ -288,7 +288,7 @@ class Endpoint(object):
         earlier client of the same port. ``params`` go into the ``hello`` beside ``protocol``
         and ``agent``: the ``guest`` that a client of the host daemon's socket attaches to.
         """
-        sync_id = 'hello-' + secrets.token_hex(16)
+        sync_id = 'hello-' + os.urandom(16).hex()  # secrets.token_hex, without importing hashlib
         self._sync_id = sync_id
         self.transport.write_all(b'\n', Deadline(timeout))
         hello = dict(params or {}, protocol=PROTOCOL_VERSION, agent=agent)
