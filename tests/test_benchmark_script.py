@@ -58,6 +58,7 @@ def test_the_workloads_make_what_their_figures_say(benchmark, commands):
     assert len(text) == 100000 and text.startswith((benchmark.LINE + '\n').encode())
     assert run(commands, 'bigout-null', '100000') == b''
     assert run(commands, 'nap', '0') == b''  # the concurrent calls' command, here sleeping 0 s
+    assert run(commands, 'nap-batch', '3', '0') == b''  # three of them at once, by the guest's shell
 
 
 def test_the_floor_client_lists_what_the_agent_offers(benchmark, commands):
