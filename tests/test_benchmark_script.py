@@ -222,6 +222,21 @@ def test_a_run_on_guests_without_the_single_files_pythons_fails_before_any_guest
     assert len(made) == 1 and not os.path.exists(made[0]) and not out.exists()
 
 
+def test_a_run_on_guests_without_libvirt_python_fails_before_any_guest_boots(benchmark, monkeypatch, tmp_path, capsys):
+    def boot_guests(bench, guests):
+        raise AssertionError('a guest was booted')
+
+    monkeypatch.setattr(benchmark, 'prepare_agents', lambda bench, directory: None)
+    monkeypatch.setattr(benchmark, 'boot_guests', boot_guests)
+    monkeypatch.setattr(benchmark, 'LIBVIRT_PYTHON', sys.executable)  # this environment has no libvirt-python
+    out = tmp_path / 'figures.json'
+    status = benchmark.main(['--daemon-only', '--quick', '--venv', sys.prefix, '--json-out', str(out)])
+    assert status == benchmark.EXIT_FAILED
+    assert ('benchmark: failed: %s cannot import libvirt for the guest-exec reference: apt-get install python3-libvirt'
+            % sys.executable) in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.interpreters
 def test_the_guest_starts_the_installed_package_through_a_wrapper_and_the_single_file_is_built(benchmark, tmp_path):
     args = benchmark.parse_arguments(['--quick'])
