@@ -21,7 +21,7 @@ import pytest
 
 import bench_guest
 from negotiator_host import GuestChannel
-from support import FakeGuestAgent, interpreter, short_tempdir
+from support import FakeGuestAgent, FakeHostDaemon, interpreter, short_tempdir
 
 SCRIPT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'scripts', 'benchmark')
 
@@ -57,6 +57,8 @@ def test_the_workloads_make_what_their_figures_say(benchmark, commands):
     text = run(commands, 'bigout', '100000')
     assert len(text) == 100000 and text.startswith((benchmark.LINE + '\n').encode())
     assert run(commands, 'bigout-null', '100000') == b''
+    assert run(commands, 'nap', '0') == b''  # the concurrent calls' command, here sleeping 0 s
+    assert run(commands, 'nap-batch', '3', '0') == b''  # three of them at once, by the guest's shell
 
 
 def test_the_floor_client_lists_what_the_agent_offers(benchmark, commands):
@@ -72,6 +74,66 @@ def test_the_floor_client_lists_what_the_agent_offers(benchmark, commands):
     assert listed == expected and 'ddout' in listed
 
 
+def test_the_daemon_floor_client_runs_a_command_as_the_cli_does_through_the_daemon(benchmark, commands):
+    root = short_tempdir()
+    agent = FakeGuestAgent(os.path.join(root, 'agent.sock'), commands)
+    daemon = FakeHostDaemon(os.path.join(root, 'host.sock'), {'alpha': agent.path})
+    env = dict(os.environ, NEGOTIATOR_HOST_SOCKET=daemon.path)
+    try:
+        runs = [subprocess.run(argv, stdout=subprocess.PIPE, env=env, timeout=30) for argv in (
+            [sys.executable, '-c', benchmark.DAEMON_FLOOR_CLIENT, daemon.path, 'alpha', 'hello'],
+            [sys.executable, '-m', 'negotiator_host', '--execute=hello', 'alpha'],
+            [sys.executable, '-c', benchmark.DAEMON_FLOOR_CLIENT, daemon.path, 'alpha', 'nap'])]  # sleep: no operand
+    finally:
+        daemon.stop()
+        agent.stop()
+    assert [(run.returncode, run.stdout) for run in runs] == [(0, b'hello from the guest\n')] * 2 + [(1, b'')]
+    assert daemon.attached == ['alpha'] * 3  # each went through the daemon
+
+
+FAKE_LIBVIRT = {
+    'libvirt.py': '''
+class _Connection(object):
+    def lookupByName(self, name):
+        return name
+def open(uri):
+    return _Connection()
+''',
+    'libvirt_qemu.py': '''
+import base64, json, os
+_polls = {}
+def qemuAgentCommand(domain, command, timeout, flags):
+    request = json.loads(command)
+    with open(os.environ['FAKE_LIBVIRT_LOG'], 'a') as log:
+        log.write(json.dumps([domain, request['execute'], timeout, flags]) + '\\n')
+    if request['execute'] == 'guest-exec':
+        return json.dumps({'return': {'pid': 42}})
+    _polls[domain] = _polls.get(domain, 0) + 1
+    if _polls[domain] % 3:
+        return json.dumps({'return': {'exited': False}})
+    return json.dumps({'return': {'exited': True, 'exitcode': 0,
+                                  'out-data': base64.b64encode(b'hello from the guest\\n').decode()}})
+''',
+}
+"""libvirt-python as far as the guest-exec loop uses it: each command has exited at its third guest-exec-status."""
+
+
+def test_the_guest_exec_loop_polls_as_the_ansible_plugin_does(benchmark, tmp_path):
+    for name, text in FAKE_LIBVIRT.items():
+        (tmp_path / name).write_text(text)
+    log = tmp_path / 'calls'
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), FAKE_LIBVIRT_LOG=str(log))
+    result = subprocess.run([sys.executable, '-c', benchmark.LIBVIRT_EXEC_LOOP, 'qemu:///system', 'web-1',
+                             '/tmp/negotiator-commands/hello', 'hello from the guest\n', '2'],
+                            stdout=subprocess.PIPE, env=env, universal_newlines=True, timeout=30, check=True)
+    figures = json.loads(result.stdout)
+    assert figures['polls'] == [3, 3] and len(figures['seconds']) == 2  # the first command warmed up, untimed
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    # Per command: guest-exec, then guest-exec-status again at once until exited; 5 s and no flags each.
+    each = [['web-1', 'guest-exec', 5, 0]] + [['web-1', 'guest-exec-status', 5, 0]] * 3
+    assert calls == each * 3
+
+
 def run_script(*args):
     return subprocess.run([sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=300)
@@ -80,7 +142,8 @@ def run_script(*args):
 def test_the_usage_shows_the_options_it_takes_and_the_exit_statuses():
     result = run_script('--help')
     assert result.returncode == 0, result.stderr
-    for option in ('--quick', '--json-out FILE', '--venv PATH', '--real-guests N', '--fleet N', '--fleet-only'):
+    for option in ('--quick', '--json-out FILE', '--venv PATH', '--real-guests N', '--fleet N', '--fleet-only',
+                   '--daemon-only'):
         assert option in result.stdout, option
     assert ' -v' not in result.stdout
     assert ('Exit status: 0 when every target passed, 1 when one missed, 2 when the run itself failed'
@@ -91,6 +154,12 @@ def test_an_option_it_does_not_take_is_a_usage_error():
     result = run_script('-v')
     assert result.returncode == 2
     assert 'unrecognized arguments: -v' in result.stderr
+
+
+def test_only_the_fleet_and_only_the_daemon_exclude_each_other():
+    result = run_script('--fleet-only', '--daemon-only')
+    assert result.returncode == 2
+    assert '--fleet-only and --daemon-only exclude each other' in result.stderr
 
 
 def test_a_run_that_fails_exits_2_and_writes_no_figures(benchmark, monkeypatch, tmp_path, capsys):
@@ -151,6 +220,21 @@ def test_a_run_on_guests_without_the_single_files_pythons_fails_before_any_guest
     missing = ' or '.join('python' + version for version in benchmark.SINGLE_FILE_PYTHONS if version != this)
     assert 'benchmark: failed: no working %s on PATH for the single-file figures' % missing in capsys.readouterr().err
     assert len(made) == 1 and not os.path.exists(made[0]) and not out.exists()
+
+
+def test_a_run_on_guests_without_libvirt_python_fails_before_any_guest_boots(benchmark, monkeypatch, tmp_path, capsys):
+    def boot_guests(bench, guests):
+        raise AssertionError('a guest was booted')
+
+    monkeypatch.setattr(benchmark, 'prepare_agents', lambda bench, directory: None)
+    monkeypatch.setattr(benchmark, 'boot_guests', boot_guests)
+    monkeypatch.setattr(benchmark, 'LIBVIRT_PYTHON', sys.executable)  # this environment has no libvirt-python
+    out = tmp_path / 'figures.json'
+    status = benchmark.main(['--daemon-only', '--quick', '--venv', sys.prefix, '--json-out', str(out)])
+    assert status == benchmark.EXIT_FAILED
+    assert ('benchmark: failed: %s cannot import libvirt for the guest-exec reference: apt-get install python3-libvirt'
+            % sys.executable) in capsys.readouterr().err
+    assert not out.exists()
 
 
 @pytest.mark.interpreters

@@ -29,6 +29,7 @@ import pytest
 from negotiator_common.client import AgentClient
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import Endpoint
+from negotiator_common.service import AGENT_MAX_IN_FLIGHT
 from negotiator_common.transport import Transport
 from negotiator_guest.daemon import _Session
 from negotiator_guest.port import host_connected
@@ -369,3 +370,33 @@ def test_the_daemon_reaps_what_a_finished_command_left_running(daemon_on_pty, tm
         assert wait_until(lambda: process_reaped(escaped))
     finally:
         endpoint.close()
+
+
+# Waits until COUNT commands have started in DIRECTORY (its own mark first): with fewer run at
+# once it waits for ever, and the call times out.
+GATHER = r'''touch "$1/started.$$"
+while [ "$(ls "$1" | grep -c '^started\.')" -lt "$2" ]; do sleep 0.05; done'''
+
+
+def test_the_agent_runs_32_commands_of_one_connection_at_once(daemon_on_pty, tmp_path):
+    # The host daemon carries every caller of the host over one connection: 32 concurrent calls
+    # must run in one round, none refused and none waiting for another to end.
+    process, host, commands = daemon_on_pty
+    write_command(commands, 'gather', GATHER)
+    host.connect()
+    endpoint = Endpoint(Transport(host.fd, close_fd=False), name='guest').start()
+    try:
+        hello = endpoint.handshake(timeout=10.0)
+        assert hello['limits']['max_in_flight'] == AGENT_MAX_IN_FLIGHT >= 32
+        client = AgentClient(endpoint, hello)
+        results = []
+        callers = [threading.Thread(target=lambda: results.append(result_or_error(
+            client.execute, 'gather', str(tmp_path), '32', timeout=60))) for _ in range(32)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join(90)
+        assert [getattr(result, 'exit_status', result) for result in results] == [0] * 32
+    finally:
+        endpoint.close()
+        host.disconnect()

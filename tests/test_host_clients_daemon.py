@@ -297,3 +297,15 @@ def test_looking_for_the_daemon_imports_nothing(world):
         assert status == b'0'
         imported.append(set(modules.split()))
     assert imported[0] == imported[1] and b'logging' not in imported[0]
+
+
+def test_a_call_through_the_daemon_imports_neither_discovery_nor_hashing(world):
+    # The CLI's way to the daemon's socket (docs/benchmark.rst, "one CLI call through the daemon").
+    code = ('import sys; from negotiator_host import cli; status = cli.run(sys.argv[1:]); '
+            'print(status, " ".join(sorted(sys.modules)))')
+    process = subprocess.run([sys.executable, '-c', code, '--execute=echo-args hello', 'alpha'],
+                             stdout=subprocess.PIPE, env=world.fake.environ, timeout=60)
+    printed, last = process.stdout.splitlines()[:-1], process.stdout.splitlines()[-1]
+    status, modules = last.split(b' ', 1)
+    assert (status, printed, world.daemon.attached) == (b'0', [b'hello'], ['alpha'])
+    assert not {b'negotiator_host.discovery', b'secrets', b'hashlib', b'base64', b'logging'} & set(modules.split())

@@ -7,7 +7,8 @@ them: replies go to the caller waiting for that id (unknown ids, and values that
 ids, are dropped with a log line that :mod:`negotiator_common.peerlog` keeps short and rare;
 an error with a null id fails the one call waiting, when only one waits), requests go to the
 :class:`~negotiator_common.dispatcher.Dispatcher`, cheap methods on the reading thread and the
-others on threads of their own (at most ``max_concurrent`` at once; more get a
+others on threads of their own (:mod:`negotiator_common.workers`: reused while they are idle; at
+most ``max_concurrent`` at once; more get a
 :class:`~negotiator_common.errors.LimitExceeded` reply). The endpoint alone decides which
 requests run inline and counts those in flight (:attr:`Endpoint.in_flight`), from acceptance
 until the reply is out, which is what a stopping daemon waits for (:meth:`Endpoint.wait_replies`,
@@ -29,7 +30,7 @@ drops every line until the reply to that ``hello`` arrives.
 """
 
 import itertools
-import secrets
+import os
 import threading
 from typing import Any, Callable, Dict, List, Optional
 
@@ -48,6 +49,7 @@ from negotiator_common.protocol import (
 from negotiator_common.peerlog import Complaints, Cut, cut
 from negotiator_common.transport import Transport
 from negotiator_common.turns import Turns, Usage
+from negotiator_common.workers import run_in_thread
 
 __all__ = ('Endpoint', 'EndpointGroup', 'DEFAULT_TIMEOUT', 'DEFAULT_MAX_CONCURRENT', 'REPLY_WRITE_TIMEOUT',
            'SESSION_NOTIFICATION', 'CANCEL_METHOD', 'CANCEL_TIMEOUT')
@@ -288,7 +290,7 @@ class Endpoint(object):
         earlier client of the same port. ``params`` go into the ``hello`` beside ``protocol``
         and ``agent``: the ``guest`` that a client of the host daemon's socket attaches to.
         """
-        sync_id = 'hello-' + secrets.token_hex(16)
+        sync_id = 'hello-' + os.urandom(16).hex()  # secrets.token_hex, without importing hashlib
         self._sync_id = sync_id
         self.transport.write_all(b'\n', Deadline(timeout))
         hello = dict(params or {}, protocol=PROTOCOL_VERSION, agent=agent)
@@ -536,10 +538,8 @@ class Endpoint(object):
                 'too many requests in flight on this connection; try again when one has finished')))
             return
         self._track(request.id, cancelled)
-        worker = threading.Thread(target=self._serve_in_thread, args=(self.dispatcher, request, context),
-                                  name='negotiator-%s-%s' % (request.method, cut(request.id, 40)))
-        worker.daemon = True
-        worker.start()
+        run_in_thread('negotiator-%s-%s' % (request.method, cut(request.id, 40)), self._serve_in_thread,
+                      self.dispatcher, request, context)
 
     def _answer_cancel(self, request: Request) -> Response:
         """``cancel``: set the cancellation of the peer's requests in flight with the id it names."""

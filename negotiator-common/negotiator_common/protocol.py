@@ -10,7 +10,6 @@ input and never holds more than ``max_line_length`` bytes, whatever it is fed.
 The caller owns the transport, as in h11: the same core serves sockets and character devices.
 """
 
-import base64
 import json
 import re
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -175,6 +174,7 @@ def encode_bytes(data: bytes, name: str) -> Dict[str, str]:
             return {name: data.decode('utf-8')}
         except UnicodeDecodeError:
             pass
+    import base64  # here: a call that carries no binary data does not import it
     return {name + '_b64': base64.b64encode(data).decode('ascii')}
 
 
@@ -192,6 +192,7 @@ def decode_bytes(fields: Dict[str, Any], name: str, default: Optional[bytes] = b
         value = fields[name + '_b64']
         if not isinstance(value, str):
             raise ValueError('%s_b64 must be a string' % name)
+        import base64
         return base64.b64decode(value.encode('ascii'), validate=True)
     if name in fields:
         value = fields[name]

@@ -30,7 +30,7 @@ import errno
 import socket
 import threading
 import time
-from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
@@ -42,8 +42,10 @@ from negotiator_common.errors import (
 from negotiator_common.lazylog import get_logger
 from negotiator_common.transport import Transport
 
-from negotiator_host.discovery import Guest, LibvirtPaths, find_guest
 from negotiator_host.local_socket import socket_path as daemon_socket_path
+
+if TYPE_CHECKING:  # discovery is imported when a direct connection needs it: not through the daemon
+    from negotiator_host.discovery import Guest, LibvirtPaths
 
 __all__ = ('GuestChannel', 'GuestOutcome', 'map_guests', 'daemon_guests', 'connect_socket', 'DEFAULT_TIMEOUT',
            'THROUGH_DAEMON', 'DIRECT')
@@ -201,7 +203,7 @@ class GuestChannel(object):
     def __init__(self, name: Optional[str] = None, socket_path: Optional[str] = None, uri: Optional[str] = None,
                  timeout: Optional[float] = DEFAULT_TIMEOUT,
                  channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS,
-                 paths: Optional[LibvirtPaths] = None, direct: bool = False, socket: Optional[str] = None) -> None:
+                 paths: 'Optional[LibvirtPaths]' = None, direct: bool = False, socket: Optional[str] = None) -> None:
         if not name and not socket_path:
             raise ValueError('GuestChannel needs a guest name or a socket path')
         self.name = name or socket_path or ''
@@ -267,7 +269,8 @@ class GuestChannel(object):
         """The connection to the guest's own channel socket (found by discovery unless given)."""
         path = self.socket_path
         if path is None:
-            guest: Guest = find_guest(self.name, uri=self.uri, paths=self.paths, timeout=_remaining(deadline))
+            from negotiator_host.discovery import find_guest
+            guest = find_guest(self.name, uri=self.uri, paths=self.paths, timeout=_remaining(deadline))
             path = guest.require_socket(self.channel_names)
         sock = connect_socket(path, _remaining(deadline), self.name)
         try:
@@ -381,9 +384,9 @@ class GuestOutcome(object):
         return 'GuestOutcome(%r, %s)' % (self.guest, detail)
 
 
-def map_guests(function: Callable[[GuestChannel], Any], guests: Iterable[Union[str, Guest, GuestChannel]],
+def map_guests(function: Callable[[GuestChannel], Any], guests: "Iterable[Union[str, Guest, GuestChannel]]",
                max_workers: int = 16, uri: Optional[str] = None, timeout: Optional[float] = DEFAULT_TIMEOUT,
-               paths: Optional[LibvirtPaths] = None,
+               paths: 'Optional[LibvirtPaths]' = None,
                channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS, direct: bool = False,
                socket: Optional[str] = None) -> List[GuestOutcome]:
     """
@@ -434,8 +437,9 @@ class _GuestCalls(object):
         self.owned: List[GuestChannel] = []
         self.owned_lock = threading.Lock()
 
-    def run(self, item: Union[str, Guest, GuestChannel]) -> GuestOutcome:
+    def run(self, item: "Union[str, Guest, GuestChannel]") -> GuestOutcome:
         """Call the function for one guest; whatever it raises is kept in the outcome."""
+        from negotiator_host.discovery import Guest
         started = time.monotonic()
         channel = self._channel_for(item)
         try:
@@ -461,7 +465,8 @@ class _GuestCalls(object):
             for channel in self.owned:
                 channel.close()
 
-    def _channel_for(self, item: Union[str, Guest, GuestChannel]) -> GuestChannel:
+    def _channel_for(self, item: "Union[str, Guest, GuestChannel]") -> GuestChannel:
+        from negotiator_host.discovery import Guest
         if isinstance(item, GuestChannel):
             return item
         if isinstance(item, Guest):

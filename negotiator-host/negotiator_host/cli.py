@@ -409,10 +409,9 @@ def _run_daemon(options: Options) -> int:
 
 def _targets(options: Options) -> List[Any]:
     """The guests to talk to: names as given, or every running guest with the channel (--all)."""
-    from negotiator_host.discovery import list_guests
-
     targets: List[Any] = list(options.guests)
     if options.all:
+        from negotiator_host.discovery import list_guests
         named = set(options.guests)
         found = [g for g in list_guests(options.uri) if g.socket_for() is not None and g.name not in named]
         targets.extend(found)

@@ -36,6 +36,7 @@ from negotiator_common.errors import (
 )
 from negotiator_common.lazylog import get_logger
 from negotiator_common.protocol import PROTOCOL_VERSION, RAW_OUTPUT_METHOD, Notification
+from negotiator_common.workers import run_in_thread
 
 from negotiator_host.agents import DAEMON_AGENT, AgentLink, GuestAgent, GuestAgents
 
@@ -99,8 +100,8 @@ def client_output(params: Dict[str, Any], request_id: Any) -> Optional[Tuple[Not
 
 class Outbox(object):
     """
-    The notifications on their way to one client, written by a thread of their own (started at
-    the first), so that whoever queues them (the guest's reading thread) never waits for the
+    The notifications on their way to one client, written by a thread of their own (from the
+    first until the client is gone), so that whoever queues them (the guest's reading thread) never waits for the
     client. A client that leaves more than ``max_bytes`` unread is disconnected: the guest's
     output cannot be slowed down for one of its callers alone.
     """
@@ -113,7 +114,7 @@ class Outbox(object):
         self._pushed = 0
         self._written = 0
         self._closed = False
-        self._writer: Optional[threading.Thread] = None
+        self._writing = False
         self._changed = threading.Condition()
 
     def push(self, notification: Notification, size: int) -> int:
@@ -135,10 +136,9 @@ class Outbox(object):
         return number
 
     def _start_writer(self) -> None:
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write, name='negotiator-outbox-%s' % self.endpoint.name)
-            self._writer.daemon = True
-            self._writer.start()
+        if not self._writing:  # on a thread of negotiator_common.workers: a CLI call starts none of its own
+            self._writing = True
+            run_in_thread('negotiator-outbox-%s' % self.endpoint.name, self._write)
 
     def flush(self, number: int, timeout: float = REPLY_WRITE_TIMEOUT) -> None:
         """Wait until the notification ``number`` and those before it are written (or the client is gone)."""
