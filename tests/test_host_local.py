@@ -427,6 +427,9 @@ def test_connections_beyond_a_uids_bound_are_refused_and_others_still_connect(wo
     assert extra.sock.recv(10) == b''
     assert world.attach(uid=1002).ping(timeout=10) >= 0
     assert held[0].call('hello', {'guest': 'alpha'}, timeout=10)['via'] == 'negotiator-host-daemon'
+    roots = [world.connect() for _ in range(4)]  # root is bounded by MAX_CLIENTS alone
+    assert all(root.call('hello', {'guest': 'alpha'}, timeout=10)['via'] == 'negotiator-host-daemon'
+               for root in roots)
 
 
 def test_a_caller_the_policy_lets_use_no_guest_gets_small_bounds_and_only_refusals(world):

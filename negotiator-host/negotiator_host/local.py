@@ -14,7 +14,7 @@ the daemon's shared connection). The rules of the socket:
   says;
 - a socket file that nobody listens on (a daemon that died) is replaced; one that answers
   (another daemon) or a file that is not a socket is an error at start (:class:`LocalSocketError`);
-- a uid may hold :data:`MAX_CLIENTS_PER_UID` connections and all together :data:`MAX_CLIENTS`;
+- a uid other than root may hold :data:`MAX_CLIENTS_PER_UID` connections and all together :data:`MAX_CLIENTS`;
   one more gets an error line and is closed, so that one caller cannot use up the daemon's
   threads; each connection has its own bounds (requests in flight, line length: far lower for a
   caller that the policy lets use no guest), and whatever a client sends only ever reaches its
@@ -61,7 +61,11 @@ MAX_CLIENTS = 256
 """Local connections that the daemon holds at once, for all callers together."""
 
 MAX_CLIENTS_PER_UID = 32
-"""Local connections that one uid may hold at once."""
+"""
+Local connections that one uid other than root may hold at once. Root is bounded only by
+:data:`MAX_CLIENTS`: it may stop the daemon anyway, and its batch jobs (32 calls at once from
+one script) must not be refused by a bound that exists to keep users apart.
+"""
 
 CLIENT_MAX_IN_FLIGHT = 2 * DEFAULT_MAX_CONCURRENT
 """Requests that one local connection may have in flight (waiting in a guest's queue included)."""
@@ -260,7 +264,8 @@ class LocalServer(Job):
         with self._lock:
             if len(self._clients) >= MAX_CLIENTS:
                 return 'the host daemon holds %d local connections already' % MAX_CLIENTS
-            if sum(client.caller.uid == caller.uid for client in self._clients) >= MAX_CLIENTS_PER_UID:
+            if caller.uid != 0 and sum(client.caller.uid == caller.uid
+                                       for client in self._clients) >= MAX_CLIENTS_PER_UID:
                 return 'uid %d holds %d connections to the host daemon already' % (caller.uid, MAX_CLIENTS_PER_UID)
         return None
 
