@@ -303,9 +303,10 @@ def _check_options(options: Options) -> None:
 
 
 def _check_no_socket(options: Options) -> None:
-    """``--socket ''`` turns the daemon's socket off; a call has --direct for that, and the socket's options need one."""
+    """``--socket ''`` turns the daemon's socket off; a call has --direct for that; the socket's options need one."""
     if options.action != 'daemon':
-        raise UsageError("--socket needs a path: --socket '' is for --daemon (a call leaves the daemon alone with --direct)")
+        raise UsageError("--socket needs a path: --socket '' is for --daemon"
+                         " (a call leaves the daemon alone with --direct)")
     if options.allow_groups or options.audit_log:
         raise UsageError("%s is an option of the daemon's socket, which --socket '' turns off"
                          % ('--allow-group' if options.allow_groups else '--audit-log'))
