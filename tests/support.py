@@ -79,6 +79,23 @@ def make_commands_dir(root: str, scripts: Dict[str, str]) -> str:
 
 
 GUEST_COMMANDS = {
+    'sha-stdin': '''
+        import hashlib, os, sys, time
+        gate = sys.argv[1] if len(sys.argv) > 1 else None
+        deadline = time.monotonic() + 60
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        digest, size = hashlib.sha256(), 0
+        for chunk in iter(lambda: sys.stdin.buffer.read1(1048576), b''):
+            digest.update(chunk)
+            size += len(chunk)
+        sys.stdout.write('%s %d\\n' % (digest.hexdigest(), size))
+    ''',
+    'close-stdin': '''
+        import os, sys
+        os.close(0)
+        sys.stdout.write('closed\\n')
+    ''',
     'echo-args': '''
         import sys
         sys.stdout.write(' '.join(sys.argv[1:]) + '\\n')
