@@ -476,3 +476,24 @@ def build_zipapp(output: str, source_root: str = REPOSITORY) -> str:
         pytest.fail('build-guest-agent failed (%d):\n%s%s' % (result.returncode, result.stdout, result.stderr),
                     pytrace=False)
     return result.stdout.strip()
+
+
+class StalledFile(object):
+    """
+    A binary file that takes nothing until :attr:`go` is set: a consumer that stopped reading.
+    :attr:`waiting` is set at the first write; :attr:`size` counts what it took.
+    """
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.waiting = threading.Event()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.waiting.set()
+        assert self.go.wait(120), 'the stalled file was never released'
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass

@@ -30,7 +30,7 @@ from negotiator_common.service import AgentService, Limits
 from negotiator_common.streams import INPUT_WINDOW
 from negotiator_common.transport import Transport
 
-from support import GUEST_COMMANDS, make_commands_dir, result_or_error
+from support import GUEST_COMMANDS, StalledFile, make_commands_dir, result_or_error
 from waiting import wait_until
 
 MIB = 1024 * 1024
@@ -152,24 +152,6 @@ def test_a_command_that_does_not_read_its_input_stalls_only_its_own_stream(conne
     call.join(60)
     assert outcome[0].exit_status == 0 and outcome[0].stdout == digest_line(source.data)
     assert most_held['input'] <= INPUT_WINDOW
-
-
-class StalledFile(object):
-    """A binary file that takes nothing until :attr:`go` is set: a consumer that stopped reading."""
-
-    def __init__(self):
-        self.go = threading.Event()
-        self.waiting = threading.Event()
-        self.size = 0
-
-    def write(self, data):
-        self.waiting.set()
-        assert self.go.wait(60)
-        self.size += len(data)
-        return len(data)
-
-    def flush(self):
-        pass
 
 
 def test_a_caller_that_does_not_take_its_output_stalls_only_its_own_stream(connection, most_held):

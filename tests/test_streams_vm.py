@@ -20,9 +20,10 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from vmfixtures import vm_host  # noqa: E402,F401 (a fixture)
+from vmfixtures import GUEST_PYTHON, vm_host  # noqa: E402,F401 (a fixture)
 from e2e_support import HOST_CLI, remove_guests, start_agents  # noqa: E402
 from measuring import peak_rss, start_measured  # noqa: E402
+from support import StalledFile  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 from negotiator_host import GuestChannel  # noqa: E402
@@ -33,9 +34,12 @@ MIB = 1024 * 1024
 
 COMMANDS = {
     'sha': '#!/bin/sh\nsha256sum | cut -d" " -f1\n',
-    # Reads its input 64 KiB at a time, with a pause after each piece, and prints how much it read.
-    'slow-reader': ('#!/bin/sh\ntotal=0\nwhile :; do\n  n=$(dd bs=65536 count=1 status=none | wc -c)\n'
-                    '  [ "$n" -eq 0 ] && break\n  total=$((total + n))\n  sleep 0.01\ndone\necho "$total"\n'),
+    # Reads its input 64 KiB at a time, with a pause after each piece, and prints how much it read
+    # (one process: the guest's one CPU stays for the agent, not for forks).
+    'slow-reader': ('#!%s\nimport sys, time\ntotal = 0\n'
+                    'for piece in iter(lambda: sys.stdin.buffer.read1(65536), b""):\n'
+                    '    total += len(piece)\n    time.sleep(0.02)\n'
+                    'print(total)\n' % GUEST_PYTHON),
     # Writes SIZE MiB of zeros to its standard output, as fast as it may.
     'zeros': '#!/bin/sh\nexec head -c "$(($1 * 1048576))" /dev/zero\n',
 }
@@ -112,31 +116,24 @@ def test_256_mib_streamed_through_the_cli_arrive_intact_in_bounded_memory(guest,
     assert max_rss_mib < 64
 
 
+def idle_pings(channel, count=100):
+    """The latency of ``count`` pings on an idle channel, printed beside the figures under load."""
+    pinger = Pinger(channel)
+    for _ in range(count):
+        pinger.times.append(channel.ping(timeout=10))
+    pinger.report('idle channel')
+
+
 def test_pings_are_answered_while_a_command_reads_its_input_slowly(guest):
-    data = os.urandom(6 * MIB)
+    data = os.urandom(16 * MIB)
     with GuestChannel(guest.name, timeout=300) as channel:
-        channel.ping()
+        idle_pings(channel)
         with Pinger(channel) as pinger:
             result = channel.execute('slow-reader', input=iter([data[i:i + MIB] for i in range(0, len(data), MIB)]))
         assert pinger.error is None, pinger.error
         assert result.exit_status == 0 and result.stdout.strip() == str(len(data)).encode()
         assert len(pinger.times) > 10
-        pinger.report('while a command read 6 MiB of input slowly')
-
-
-class StalledFile(object):
-    """A file that takes nothing until :attr:`go` is set: a consumer that stopped reading."""
-
-    def __init__(self):
-        self.go = threading.Event()
-        self.size = 0
-
-    def write(self, data):
-        self.go.wait(120)
-        self.size += len(data)
-
-    def flush(self):
-        pass
+        pinger.report('while a command read 16 MiB of input slowly')
 
 
 def test_pings_are_answered_while_a_caller_reads_its_output_slowly(guest):
@@ -148,11 +145,11 @@ def test_pings_are_answered_while_a_caller_reads_its_output_slowly(guest):
         call.start()
         with Pinger(channel) as pinger:
             # The output fills its window and the command blocks in its writes, while pings go on.
-            assert wait_until(lambda: len(pinger.times) >= 20 or pinger.error, timeout=120)
-            answered = len(pinger.times)
+            assert wait_until(lambda: len(pinger.times) >= 100 or pinger.error, timeout=120)
+            answered, taken = len(pinger.times), stalled.size
             stalled.go.set()
             call.join(300)
         assert pinger.error is None, pinger.error
-        assert answered >= 20 and stalled.size == 0
+        assert answered >= 100 and taken == 0
         assert outcome['result'].exit_status == 0 and stalled.size == 64 * MIB
         pinger.report('while a caller read 64 MiB of output slowly')

@@ -179,8 +179,8 @@ class Endpoint(object):
                 data = self.transport.read()
                 if not data:
                     break
-                if self._decoder.buffered + len(data) < LARGE_FEED or b'\n' not in data:
-                    # Small, or no line ends in it: nothing is parsed, the bytes are only kept.
+                if self._line_bytes(data) < LARGE_FEED or b'\n' not in data:
+                    # Small, or no line ends in it: nothing costly is parsed, the bytes are only kept.
                     for event in self._decoder.feed(data):
                         self._handle(event)
                 elif self._feed_large(data):
@@ -198,6 +198,14 @@ class Endpoint(object):
             self.log.debug("The reader's failure", exc_info=True)
         finally:
             self.close(reason)
+
+    def _line_bytes(self, data: bytes) -> int:
+        """
+        At most how many bytes of lines a feed of ``data`` may parse: the raw bytes of an
+        attachment (streamed input or output, read 4 KiB at a time from a virtio-serial port)
+        are only copied, and never take a turn at the parser.
+        """
+        return self._decoder.line_buffered + max(0, len(data) - self._decoder.expecting)
 
     def _feed_large(self, data: bytes) -> bool:
         """

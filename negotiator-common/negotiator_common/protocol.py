@@ -404,6 +404,11 @@ class LineDecoder(object):
         return len(self._buffer) + len(self._attachment)
 
     @property
+    def line_buffered(self) -> int:
+        """How many bytes of an incomplete line the decoder holds (not counting an attachment's)."""
+        return len(self._buffer)
+
+    @property
     def expecting(self) -> int:
         """How many raw bytes of an attachment (or of a skipped one) are still to come before lines resume."""
         return self._remaining

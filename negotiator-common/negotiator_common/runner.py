@@ -95,7 +95,7 @@ def clean_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 def _grow_pipe(fd: int) -> None:
-    """Ask for a 1 MiB pipe buffer (best effort), so that output arrives in few, large reads."""
+    """Ask for a 1 MiB pipe buffer (best effort), so that output and input move in few, large reads and writes."""
     try:
         fcntl.fcntl(fd, _F_SETPIPE_SZ, CHUNK_SIZE)
     except OSError:
@@ -136,6 +136,7 @@ class _Pipes(object):
         if streams is not None:
             self.selector.register(streams.wake_fd, selectors.EVENT_READ)
         if self.streamed_input or self.pending_input:
+            _grow_pipe(self.stdin_fd)
             os.set_blocking(self.stdin_fd, False)
         else:
             self._close_input()
