@@ -141,13 +141,12 @@ def test_a_command_that_does_not_read_its_input_stalls_only_its_own_stream(conne
     gate = str(tmp_path / 'gate')
     source = CountingSource(24)
     call, outcome = on_thread(connection.agent.execute, 'sha-stdin', gate, input=source, timeout=60)
-    # The agent's window fills (the command reads nothing, its pipe takes 64 KiB) and the client stops
-    # taking from its source.
-    assert wait_until(lambda: most_held.get('input', 0) >= INPUT_WINDOW - 64 * 1024, timeout=20)
+    # The command's pipe (1 MiB) and then the agent's window fill, and the client stops taking from its source.
+    assert wait_until(lambda: most_held.get('input', 0) > INPUT_WINDOW // 2, timeout=20)
     for _ in range(20):
         connection.agent.ping(timeout=5)
     assert connection.agent.execute('echo-args', 'meanwhile', timeout=10).stdout == b'meanwhile\n'
-    assert not outcome and source.taken <= (INPUT_WINDOW + MIB) // MIB + 1
+    assert not outcome and source.taken <= (MIB + INPUT_WINDOW) // MIB + 2  # the pipe, the window, a chunk
     open(gate, 'w').close()
     call.join(60)
     assert outcome[0].exit_status == 0 and outcome[0].stdout == digest_line(source.data)

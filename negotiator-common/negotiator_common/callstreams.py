@@ -27,12 +27,12 @@ __all__ = ('InputPump', 'OutputReceiver', 'InputSource', 'read_bounded', 'INPUT_
 
 logger = get_logger(__name__)
 
-INPUT_CHUNK_SIZE = 256 * 1024
+INPUT_CHUNK_SIZE = 128 * 1024
 """
-The largest chunk of input sent at once (and read from the source at once). A chunk is written
-whole, under the channel's write lock, so a ping waits for the chunk in progress: 256 KiB keeps
-that wait short (a few milliseconds at the raw channel's speed), for a cost per chunk (a header
-line to parse) that stays small beside the bytes.
+The largest chunk of input sent at once (and read from the source at once): half the window an
+agent of this release grants (:data:`~negotiator_common.streams.INPUT_WINDOW`). A chunk is
+written whole, under the channel's write lock, so a ping waits for the chunk in progress; the
+cost per chunk (a header line to parse) stays small beside its bytes.
 """
 
 OUTPUT_WINDOW = 2 * 1024 * 1024
