@@ -310,6 +310,21 @@ def test_a_client_whose_consumer_stalls_slows_no_other_client_of_the_guest(world
     assert outcome[0].exit_status == 0 and stalled.size == size
 
 
+def test_a_command_that_does_not_read_its_input_slows_no_other_client_of_the_guest(world, tmp_path):
+    streaming, other = world.attach(), world.attach()
+    gate = str(tmp_path / 'gate')
+    data = os.urandom(16 * 1024 * 1024)
+    thread, outcome = _execute_on_a_thread(streaming, 'sha-stdin', gate, input=io.BytesIO(data), timeout=60)
+    for _ in range(10):
+        other.ping(timeout=5)
+        streaming.ping(timeout=5)
+    assert other.execute('echo-args', 'meanwhile', timeout=10).stdout == b'meanwhile\n'
+    assert not outcome
+    open(gate, 'w').close()
+    thread.join(60)
+    assert outcome[0].stdout == ('%s %d\n' % (hashlib.sha256(data).hexdigest(), len(data))).encode()
+
+
 def test_input_beyond_the_guests_room_is_refused_by_the_daemon(world, tmp_path):
     client = world.attach()
     credits, got_credit = [], threading.Event()
