@@ -79,6 +79,23 @@ def make_commands_dir(root: str, scripts: Dict[str, str]) -> str:
 
 
 GUEST_COMMANDS = {
+    'sha-stdin': '''
+        import hashlib, os, sys, time
+        gate = sys.argv[1] if len(sys.argv) > 1 else None
+        deadline = time.monotonic() + 60
+        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        digest, size = hashlib.sha256(), 0
+        for chunk in iter(lambda: sys.stdin.buffer.read1(1048576), b''):
+            digest.update(chunk)
+            size += len(chunk)
+        sys.stdout.write('%s %d\\n' % (digest.hexdigest(), size))
+    ''',
+    'close-stdin': '''
+        import os, sys
+        os.close(0)
+        sys.stdout.write('closed\\n')
+    ''',
     'echo-args': '''
         import sys
         sys.stdout.write(' '.join(sys.argv[1:]) + '\\n')
@@ -459,3 +476,24 @@ def build_zipapp(output: str, source_root: str = REPOSITORY) -> str:
         pytest.fail('build-guest-agent failed (%d):\n%s%s' % (result.returncode, result.stdout, result.stderr),
                     pytrace=False)
     return result.stdout.strip()
+
+
+class StalledFile(object):
+    """
+    A binary file that takes nothing until :attr:`go` is set: a consumer that stopped reading.
+    :attr:`waiting` is set at the first write; :attr:`size` counts what it took.
+    """
+
+    def __init__(self) -> None:
+        self.go = threading.Event()
+        self.waiting = threading.Event()
+        self.size = 0
+
+    def write(self, data: bytes) -> int:
+        self.waiting.set()
+        assert self.go.wait(120), 'the stalled file was never released'
+        self.size += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass

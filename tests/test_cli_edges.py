@@ -30,6 +30,11 @@ from support import start_agents, start_odd_agent
 from measuring import peak_rss, start_measured
 from waiting import wait_dead, wait_until
 
+OLD_HELLO = {'protocol': 1, 'agent': 'negotiator-guest', 'version': '0.1.0',
+             'capabilities': ['ping', 'list_commands', 'execute', 'stream', 'raw-output', 'cancel'],
+             'limits': {'max_stdin': 8 * 1024 * 1024, 'kill_grace': 2.0}}
+"""What an agent older than streamed input and credit answers to ``hello``."""
+
 ESCAPE = '\x1b]0;owned\x07\x1b[2J'
 """A window title and a screen clear: what a hostile guest would like to reach the terminal."""
 
@@ -129,11 +134,13 @@ def test_the_prefixer_holds_at_most_one_piece_of_a_line_without_newline():
 # docs/faults.rst, "A request the agent cannot take": what the agent would refuse is refused before sending.
 
 @pytest.mark.parametrize('args', [
-    ['--stdin', '-e', 'cat-stdin', 'alpha'],
+    ['--stdin', '-e', 'cat-stdin', 'odd'],
     ['-t', '3', '-e', os.fsdecode(b'echo-args \xff'), 'alpha'],
     ['-t', '100000', '-e', 'echo-args x', 'alpha'],
 ])
 def test_requests_over_the_agents_limits_are_usage_errors(world, args):
+    # odd plays an agent older than streamed input: it takes input in the request only (8 MiB).
+    world.odd_replies['hello'] = OLD_HELLO
     status, out, err = run_cli(world, *args, stdin=b'x' * (9 * 1024 * 1024))
     assert_one_line_error(status, err, 64)
     assert b'the agent' in err or b'UTF-8' in err

@@ -153,8 +153,9 @@ def test_unknown_command_and_bad_params(agent):
         agent.endpoint.call('execute', {'command': 'args', 'timeout': -1})
     with pytest.raises(LimitExceeded):
         agent.execute('args', 'x' * 20000)
-    with pytest.raises(LimitExceeded):
-        agent.execute('cat', input=b'x' * (3 * 1024 * 1024))
+    with pytest.raises(LimitExceeded):  # input in the request, over max_stdin (streamed input has no bound)
+        agent.endpoint.call('execute', {'command': 'cat', 'stdin': 'x' * (3 * 1024 * 1024)})
+    assert agent.execute('cat', input=b'x' * (3 * 1024 * 1024)).stdout == b'x' * (3 * 1024 * 1024)
 
 
 def test_timeout_kills_the_whole_process_group(agent, tmp_path):

@@ -9,6 +9,7 @@ the kernel would say the test's own uid (root) for all of them; one test runs a 
 """
 
 import grp
+import hashlib
 import io
 import json
 import os
@@ -44,7 +45,9 @@ from negotiator_host.local import LocalSocketError, open_local_socket
 from negotiator_host.proxy import client_output
 
 from fake_libvirt import FakeLibvirt
-from support import GUEST_COMMANDS, FakeGuestAgent, FakeGuestSide, make_commands_dir, result_or_error, short_tempdir
+from support import (
+    GUEST_COMMANDS, FakeGuestAgent, FakeGuestSide, StalledFile, make_commands_dir, result_or_error, short_tempdir,
+)
 from waiting import process_alive, wait_dead, wait_until
 
 GUESTS = ('alpha', 'beta')
@@ -286,6 +289,69 @@ def test_output_streams_reach_only_the_client_that_asked_raw_and_text(world):
     assert raw_call[1][0].exit_status == 0 and big.getvalue() == b'x' * (3 * 1024 * 1024 + 7)
     assert all(result.exit_status == 0 for result in text_calls)
     assert small.getvalue() == b''.join(b'text %d\n' % n for n in range(20))
+
+
+# Streams and credit through the daemon (docs/protocol.rst, "Streams and flow control"): end to end.
+
+def test_streamed_input_reaches_the_guest_through_the_daemon(world):
+    client = world.attach()
+    data = os.urandom(12 * 1024 * 1024 + 5)
+    result = client.execute('sha-stdin', input=io.BytesIO(data), timeout=60)
+    assert result.stdout == ('%s %d\n' % (hashlib.sha256(data).hexdigest(), len(data))).encode()
+
+
+def test_a_client_whose_consumer_stalls_slows_no_other_client_of_the_guest(world):
+    slow, other = world.attach(), world.attach()
+    stalled = StalledFile()
+    size = 40 * 1024 * 1024  # beyond the 16 MiB a client may leave unread: credit keeps it within its window
+    thread, outcome = _execute_on_a_thread(slow, 'bytes', str(size), stdout=stalled, timeout=60)
+    assert stalled.waiting.wait(20)
+    for _ in range(10):
+        other.ping(timeout=5)
+        slow.ping(timeout=5)
+    assert other.execute('echo-args', 'meanwhile', timeout=10).stdout == b'meanwhile\n'
+    assert not outcome
+    stalled.go.set()
+    thread.join(60)
+    assert outcome[0].exit_status == 0 and stalled.size == size
+
+
+def test_a_command_that_does_not_read_its_input_slows_no_other_client_of_the_guest(world, tmp_path):
+    streaming, other = world.attach(), world.attach()
+    gate = str(tmp_path / 'gate')
+    data = os.urandom(16 * 1024 * 1024)
+    thread, outcome = _execute_on_a_thread(streaming, 'sha-stdin', gate, input=io.BytesIO(data), timeout=60)
+    for _ in range(10):
+        other.ping(timeout=5)
+        streaming.ping(timeout=5)
+    assert other.execute('echo-args', 'meanwhile', timeout=10).stdout == b'meanwhile\n'
+    assert not outcome
+    open(gate, 'w').close()
+    thread.join(60)
+    assert outcome[0].stdout == ('%s %d\n' % (hashlib.sha256(data).hexdigest(), len(data))).encode()
+
+
+def test_input_beyond_the_guests_room_is_refused_by_the_daemon(world, tmp_path):
+    client = world.attach()
+    credits, got_credit = [], threading.Event()
+
+    def on_credit(params):
+        credits.append(params)
+        got_credit.set()
+
+    gate = str(tmp_path / 'never')
+    outcome = []
+    thread = threading.Thread(target=lambda: outcome.append(result_or_error(
+        client.endpoint.call, 'execute', {'command': 'sha-stdin', 'args': [gate], 'stdin_stream': True},
+        timeout=30, on_credit=on_credit)))
+    thread.start()
+    assert got_credit.wait(10)
+    client.endpoint.notify(Notification('input', {'id': credits[0]['id']},
+                                        attachment=b'x' * (credits[0]['bytes'] + 1)))
+    thread.join(30)
+    assert isinstance(outcome[0], InvalidRequest) and outcome[0].code == -32600
+    assert client.ping(timeout=5) >= 0
+    assert ('execute', 'FlowError') in [(r['method'], r.get('error')) for r in world.audit()]
 
 
 def test_two_clients_using_the_same_ids_get_their_own_replies_and_output(world):

@@ -12,13 +12,15 @@ anyway), imported only when a program needs them.
 """
 
 import os
+import stat
 import sys
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Sequence
 
 if TYPE_CHECKING:
     from negotiator_common.client import CommandDescription
 
 __all__ = ('UsageError', 'MAX_TIMEOUT_OPTION', 'apply_shared_option', 'parse_timeout', 'parse_size', 'printable',
+           'stdin_source',
            'read_stdin', 'setup_logging', 'split_command', 'silence_broken_pipe', 'exit_now', 'FullWriter',
            'write_stdout', 'error_object', 'json_failure', 'format_commands')
 
@@ -78,6 +80,21 @@ def read_stdin() -> bytes:
         return sys.stdin.buffer.read()
     except (OSError, ValueError) as exc:
         raise UsageError('--stdin was given but standard input cannot be read: %s' % exc) from None
+
+
+def stdin_source() -> BinaryIO:
+    """
+    Standard input as a binary file, for ``--stdin`` to stream it (read as the agent takes it);
+    a closed standard input, or one that is a directory, is a usage error at once.
+    """
+    if sys.stdin is None:  # Python starts with sys.stdin None when descriptor 0 is closed
+        raise UsageError('--stdin was given but standard input is closed')
+    try:
+        if stat.S_ISDIR(os.fstat(sys.stdin.fileno()).st_mode):
+            raise UsageError('--stdin was given but standard input is a directory')
+    except (OSError, ValueError) as exc:
+        raise UsageError('--stdin was given but standard input cannot be read: %s' % exc) from None
+    return sys.stdin.buffer
 
 
 def printable(text: object) -> str:

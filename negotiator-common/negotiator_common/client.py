@@ -16,16 +16,18 @@ they are sent (:class:`~negotiator_common.errors.UnsendableRequest`).
 
 import math
 import time
-from typing import Any, BinaryIO, Dict, List, Optional, Sequence
+from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 
-from negotiator_common.endpoint import DEFAULT_TIMEOUT, Endpoint
+from negotiator_common.callstreams import OUTPUT_WINDOW, InputPump, InputSource, OutputReceiver, read_bounded
+from negotiator_common.cancellation import Cancellation
+from negotiator_common.endpoint import CANCEL_METHOD, DEFAULT_TIMEOUT, Endpoint
 from negotiator_common.errors import (
     CommandFailed, ConnectionClosed, InvalidRequest, UnsendableRequest,
 )
 from negotiator_common.protocol import Request, decode_bytes, encode_bytes, encode_message
 
 __all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'command_timeout_for', 'announces',
-           'DEFAULT_MAX_OUTPUT', 'RAW_OUTPUT')
+           'DEFAULT_MAX_OUTPUT', 'RAW_OUTPUT', 'STREAM_INPUT', 'CREDIT', 'INLINE_INPUT', 'OLD_MAX_STDIN')
 
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 """
@@ -40,6 +42,18 @@ _ID_ROOM = 24
 
 RAW_OUTPUT = 'raw-output'
 """The capability in ``hello`` of an agent that sends output in the raw framing when asked."""
+
+STREAM_INPUT = 'stream-input'
+"""The capability in ``hello`` of an agent whose ``execute`` takes its input as a stream (``stdin_stream``)."""
+
+CREDIT = 'credit'
+"""The capability in ``hello`` of an agent that sends output only within the ``window`` its caller grants."""
+
+INLINE_INPUT = 64 * 1024
+"""Input bytes up to this size travel in the request itself (one message); more, or a file, streams."""
+
+OLD_MAX_STDIN = 8 * 1024 * 1024
+"""The input an agent takes in the request when its ``hello`` does not say (the protocol's default ``max_stdin``)."""
 
 
 class CommandDescription(object):
@@ -230,6 +244,9 @@ class _OutputCollector(object):
         buffer += chunk[:room]
 
 
+_Output = Union[_OutputCollector, OutputReceiver]
+
+
 class AgentClient(object):
     """
     Typed calls to one agent over one endpoint (thread-safe: calls may overlap).
@@ -239,17 +256,26 @@ class AgentClient(object):
                   ``limits`` it announced are refused before they are sent, and its
                   ``capabilities`` decide how ``execute`` asks for output: in the raw framing
                   when they list ``raw-output``, else as text notifications (an agent older than
-                  raw output refuses ``"stream": "raw"``). None: nothing is known; no limits are
-                  checked here (the agent checks) and raw output is asked for, as every agent of
-                  this release announces it.
+                  raw output refuses ``"stream": "raw"``), whether input streams (``stream-input``)
+                  and whether output flows within a window (``credit``). None: nothing is known;
+                  no limits are checked here (the agent checks), and raw output, streamed input and
+                  credit are used, as every agent of this release announces them.
     """
 
     def __init__(self, endpoint: Endpoint, hello: Optional[Dict[str, Any]] = None) -> None:
         self.endpoint = endpoint
         limits = hello.get('limits') if isinstance(hello, dict) else None
         self.limits = dict(limits) if isinstance(limits, dict) else {}
-        self.raw_output = announces(hello, RAW_OUTPUT) if isinstance(hello, dict) else True
+        def offers(capability: str) -> bool:
+            return announces(hello, capability) if isinstance(hello, dict) else True
+
+        self.raw_output = offers(RAW_OUTPUT)
         """Whether ``execute`` asks for raw output (``docs/protocol.rst``, "Raw output")."""
+        self.stream_input = offers(STREAM_INPUT)
+        """Whether ``execute`` may stream its input (``docs/protocol.rst``, "Streamed input")."""
+        self.credit = offers(CREDIT)
+        """Whether ``execute`` grants a window for its output (``docs/protocol.rst``, "Flow control")."""
+        self.can_cancel = offers(CANCEL_METHOD)
 
     def ping(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:
         """Round-trip time of one ``ping``, in seconds."""
@@ -264,48 +290,106 @@ class AgentClient(object):
             raise InvalidRequest('malformed list_commands reply: %r' % (reply,))
         return [_command_description(entry) for entry in commands]
 
-    def execute(self, command: str, *args: str, input: Optional[bytes] = None,
+    def execute(self, command: str, *args: str, input: Optional[InputSource] = None,
                 timeout: Optional[float] = DEFAULT_TIMEOUT, check: bool = False,
                 stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
                 max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
         """
         Run ``command`` with ``args`` on the agent's side.
 
-        ``input`` is given to the command's standard input. Output streams over the channel
-        (in the raw framing of ``docs/protocol.rst``, "Raw output"):
-        with ``stdout``/``stderr`` file objects it is written there as it arrives (and the
-        result's fields stay empty), else it is collected into the result, at most
+        ``input`` is given to the command's standard input: bytes, a binary file object (read
+        until its end) or an iterable of byte chunks. Up to :data:`INLINE_INPUT` bytes travel in
+        the request; more, and any file or iterable, stream within the room the agent grants
+        (``docs/protocol.rst``, "Streamed input"), of any length, with bounded memory on both
+        sides. To an agent without streamed input (no ``stream-input`` in its ``hello``) the
+        input travels in the request, at most its ``max_stdin``: beyond it, the call raises
+        :class:`UnsendableRequest` before anything is sent, having read one byte past the bound.
+        If reading ``input`` fails, the command is cancelled and the call raises that error.
+
+        Output streams over the channel (in the raw framing of ``docs/protocol.rst``, "Raw
+        output"): with ``stdout``/``stderr`` file objects it is written there as it arrives (and
+        the result's fields stay empty), else it is collected into the result, at most
         ``max_output`` bytes per stream (:data:`DEFAULT_MAX_OUTPUT`; None: no bound, at the
         caller's risk): the rest is dropped and ``stdout_truncated``/``stderr_truncated`` say so.
-        If writing to ``stdout``/``stderr`` fails, the connection is closed (the agent cancels
-        the command) and the call raises that error. ``timeout`` bounds the whole call; the
-        agent kills the command a little before it. With ``check``, a non-zero exit raises
-        :class:`CommandFailed`. A request over the agent's announced limits raises
-        :class:`UnsendableRequest` before anything is sent.
+        To an agent that announces ``credit``, the output flows within a window of
+        :data:`~negotiator_common.callstreams.OUTPUT_WINDOW` bytes: a slow file slows this
+        call's command, never the channel's other calls. If writing to ``stdout``/``stderr``
+        fails, the connection is closed (the agent cancels the command) and the call raises
+        that error. ``timeout`` bounds the whole call; the agent kills the command a little
+        before it. With ``check``, a non-zero exit raises :class:`CommandFailed`. A request
+        over the agent's announced limits raises :class:`UnsendableRequest` before anything is
+        sent.
         """
         # Raw output, from an agent that announced it: chunks arrive as bytes after a header
         # line, not escaped in JSON text; text chunks are accepted either way.
         params: Dict[str, Any] = {'command': command, 'args': list(args),
                                   'stream': 'raw' if self.raw_output else True}
-        if input:
-            params.update(encode_bytes(bytes(input), 'stdin'))
+        inline, streamed = self._input(input)
+        if inline:
+            params.update(encode_bytes(inline, 'stdin'))
+        if streamed is not None:
+            params['stdin_stream'] = True
+        if self.credit:
+            params['window'] = OUTPUT_WINDOW
         if timeout is not None:
             params['timeout'] = command_timeout_for(timeout, _limit(self.limits, 'kill_grace') or 0.0)
-        self._check_request(params, len(input or b''), timeout)
-        on_output = _OutputCollector({'stdout': stdout, 'stderr': stderr}, max_output, self.endpoint)
-        try:
-            reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output)
-        except ConnectionClosed:
-            if on_output.sink_error is None:
-                raise
-        if on_output.sink_error is not None:  # even when the reply came just before the close
-            raise on_output.sink_error
+        self._check_request(params, len(inline), timeout)
+        cancelled = Cancellation()
+        pump = None if streamed is None else InputPump(self.endpoint.notify, streamed, cancelled)
+        on_output = self._output(stdout, stderr, max_output)
+        reply = self._call_execute(params, timeout, on_output, pump, cancelled)
         fields = _execute_fields(reply)
         fields['stdout_truncated'] |= on_output.truncated['stdout']
         fields['stderr_truncated'] |= on_output.truncated['stderr']
         result = ExecuteResult(command, args, stdout=bytes(on_output.collected['stdout']),
                                stderr=bytes(on_output.collected['stderr']), **fields)
         return result.check() if check else result
+
+    def _input(self, source: Optional[InputSource]) -> Tuple[bytes, Optional[InputSource]]:
+        """The input to send in the request, and the source to stream (None: nothing streams)."""
+        if source is None:
+            return b'', None
+        if isinstance(source, (bytes, bytearray, memoryview)) and len(source) <= INLINE_INPUT:
+            return bytes(source), None
+        if self.stream_input:
+            return b'', source
+        return read_bounded(source, int(_limit(self.limits, 'max_stdin') or OLD_MAX_STDIN)), None
+
+    def _output(self, stdout: Optional[BinaryIO], stderr: Optional[BinaryIO],
+                max_output: Optional[int]) -> '_Output':
+        """What takes the call's output: within a window when the agent honours one, else as it comes."""
+        sinks = {'stdout': stdout, 'stderr': stderr}
+        if not self.credit:
+            return _OutputCollector(sinks, max_output, self.endpoint)
+        return OutputReceiver(self.endpoint.notify, sinks, max_output, OUTPUT_WINDOW, self._sink_failed)
+
+    def _sink_failed(self, error: BaseException) -> None:
+        """A caller's file for the output failed: the connection closes, and with it the command in the agent."""
+        self.endpoint.close('writing the output of a command failed: %s' % error)
+
+    def _call_execute(self, params: Dict[str, Any], timeout: Optional[float], on_output: '_Output',
+                      pump: Optional[InputPump], cancelled: Cancellation) -> Any:
+        """The ``execute`` call with its streams; a failure of the caller's input or output is what it raises."""
+        reply: Any = None
+        finished = False
+        try:
+            reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output,
+                                       cancelled=cancelled if pump is not None and self.can_cancel else None,
+                                       on_credit=None if pump is None else pump.on_credit)
+            finished = True
+        except ConnectionClosed:
+            if on_output.sink_error is None:
+                raise
+        finally:
+            if pump is not None:
+                pump.finish()
+            if isinstance(on_output, OutputReceiver):
+                on_output.finish(wait=finished)
+        if on_output.sink_error is not None:  # even when the reply came just before the close
+            raise on_output.sink_error
+        if pump is not None and pump.error is not None:
+            raise pump.error
+        return reply
 
     def _check_request(self, params: Dict[str, Any], stdin_size: int, timeout: Optional[float]) -> None:
         """Refuse, before sending, an ``execute`` that cannot be encoded or that the agent's limits refuse."""

@@ -28,15 +28,34 @@ class CallContext(object):
     ``peer`` names the other side (a guest's name on the host), ``notify`` sends a
     notification on the same channel (streamed output), and ``cancelled`` is set when the
     caller cancels this request (``cancel``) or the channel closes, so that a long handler (a
-    running command) can stop early.
+    running command) can stop early. :meth:`listen` hands the peer's notifications about this
+    request (streamed input, credit) to a callback until the handler returns.
     """
 
     def __init__(self, request_id: Any, peer: str = '', notify: Optional[Callable[[Notification], None]] = None,
-                 cancelled: Optional[Cancellation] = None) -> None:
+                 cancelled: Optional[Cancellation] = None,
+                 listen: Optional[Callable[[Any, Optional[Callable[[Notification], None]]], None]] = None) -> None:
         self.request_id = request_id
         self.peer = peer
         self.notify = notify or (lambda notification: None)
         self.cancelled = cancelled if cancelled is not None else Cancellation()
+        self._listen = listen
+        self.listening = False
+
+    def listen(self, listener: Callable[[Notification], None]) -> None:
+        """
+        Receive the peer's ``input`` and ``credit`` notifications about this request, on the
+        reading thread (the callback must not wait), until the handler returns. Without an
+        endpoint (a test's context) nothing arrives.
+        """
+        if self._listen is not None:
+            self._listen(self.request_id, listener)
+            self.listening = True
+
+    def stop_listening(self) -> None:
+        if self._listen is not None and self.listening:
+            self.listening = False
+            self._listen(self.request_id, None)
 
 
 Handler = Callable[[Dict[str, Any], CallContext], Any]

@@ -18,6 +18,12 @@ reply is never refused. Every call has a timeout. No message of any shape ends t
 should it fail anyway, the connection closes with the reason in ``close_reason``, so that a
 daemon connects again or serves the next session.
 
+A request served on a thread may listen to the peer's notifications about it
+(:meth:`~negotiator_common.dispatcher.CallContext.listen`): the chunks of a streamed input and
+the credit for its output (``docs/protocol.rst``, "Streams and flow control"); a call of this
+side gets the peer's ``credit`` about it through ``on_credit``. Every such callback runs on the
+reading thread and must never wait: a stream's consumer is slow on a thread of its own.
+
 The endpoint itself answers ``cancel`` (``docs/protocol.rst``, "Cancellation"): the request it
 names gets its :class:`~negotiator_common.cancellation.Cancellation` set, as every request does
 when the connection closes; :meth:`Endpoint.call` sends ``cancel`` in turn when the
@@ -42,9 +48,10 @@ from negotiator_common.errors import (
 )
 from negotiator_common.lazylog import get_logger
 from negotiator_common.memory import release_free_memory
+from negotiator_common.flow import CREDIT_METHOD
 from negotiator_common.protocol import (
-    DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, DecodeError, LineDecoder, Message, Notification,
-    Request, Response, encode_message, encode_message_parts, valid_id,
+    DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, RAW_INPUT_METHOD, DecodeError, LineDecoder, Message,
+    Notification, Request, Response, encode_message, encode_message_parts, valid_id,
 )
 from negotiator_common.peerlog import Complaints, Cut, cut
 from negotiator_common.transport import Transport
@@ -93,14 +100,16 @@ class _PendingCall(object):
     ``wake`` also when the caller's cancellation is set, so that one wait sees both.
     """
 
-    __slots__ = ('method', 'done', 'wake', 'response', 'on_notification')
+    __slots__ = ('method', 'done', 'wake', 'response', 'on_notification', 'on_credit')
 
-    def __init__(self, method: str, on_notification: Optional[Callable[[Dict[str, Any]], None]]) -> None:
+    def __init__(self, method: str, on_notification: Optional[Callable[[Dict[str, Any]], None]],
+                 on_credit: Optional[Callable[[Dict[str, Any]], None]] = None) -> None:
         self.method = method
         self.done = threading.Event()
         self.wake = threading.Event()
         self.response: Optional[Response] = None
         self.on_notification = on_notification
+        self.on_credit = on_credit
 
     def finish(self, response: Response) -> None:
         self.response = response
@@ -136,6 +145,8 @@ class Endpoint(object):
         # expected before this side's first call (a server never calls; a client first
         # resynchronises), so stale bytes of an earlier client can never start one.
         self._decoder.accept_attachments = False
+        # A server takes the raw chunks of streamed input from the start: only it is sent them.
+        self._decoder.accept_input = dispatcher is not None
         self._pending: Dict[Any, _PendingCall] = {}
         self._pending_lock = threading.Lock()
         self._ids = itertools.count(1)
@@ -149,6 +160,7 @@ class Endpoint(object):
         self._cancelled = threading.Event()  # every request, now and to come
         self._served: Dict[Any, List[Cancellation]] = {}  # the cancellations of requests on threads, by id
         self._served_lock = threading.Lock()
+        self._listeners: Dict[Any, Callable[[Notification], None]] = {}  # served requests that listen, by id
         self._reader: Optional[threading.Thread] = None
         self.close_reason = ''
 
@@ -169,8 +181,8 @@ class Endpoint(object):
                 data = self.transport.read()
                 if not data:
                     break
-                if self._decoder.buffered + len(data) < LARGE_FEED or b'\n' not in data:
-                    # Small, or no line ends in it: nothing is parsed, the bytes are only kept.
+                if self._line_bytes(data) < LARGE_FEED or b'\n' not in data:
+                    # Small, or no line ends in it: nothing costly is parsed, the bytes are only kept.
                     for event in self._decoder.feed(data):
                         self._handle(event)
                 elif self._feed_large(data):
@@ -188,6 +200,14 @@ class Endpoint(object):
             self.log.debug("The reader's failure", exc_info=True)
         finally:
             self.close(reason)
+
+    def _line_bytes(self, data: bytes) -> int:
+        """
+        At most how many bytes of lines a feed of ``data`` may parse: the raw bytes of an
+        attachment (streamed input or output, read 4 KiB at a time from a virtio-serial port)
+        are only copied, and never take a turn at the parser.
+        """
+        return self._decoder.line_buffered + max(0, len(data) - self._decoder.expecting)
 
     def _feed_large(self, data: bytes) -> bool:
         """
@@ -299,7 +319,8 @@ class Endpoint(object):
 
     def call(self, method: str, params: Optional[Dict[str, Any]] = None, timeout: Optional[float] = DEFAULT_TIMEOUT,
              on_notification: Optional[Callable[[Dict[str, Any]], None]] = None,
-             cancelled: Optional[Cancellation] = None) -> Any:
+             cancelled: Optional[Cancellation] = None,
+             on_credit: Optional[Callable[[Dict[str, Any]], None]] = None) -> Any:
         """
         Call ``method`` and return its result, or raise the error the peer replied with.
 
@@ -309,17 +330,20 @@ class Endpoint(object):
         notification in the raw framing come as bytes under ``data_raw``. When ``cancelled``
         is set during the call, the peer is sent ``cancel`` naming it (give it only to a peer
         whose ``hello`` lists the ``cancel`` capability) and the call goes on waiting for the
-        reply, which says what became of the request.
+        reply, which says what became of the request. ``on_credit`` receives the params of every
+        ``credit`` notification about this call (room for its streamed input), on the reading
+        thread; it must not wait.
         """
         if self._sync_id is None:
             self._decoder.accept_attachments = True
-        return self._call(Request(next(self._ids), method, params), timeout, on_notification, cancelled)
+        return self._call(Request(next(self._ids), method, params), timeout, on_notification, cancelled, on_credit)
 
     def _call(self, request: Request, timeout: Optional[float],
               on_notification: Optional[Callable[[Dict[str, Any]], None]],
-              cancelled: Optional[Cancellation] = None) -> Any:
+              cancelled: Optional[Cancellation] = None,
+              on_credit: Optional[Callable[[Dict[str, Any]], None]] = None) -> Any:
         deadline = Deadline(timeout)
-        call = _PendingCall(request.method, on_notification)
+        call = _PendingCall(request.method, on_notification, on_credit)
         with self._pending_lock:
             if self._closed.is_set():
                 raise ConnectionClosed('connection to %s is closed (%s)' % (self.name, self.close_reason))
@@ -490,10 +514,15 @@ class Endpoint(object):
                 self.on_session(params)
             return
         call_id = params.get('id')
+        if notification.method in (RAW_INPUT_METHOD, CREDIT_METHOD) and self._to_listener(call_id, notification):
+            return
         call = None
-        if valid_id(call_id):
+        if valid_id(call_id) and notification.method != RAW_INPUT_METHOD:
             with self._pending_lock:
                 call = self._pending.get(call_id)
+        if call is not None and notification.method == CREDIT_METHOD:
+            self._pass_credit(call, call_id, params)
+            return
         if call is None or call.on_notification is None:
             self.complaints.complain('debug', 'notifications no call waits for',
                                      "Dropping %s from %s: no call waits for it", Cut(notification), self.name)
@@ -506,15 +535,57 @@ class Endpoint(object):
         except Exception as exc:
             # The caller's own callback failed (its output could not be written, say): that call
             # fails with the reason, and the channel and every other call live on.
-            self._fail_call(call_id, InternalError('handling a notification from %s about %s failed: %s: %s' % (
+            # A NegotiatorError is the callback's verdict on the peer (more output than it was granted).
+            error = exc if isinstance(exc, NegotiatorError) else InternalError(
+                'handling a notification from %s about %s failed: %s: %s' % (
+                    self.name, call.method, type(exc).__name__, exc))
+            self._fail_call(call_id, error, exc)
+
+    def _to_listener(self, request_id: Any, notification: Notification) -> bool:
+        """Hand ``notification`` to the served request ``request_id`` that listens; False if none does."""
+        listener = self._listeners.get(request_id) if valid_id(request_id) else None
+        if listener is None:
+            return False
+        try:
+            listener(notification)
+        except Exception as exc:  # the handler's own failure: logged, the reader lives on
+            self.log.error("Handling %s from %s failed: %s: %s", Cut(notification), self.name, type(exc).__name__,
+                           exc)
+        return True
+
+    def _pass_credit(self, call: _PendingCall, call_id: Any, params: Dict[str, Any]) -> None:
+        """A ``credit`` about a call of this side: to its ``on_credit``, else dropped."""
+        if call.on_credit is None:
+            self.complaints.complain('debug', 'notifications no call waits for',
+                                     "Dropping credit from %s: call %s streams nothing", self.name, Cut(call_id))
+            return
+        try:
+            call.on_credit(params)
+        except Exception as exc:
+            self._fail_call(call_id, InternalError('handling credit from %s about %s failed: %s: %s' % (
                 self.name, call.method, type(exc).__name__, exc)), exc)
+
+    def listen(self, request_id: Any, listener: Optional[Callable[[Notification], None]]) -> None:
+        """
+        Hand the peer's ``input`` and ``credit`` notifications about the served request
+        ``request_id`` to ``listener`` (None: no more). One listener per id: a second while the
+        first listens is :class:`InvalidParams` (the peer reused the id of a streaming request).
+        """
+        with self._served_lock:
+            if listener is None:
+                self._listeners.pop(request_id, None)
+                return
+            if request_id in self._listeners:
+                raise InvalidParams('a request with id %s streams already on this connection' % cut(request_id, 40))
+            self._listeners[request_id] = listener
 
     def _fail_call(self, call_id: Any, error: NegotiatorError, cause: BaseException) -> None:
         """Fail the waiting call ``call_id`` with ``error`` (raised from ``cause``), if it still waits."""
         with self._pending_lock:
             call = self._pending.pop(call_id, None)
         if call is not None:
-            error.__cause__ = cause
+            if error is not cause:
+                error.__cause__ = cause
             call.finish(Response(call_id, error=error))
 
     def _serve(self, request: Request) -> None:
@@ -525,7 +596,8 @@ class Endpoint(object):
             self._reply(self._answer_cancel(request))
             return
         cancelled = Cancellation()
-        context = CallContext(request.id, peer=self.name, notify=self.notify, cancelled=cancelled)
+        context = CallContext(request.id, peer=self.name, notify=self.notify, cancelled=cancelled,
+                              listen=self.listen)
         if self.dispatcher.is_inline(request.method):
             # Cheap methods answer at once on this thread: no thread to start, nothing to count,
             # never refused for want of a slot (the ping path that scripts/benchmark measures).
@@ -581,6 +653,7 @@ class Endpoint(object):
                 # The slot is free before the reply is out: a peer that has its reply may send
                 # another request at once (the host daemon keeps a guest at its limit so).
                 self._untrack(request.id, context.cancelled)
+                context.stop_listening()
                 with self._in_flight_changed:
                     self._running -= 1
             self._reply(response)

@@ -4,7 +4,8 @@ The wire protocol, with no I/O: bytes in, messages out; messages in, bytes out.
 Framing and message shapes follow ``docs/protocol.rst`` (sections "Framing" and "Messages"):
 each message is one JSON-RPC 2.0 object, encoded as UTF-8 JSON on a single line ending in
 ``\\n``. The one exception is raw output ("Raw output"): an ``output`` notification whose params
-carry an integer ``size`` is followed by exactly that many raw bytes, its attachment.
+carry an integer ``size`` is followed by exactly that many raw bytes, its attachment; so is an
+``input`` notification with ``size`` ("Streamed input"), the other way.
 :class:`LineDecoder` is fed byte chunks of any size and returns events; it never raises on bad
 input and never holds more than ``max_line_length`` bytes, whatever it is fed.
 The caller owns the transport, as in h11: the same core serves sockets and character devices.
@@ -21,7 +22,7 @@ from negotiator_common.errors import (
 __all__ = (
     'PROTOCOL_VERSION', 'DEFAULT_MAX_LINE_LENGTH', 'Request', 'Response', 'Notification',
     'DecodeError', 'Message', 'Event', 'LineDecoder', 'encode_message', 'encode_message_parts', 'encode_bytes',
-    'decode_bytes', 'valid_id', 'RAW_OUTPUT_METHOD', 'MAX_VALUES',
+    'decode_bytes', 'valid_id', 'RAW_OUTPUT_METHOD', 'RAW_INPUT_METHOD', 'MAX_VALUES',
 )
 
 PROTOCOL_VERSION = 1
@@ -31,7 +32,12 @@ DEFAULT_MAX_LINE_LENGTH = 16 * 1024 * 1024
 """The longest line (without its newline) that a decoder accepts by default: 16 MiB."""
 
 RAW_OUTPUT_METHOD = 'output'
-"""The one notification that may carry a raw attachment (a ``size`` in its params, the bytes after its line)."""
+"""The notification that may carry a raw attachment to a caller (a ``size`` in its params, the bytes after its line)."""
+
+RAW_INPUT_METHOD = 'input'
+"""The notification that may carry a raw attachment to a server: a chunk of a command's streamed input."""
+
+_ATTACHMENT_METHODS = (RAW_OUTPUT_METHOD, RAW_INPUT_METHOD)
 
 MAX_NESTING = 64
 """JSON deeper than this is refused as invalid, before it can exhaust the parser's stack."""
@@ -59,10 +65,11 @@ class Request(object):
 
 class Notification(object):
     """
-    A one-way message (no ``id``, no reply): used for streamed command output.
+    A one-way message (no ``id``, no reply): streamed command output and input, credit.
 
-    ``attachment`` (bytes, or None) is the raw payload of an ``output`` notification in the
-    raw framing: encoded, the params gain ``"size": len(attachment)`` and the bytes follow the line.
+    ``attachment`` (bytes, or None) is the raw payload of an ``output`` or ``input``
+    notification in the raw framing: encoded, the params gain ``"size": len(attachment)`` and
+    the bytes follow the line.
     """
 
     __slots__ = ('method', 'params', 'attachment')
@@ -75,8 +82,9 @@ class Notification(object):
     def to_wire(self) -> Dict[str, Any]:
         params = self.params
         if self.attachment is not None:
-            if self.method != RAW_OUTPUT_METHOD or not isinstance(params, dict) or not self.attachment:
-                raise ValueError('only an output notification with params carries an attachment, of at least one byte')
+            if self.method not in _ATTACHMENT_METHODS or not isinstance(params, dict) or not self.attachment:
+                raise ValueError('only an output or input notification with params carries an attachment, of at'
+                                 ' least one byte')
             params = dict(params, size=len(self.attachment))
         return {'jsonrpc': '2.0', 'method': self.method, 'params': params}
 
@@ -379,7 +387,8 @@ class LineDecoder(object):
     With ``accept_attachments`` False, such a line is an ordinary notification and no raw bytes
     are expected: a client that is resynchronising asked for no raw output yet, so a raw header
     among the stale lines it drops (an earlier client's output, whose bytes may be anything) must
-    not make it swallow the reply it waits for.
+    not make it swallow the reply it waits for. ``accept_input`` (False by default) does the same
+    for ``input`` notifications, which only a server receives ("Streamed input").
     """
 
     def __init__(self, max_line_length: int = DEFAULT_MAX_LINE_LENGTH) -> None:
@@ -387,12 +396,18 @@ class LineDecoder(object):
             raise ValueError('max_line_length must be positive')
         self.max_line_length = max_line_length
         self.accept_attachments = True
+        self.accept_input = False
         self.reset()
 
     @property
     def buffered(self) -> int:
         """How many bytes of an incomplete line or attachment the decoder holds (never above the maximum)."""
         return len(self._buffer) + len(self._attachment)
+
+    @property
+    def line_buffered(self) -> int:
+        """How many bytes of an incomplete line the decoder holds (not counting an attachment's)."""
+        return len(self._buffer)
 
     @property
     def expecting(self) -> int:
@@ -408,19 +423,27 @@ class LineDecoder(object):
         self._header: Optional[Notification] = None
 
     def _start_attachment(self, event: Notification) -> Optional[DecodeError]:
-        """After an ``output`` line with ``size``: start collecting (or skipping); an error event if the size is bad."""
+        """After an ``output`` or ``input`` line with ``size``: start collecting (or skipping); an error event if the
+        size is bad."""
         size = event.params['size']
         if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            return DecodeError(InvalidRequest('"size" of raw output must be a positive integer, not %s'
-                                              % json.dumps(size)[:40]))
+            return DecodeError(InvalidRequest('"size" of raw %s must be a positive integer, not %s'
+                                              % (event.method, json.dumps(size)[:40])))
         self._remaining = size
         if size > self.max_line_length:
             self._header = None
-            return DecodeError(MessageTooLarge('raw output of %d bytes (more than %d) skipped'
-                                               % (size, self.max_line_length)))
+            return DecodeError(MessageTooLarge('raw %s of %d bytes (more than %d) skipped'
+                                               % (event.method, size, self.max_line_length)))
         del event.params['size']
         self._header = event
         return None
+
+    def _carries_attachment(self, event: Event) -> bool:
+        """Whether ``event`` is a header whose raw bytes follow (of a method this decoder expects them for)."""
+        if not isinstance(event, Notification) or not isinstance(event.params, dict) or 'size' not in event.params:
+            return False
+        return ((event.method == RAW_OUTPUT_METHOD and self.accept_attachments)
+                or (event.method == RAW_INPUT_METHOD and self.accept_input))
 
     def feed(self, data: bytes) -> List[Event]:
         """Take a chunk of bytes; return every event that the chunk completed, in order."""
@@ -469,9 +492,8 @@ class LineDecoder(object):
             self._buffer = bytearray()
             if line:
                 event = parse_line(line)
-                if (self.accept_attachments and isinstance(event, Notification)
-                        and event.method == RAW_OUTPUT_METHOD and isinstance(event.params, dict)
-                        and 'size' in event.params):
+                if self._carries_attachment(event):
+                    assert isinstance(event, Notification)
                     error = self._start_attachment(event)
                     if error is not None:
                         events.append(error)

@@ -15,14 +15,16 @@ and a cancellation still end the call on time and kill it too (:class:`_Supervis
 :mod:`negotiator_common.processes` for how such processes are found).
 """
 
+import array
 import fcntl
 import os
 import selectors
 import signal
 import subprocess
+import termios
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set, Tuple
 
 from negotiator_common.lazylog import get_logger
 from negotiator_common.deadline import Deadline
@@ -34,6 +36,7 @@ from negotiator_common.transport import ReadBuffer
 
 if TYPE_CHECKING:  # annotations only: executor is imported when a command starts
     from negotiator_common.external import ExternalProgram
+    from negotiator_common.streams import CommandStreams
 
 __all__ = ('ProcessResult', 'run_process', 'clean_environment', 'DEFAULT_PATH',
            'DEFAULT_KILL_GRACE', 'CHUNK_SIZE')
@@ -92,7 +95,7 @@ def clean_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
 
 
 def _grow_pipe(fd: int) -> None:
-    """Ask for a 1 MiB pipe buffer (best effort), so that output arrives in few, large reads."""
+    """Ask for a 1 MiB pipe buffer (best effort), so that output and input move in few, large reads and writes."""
     try:
         fcntl.fcntl(fd, _F_SETPIPE_SZ, CHUNK_SIZE)
     except OSError:
@@ -100,74 +103,172 @@ def _grow_pipe(fd: int) -> None:
 
 
 class _Pipes(object):
-    """The command's pipes: its input written as the pipe takes it, its output read in chunks and handed on."""
+    """
+    The command's pipes: its input written as the pipe takes it, its output read in chunks and handed on.
+
+    With ``streams`` (:class:`~negotiator_common.streams.CommandStreams`) the input comes from
+    the caller as it arrives, and output is read only as far as the caller's room goes: out of
+    room, the output pipes are not read, so the command blocks in its writes, and the caller's
+    next ``credit`` (a byte on the streams' wake-up pipe) resumes them. Which descriptors are
+    watched is decided anew before each wait (:meth:`_watch`).
+    """
 
     def __init__(self, process: 'subprocess.Popen', stdin: bytes, max_output: Optional[int],
-                 on_output: Optional[OutputCallback]) -> None:
+                 on_output: Optional[OutputCallback], streams: Optional['CommandStreams'] = None) -> None:
         # Started with its three pipes (capture, capture_stderr, input): none of them is None.
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
         self.process = process
         self.stdin_pipe = process.stdin
         self.max_output = max_output
         self.on_output = on_output
+        self.streams = streams
         self.selector = selectors.DefaultSelector()
-        self.streams = {process.stdout.fileno(): 'stdout', process.stderr.fileno(): 'stderr'}
-        for fd in self.streams:
+        self.names = {process.stdout.fileno(): 'stdout', process.stderr.fileno(): 'stderr'}
+        self.open_outputs = set(self.names)
+        for fd in self.names:
             _grow_pipe(fd)
             os.set_blocking(fd, False)
-            self.selector.register(fd, selectors.EVENT_READ)
+        self.watched: Set[int] = set()
+        self.streamed_input = streams is not None and streams.input is not None
         self.pending_input = memoryview(stdin)
         self.stdin_fd = self.stdin_pipe.fileno()
-        if self.pending_input:
+        self.input_open = True
+        if streams is not None:
+            self.selector.register(streams.wake_fd, selectors.EVENT_READ)
+        if self.streamed_input or self.pending_input:
+            _grow_pipe(self.stdin_fd)
             os.set_blocking(self.stdin_fd, False)
-            self.selector.register(self.stdin_fd, selectors.EVENT_WRITE)
         else:
-            self.stdin_pipe.close()
+            self._close_input()
         self.emitted = {'stdout': 0, 'stderr': 0}
         self.truncated = {'stdout': False, 'stderr': False}
         self.buffer = ReadBuffer(CHUNK_SIZE)  # reused by every read of both pipes
+        if self.streamed_input:
+            assert streams is not None
+            streams.start_input()
 
     @property
     def output_open(self) -> bool:
         """Whether some process still holds the write end of stdout or stderr."""
-        registered = self.selector.get_map()
-        return any(fd in registered for fd in self.streams)
+        return bool(self.open_outputs)
+
+    @property
+    def active(self) -> bool:
+        """Whether a pipe is still to be read or written."""
+        return bool(self.open_outputs) or self.input_open
+
+    @property
+    def out_of_room(self) -> bool:
+        """Whether output waits only for the caller's room (credit)."""
+        return bool(self.open_outputs) and self._room() == 0
+
+    def _room(self) -> Optional[int]:
+        return None if self.streams is None else self.streams.output_room()
 
     def pump(self, timeout: float) -> None:
-        """Wait up to ``timeout`` seconds for a pipe to be ready, then move what is ready."""
+        """Wait up to ``timeout`` seconds for a pipe (or the caller) to be ready, then move what is ready."""
+        self._watch()
         for key, _ in self.selector.select(max(0.0, timeout)):
-            if key.fd == self.stdin_fd:
+            if self.streams is not None and key.fd == self.streams.wake_fd:
+                self.streams.clear_wake()
+            elif key.fd == self.stdin_fd:
                 self._write_input()
-            else:
+            elif key.fd in self.open_outputs:
                 self._read_output(key.fd)
+
+    def _watch(self) -> None:
+        """Watch the input pipe while there is input for it, the output pipes while there is room for their output."""
+        wanted = set()
+        if self.input_open and (self.pending_input or self._refill()):
+            wanted.add(self.stdin_fd)
+        if self._room() != 0:
+            wanted.update(self.open_outputs)
+        for fd in self.watched - wanted:
+            self.selector.unregister(fd)
+        for fd in wanted - self.watched:
+            self.selector.register(fd, selectors.EVENT_WRITE if fd == self.stdin_fd else selectors.EVENT_READ)
+        self.watched = wanted
+
+    def _refill(self) -> bool:
+        """Take the next input that waits (streamed input only); True if there is some to write now."""
+        if not self.streamed_input:
+            self._close_input()
+            return False
+        assert self.streams is not None
+        data = self.streams.read_input(CHUNK_SIZE)
+        if data is None:
+            return False
+        if not data:
+            self._close_input()
+            return False
+        self.pending_input = memoryview(data)
+        return True
 
     def drain(self) -> None:
         """Read what the output pipes hold now, without waiting: the last reads before giving up on them."""
-        for fd in self.streams:
+        for fd in list(self.open_outputs):
             # One read takes a whole pipe (at most CHUNK_SIZE); the next sees the end of file, if it came.
             for _ in range(2):
-                if fd not in self.selector.get_map() or not self._read_output(fd):
+                if self._room() == 0:
+                    self._give_up_output(fd)
                     break
+                if fd not in self.open_outputs or not self._read_output(fd):
+                    break
+
+    def _give_up_output(self, fd: int) -> None:
+        """Stop reading ``fd`` for want of room: output that waits in it is dropped, and the result says so."""
+        if _bytes_waiting(fd):
+            self.truncated[self.names[fd]] = True
+        self._forget(fd)
+
+    def _forget(self, fd: int) -> None:
+        self.open_outputs.discard(fd)
+        if fd in self.watched:
+            self.watched.discard(fd)
+            self.selector.unregister(fd)
 
     def _write_input(self) -> None:
         try:
-            self.pending_input = self.pending_input[os.write(self.stdin_fd, self.pending_input[:CHUNK_SIZE]):]
+            written = os.write(self.stdin_fd, self.pending_input[:CHUNK_SIZE])
         except BrokenPipeError:
-            self.pending_input = memoryview(b'')
-        if not self.pending_input:
+            self._close_input()
+            return
+        self.pending_input = self.pending_input[written:]
+        if self.streamed_input:
+            assert self.streams is not None
+            self.streams.input_written(written)
+        elif not self.pending_input:
+            self._close_input()
+
+    def _close_input(self) -> None:
+        """No more input for the command (all written, the end came, or it closed its end): it reads end of file."""
+        if self.stdin_fd in self.watched:
+            self.watched.discard(self.stdin_fd)
             self.selector.unregister(self.stdin_fd)
-            self.stdin_pipe.close()
+        self.pending_input = memoryview(b'')
+        self.input_open = False
+        if self.streamed_input:
+            assert self.streams is not None
+            self.streams.drop_input()
+        if not self.stdin_pipe.closed:
+            try:
+                self.stdin_pipe.close()
+            except BrokenPipeError:
+                pass
 
     def _read_output(self, fd: int) -> bool:
-        """Read one chunk from ``fd`` and hand it on; False when there was nothing to read."""
+        """Read one chunk from ``fd`` (as much as the room allows) and hand it on; False when there was nothing."""
+        room = self._room()
+        if room == 0:
+            return False  # the caller's room ran out since the wait (a read of 0 bytes would look like the end)
         try:
-            chunk = self.buffer.read(fd)
+            chunk = self.buffer.read(fd, CHUNK_SIZE if room is None else min(CHUNK_SIZE, room))
         except BlockingIOError:
             return False
         if not chunk:
-            self.selector.unregister(fd)
+            self._forget(fd)
             return False
-        name = self.streams[fd]
+        name = self.names[fd]
         keep = len(chunk) if self.max_output is None else max(0, min(len(chunk), self.max_output - self.emitted[name]))
         if keep < len(chunk):
             self.truncated[name] = True
@@ -178,9 +279,25 @@ class _Pipes(object):
 
     def close(self) -> None:
         self.selector.close()
+        if self.streamed_input:
+            assert self.streams is not None
+            self.streams.drop_input()
         for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
             if pipe is not None and not pipe.closed:
-                pipe.close()
+                try:
+                    pipe.close()
+                except BrokenPipeError:
+                    pass
+
+
+def _bytes_waiting(fd: int) -> int:
+    """How many bytes a pipe holds unread (``FIONREAD``); 0 when that cannot be told."""
+    count = array.array('i', [0])
+    try:
+        fcntl.ioctl(fd, termios.FIONREAD, count)
+    except OSError:
+        return 0
+    return count[0]
 
 
 class _Supervisor(object):
@@ -226,7 +343,7 @@ class _Supervisor(object):
             self._notice_stop(now)
             if self._finished():
                 return
-            if self.read_until is not None and now >= self.read_until:
+            if self.read_until is not None and now >= self.read_until and not self._waiting_for_room():
                 self._stop_reading()
                 return
             self._wait(self._next_event(now) - now)
@@ -274,13 +391,23 @@ class _Supervisor(object):
         # A stopped command is over when none of its processes is left (they had SIGTERM).
         return not self.stopping or self.killed or not command_processes(self.process.pid, self.marker)
 
+    def _waiting_for_room(self) -> bool:
+        """
+        Whether a command that ended normally has output that waits only for the caller's room:
+        the caller is slow, not the command, so reading goes on, until the command's timeout
+        or a cancellation.
+        """
+        return (self.pipes.out_of_room and self.exited and not self.stopping and not self._is_cancelled
+                and not self.deadline.expired)
+
     def _next_event(self, now: float) -> float:
-        events = [now + self.POLL_INTERVAL, self.read_until, None if self.killed else self.kill_at,
+        read_until = None if self._waiting_for_room() else self.read_until
+        events = [now + self.POLL_INTERVAL, read_until, None if self.killed else self.kill_at,
                   None if self.stopping or self.exited else self.deadline.at]
         return min(t for t in events if t is not None)
 
     def _wait(self, timeout: float) -> None:
-        if self.pipes.output_open:
+        if self.pipes.active:
             self.pipes.pump(timeout)
         elif not self.exited:
             try:
@@ -326,7 +453,8 @@ def _start(argv: List[str], environment: Optional[Dict[str, str]], directory: st
 def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = None,
                 max_output: Optional[int] = None, on_output: Optional[OutputCallback] = None,
                 environment: Optional[Dict[str, str]] = None, cancelled: Optional[threading.Event] = None,
-                kill_grace: float = DEFAULT_KILL_GRACE, directory: str = '/') -> ProcessResult:
+                kill_grace: float = DEFAULT_KILL_GRACE, directory: str = '/',
+                streams: Optional['CommandStreams'] = None) -> ProcessResult:
     """
     Run ``argv`` (a list; ``argv[0]`` an absolute path) and stream its output to ``on_output``.
 
@@ -337,12 +465,16 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
     after ``kill_grace`` seconds, and the call returns. When the command ends, any process it
     left behind in its group is killed too; one that left the group may keep running, but holds
     the reply for at most ``kill_grace`` seconds (see :class:`_Supervisor`).
+
+    With ``streams`` (:class:`~negotiator_common.streams.CommandStreams`), the command's input
+    is the caller's streamed input when the streams carry one (``stdin`` is then ignored), and
+    its output is read only as far as the caller's room goes (see :class:`_Pipes`).
     """
     result = ProcessResult()
     started = time.monotonic()
     marker = new_marker()
     program, process = _start(argv, environment, directory, marker)
-    pipes = _Pipes(process, stdin, max_output, on_output)
+    pipes = _Pipes(process, stdin, max_output, on_output, streams)
     supervisor = _Supervisor(process, pipes, marker, argv[0], timeout, cancelled, kill_grace, result)
     completed = False
     try:

@@ -18,22 +18,26 @@ from negotiator_common.peerlog import Complaints, Cut
 from negotiator_common.errors import (
     CommandFailed, CommandNotFound, CommandTimedOut, InvalidParams, LimitExceeded,
 )
+from negotiator_common.flow import MAX_CREDIT, MIN_WINDOW
 from negotiator_common.lazylog import get_logger
 from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, Notification, decode_bytes, encode_bytes,
 )
 from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
 from negotiator_common.slots import CommandSlots
+from negotiator_common.streams import INPUT_WINDOW, CommandStreams
 
 __all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'RAW_CHUNK_SIZE', 'AGENT_MAX_IN_FLIGHT')
 
 logger = get_logger(__name__)
 
-CAPABILITIES = ('ping', 'list_commands', 'execute', 'stream', 'raw-output', 'cancel')
+CAPABILITIES = ('ping', 'list_commands', 'execute', 'stream', 'raw-output', 'cancel', 'stream-input', 'credit')
 """
 What ``hello`` announces: ``stream`` means ``execute`` can send its output as notifications,
 ``raw-output`` that it sends them in the raw framing when asked with ``"stream": "raw"``,
-``cancel`` that a request in flight can be cancelled by its id (the endpoint answers it).
+``cancel`` that a request in flight can be cancelled by its id (the endpoint answers it),
+``stream-input`` that ``execute`` takes ``"stdin_stream": true`` and ``credit`` that it honours
+a ``window`` for the output (``docs/protocol.rst``, "Streams and flow control").
 """
 
 RAW_CHUNK_SIZE = 1024 * 1024
@@ -222,20 +226,34 @@ class AgentService(object):
         stream = get_param(params, 'stream', (bool, str), False)
         if isinstance(stream, str) and stream != 'raw':
             raise InvalidParams('stream must be true, false or "raw"')
-        return {'args': args, 'stdin': stdin or b'', 'stream': stream,
+        stdin_stream = get_param(params, 'stdin_stream', (bool,), False)
+        if stdin_stream and stdin:
+            raise InvalidParams('stdin_stream cannot come with stdin in the request')
+        window = get_param(params, 'window', (int, type(None)), None)
+        if window is not None and not MIN_WINDOW <= window <= MAX_CREDIT:
+            raise InvalidParams('window must be from %d to %d bytes' % (MIN_WINDOW, MAX_CREDIT))
+        return {'args': args, 'stdin': stdin or b'', 'stream': stream, 'stdin_stream': stdin_stream,
+                'window': window if stream else None,
                 'check': get_param(params, 'check', (bool,), False),
                 'timeout': self.limits.default_timeout if timeout is None else float(timeout)}
 
     def execute(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         command = self._resolve(get_param(params, 'command', (str,)), context.peer)
         options = self._parse_execute(params)
-        if self.slots is None:
-            return self._run(command, options, context)
-        self._wait_for_slot(options, context)
+        streams = CommandStreams(context.notify, context.request_id, INPUT_WINDOW if options['stdin_stream'] else None,
+                                 options['window'], context.cancelled.set)
         try:
-            return self._run(command, options, context)
+            context.listen(streams.receive)
+            if self.slots is None:
+                return self._run(command, options, context, streams)
+            self._wait_for_slot(options, context)
+            try:
+                return self._run(command, options, context, streams)
+            finally:
+                self.slots.release()
         finally:
-            self.slots.release()
+            context.stop_listening()
+            streams.close()
 
     def _wait_for_slot(self, options: Dict[str, Any], context: CallContext) -> None:
         """Wait for one of the shared command slots; the time spent waiting comes off the command's timeout."""
@@ -244,10 +262,23 @@ class AgentService(object):
         self.slots.acquire(context.peer, deadline, context.cancelled)
         options['timeout'] = deadline.remaining()
 
-    def _run(self, command: CommandInfo, options: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
+    def _run(self, command: CommandInfo, options: Dict[str, Any], context: CallContext,
+             streams: CommandStreams) -> Dict[str, Any]:
+        """
+        Run the command (a built-in, or a process through :func:`run_process`) and build its
+        result. A function of about 60 lines: the output callback shares the call's state with
+        both ways of running, which one flow keeps in view.
+        """
         collected = {'stdout': bytearray(), 'stderr': bytearray()}
+        dropped = {'stdout': False, 'stderr': False}
 
         def on_output(stream: str, chunk: bytes) -> None:
+            allowed = streams.spend_output(len(chunk))
+            if allowed < len(chunk):  # only a built-in's output comes unasked: what has no room is dropped
+                dropped[stream] = True
+                chunk = chunk[:allowed]
+                if not chunk:
+                    return
             if options['stream'] == 'raw':
                 # Raw output: each chunk is copied after a short header line, never escaped.
                 for start in range(0, len(chunk), RAW_CHUNK_SIZE):
@@ -264,10 +295,11 @@ class AgentService(object):
         if command.builtin is not None:
             started = time.monotonic()
             exit_status, stdout, stderr = command.builtin(options['args'])
-            result = {'exit_status': exit_status, 'signal': None, 'duration': time.monotonic() - started,
-                      'stdout_truncated': False, 'stderr_truncated': False, 'output_abandoned': False}
             on_output('stdout', stdout)
             on_output('stderr', stderr)
+            result = {'exit_status': exit_status, 'signal': None, 'duration': time.monotonic() - started,
+                      'stdout_truncated': dropped['stdout'], 'stderr_truncated': dropped['stderr'],
+                      'output_abandoned': False}
         else:
             assert command.path is not None
             environment = {'NEGOTIATOR_COMMAND': command.name}
@@ -276,7 +308,9 @@ class AgentService(object):
             process = run_process([command.path] + options['args'], stdin=options['stdin'],
                                   timeout=options['timeout'], max_output=max_output, on_output=on_output,
                                   environment=environment, cancelled=context.cancelled,
-                                  kill_grace=self.limits.kill_grace)
+                                  kill_grace=self.limits.kill_grace, streams=streams)
+            if streams.error is not None:
+                raise streams.error
             result = {'exit_status': process.exit_status, 'signal': process.signal, 'duration': process.duration,
                       'stdout_truncated': process.stdout_truncated, 'stderr_truncated': process.stderr_truncated,
                       'output_abandoned': process.output_abandoned}

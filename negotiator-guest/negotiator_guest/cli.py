@@ -82,7 +82,7 @@ import sys
 from typing import BinaryIO, Dict, List, Optional, Sequence, cast
 
 from negotiator_common.cli_support import (
-    FullWriter, UsageError, apply_shared_option, format_commands, exit_now, json_failure, printable, read_stdin,
+    FullWriter, UsageError, apply_shared_option, format_commands, exit_now, json_failure, printable, stdin_source,
     setup_logging, silence_broken_pipe, split_command, write_stdout,
 )
 from negotiator_common.exit_status import (
@@ -188,7 +188,7 @@ def _run_client(options: Options) -> int:
         else:
             sys.stdout.write(format_commands(commands))
         return 0
-    stdin = read_stdin() if options.stdin else None
+    stdin = stdin_source() if options.stdin else None
     if options.json:
         from negotiator_common.client import DEFAULT_MAX_OUTPUT
         max_output = DEFAULT_MAX_OUTPUT if options.max_output is None else options.max_output

@@ -25,6 +25,7 @@ from typing import Any, BinaryIO, List, Optional
 
 from negotiator_common.channels import GUEST_TO_HOST_CHANNEL
 from negotiator_common.lazylog import get_logger
+from negotiator_common.callstreams import InputSource
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
 from negotiator_common.deadline import Deadline
 from negotiator_common.endpoint import DEFAULT_TIMEOUT, Endpoint
@@ -149,11 +150,14 @@ class HostClient(object):
         """The commands that the host offers this guest."""
         return self._call('list_commands', timeout=self._timeout(timeout))
 
-    def execute(self, command: str, *args: str, input: Optional[bytes] = None, timeout: Optional[float] = None,
+    def execute(self, command: str, *args: str, input: Optional[InputSource] = None, timeout: Optional[float] = None,
                 check: bool = False, stdout: Optional[BinaryIO] = None,
                 stderr: Optional[BinaryIO] = None, max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
         """
         Run one of the host's commands; see :meth:`negotiator_common.client.AgentClient.execute`.
+
+        ``input`` (bytes, a binary file object or an iterable of byte chunks) streams to the
+        command's standard input as it reads it, when the host daemon announces streamed input.
 
         ``stdout``/``stderr`` (binary file objects) receive the output as it streams in;
         without them it is collected into the :class:`ExecuteResult`, at most ``max_output``

@@ -32,6 +32,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
+from negotiator_common.callstreams import InputSource
 from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.client import DEFAULT_MAX_OUTPUT, AgentClient, CommandDescription, ExecuteResult
 from negotiator_common.deadline import Deadline
@@ -321,7 +322,7 @@ class GuestChannel(object):
         client = self._connected_client(timeout)
         return client.list_commands(timeout=_remaining(deadline))
 
-    def execute(self, command: str, *args: str, input: Optional[bytes] = None, timeout: Optional[float] = None,
+    def execute(self, command: str, *args: str, input: Optional[InputSource] = None, timeout: Optional[float] = None,
                 check: bool = False, stdout: Optional[BinaryIO] = None,
                 stderr: Optional[BinaryIO] = None, max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
         """
@@ -329,10 +330,15 @@ class GuestChannel(object):
         (``exit_status``, None when a signal ended the command: see ``signal``; ``stdout``,
         ``stderr`` as bytes; ``duration``; the truncation flags and ``output_abandoned``).
 
-        ``input`` (bytes) is the command's standard input. With ``stdout``/``stderr`` binary
-        file objects the output is written there as it arrives instead of being collected; if
-        writing to them fails, the connection is closed (the guest cancels the command) and the
-        call raises that error. Collected output keeps at most ``max_output`` bytes per stream
+        ``input`` is the command's standard input: bytes, a binary file object (read until its
+        end) or an iterable of byte chunks; beyond 64 KiB, or from a file or an iterable, it
+        streams as the command reads it, of any length, with bounded memory on both sides (an
+        agent older than streamed input takes at most its ``max_stdin``, else
+        :class:`UnsendableRequest`). With ``stdout``/``stderr`` binary file objects the output
+        is written there as it arrives instead of being collected, within a window of credit,
+        so that a slow file slows this command only, never the other calls; if writing to them
+        fails, the connection is closed (the guest cancels the command) and the call raises
+        that error. Collected output keeps at most ``max_output`` bytes per stream
         (16 MiB by default, :data:`~negotiator_common.client.DEFAULT_MAX_OUTPUT`; None for no
         bound, at your own risk), and ``stdout_truncated``/``stderr_truncated`` say when more
         was dropped, so a guest cannot make the host hold more. ``timeout`` bounds the whole

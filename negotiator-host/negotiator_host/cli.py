@@ -43,6 +43,8 @@ Supported options:
   -i, --stdin
 
     Forward standard input to the command (without it the command gets empty input).
+    With one guest it streams, of any length, as fast as the command reads it; with
+    several guests each gets a copy, read into memory first.
 
   -t, --timeout=SECONDS
 
@@ -154,7 +156,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional,
 
 from negotiator_common.cli_support import (
     FullWriter, UsageError, apply_shared_option, format_commands, error_object, exit_now, json_failure, printable,
-    read_stdin, setup_logging, silence_broken_pipe, split_command, write_stdout,
+    read_stdin, setup_logging, silence_broken_pipe, split_command, stdin_source, write_stdout,
 )
 from negotiator_common.exit_status import (
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, exit_status_of_result,
@@ -478,11 +480,12 @@ def _run_on_guests(options: Options) -> int:
     if not targets:
         sys.stderr.write('%s: no running guest has a negotiator channel (see --list-guests)\n' % PROGRAM)
         return EXIT_UNAVAILABLE
-    stdin = read_stdin() if options.stdin and options.action == 'execute' else None
+    wants_input = options.stdin and options.action == 'execute'
     if len(targets) == 1 and not options.all and not options.json:
         channel = GuestChannel(targets[0], uri=options.uri, timeout=options.timeout, direct=options.direct,
                                socket=options.socket)
-        return _one_guest(options, channel, stdin)
+        return _one_guest(options, channel, stdin_source() if wants_input else None)
+    stdin = read_stdin() if wants_input else None
     outcomes = map_guests(_guest_call(options, stdin), targets, uri=options.uri, timeout=options.timeout,
                           direct=options.direct, socket=options.socket)
     return _report(options, outcomes)
@@ -574,7 +577,7 @@ def _ping_line(guest: str, info: Dict[str, Any], rtt: float) -> str:
         guest, printable(info.get('agent')), printable(info.get('version')), rtt * 1000)
 
 
-def _one_guest(options: Options, channel: 'GuestChannel', stdin: Optional[bytes]) -> int:
+def _one_guest(options: Options, channel: 'GuestChannel', stdin: Optional[BinaryIO]) -> int:
     """One guest, plain output: the command's bytes and status pass straight through."""
     with channel:
         if options.action == 'ping':

@@ -16,6 +16,12 @@ to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's o
   an :class:`Outbox`, so the guest's reading thread, shared by every caller, never waits for one.
 - cancellation: the client's ``cancel``, or its going away, sets the handler's cancellation,
   and the link sends ``cancel`` for its own id (to an agent that announces it).
+- streams and credit (``docs/protocol.rst``, "Streams and flow control"), end to end: the
+  client's ``window`` and ``stdin_stream`` go to the guest with the request; the guest's
+  ``credit`` for the input comes to the client under its id, and the client's ``input`` and
+  ``credit`` go to the guest under the link's id, which the guest's first notification about the
+  call names (no client may send either before that). The daemon keeps no window of its own; it
+  checks the client's input against the room the guest granted (:class:`_Relay`).
 - the fair queue: an ``execute`` first takes one of the guest's slots (its announced
   ``max_in_flight``), waiting in turn with the other callers, by uid, within its own timeout.
 
@@ -35,7 +41,8 @@ from negotiator_common.errors import (
     ChannelNotFound, CommandNotAllowed, ConnectionClosed, InvalidParams, InvalidRequest,
 )
 from negotiator_common.lazylog import get_logger
-from negotiator_common.protocol import PROTOCOL_VERSION, RAW_OUTPUT_METHOD, Notification
+from negotiator_common.flow import CREDIT_METHOD, FlowError, SendWindow, valid_grant
+from negotiator_common.protocol import PROTOCOL_VERSION, RAW_INPUT_METHOD, RAW_OUTPUT_METHOD, Notification
 from negotiator_common.workers import run_in_thread
 
 from negotiator_host.agents import DAEMON_AGENT, AgentLink, GuestAgent, GuestAgents
@@ -167,17 +174,80 @@ class Outbox(object):
 
 
 class _Relay(object):
-    """The output of one forwarded call: passed on to the client's outbox under the client's id."""
+    """
+    The streams of one forwarded call, both ways, each under the id its receiver knows.
 
-    def __init__(self, outbox: Outbox, request_id: Any) -> None:
+    From the guest (on the link's reading thread): output, and ``credit`` for the input, go to
+    the client's outbox under the client's id. From the client (on its connection's reading
+    thread): ``input`` and ``credit`` go to the guest under the link's id, learnt from the
+    guest's first notification about the call. Input beyond the room that the guest granted
+    (and this relay passed on) is :attr:`violation`: it goes no further, and the call is
+    cancelled in the guest and answered with it.
+    """
+
+    CREDIT_SIZE = 64
+    """What a ``credit`` notification counts for in the client's outbox (its line's length, about)."""
+
+    def __init__(self, outbox: Outbox, request_id: Any, link: AgentLink, cancelled: threading.Event) -> None:
         self.outbox = outbox
         self.request_id = request_id
+        self.link = link
+        self.cancelled = cancelled
         self.last = 0
+        self.link_id: Any = None
+        self.input_room = SendWindow()
+        self.violation: Optional[FlowError] = None
+        self._lock = threading.Lock()
+
+    def _learn(self, params: Dict[str, Any]) -> None:
+        if self.link_id is None:
+            self.link_id = params.get('id')
 
     def __call__(self, params: Dict[str, Any]) -> None:
+        """The guest's output about the call."""
+        self._learn(params)
         output = client_output(params, self.request_id)
         if output is not None:
             self.last = self.outbox.push(*output)
+
+    def guest_credit(self, params: Dict[str, Any]) -> None:
+        """The guest's room for the input: counted, and passed on to the client."""
+        self._learn(params)
+        amount = params.get('bytes')
+        with self._lock:
+            try:
+                self.input_room.grant(amount)
+            except FlowError:
+                return
+        self.last = self.outbox.push(Notification(CREDIT_METHOD, {'id': self.request_id, 'bytes': amount}),
+                                     self.CREDIT_SIZE)
+
+    def from_client(self, notification: Notification) -> None:
+        """The client's ``input`` or ``credit`` about the call: passed on to the guest, if within the rules."""
+        params = notification.params if isinstance(notification.params, dict) else {}
+        forward: Optional[Notification] = None
+        with self._lock:
+            if self.link_id is None or self.violation is not None:
+                return
+            if notification.method == RAW_INPUT_METHOD:
+                forward = self._input(notification.attachment, params.get('eof') is True)
+            elif notification.method == CREDIT_METHOD and valid_grant(params.get('bytes')):
+                forward = Notification(CREDIT_METHOD, {'id': self.link_id, 'bytes': params['bytes']})
+        if forward is not None:
+            self.link.endpoint.notify(forward)
+        elif self.violation is not None:
+            self.cancelled.set()
+
+    def _input(self, chunk: Optional[bytes], eof: bool) -> Optional[Notification]:
+        """A chunk (or the end) of the client's input, for the guest; None (and a violation) beyond the room."""
+        if chunk is None:
+            return Notification(RAW_INPUT_METHOD, {'id': self.link_id, 'eof': True}) if eof else None
+        if len(chunk) > self.input_room.credit:
+            self.violation = FlowError('the client sent %d bytes of input with room for %d only'
+                                       % (len(chunk), self.input_room.credit))
+            return None
+        self.input_room.take(len(chunk))
+        return Notification(RAW_INPUT_METHOD, {'id': self.link_id}, attachment=chunk)
 
     def flush(self) -> None:
         """Wait until this call's output is written to the client: its reply must not overtake it."""
@@ -339,10 +409,16 @@ class ProxyService(object):
 
     def _call_guest(self, link: AgentLink, params: Dict[str, Any], deadline: Deadline, context: CallContext) -> Any:
         assert self.outbox is not None
-        relay = _Relay(self.outbox, context.request_id)
+        relay = _Relay(self.outbox, context.request_id, link, context.cancelled)
         wait = (deadline.remaining() or 0.0) + _limit(link, 'kill_grace', 0.0) + REPLY_MARGIN
+        context.listen(relay.from_client)
         try:
-            return link.endpoint.call('execute', params, timeout=wait, on_notification=relay,
-                                      cancelled=context.cancelled if link.can_cancel else None)
+            result = link.endpoint.call('execute', params, timeout=wait, on_notification=relay,
+                                        cancelled=context.cancelled if link.can_cancel else None,
+                                        on_credit=relay.guest_credit)
         finally:
+            context.stop_listening()
             relay.flush()
+        if relay.violation is not None:
+            raise relay.violation
+        return result
