@@ -4,7 +4,9 @@ Helpers for the end-to-end tests (``tests/test_e2e_*.py``) on real libvirt/QEMU 
 Why: an agent guest costs about 15 s until its agent answers (boot under TCG, then Python over
 9p), so the end-to-end modules share their guests between tests (module-scoped fixtures) and
 boot the guests they need side by side. The CLIs run as users run them: the installed
-``negotiator-host`` of the virtual environment running the tests, as a subprocess.
+``negotiator-host`` of the virtual environment running the tests, as a subprocess (as another
+user: a forked child that gives up root, :func:`host_cli_as`). A host daemon of these tests has
+its own socket and audit log, and the calls that should go through it name it (``daemon=``).
 """
 
 import importlib
