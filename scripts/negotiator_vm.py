@@ -315,10 +315,11 @@ class Guest(object):
         """Keep this guest from :func:`remove_stale_guests` once its starting process is gone."""
         open(os.path.join(self.workdir, KEPT_MARK), 'w').close()
 
-    def wait_for_agent(self, bindir, timeout=120.0, interval=0.5):
+    def wait_for_agent(self, bindir, timeout=120.0, interval=0.5, socket_path=None):
         """
         Wait until the agent in this guest answers ``negotiator-host --ping`` (the one in
-        ``bindir``) and return an :class:`AgentAnswer`.
+        ``bindir``; with ``socket_path``, through the host daemon listening there, which holds
+        the guest's channel) and return an :class:`AgentAnswer`.
 
         Why the CLI: the demo waits from an interpreter that has no negotiator installed, the
         tests and the benchmark from its virtual environment, and all of them wait for what a
@@ -327,6 +328,8 @@ class Guest(object):
         guest has stopped.
         """
         argv = [os.path.join(bindir, 'negotiator-host'), '--connect', self.uri, '--ping', '--timeout', '3', self.name]
+        if socket_path is not None:
+            argv[1:1] = ['--socket', socket_path]
         deadline = time.monotonic() + timeout
         tries = 0
         while True:

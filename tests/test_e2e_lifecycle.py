@@ -5,7 +5,8 @@ Why: the guest-to-host direction needs the host daemon connected to a real guest
 and the failures that matter in production only happen on a real guest: the guest daemon
 killed by SIGKILL in the middle of a request (supervisord restarts it), and a hard reset of
 the guest. The host daemon is restricted to this module's guest (``--daemon GUEST-PATTERN``),
-since other test sessions on this machine run their own host daemons and guests.
+since other test sessions on this machine run their own host daemons and guests. The daemon
+holds the guest's host-to-guest channel too, so the tests call the guest through it.
 
 The tests run in file order and share the guest: the daemon kill and the reset come last.
 """
@@ -67,26 +68,27 @@ def host_daemon(guest):
         stop_host_daemon(process)
 
 
-def execute(guest, command_line, timeout=60):
-    return host_cli('--timeout', str(timeout), '--execute', command_line, guest.name)
+def execute(guest, host_daemon, command_line, timeout=60):
+    process, _ = host_daemon
+    return host_cli('--timeout', str(timeout), '--execute', command_line, guest.name, daemon=process)
 
 
 # Guest to host.
 
 def test_a_guest_program_runs_a_host_command_that_sees_the_guests_name(guest, host_daemon):
-    result = execute(guest, 'ask-host whoami-guest one two')
+    result = execute(guest, host_daemon, 'ask-host whoami-guest one two')
     assert result.returncode == 0, result.stderr
     assert result.stdout == ('NEGOTIATOR_GUEST=%s\nargs: one two\n' % guest.name).encode()
 
 
 def test_the_hosts_policy_refuses_and_narrows_the_listing(guest, host_daemon):
     process, workdir = host_daemon
-    result = execute(guest, 'ask-host forbidden')
+    result = execute(guest, host_daemon, 'ask-host forbidden')
     assert result.returncode == 77, (result.returncode, result.stdout, result.stderr)
     # Refused, and answered as if it did not exist: only the host's log says why.
     assert b"no command 'forbidden'" in result.stderr and b'policy' not in result.stderr
     assert not os.path.exists(os.path.join(workdir, 'forbidden-ran'))
-    listing = execute(guest, 'list-host')
+    listing = execute(guest, host_daemon, 'list-host')
     assert listing.returncode == 0, listing.stderr
     assert sorted(line.split()[0] for line in listing.stdout.decode().splitlines()) == ['hostname', 'whoami-guest']
     assert 'Refused forbidden for %s' % guest.name in read_log(process)
@@ -101,25 +103,25 @@ def test_the_host_daemon_serves_only_the_guests_it_was_given(guest, host_daemon)
 # The guest daemon killed mid-request.
 
 def test_guest_daemon_killed_mid_request_is_restarted_and_the_caller_gets_an_error(guest, host_daemon):
-    before = execute(guest, 'daemon-pid')
+    before = execute(guest, host_daemon, 'daemon-pid')
     assert before.returncode == 0, before.stderr
     started = time.monotonic()
     # No --timeout: the caller would wait forever if nothing told it that the agent died.
-    result = host_cli('--timeout', '0', '--execute', 'kill-daemon', guest.name, timeout=60)
+    result = host_cli('--timeout', '0', '--execute', 'kill-daemon', guest.name, daemon=host_daemon[0], timeout=60)
     elapsed = time.monotonic() - started
     print('the caller returned %.1f s after the call: %r' % (elapsed, result.stderr))
     assert b'agent %s: ' % before.stdout.strip() in result.stdout, 'the command did not find the agent'
     assert result.returncode in (69, 70, 75), (result.returncode, result.stderr)
     assert result.stderr.startswith(b'negotiator-host: ') and b'lost' in result.stderr
     assert elapsed < 30
-    wait_for_agent(guest, timeout=60)
-    after = execute(guest, 'daemon-pid')
+    wait_for_agent(guest, timeout=60, daemon=host_daemon[0])
+    after = execute(guest, host_daemon, 'daemon-pid')
     assert after.returncode == 0, after.stderr
     assert after.stdout != before.stdout, 'the agent was not restarted'
     assert 'exited: negotiator-guest (terminated by SIGKILL' in guest.read_console()
     # Both directions work again.
-    assert execute(guest, 'argv again').stdout == b'again\0'
-    assert execute(guest, 'ask-host whoami-guest').returncode == 0
+    assert execute(guest, host_daemon, 'argv again').stdout == b'again\0'
+    assert execute(guest, host_daemon, 'ask-host whoami-guest').returncode == 0
 
 
 # A hard reset of the guest.
@@ -132,11 +134,12 @@ def test_guest_reset_both_directions_work_again(guest, host_daemon):
                           timeout=90, interval=0.5)
     assert rebooted, guest.console_tail()
     started = time.monotonic()
-    wait_for_agent(guest, timeout=90)
+    wait_for_agent(guest, timeout=90, daemon=process)
     print('agent answered %.1f s after the reboot was seen' % (time.monotonic() - started))
-    assert execute(guest, 'argv after-reset').stdout == b'after-reset\0'
-    result = wait_until(lambda: execute(guest, 'ask-host whoami-guest reset').returncode == 0, timeout=30, interval=0.5)
+    assert execute(guest, host_daemon, 'argv after-reset').stdout == b'after-reset\0'
+    result = wait_until(lambda: execute(guest, host_daemon, 'ask-host whoami-guest reset').returncode == 0,
+                        timeout=30, interval=0.5)
     assert result, 'guest to host does not work after the reset:\n%s' % read_log(process)[-3000:]
-    result = execute(guest, 'ask-host whoami-guest reset')
+    result = execute(guest, host_daemon, 'ask-host whoami-guest reset')
     assert result.stdout == ('NEGOTIATOR_GUEST=%s\nargs: reset\n' % guest.name).encode()
     assert process.poll() is None, 'the host daemon died'

@@ -89,15 +89,21 @@ def guest(vm_host, zipapp):  # noqa: F811 (the fixture)
         started.remove()
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture
 def host_daemon(guest):
+    """
+    The host daemon, for the test of the guest-to-host direction only: it holds the guest's
+    host-to-guest channel while it runs, and the other tests (and the restarts of the agent)
+    talk to the agent directly.
+    """
     process = start_host_daemon(guest, HOST_COMMANDS, '[%s]\nallow = whoami-guest\n' % guest.name)
     yield process
     stop_host_daemon(process)
 
 
-def execute(guest, command_line, timeout=60):
-    return host_cli('--timeout', str(timeout), '--execute', command_line, guest.name, timeout=timeout + 60)
+def execute(guest, command_line, timeout=60, daemon=None):
+    return host_cli('--timeout', str(timeout), '--execute', command_line, guest.name, daemon=daemon,
+                    timeout=timeout + 60)
 
 
 @pytest.fixture(scope='module', params=GUEST_PYTHONS, ids=['python' + version for version in GUEST_PYTHONS])
@@ -175,6 +181,6 @@ def test_timeout_kills_a_slow_command_and_the_next_call_gets_its_own_reply(agent
 
 
 def test_a_guest_program_calls_the_host_with_the_archive(agent, guest, host_daemon):
-    result = execute(guest, 'ask-host whoami-guest one two', timeout=180)
+    result = execute(guest, 'ask-host whoami-guest one two', timeout=180, daemon=host_daemon)
     assert result.returncode == 0, result.stderr
     assert result.stdout == ('NEGOTIATOR_GUEST=%s\nargs: one two\n' % guest.name).encode()

@@ -27,7 +27,8 @@ from negotiator_common.transport import Transport
 from negotiator_host import GuestChannel
 from negotiator_host.channel import connect_socket
 
-from support import result_or_error, write_command
+from e2e_support import read_log, start_host_daemon, stop_host_daemon
+from support import result_or_error
 from vmfixtures import VENV_BIN, negotiator_vm, vm_host, wait_for_agent  # noqa: F401 (vm_host: a fixture)
 from waiting import process_reaped, wait_until
 
@@ -219,21 +220,13 @@ def test_guest_daemon_sigterm_during_a_long_command(agent):
     assert left == b'', 'processes of the killed command survive: %r' % left
 
 
-def test_libvirtd_stopped_and_started_under_a_running_host_daemon(agent, tmp_path):
-    commands = tmp_path / 'host-commands'
-    commands.mkdir(mode=0o755)
-    for name, text in HOST_COMMANDS.items():
-        write_command(commands, name, text)
-    os.chmod(str(tmp_path), 0o755)
-    log = open(str(tmp_path / 'host-daemon.log'), 'w+b')
-    daemon = subprocess.Popen([os.path.join(VENV_BIN, 'negotiator-host'), '--daemon', '-v',
-                               '--commands-dir', str(commands), agent.name], stdout=log, stderr=log)
+def test_libvirtd_stopped_and_started_under_a_running_host_daemon(agent):
+    daemon = start_host_daemon(agent, HOST_COMMANDS, options=['-v'])
     stopped_libvirtd = False
 
-    path = agent.channel_path(H2G)  # found now: virsh cannot answer while libvirtd is down
-
     def ask_host():
-        with GuestChannel(socket_path=path, timeout=40) as ch:
+        # Through the daemon, which holds the guest's channel (and needs no virsh to find it).
+        with GuestChannel(agent.name, socket=daemon.socket_path, timeout=40) as ch:
             return ch.execute('ask-host', 'whoami-guest', timeout=40)
     attempts = []
 
@@ -256,21 +249,15 @@ def test_libvirtd_stopped_and_started_under_a_running_host_daemon(agent, tmp_pat
         negotiator_vm.ensure_host(force=True)  # starts libvirtd as setup-host does
         stopped_libvirtd = False
         # The daemon starts watching libvirt's events again (back-off 1, 2, 4... s) and serves on.
-        assert wait_until(lambda: _log(log).count("Watching libvirt's events") >= 2, 40, interval=0.2), _log(log)
+        assert wait_until(lambda: read_log(daemon).count("Watching libvirt's events") >= 2, 40, interval=0.2), \
+            read_log(daemon)
         result = ask_host()
         assert result.exit_status == 0 and result.stdout.startswith(b'asked by'), result.stderr
         assert daemon.poll() is None
     finally:
         if stopped_libvirtd or not _libvirtd_pid():
             negotiator_vm.ensure_host(force=True)
-        daemon.terminate()
-        try:
-            daemon.wait(10)
-        except subprocess.TimeoutExpired:
-            daemon.kill()
-            daemon.wait()
-        print(_log(log)[-3000:])
-        log.close()
+        stop_host_daemon(daemon)
     assert _libvirtd_pid()
 
 
@@ -284,9 +271,3 @@ def _libvirtd_pid():
         except OSError:
             pass
     return None
-
-
-def _log(handle):
-    handle.flush()
-    with open(handle.name, 'rb') as reader:
-        return reader.read().decode('utf-8', 'replace')

@@ -95,10 +95,14 @@ def start_vm(vm_host):
 VENV_BIN = os.path.dirname(GUEST_PYTHON)
 
 
-def wait_for_agent(guest, timeout=90.0):
-    """:meth:`negotiator_vm.Guest.wait_for_agent` with this environment's CLI; a test fails when it times out."""
+def wait_for_agent(guest, timeout=90.0, daemon=None):
+    """
+    :meth:`negotiator_vm.Guest.wait_for_agent` with this environment's CLI (through ``daemon``, a
+    host daemon of ``e2e_support.start_host_daemon``, when given); a test fails when it times out.
+    """
     try:
-        return guest.wait_for_agent(VENV_BIN, timeout=timeout)
+        return guest.wait_for_agent(VENV_BIN, timeout=timeout,
+                                    socket_path=daemon.socket_path if daemon is not None else None)
     except negotiator_vm.VMError as err:
         pytest.fail(str(err), pytrace=False)
 
