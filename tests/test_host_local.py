@@ -498,6 +498,15 @@ def test_connections_beyond_a_uids_bound_are_refused_and_others_still_connect(wo
                for root in roots)
 
 
+def test_a_client_refused_for_its_uids_bound_is_told_what_may_be_why(world, monkeypatch):
+    monkeypatch.setattr(local, 'MAX_CLIENTS_PER_UID', 1)
+    held = world.attach(uid=1001)
+    monkeypatch.setattr(Caller, 'from_socket', classmethod(lambda cls, sock: Caller(1001, 1001, 1, 'user1001', [])))
+    with pytest.raises(ConnectionClosed, match='refuses a user connections beyond its bound per user'):
+        GuestChannel('alpha', socket=world.socket).ping(timeout=10)
+    assert held.ping(timeout=10) >= 0
+
+
 def test_a_caller_the_policy_lets_use_no_guest_gets_small_bounds_and_only_refusals(world):
     line = b'{"jsonrpc": "2.0", "id": "long", "method": "hello", "params": {"x": "%s"}}\n' % (
         b'y' * (local.OUTSIDER_MAX_LINE_LENGTH + 1))

@@ -262,6 +262,10 @@ class GuestChannel(object):
         except CallTimeout as exc:
             raise CallTimeout('the host daemon at %s did not answer about %s within %s seconds'
                               % (self.daemon_socket, self.name, deadline.timeout)) from exc
+        except ConnectionClosed as exc:
+            raise ConnectionClosed('the host daemon at %s closed the connection before it answered about %s (%s):'
+                                   ' it refuses a user connections beyond its bound per user, and any connection'
+                                   ' while it stops; its log says which' % (self.daemon_socket, self.name, exc)) from exc
         logger.info("Talking to %s through the host daemon at %s", self.name, self.daemon_socket)
         self.agent_info, self.via = info, THROUGH_DAEMON
         return endpoint, ''
