@@ -265,7 +265,8 @@ class GuestChannel(object):
         except ConnectionClosed as exc:
             raise ConnectionClosed('the host daemon at %s closed the connection before it answered about %s (%s):'
                                    ' it refuses a user connections beyond its bound per user, and any connection'
-                                   ' while it stops; its log says which' % (self.daemon_socket, self.name, exc)) from exc
+                                   ' while it stops; its log says which'
+                                   % (self.daemon_socket, self.name, exc)) from exc
         logger.info("Talking to %s through the host daemon at %s", self.name, self.daemon_socket)
         self.agent_info, self.via = info, THROUGH_DAEMON
         return endpoint, ''
