@@ -233,9 +233,10 @@ def test_replies_out_of_range_are_protocol_errors(world, reply):
         guest.execute('true')
 
 
-def test_a_command_killed_by_a_signal_still_gives_128_plus_it(world):
+def test_a_command_killed_by_a_signal_gives_128_plus_it_and_says_so(world):
     world.odd_replies['execute'] = {'exit_status': None, 'signal': 9, 'duration': 0.1}
-    assert run_cli(world, '-e', 'true', 'odd')[0] == 137
+    status, out, err = run_cli(world, '-e', 'true', 'odd')
+    assert (status, out, err) == (137, b'', b'negotiator-host: true in odd was ended by signal 9 (SIGKILL)\n')
 
 
 def test_text_from_a_guest_reaches_the_terminal_escaped(world):

@@ -246,8 +246,9 @@ def test_the_daemon_restarted_with_calls_in_flight(guest, daemon):
     print('\n'.join('%d %r %r' % outcome for outcome in outcomes))
     # The stopping daemon cancels its callers' commands in the guest and passes on their replies
     # (negotiator_common.stopping): a command that SIGTERM ended is 143, as the CLI documents,
-    # and the audit log says that the signal ended it.
-    killed = ['in-flight-%d' % number for number, outcome in enumerate(outcomes) if outcome == (143, b'', b'')]
+    # with a line that says so, and the audit log says that the signal ended it.
+    note = ('negotiator-host: wait-for in %s was ended by signal 15 (SIGTERM)\n' % guest.name).encode()
+    killed = ['in-flight-%d' % number for number, outcome in enumerate(outcomes) if outcome == (143, b'', note)]
     for number, outcome in enumerate(outcomes):
         assert 'in-flight-%d' % number in killed or answer_or_clear_error(outcome, b'in-flight-%d\n' % number), \
             outcome

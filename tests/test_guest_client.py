@@ -169,8 +169,10 @@ def test_cli_execute_splits_with_shlex_and_forwards_stdin(host):
     assert process.stdout == b''
 
 
-def test_cli_signal_exit_status(host):
-    assert run_cli('-c', host.path, '-e', 'suicide').returncode == 128 + 9
+def test_cli_signal_exit_status_and_note(host):
+    process = run_cli('-c', host.path, '-e', 'suicide')
+    assert process.returncode == 128 + 9
+    assert process.stderr == b'negotiator-guest: suicide on the host was ended by signal 9 (SIGKILL)\n'
 
 
 def test_cli_json(host):

@@ -97,6 +97,23 @@ def stdin_source() -> BinaryIO:
     return sys.stdin.buffer
 
 
+def signal_note(program: str, command: str, where: str, signal_number: Optional[int]) -> str:
+    """
+    The line a CLI writes to standard error when a command it ran on the other side was ended
+    by a signal (its exit status, 128 + N, would otherwise be all the user sees: a command
+    killed because a daemon stopped looks like one that failed in silence); '' otherwise.
+    """
+    if not signal_number:
+        return ''
+    import signal
+
+    try:
+        name = ' (%s)' % signal.Signals(signal_number).name
+    except ValueError:
+        name = ''
+    return '%s: %s %s was ended by signal %d%s\n' % (program, printable(command), where, signal_number, name)
+
+
 def printable(text: object) -> str:
     """
     ``text`` with every control and format character escaped (``\\x1b``, ``\\u202e``), for

@@ -83,7 +83,7 @@ from typing import BinaryIO, Dict, List, Optional, Sequence, cast
 
 from negotiator_common.cli_support import (
     FullWriter, UsageError, apply_shared_option, format_commands, exit_now, json_failure, printable, stdin_source,
-    setup_logging, silence_broken_pipe, split_command, write_stdout,
+    setup_logging, signal_note, silence_broken_pipe, split_command, write_stdout,
 )
 from negotiator_common.exit_status import (
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, exit_status_for, exit_status_of_result,
@@ -199,6 +199,7 @@ def _run_client(options: Options) -> int:
         result = client.execute(options.command[0], *options.command[1:], input=stdin,
                                 stdout=cast(BinaryIO, FullWriter(sys.stdout.buffer)),
                                 stderr=cast(BinaryIO, FullWriter(sys.stderr.buffer)))
+        sys.stderr.write(signal_note(PROGRAM, options.command[0], 'on the host', result.signal))
     return exit_status_of_result(result.exit_status, result.signal)
 
 

@@ -156,7 +156,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional,
 
 from negotiator_common.cli_support import (
     FullWriter, UsageError, apply_shared_option, format_commands, error_object, exit_now, json_failure, printable,
-    read_stdin, setup_logging, silence_broken_pipe, split_command, stdin_source, write_stdout,
+    read_stdin, setup_logging, signal_note, silence_broken_pipe, split_command, stdin_source, write_stdout,
 )
 from negotiator_common.exit_status import (
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, exit_status_of_result,
@@ -593,6 +593,7 @@ def _one_guest(options: Options, channel: 'GuestChannel', stdin: Optional[Binary
         result = channel.execute(argv[0], *argv[1:], input=stdin, stdout=_sink(stdout),
                                  stderr=_sink(FullWriter(sys.stderr.buffer)))
         stdout.flush()
+        sys.stderr.write(signal_note(PROGRAM, argv[0], 'in ' + channel.name, result.signal))
         return _result_status(result)
 
 
