@@ -1,0 +1,62 @@
+"""
+How :class:`negotiator_common.transport.Transport` reads: poll first after a message, read
+first while a stream flows (a read that finds nothing raises, and in an emulated guest that
+failed read doubled a ping's round trip; docs/benchmark.rst).
+"""
+
+import os
+
+import pytest
+
+from negotiator_common import transport
+from negotiator_common.deadline import Deadline
+from negotiator_common.errors import CallTimeout
+from negotiator_common.transport import STREAMING_READ, Transport
+
+
+class CountingBuffer(transport.ReadBuffer):
+    """A read buffer that counts the reads that found nothing (BlockingIOError)."""
+
+    def __init__(self, limit):
+        super().__init__(limit)
+        self.empty_reads = 0
+
+    def read(self, fd, size=None):
+        try:
+            return super().read(fd, size)
+        except BlockingIOError:
+            self.empty_reads += 1
+            raise
+
+
+@pytest.fixture
+def pipe():
+    read_end, write_end = os.pipe()
+    reader = Transport(read_end)
+    reader._read_buffer = CountingBuffer(transport.READ_SIZE)
+    yield reader, write_end
+    reader.close()
+    os.close(write_end)
+
+
+def _empty_reads_of_a_read_that_finds_nothing(reader):
+    before = reader._read_buffer.empty_reads
+    with pytest.raises(CallTimeout):
+        reader.read(deadline=Deadline(0.05))
+    return reader._read_buffer.empty_reads - before
+
+
+def test_after_a_short_message_a_read_waits_for_data_before_reading(pipe):
+    reader, write_end = pipe
+    message = b'{"jsonrpc": "2.0", "id": 1, "method": "ping"}\n'
+    os.write(write_end, message)
+    assert reader.read() == message
+    assert _empty_reads_of_a_read_that_finds_nothing(reader) == 0
+
+
+def test_while_a_stream_flows_a_read_reads_before_it_polls(pipe):
+    reader, write_end = pipe
+    os.write(write_end, b'x' * STREAMING_READ)
+    assert reader.read() == b'x' * STREAMING_READ
+    assert _empty_reads_of_a_read_that_finds_nothing(reader) == 1  # tried at once, then waited
+    assert _empty_reads_of_a_read_that_finds_nothing(reader) == 0  # the stream has stopped
