@@ -29,7 +29,7 @@ READ_SIZE = 256 * 1024
 
 
 STREAMING_READ = 4096
-"""A read at least this long (a virtio-serial port's whole buffer) says that a stream flows: read again before polling."""
+"""A read at least this long (a virtio-serial port's whole buffer) says a stream flows: read again before polling."""
 
 
 class ReadBuffer(object):
