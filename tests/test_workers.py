@@ -43,3 +43,20 @@ def test_an_idle_thread_ends(monkeypatch):
     assert done.wait(10)
     assert wait_until(lambda: not threads[0].is_alive(), timeout=10)
     assert wait_until(lambda: workers.idle_threads() == 0, timeout=10)  # those of other tests too
+
+
+
+def test_after_a_burst_at_most_max_idle_threads_wait(monkeypatch):
+    monkeypatch.setattr(workers, 'IDLE_SECONDS', 5.0)  # the idle ones outlive the check; the others end at once
+    count = workers.MAX_IDLE + 6
+    barrier = threading.Barrier(count + 1, timeout=20)  # every job runs at once: one thread each
+    for number in range(count):
+        workers.run_in_thread('negotiator-burst-%d' % number, barrier.wait)
+    barrier.wait()
+
+    def burst_threads():
+        return [t for t in threading.enumerate() if t.name.startswith('negotiator-burst-')]
+
+    assert wait_until(lambda: len(burst_threads()) == workers.MAX_IDLE, timeout=4)
+    assert workers.idle_threads() <= workers.MAX_IDLE
+    assert wait_until(lambda: not burst_threads(), timeout=20)  # and those end when idle long enough

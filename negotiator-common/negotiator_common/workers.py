@@ -11,7 +11,9 @@ job to a thread that has finished its last one and waits for another, and starts
 only when none is idle; a thread idle for :data:`IDLE_SECONDS` ends, so that a daemon at rest
 holds no more threads than it did before.
 
-Nothing bounds the number of threads here: the endpoint's ``max_concurrent`` does, as before.
+Nothing bounds the number of busy threads here: the endpoint's ``max_concurrent`` does, as
+before. At most :data:`MAX_IDLE` threads wait for a job: after a burst (a host daemon refusing
+the requests of fifty guests at once), the others end at once instead of lingering.
 A job that raises ends its thread with the exception (reported as any thread's is), as a
 thread of its own would have.
 """
@@ -20,10 +22,13 @@ import collections
 import threading
 from typing import Any, Callable, Deque, Tuple
 
-__all__ = ('run_in_thread', 'idle_threads', 'IDLE_SECONDS')
+__all__ = ('run_in_thread', 'idle_threads', 'IDLE_SECONDS', 'MAX_IDLE')
 
 IDLE_SECONDS = 2.0
 """How long a thread with nothing to do waits for a new job before it ends."""
+
+MAX_IDLE = 8
+"""How many threads may wait for a job at once; one more that finishes its job ends."""
 
 _Job = Tuple[str, Callable[..., Any], Tuple[Any, ...]]
 
@@ -62,6 +67,8 @@ def _work(job: _Job) -> None:
         function(*args)
         del function, args, job  # hold nothing of the last job while idle
         with _lock:
+            if _idle >= MAX_IDLE and not _jobs:
+                return
             _idle += 1
             try:
                 if not _jobs:
