@@ -68,23 +68,26 @@ def write_command(directory, name: str, script: str, mode: int = 0o755) -> str:
     return path
 
 
+WAITING_PROLOGUE = 'import sys\nsys.path.insert(0, %r)\nfrom waiting import wait_until\n' % os.path.dirname(
+    os.path.abspath(__file__))
+"""Put first in a command's script: its ``wait_until`` is the tests' own (tests/waiting.py)."""
+
+
 def make_commands_dir(root: str, scripts: Dict[str, str]) -> str:
-    """A commands directory with Python scripts (name -> body)."""
+    """A commands directory with Python scripts (name -> body; a body may call ``wait_until``)."""
     directory = os.path.join(root, 'commands')
     os.makedirs(directory, exist_ok=True)
     os.chmod(directory, 0o755)
     for name, body in scripts.items():
-        write_command(directory, name, '#!%s\n%s' % (sys.executable, textwrap.dedent(body)))
+        write_command(directory, name, '#!%s\n%s%s' % (sys.executable, WAITING_PROLOGUE, textwrap.dedent(body)))
     return directory
 
 
 GUEST_COMMANDS = {
     'sha-stdin': '''
-        import hashlib, os, sys, time
+        import hashlib, os, sys
         gate = sys.argv[1] if len(sys.argv) > 1 else None
-        deadline = time.monotonic() + 60
-        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: not gate or os.path.exists(gate), timeout=60, interval=0.01)
         digest, size = hashlib.sha256(), 0
         for chunk in iter(lambda: sys.stdin.buffer.read1(1048576), b''):
             digest.update(chunk)
@@ -141,25 +144,20 @@ GUEST_COMMANDS = {
         time.sleep(float(sys.argv[2]) if len(sys.argv) > 2 else 60)
     ''',
     'rendezvous': '''
-        import os, sys, time
+        import os, sys
         directory, count = sys.argv[1], int(sys.argv[2])
         open(os.path.join(directory, str(os.getpid())), 'w').close()
-        deadline = time.monotonic() + 20
-        while len(os.listdir(directory)) < count:
-            if time.monotonic() > deadline:
-                sys.exit('only %d of %d met' % (len(os.listdir(directory)), count))
-            time.sleep(0.01)
+        if not wait_until(lambda: len(os.listdir(directory)) >= count, timeout=20, interval=0.01):
+            sys.exit('only %d of %d met' % (len(os.listdir(directory)), count))
         sys.stdout.write('met\\n')
     ''',
     'log-run': '''
-        import os, sys, time
+        import os, sys
         log, tag = sys.argv[1], sys.argv[2]
         with open(log, 'a') as handle:
             handle.write(tag + '\\n')
         gate = sys.argv[3] if len(sys.argv) > 3 else None
-        deadline = time.monotonic() + 20
-        while gate and not os.path.exists(gate) and time.monotonic() < deadline:
-            time.sleep(0.01)
+        wait_until(lambda: not gate or os.path.exists(gate), timeout=20, interval=0.01)
     ''',
     'flood-pid': '''
         import os, sys
