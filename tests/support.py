@@ -308,7 +308,7 @@ class FakeHostDaemon(object):
     guest gets CommandNotAllowed, one not in ``agents`` ChannelNotFound, and one in it attaches:
     that hello goes to the agent's socket, its answer comes back with ``via`` added, and then the
     bytes flow both ways unchanged. One agent connection per client: no sharing, no id mapping.
-    ``attached`` lists the guest of each attach.
+    ``attached`` lists the guest of each attach, ``refusals`` counts the refused hellos.
     """
 
     def __init__(self, path: str, agents: Dict[str, str], refused: Sequence[str] = ()) -> None:
@@ -316,6 +316,7 @@ class FakeHostDaemon(object):
         self.agents = agents
         self.refused = set(refused)
         self.attached: List[str] = []
+        self.refusals = 0
         self.sock = listening_socket(path)
         self._sockets: List[socket.socket] = []
         thread = threading.Thread(target=self._accept, name='fake-host-daemon')
@@ -361,6 +362,7 @@ class FakeHostDaemon(object):
             return Response(request_id, result={'agent': 'negotiator-host-daemon', 'version': 'fake',
                                                 'guests': listed})
         if guest in self.refused:
+            self.refusals += 1
             return Response(request_id, error=CommandNotAllowed('this user may not use %s' % guest))
         return Response(request_id, error=ChannelNotFound('the daemon does not serve %s' % guest))
 

@@ -10,6 +10,7 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 
@@ -22,6 +23,7 @@ from negotiator_host.local_socket import DEFAULT_SOCKET, socket_path
 
 from fake_libvirt import FakeLibvirt
 from support import AGENT_GUESTS, FakeHostDaemon, listening_socket, short_tempdir, start_agents
+from waiting import wait_dead, wait_until
 
 
 class World(object):
@@ -182,6 +184,7 @@ def _same_ping(output):
 
 @pytest.mark.parametrize('args,stdin,expected_status', [
     (['-e', 'binary', 'alpha'], b'', 0),
+    (['-e', 'bytes 5000000', 'alpha'], b'', 0),  # more than the output window: credit flows
     (['--stdin', '-e', 'cat-stdin', 'alpha'], b'\x00in\xff', 0),
     (['-e', 'fail', 'alpha'], b'', 3),
     (['-c', 'alpha'], b'', 0),
@@ -309,3 +312,70 @@ def test_a_call_through_the_daemon_imports_neither_discovery_nor_hashing(world):
     status, modules = last.split(b' ', 1)
     assert (status, printed, world.daemon.attached) == (b'0', [b'hello'], ['alpha'])
     assert not {b'negotiator_host.discovery', b'secrets', b'hashlib', b'base64', b'logging'} & set(modules.split())
+
+
+def _modules_after(argv, env, code):
+    process = subprocess.run([sys.executable, '-c', code] + argv, stdout=subprocess.PIPE, env=env, timeout=60)
+    lines = process.stdout.splitlines()
+    status, modules = lines[-1].split(b' ', 1)
+    return status, lines[:-1], set(modules.decode().split())
+
+
+def test_the_plain_execute_through_the_daemon_imports_only_what_a_socket_and_json_client_does(world):
+    # negotiator_host.oneshot: the console script's quick way (docs/benchmark.rst, "one CLI call
+    # through the daemon"); what it imports beyond the floor's socket and json is its own code.
+    program = ('import sys\nfrom negotiator_host.oneshot import main\ntry:\n    main()\nexcept SystemExit as exc:\n'
+               '    status = exc.code\nsys.stdout.flush()\nprint(status, " ".join(sorted(sys.modules)))\n')
+    floor = 'import sys, socket, json, math, os, time\nprint(0, " ".join(sorted(sys.modules)))\n'
+    status, printed, modules = _modules_after(['--execute=echo-args hello', 'alpha'], world.fake.environ, program)
+    assert (status, printed, world.daemon.attached) == (b'0', [b'hello'], ['alpha'])
+    _, _, floor_modules = _modules_after([], world.fake.environ, floor)
+    assert {name.split('.')[0] for name in modules - floor_modules} == {'negotiator_host', 'negotiator_common'}
+    assert 'negotiator_host.cli' not in modules
+
+
+@pytest.mark.parametrize('argv', [
+    ['-v', '--execute=echo-args hello', 'alpha'],          # any other option
+    ['--execute=echo-args "hello"', 'alpha'],              # a shell's quoting
+    ['--execute=echo-args hello', 'alpha', 'béta-2'],      # two guests
+    ['--execute=echo-args hello', '--timeout=1m', 'alpha'],  # a timespan
+])
+def test_any_other_call_goes_the_full_way_with_the_same_answer(world, argv):
+    program = ('import sys\nfrom negotiator_host.oneshot import main\ntry:\n    main()\nexcept SystemExit as exc:\n'
+               '    status = exc.code\nsys.stdout.flush()\nprint(status, " ".join(sorted(sys.modules)))\n')
+    status, printed, modules = _modules_after(argv, world.fake.environ, program)
+    assert status == b'0' and printed[-1].endswith(b'hello') and 'negotiator_host.cli' in modules
+
+
+def test_the_quick_way_leaves_a_guest_the_daemon_does_not_serve_to_the_full_way(world):
+    # béta-2 is not served: nothing ran through the daemon, and the full way goes direct.
+    status, out, err = world.run_cli('--execute=echo-args hello', 'béta-2')
+    assert (status, out, err) == (0, b'hello\n', b'')
+
+
+def test_the_quick_way_says_a_refusal_once(world):
+    status, out, err = world.run_cli('--execute=echo-args hello', 'gamma.3')
+    assert status == 77 and out == b'' and len(err.splitlines()) == 1
+    assert world.daemon.refusals == 1
+
+
+@pytest.mark.parametrize('how', ['closed pipe', 'ctrl-c'])
+def test_the_quick_way_ends_as_the_full_way_and_the_command_ends_too(world, tmp_path, how):
+    command = ('flood-pid %s' if how == 'closed pipe' else 'sleep-pid %s') % tmp_path
+    process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '-t', '60', '-e', command, 'alpha'],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=world.fake.environ)
+    try:
+        assert wait_until(lambda: os.listdir(str(tmp_path)), timeout=30)
+        if how == 'closed pipe':
+            assert process.stdout.read(1)
+            process.stdout.close()
+        else:
+            process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == (141 if how == 'closed pipe' else 130)
+        assert process.stderr.read() == (b'' if how == 'closed pipe' else b'negotiator-host: interrupted\n')
+    finally:
+        process.kill()
+        process.wait()
+        process.stderr.close()
+    assert world.daemon.attached == ['alpha']
+    assert wait_dead(*[int(name) for name in os.listdir(str(tmp_path))], timeout=10)

@@ -32,8 +32,9 @@ def test_a_library_warning_is_never_printed_by_logging_itself(module):
 
 
 def test_the_host_package_imports_its_names_when_first_used():
-    # The console script imports negotiator_host.cli through the package: that alone must not
-    # import the API or the discovery (Python 3.6 too, which has no module __getattr__).
+    # The console script imports negotiator_host.oneshot through the package, and the full CLI
+    # when the call is not its plainest: neither must import the API or the discovery (Python
+    # 3.6 too, which has no module __getattr__).
     result = run_python(
         "import sys, negotiator_host.cli\n"
         "print(sorted(m for m in sys.modules if m.startswith('negotiator_host.')))\n"
@@ -48,7 +49,7 @@ def test_the_host_package_imports_its_names_when_first_used():
         "    print(exc)\n")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        "['negotiator_host.cli']",
+        "['negotiator_host.cli', 'negotiator_host.local_socket', 'negotiator_host.oneshot']",
         'negotiator_host.channel negotiator_host.discovery True',
         '[]',
         "module 'negotiator_host' has no attribute 'nothing'"]

@@ -19,7 +19,7 @@ import threading
 import pytest
 
 from negotiator_common import callstreams, flow
-from negotiator_common.callstreams import OUTPUT_WINDOW
+from negotiator_common.callbounds import OUTPUT_WINDOW
 from negotiator_common.client import INLINE_INPUT, AgentClient
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.dispatcher import Dispatcher

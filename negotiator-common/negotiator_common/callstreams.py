@@ -23,7 +23,7 @@ from negotiator_common.flow import CREDIT_METHOD, FlowError, ReceiveWindow, Send
 from negotiator_common.lazylog import get_logger
 from negotiator_common.protocol import RAW_INPUT_METHOD, Notification, decode_bytes
 
-__all__ = ('InputPump', 'OutputReceiver', 'InputSource', 'read_bounded', 'INPUT_CHUNK_SIZE', 'OUTPUT_WINDOW')
+__all__ = ('InputPump', 'OutputReceiver', 'InputSource', 'read_bounded', 'INPUT_CHUNK_SIZE')
 
 logger = get_logger(__name__)
 
@@ -34,9 +34,6 @@ agent of this release grants (:data:`~negotiator_common.streams.INPUT_WINDOW`). 
 written whole, under the channel's write lock, so a ping waits for the chunk in progress; the
 cost per chunk (a header line to parse) stays small beside its bytes.
 """
-
-OUTPUT_WINDOW = 2 * 1024 * 1024
-"""The room a caller grants for a call's output: the most of it that waits for a slow consumer."""
 
 InputSource = Union[bytes, bytearray, memoryview, BinaryIO, Iterable[bytes]]
 """A command's standard input: bytes, a binary file object (read until its end) or an iterable of byte chunks."""

@@ -18,7 +18,8 @@ import math
 import time
 from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 
-from negotiator_common.callstreams import OUTPUT_WINDOW, InputPump, InputSource, OutputReceiver, read_bounded
+from negotiator_common.callbounds import OUTPUT_WINDOW, command_timeout_for
+from negotiator_common.callstreams import InputPump, InputSource, OutputReceiver, read_bounded
 from negotiator_common.cancellation import Cancellation
 from negotiator_common.endpoint import CANCEL_METHOD, DEFAULT_TIMEOUT, Endpoint
 from negotiator_common.errors import (
@@ -26,7 +27,7 @@ from negotiator_common.errors import (
 )
 from negotiator_common.protocol import Request, decode_bytes, encode_bytes, encode_message
 
-__all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'command_timeout_for', 'announces',
+__all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'announces',
            'DEFAULT_MAX_OUTPUT', 'RAW_OUTPUT', 'STREAM_INPUT', 'CREDIT', 'INLINE_INPUT', 'OLD_MAX_STDIN')
 
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
@@ -129,17 +130,6 @@ class ExecuteResult(object):
             self.command, self.exit_status, len(self.stdout))
 
 
-def command_timeout_for(timeout: float, kill_grace: float = 0.0) -> float:
-    """
-    The timeout to give the agent for a command, so that its own timeout reply (with the
-    command's partial output) arrives before the caller's deadline does: the agent stops a
-    command with SIGTERM, then SIGKILL ``kill_grace`` seconds later (its ``limits`` in
-    ``hello``), and only then replies, so both the grace and a second for the reply's way back
-    come off the caller's timeout (never more than half of it).
-    """
-    return max(timeout - kill_grace - 1.0, timeout * 0.5)
-
-
 def _is_number(value: object) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -160,7 +150,7 @@ def _limit(limits: Dict[str, Any], name: str) -> Optional[float]:
     return value if _is_number(value) and value > 0 else None
 
 
-def _execute_fields(reply: object) -> Dict[str, Any]:
+def execute_fields(reply: object) -> Dict[str, Any]:
     """
     The fields of an ``execute`` result, checked against the spec: an exit status from 0 to
     255, or none and a signal from 1 to 127 (so that 128 + it is a status); a finite duration
@@ -312,7 +302,7 @@ class AgentClient(object):
         ``max_output`` bytes per stream (:data:`DEFAULT_MAX_OUTPUT`; None: no bound, at the
         caller's risk): the rest is dropped and ``stdout_truncated``/``stderr_truncated`` say so.
         To an agent that announces ``credit``, the output flows within a window of
-        :data:`~negotiator_common.callstreams.OUTPUT_WINDOW` bytes: a slow file slows this
+        :data:`~negotiator_common.callbounds.OUTPUT_WINDOW` bytes: a slow file slows this
         call's command, never the channel's other calls. If writing to ``stdout``/``stderr``
         fails, the connection is closed (the agent cancels the command) and the call raises
         that error. ``timeout`` bounds the whole call; the agent kills the command a little
@@ -338,7 +328,7 @@ class AgentClient(object):
         pump = None if streamed is None else InputPump(self.endpoint.notify, streamed, cancelled)
         on_output = self._output(stdout, stderr, max_output)
         reply = self._call_execute(params, timeout, on_output, pump, cancelled)
-        fields = _execute_fields(reply)
+        fields = execute_fields(reply)
         fields['stdout_truncated'] |= on_output.truncated['stdout']
         fields['stderr_truncated'] |= on_output.truncated['stderr']
         result = ExecuteResult(command, args, stdout=bytes(on_output.collected['stdout']),

@@ -162,15 +162,15 @@ from negotiator_common.exit_status import (
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, exit_status_of_result,
 )
 
+from negotiator_host.oneshot import DEFAULT_TIMEOUT
+
 if TYPE_CHECKING:
     from negotiator_host.channel import GuestChannel, GuestOutcome
 
-__all__ = ('main', 'run', 'Options', 'parse_options', 'exit_status_for')
+__all__ = ('main', 'run', 'Options', 'parse_options', 'exit_status_for', 'report_failure')
 
 PROGRAM = 'negotiator-host'
 
-DEFAULT_TIMEOUT = 10.0
-"""Seconds that a call may take when --timeout does not say."""
 
 LIST_PROBE_TIMEOUT = 3.0
 """Seconds that --list-guests waits for each agent (at most; a smaller --timeout wins)."""
@@ -378,8 +378,16 @@ def run(arguments: Sequence[str]) -> int:
         from negotiator_host.policy import PolicyError
         if not isinstance(exc, (NegotiatorError, PolicyError)):
             raise
-        sys.stderr.write(_error_line('', exc) + '\n')
-        return EXIT_USAGE if isinstance(exc, PolicyError) else exit_status_for(exc)
+        if isinstance(exc, PolicyError):
+            sys.stderr.write(_error_line('', exc) + '\n')
+            return EXIT_USAGE
+        return report_failure(exc)
+
+
+def report_failure(error: BaseException) -> int:
+    """Write the one line of a call that failed (the program's name, the message) and return its exit status."""
+    sys.stderr.write(_error_line('', error) + '\n')
+    return exit_status_for(error)
 
 
 def _run_daemon(options: Options) -> int:
