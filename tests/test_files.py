@@ -447,3 +447,18 @@ def test_an_agent_older_than_files_is_answered_cleanly_not_waited_for(tmp_path):
         server.close()
     finally:
         older.close()
+
+
+def test_a_hostile_guest_cannot_plant_a_link_out_of_the_tree_on_the_host(guest, tmp_path, monkeypatch):
+    from negotiator_common import fileservice
+
+    def hostile_tree(dir_fd, sink, path, skipped=None):
+        sink.write(archive((member('.', tarfile.DIRTYPE), None), (member('x', tarfile.SYMTYPE, '/etc'), None),
+                           (member('pad'), os.urandom(3 * MIB))))
+    monkeypatch.setattr(fileservice, 'write_tree', hostile_tree)
+    (tmp_path / 'guest' / 'd').mkdir()
+    with pytest.raises(FileError) as error:
+        guest.agent.pull(str(tmp_path / 'guest' / 'd'), str(tmp_path / 'host' / 'd'), recursive=True)
+    assert error.value.reason == 'unsafe' and 'points out of the tree' in str(error.value)
+    assert os.listdir(str(tmp_path / 'host')) == []
+    assert guest.agent.ping(5) >= 0
