@@ -307,9 +307,8 @@ def _pull(endpoint: Endpoint, can_cancel: bool, source: str, target: LocalFile, 
                                    {'path': source})
         ok = True
     except NegotiatorError:
-        cause = local.extraction_failure() or receiver.sink_error  # what made this side cancel the call
-        if cause is not None:
-            raise cause from None
+        if receiver.sink_error is not None:  # this side cancelled the call: why (a refused archive, say)
+            raise (local.extraction_failure() or receiver.sink_error) from None
         raise
     finally:
         local.finish(ok, _mode(reply) if ok else None)
