@@ -118,7 +118,7 @@ def on_thread(function, *args, **kwargs):
 
 def test_the_agent_announces_streamed_input_and_credit(connection):
     hello = connection.endpoint.handshake(5)
-    assert {'stream-input', 'credit'} <= set(hello['capabilities'])
+    assert {'escaped-input', 'credit'} <= set(hello['capabilities'])
 
 
 @pytest.mark.parametrize('shape', ['bytes', 'file', 'chunks of odd sizes'])

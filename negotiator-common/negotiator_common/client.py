@@ -48,8 +48,13 @@ _ID_ROOM = 24
 RAW_OUTPUT = 'raw-output'
 """The capability in ``hello`` of an agent that sends output in the raw framing when asked."""
 
-STREAM_INPUT = 'stream-input'
-"""The capability in ``hello`` of an agent whose ``execute`` takes its input as a stream (``stdin_stream``)."""
+STREAM_INPUT = 'escaped-input'
+"""
+The capability in ``hello`` of an agent whose ``execute`` takes its input as a stream
+(``stdin_stream``) of escaped chunks (``docs/protocol.rst``, "Streamed input"). Named after the
+escaping: an agent of the first, unescaped framing announced another name, so that neither side
+streams to the other and the input goes inline instead of arriving changed.
+"""
 
 FILES_CAPABILITY = 'files'
 """The capability in ``hello`` of an agent that serves ``push`` and ``pull``: its owner turned file access on."""
@@ -253,7 +258,7 @@ class AgentClient(object):
                   ``limits`` it announced are refused before they are sent, and its
                   ``capabilities`` decide how ``execute`` asks for output: in the raw framing
                   when they list ``raw-output``, else as text notifications (an agent older than
-                  raw output refuses ``"stream": "raw"``), whether input streams (``stream-input``)
+                  raw output refuses ``"stream": "raw"``), whether input streams (``escaped-input``)
                   and whether output flows within a window (``credit``). None: nothing is known;
                   no limits are checked here (the agent checks), and raw output, streamed input and
                   credit are used, as every agent of this release announces them.
@@ -300,7 +305,7 @@ class AgentClient(object):
         until its end) or an iterable of byte chunks. Up to :data:`INLINE_INPUT` bytes travel in
         the request; more, and any file or iterable, stream within the room the agent grants
         (``docs/protocol.rst``, "Streamed input"), of any length, with bounded memory on both
-        sides. To an agent without streamed input (no ``stream-input`` in its ``hello``) the
+        sides. To an agent without streamed input (no ``escaped-input`` in its ``hello``) the
         input travels in the request, at most its ``max_stdin``: beyond it, the call raises
         :class:`UnsendableRequest` before anything is sent, having read one byte past the bound.
         If reading ``input`` fails, the command is cancelled and the call raises that error.

@@ -34,12 +34,12 @@ __all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'RAW_CHUNK
 
 logger = get_logger(__name__)
 
-CAPABILITIES = ('ping', 'list_commands', 'execute', 'stream', 'raw-output', 'cancel', 'stream-input', 'credit')
+CAPABILITIES = ('ping', 'list_commands', 'execute', 'stream', 'raw-output', 'cancel', 'escaped-input', 'credit')
 """
 What ``hello`` announces: ``stream`` means ``execute`` can send its output as notifications,
 ``raw-output`` that it sends them in the raw framing when asked with ``"stream": "raw"``,
 ``cancel`` that a request in flight can be cancelled by its id (the endpoint answers it),
-``stream-input`` that ``execute`` takes ``"stdin_stream": true`` and ``credit`` that it honours
+``escaped-input`` that ``execute`` takes ``"stdin_stream": true`` and ``credit`` that it honours
 a ``window`` for the output (``docs/protocol.rst``, "Streams and flow control"). An agent that
 serves ``push`` and ``pull`` adds ``files``
 (:data:`~negotiator_common.client.FILES_CAPABILITY`).
