@@ -462,3 +462,68 @@ def test_a_hostile_guest_cannot_plant_a_link_out_of_the_tree_on_the_host(guest, 
     assert error.value.reason == 'unsafe' and 'points out of the tree' in str(error.value)
     assert os.listdir(str(tmp_path / 'host')) == []
     assert guest.agent.ping(5) >= 0
+
+
+def _extended(kind, size, declared=None):
+    """A raw header of an extended ``kind`` declaring ``declared`` bytes (``size`` follow, padded)."""
+    info = tarfile.TarInfo('././@LongLink' if kind != tarfile.XHDTYPE else './PaxHeaders/x')
+    info.type, info.size = kind, size if declared is None else declared
+    header = info.tobuf(format=tarfile.GNU_FORMAT)
+    body = b'%d path=%s\n' % (size, b'a' * (size - 8)) if kind == tarfile.XHDTYPE else b'n' * size
+    return header + body[:size] + b'\0' * (-size % 512)
+
+
+def _extract(data, tmp_path):
+    parent = tmp_path / 'parent'
+    parent.mkdir()
+    fd = open_directory(str(parent))
+    try:
+        tree = AtomicTree(fd, 'tree', str(parent / 'tree'))
+        with pytest.raises(FileError) as error:
+            extract_tree(io.BytesIO(data), tree)
+        tree.abort()
+    finally:
+        os.close(fd)
+    assert os.listdir(str(parent)) == []
+    return error.value
+
+
+@pytest.mark.parametrize('kind', [tarfile.XHDTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.XGLTYPE])
+def test_an_extended_header_declaring_gigabytes_is_refused_before_it_is_read(tmp_path, kind):
+    # tarfile reads an extended header whole: 4 GiB declared, 4 KiB sent; refused at its header.
+    root = archive((member('.', tarfile.DIRTYPE), None))[:512]
+    error = _extract(root + _extended(kind, 4096, declared=4 << 30), tmp_path)
+    assert error.reason == 'unsafe' and 'extended header of 4294967296 bytes' in str(error)
+
+
+def test_a_chain_of_extended_headers_is_refused(tmp_path):
+    # Each is held while tarfile reads the next: a chain stops at MAX_TAR_NESTING.
+    root = archive((member('.', tarfile.DIRTYPE), None))[:512]
+    error = _extract(root + b''.join(_extended(tarfile.GNUTYPE_LONGNAME, 1024) for _ in range(50)), tmp_path)
+    assert error.reason == 'unsafe' and 'extended headers before a member' in str(error)
+
+
+def test_a_sparse_member_is_refused(tmp_path):
+    sparse = member('holes')
+    sparse.type = tarfile.GNUTYPE_SPARSE
+    error = _extract(archive((member('.', tarfile.DIRTYPE), None))[:512] + sparse.tobuf(format=tarfile.GNU_FORMAT),
+                     tmp_path)
+    assert error.reason == 'unsafe' and 'sparse' in str(error)
+
+
+def test_names_as_long_as_linux_allows_still_travel(tmp_path):
+    # The bounds leave room for what a real tree has: a 4000-byte path and link target.
+    deep = '/'.join(['d' * 200] * 19) + '/' + 'f' * 100
+    source = tmp_path / 'source'
+    data = archive((member('.', tarfile.DIRTYPE), None),
+                   *[(member('/'.join(['d' * 200] * depth), tarfile.DIRTYPE), None) for depth in range(1, 20)],
+                   (member(deep), b'content'), (member('link', tarfile.SYMTYPE, deep), None))
+    source.mkdir()
+    fd = open_directory(str(source))
+    try:
+        tree = AtomicTree(fd, 'tree', str(source / 'tree'))
+        extract_tree(io.BytesIO(data), tree)
+        tree.commit()
+    finally:
+        os.close(fd)
+    assert (source / 'tree' / deep).read_bytes() == b'content'

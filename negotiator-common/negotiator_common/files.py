@@ -18,6 +18,7 @@ import posixpath
 import secrets
 import stat
 import tarfile
+import threading
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from negotiator_common.errors import FileError
@@ -32,6 +33,23 @@ TREE_MODE_BITS = 0o1777
 """The mode bits a tree keeps: setuid and setgid are dropped, so that no side hands the other a privileged program."""
 
 _TAR_BUFFER = 256 * 1024
+
+MAX_TAR_HEADER = 64 * 1024
+"""
+The most bytes of one extended header (pax) or GNU long name that an extraction reads: tarfile
+reads such a header whole, whatever size the archive declares, so a hostile peer's archive could
+otherwise make this side hold gigabytes. A path or a link target is at most 4 KiB on Linux.
+"""
+
+MAX_TAR_NESTING = 4
+"""
+The most extended headers before one member: tarfile reads each into memory and keeps it while
+it reads the next (recursion), so a chain of them is bounded here, far below Python's recursion
+limit. A member needs at most three (a long name, a long link target, pax attributes).
+"""
+
+_EXTENDED_HEADERS = (tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK, tarfile.XHDTYPE, tarfile.XGLTYPE,
+                     tarfile.SOLARIS_XHDTYPE)
 
 
 def file_error(path: str, exc: OSError) -> FileError:
@@ -280,6 +298,44 @@ class _TreeWriter(object):
                 os.close(fd)
 
 
+_TARFILES_OWN_STEP: Callable[..., Any] = vars(tarfile.TarInfo)['_proc_member']
+"""tarfile's processing of a member's header (not in its type stubs: a subclass's hook)."""
+
+
+class _BoundedTarInfo(tarfile.TarInfo):
+    """
+    A member's header that refuses what would make tarfile hold unbounded memory: an extended
+    header over :data:`MAX_TAR_HEADER` bytes, more than :data:`MAX_TAR_NESTING` of them in a row,
+    and sparse members in any of GNU's formats (whose maps tarfile reads without a bound; negotiator
+    never writes them). Hooked where tarfile's source says a subclass may: ``_proc_member``, the
+    first step of every header, and the ``_proc_*`` methods it calls (the same in CPython 3.6 to
+    3.13).
+    """
+
+    _nesting = threading.local()
+
+    def _proc_member(self, tar: Any) -> Any:
+        if self.type in _EXTENDED_HEADERS:
+            if self.size > MAX_TAR_HEADER:
+                raise unsafe(self.name, 'an extended header of %d bytes (at most %d)' % (self.size, MAX_TAR_HEADER))
+            depth = getattr(self._nesting, 'depth', 0)
+            if depth >= MAX_TAR_NESTING:
+                raise unsafe(self.name, 'more than %d extended headers before a member' % MAX_TAR_NESTING)
+            self._nesting.depth = depth + 1
+            try:
+                return _TARFILES_OWN_STEP(self, tar)
+            finally:
+                self._nesting.depth = depth
+        if self.type == tarfile.GNUTYPE_SPARSE:
+            self._refuse_sparse()
+        return _TARFILES_OWN_STEP(self, tar)
+
+    def _refuse_sparse(self, *ignored: Any) -> None:
+        raise unsafe(self.name, 'a sparse file (negotiator never sends one)')
+
+    _proc_gnusparse_00 = _proc_gnusparse_01 = _proc_gnusparse_10 = _refuse_sparse
+
+
 def extract_tree(source: Any, tree: AtomicTree, owner: Optional[Tuple[int, int]] = None) -> None:
     """
     Read the tar stream ``source`` (any object with a ``read`` of bytes) into ``tree`` (still
@@ -290,7 +346,7 @@ def extract_tree(source: Any, tree: AtomicTree, owner: Optional[Tuple[int, int]]
     writer = _TreeWriter(tree.fd, owner)
     member_name = tree.path
     try:
-        with tarfile.open(fileobj=source, mode='r|', bufsize=_TAR_BUFFER) as tar:
+        with tarfile.open(fileobj=source, mode='r|', bufsize=_TAR_BUFFER, tarinfo=_BoundedTarInfo) as tar:
             for member in tar:
                 member_name = posixpath.join(tree.path, member.name)
                 writer.add(member, tar)
