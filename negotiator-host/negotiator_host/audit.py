@@ -10,7 +10,8 @@ returns and records of concurrent calls never interleave::
      "exit_status": 0, "signal": null, "seconds": 0.112}
 
 Fields: ``time`` (ISO 8601, UTC), ``uid``, ``user``, ``pid`` (the caller, from ``SO_PEERCRED``),
-``guest``, ``method``; for ``execute``, ``command`` and ``args``; the outcome: ``exit_status``
+``guest``, ``method``; for ``execute``, ``command`` and ``args``; for ``exec``, ``argv`` (shortened
+as ``args`` is) and ``cwd`` when given; the outcome: ``exit_status``
 and ``signal`` when a command ran, or ``error`` (the error's type, e.g. ``CommandNotAllowed``
 for a refused call) and ``error_code``; ``seconds`` (3 decimals).
 
@@ -147,6 +148,11 @@ def audit_line(caller: 'Caller', guest: str, method: str, params: Dict[str, Any]
         given = params if isinstance(params, dict) else {}
         record['command'] = _fitted(given.get('command'))
         record['args'] = _arguments(given.get('args', []))
+    elif method == 'exec':
+        given = params if isinstance(params, dict) else {}
+        record['argv'] = _arguments(given.get('argv', []))
+        if given.get('cwd') is not None:
+            record['cwd'] = _fitted(given.get('cwd'))
     record.update(_outcome_fields(outcome))
     record['seconds'] = round(seconds, 3)
     return (json.dumps(record, ensure_ascii=True, allow_nan=False) + '\n').encode('ascii')

@@ -364,6 +364,30 @@ class GuestChannel(object):
                               stdout=stdout, stderr=stderr, max_output=max_output)
 
 
+    def exec(self, argv: Sequence[str], input: Optional[InputSource] = None, timeout: Optional[float] = None,
+             check: bool = False, stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
+             cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+             max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
+        """
+        Run the program ``argv`` (a list; no shell is added: ``['/bin/sh', '-c', SCRIPT]`` is
+        the caller's choice) in the guest, in the directory ``cwd`` (default ``/``) with
+        ``env`` added to the agent's clean environment, and return an :class:`ExecuteResult`.
+        ``input``, ``timeout``, ``check``, ``stdout``, ``stderr`` and ``max_output`` work as
+        in :meth:`execute`. The guest's agent runs it only when its owner started it with
+        ``negotiator-guest --daemon --allow-exec``; otherwise (or for an agent older than
+        ``exec``) the call raises :class:`~negotiator_common.errors.CommandNotAllowed`, which
+        names the switch (exit status 77 in the CLIs).
+
+        >>> GuestChannel('web-1').exec(['/bin/sh', '-c', 'echo $0 | tr a-z A-Z', 'hi']).stdout
+        b'HI\\n'
+        """
+        timeout = self._call_timeout(timeout)
+        deadline = Deadline(timeout)
+        client = self._connected_client(timeout)
+        return client.exec(argv, input=input, timeout=_remaining(deadline), check=check, stdout=stdout,
+                           stderr=stderr, cwd=cwd, env=env, max_output=max_output)
+
+
 class GuestOutcome(object):
     """
     What :func:`map_guests` got from one guest (``guest``, its name): ``result``, or ``error``

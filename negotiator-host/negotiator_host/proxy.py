@@ -5,7 +5,7 @@ A local client's connection (:mod:`negotiator_host.local`) starts unattached. It
 either asks the daemon itself (no ``guest``: which guests this caller may use) or attaches the
 connection to one guest (``{"guest": NAME}``), once the caller's policy allows it; the answer is
 the guest agent's own ``hello``, as the daemon's link received it, with ``"via"``. After that,
-``ping``, ``list_commands`` and ``execute`` go to that guest over the daemon's one connection
+``ping``, ``list_commands``, ``execute`` and ``exec`` go to that guest over the daemon's one connection
 to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's own:
 
 - ids: the daemon's link allocates its own ids on the guest's side; a reply comes back to the
@@ -22,7 +22,7 @@ to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's o
   ``credit`` go to the guest under the link's id, which the guest's first notification about the
   call names (no client may send either before that). The daemon keeps no window of its own; it
   checks the client's input against the room the guest granted (:class:`_Relay`).
-- the fair queue: an ``execute`` first takes one of the guest's slots (its announced
+- the fair queue: an ``execute`` (or ``exec``) first takes one of the guest's slots (its announced
   ``max_in_flight``), waiting in turn with the other callers, by uid, within its own timeout.
 
 Each forwarded call, and each refusal, is written to the audit log.
@@ -287,6 +287,7 @@ class ProxyService(object):
         dispatcher.register('ping', self.ping)
         dispatcher.register('list_commands', self.list_commands)
         dispatcher.register('execute', self.execute)
+        dispatcher.register('exec', self.exec)
         return dispatcher
 
     def bind(self, endpoint: Endpoint) -> None:
@@ -389,11 +390,19 @@ class ProxyService(object):
             'list_commands', params, timeout=FORWARD_TIMEOUT))
 
     def execute(self, params: Dict[str, Any], context: CallContext) -> Any:
-        agent = self._agent()
-        return self._audited('execute', params, lambda: self._execute(agent, params, context))
+        return self._streaming_call('execute', params, context)
 
-    def _execute(self, agent: GuestAgent, params: Dict[str, Any], context: CallContext) -> Any:
-        """Wait for one of the guest's slots, in turn with the other callers, then run the command there."""
+    def exec(self, params: Dict[str, Any], context: CallContext) -> Any:
+        """``exec``: forwarded as ``execute`` is (the guest decides whether it runs any program)."""
+        return self._streaming_call('exec', params, context)
+
+    def _streaming_call(self, method: str, params: Dict[str, Any], context: CallContext) -> Any:
+        """A call that runs something in the guest, with its streams: queued, forwarded and audited."""
+        agent = self._agent()
+        return self._audited(method, params, lambda: self._run_in_guest(method, agent, params, context))
+
+    def _run_in_guest(self, method: str, agent: GuestAgent, params: Dict[str, Any], context: CallContext) -> Any:
+        """Wait for one of the guest's slots, in turn with the other callers, then make the call there."""
         asked = _number(get_param(params, 'timeout', (int, float, type(None)), None))
         if params.get('timeout') is not None and asked is None:
             raise InvalidParams('timeout must be above 0 seconds')
@@ -403,17 +412,18 @@ class ProxyService(object):
             link = self._link(agent)
             if asked is not None:  # the time spent in the queue comes off the command's
                 params['timeout'] = deadline.remaining()
-            return self._call_guest(link, params, deadline, context)
+            return self._call_guest(method, link, params, deadline, context)
         finally:
             agent.queue.release()
 
-    def _call_guest(self, link: AgentLink, params: Dict[str, Any], deadline: Deadline, context: CallContext) -> Any:
+    def _call_guest(self, method: str, link: AgentLink, params: Dict[str, Any], deadline: Deadline,
+                    context: CallContext) -> Any:
         assert self.outbox is not None
         relay = _Relay(self.outbox, context.request_id, link, context.cancelled)
         wait = (deadline.remaining() or 0.0) + _limit(link, 'kill_grace', 0.0) + REPLY_MARGIN
         context.listen(relay.from_client)
         try:
-            result = link.endpoint.call('execute', params, timeout=wait, on_notification=relay,
+            result = link.endpoint.call(method, params, timeout=wait, on_notification=relay,
                                         cancelled=context.cancelled if link.can_cancel else None,
                                         on_credit=relay.guest_credit)
         finally:
