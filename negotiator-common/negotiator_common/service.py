@@ -9,7 +9,7 @@ registers the methods on a :class:`~negotiator_common.dispatcher.Dispatcher`.
 """
 
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from negotiator_common import __version__
 from negotiator_common.commands import CommandInfo, CommandRegistry, missing_command_message
@@ -28,8 +28,11 @@ from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
 from negotiator_common.slots import CommandSlots
 from negotiator_common.streams import INPUT_WINDOW, CommandStreams
 
+if TYPE_CHECKING:
+    from negotiator_common.fileservice import FileService
+
 __all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'EXEC_CAPABILITY', 'EXEC_REFUSAL',
-           'RAW_CHUNK_SIZE', 'AGENT_MAX_IN_FLIGHT')
+           'FILES_CAPABILITY', 'RAW_CHUNK_SIZE', 'AGENT_MAX_IN_FLIGHT')
 
 logger = get_logger(__name__)
 
@@ -39,7 +42,8 @@ What ``hello`` announces: ``stream`` means ``execute`` can send its output as no
 ``raw-output`` that it sends them in the raw framing when asked with ``"stream": "raw"``,
 ``cancel`` that a request in flight can be cancelled by its id (the endpoint answers it),
 ``stream-input`` that ``execute`` takes ``"stdin_stream": true`` and ``credit`` that it honours
-a ``window`` for the output (``docs/protocol.rst``, "Streams and flow control").
+a ``window`` for the output (``docs/protocol.rst``, "Streams and flow control"). An agent that
+serves ``push`` and ``pull`` adds ``files`` (:data:`FILES_CAPABILITY`).
 """
 
 EXEC_CAPABILITY = 'exec'
@@ -48,6 +52,9 @@ EXEC_CAPABILITY = 'exec'
 EXEC_REFUSAL = ('%s refuses exec: running any program is switched off; the owner of a guest switches it on with'
                 ' negotiator-guest --daemon --allow-exec')
 """The message of an ``exec`` refused by an agent that does not allow it (``%s``: the agent's name)."""
+
+FILES_CAPABILITY = 'files'
+"""The capability of an agent whose owner turned on file access (``negotiator-guest --allow-files``)."""
 
 RAW_CHUNK_SIZE = 1024 * 1024
 """The largest attachment this side sends: any receiver with the default line length (16 MiB) takes it."""
@@ -141,6 +148,10 @@ class AgentService(object):
                   this service (the host daemon's guests); None: only each connection's bound.
     :param allow_exec: serve ``exec`` (any program, by argv: the whole power of the agent's
                        user); off, ``exec`` is refused with :class:`CommandNotAllowed`.
+    :param files: serves ``push`` and ``pull`` (the guest agent's; refused while its switch is
+                  off, and listed as the capability ``files`` only when on); None: no such
+                  methods (the host daemon's: a guest reaches the host's files only through
+                  the host's commands and policy).
 
     A command that the policy refuses is answered exactly as one that does not exist, so a
     peer cannot learn what it may not run; the log says which it was.
@@ -150,7 +161,7 @@ class AgentService(object):
                  policy: CommandFilter = _allow_everything, limits: Optional[Limits] = None,
                  environment: Optional[Callable[[str], Dict[str, str]]] = None,
                  builtin_policy: Optional[CommandFilter] = None, slots: Optional[CommandSlots] = None,
-                 allow_exec: bool = False) -> None:
+                 files: Optional['FileService'] = None, allow_exec: bool = False) -> None:
         self.agent = agent
         self.version = version
         self.registry = registry
@@ -162,6 +173,7 @@ class AgentService(object):
         self.slots = slots
         self.allow_exec = allow_exec
         """Whether ``exec`` runs any program the caller names (``negotiator-guest --daemon --allow-exec``)."""
+        self.files = files
 
     def register(self, dispatcher: Dispatcher) -> Dispatcher:
         # Everything but execute answers on the reading thread: listing a directory costs less
@@ -172,6 +184,8 @@ class AgentService(object):
         dispatcher.register('list_commands', self.list_commands, inline=True)
         dispatcher.register('execute', self.execute)
         dispatcher.register('exec', self.exec_program)
+        if self.files is not None:
+            self.files.register(dispatcher)
         return dispatcher
 
     def dispatcher(self) -> Dispatcher:
@@ -180,6 +194,8 @@ class AgentService(object):
 
     def hello(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         capabilities = list(CAPABILITIES) + ([EXEC_CAPABILITY] if self.allow_exec else [])
+        if self.files is not None and self.files.enabled:
+            capabilities.append(FILES_CAPABILITY)
         return {'protocol': PROTOCOL_VERSION, 'agent': self.agent, 'version': self.version,
                 'capabilities': capabilities, 'limits': self.limits.to_wire()}
 

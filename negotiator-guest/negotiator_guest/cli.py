@@ -20,6 +20,13 @@ Supported options:
     needs it). Off by default: the host may then run only the commands of the commands
     directories, and exec is refused (exit status 77 on the host).
 
+  --allow-files[=PREFIXES]
+
+    With --daemon: let the host push files into this guest and pull files out of it
+    (negotiator-host --copy), anywhere, or with PREFIXES (comma-separated absolute
+    paths, like /srv,/tmp) only under those directories, checked after symlinks are
+    resolved. Off by default: file access is a power over the guest that its owner grants.
+
   -l, --list-commands
 
     List the commands that the host offers this guest, with their descriptions.
@@ -86,7 +93,7 @@ Exit statuses of negotiator's own failures (a command's own status passes throug
 """
 
 import sys
-from typing import BinaryIO, Dict, List, Optional, Sequence, cast
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple, cast
 
 from negotiator_common.cli_support import (
     FullWriter, UsageError, apply_shared_option, format_commands, exit_now, json_failure, printable, stdin_source,
@@ -127,11 +134,13 @@ class Options(object):
         self.syslog = False
         self.allow_exec = False
         self.verbosity = 0
+        self.allow_files: Optional[List[str]] = None  # None: off; ['/']: everywhere
 
 
 def parse_options(arguments: Sequence[str]) -> Options:
     """Turn the command line into :class:`Options`; raise :class:`UsageError` if it is wrong."""
     import getopt
+    arguments, allow_files = _allow_files(arguments)
     try:
         pairs, rest = getopt.gnu_getopt(list(arguments), _SHORT_OPTIONS, _LONG_OPTIONS)
     except getopt.GetoptError as exc:
@@ -153,6 +162,9 @@ def parse_options(arguments: Sequence[str]) -> Options:
             options.allow_exec = True
         else:
             apply_shared_option(options, option, value)
+    options.allow_files = allow_files
+    if allow_files is not None and actions != {'daemon'} and 'help' not in actions:
+        raise UsageError('--allow-files goes with --daemon')
     if 'help' in actions:
         options.action = 'help'
     elif len(actions) > 1:
@@ -162,6 +174,25 @@ def parse_options(arguments: Sequence[str]) -> Options:
     if options.allow_exec and options.action not in ('daemon', 'help'):
         raise UsageError('--allow-exec is an option of --daemon')
     return options
+
+
+def _allow_files(arguments: Sequence[str]) -> Tuple[List[str], Optional[List[str]]]:
+    """
+    The arguments without ``--allow-files[=PREFIXES]`` (getopt has no optional values), and the
+    prefixes it allows: None without it, ``['/']`` for everywhere.
+    """
+    rest: List[str] = []
+    prefixes: Optional[List[str]] = None
+    for argument in arguments:
+        if argument == '--allow-files':
+            prefixes = ['/']
+        elif argument.startswith('--allow-files='):
+            prefixes = [prefix for prefix in argument.split('=', 1)[1].split(',') if prefix]
+            if not prefixes or not all(prefix.startswith('/') for prefix in prefixes):
+                raise UsageError('--allow-files takes absolute paths separated by commas, not %r' % argument)
+        else:
+            rest.append(argument)
+    return rest, prefixes
 
 
 def _advice(error: BaseException) -> str:
@@ -186,7 +217,9 @@ def _run_daemon(options: Options) -> int:
     from negotiator_guest import __version__
     from negotiator_guest.daemon import GuestDaemon
     registry = CommandRegistry(options.commands_dirs or [DEFAULT_COMMANDS_DIR])
-    service = AgentService('negotiator-guest', registry, version=__version__, allow_exec=options.allow_exec)
+    from negotiator_common.fileservice import FileService
+    service = AgentService('negotiator-guest', registry, version=__version__, allow_exec=options.allow_exec,
+                           files=FileService(options.allow_files))
     return GuestDaemon(service, path=options.character_device).run()
 
 
