@@ -1,0 +1,227 @@
+"""
+Real ansible-core (tox.ini pins the version) through the connection plugin
+``negotiator.guest.negotiator`` against real guests: ad-hoc calls and one playbook whose tasks the
+tests check one by one (command, shell, copy and fetch of 10 MiB, template, setup, become, a
+task's timeout), a guest that does not exist (unreachable) and an agent started without
+``--allow-exec`` (a clear failure).
+
+Why one playbook: Ansible starts a process per task on the controller and Python in the guest per
+module (over 9p, under TCG), so each run costs seconds; the playbook pays for Ansible's start once
+and the tests read its tasks' results from the json callback. The two guests boot side by side.
+"""
+
+import hashlib
+import json
+import os
+import subprocess
+import textwrap
+
+import pytest
+
+from e2e_support import remove_guests
+from vmfixtures import VENV_BIN, negotiator_vm, vm_host, wait_for_agent  # noqa: F401 (vm_host: a fixture)
+
+pytestmark = [pytest.mark.vm, pytest.mark.ansible]
+
+PLUGIN = 'negotiator.guest.negotiator'
+MIB = 1024 * 1024
+TASK_TIMEOUT = 5
+"""The ``timeout`` of the task that would sleep a minute."""
+
+
+@pytest.fixture(scope='module')
+def guests(vm_host):  # noqa: F811 (the imported fixture)
+    """``(allowed, plain)``: agents with and without ``--allow-exec --allow-files``, booted side by side."""
+    started = []
+    try:
+        for daemon_args in (['--allow-exec', '--allow-files'], []):
+            init_script, files = negotiator_vm.agent_guest_files(VENV_BIN, daemon_args=daemon_args)
+            started.append(negotiator_vm.start_guest(init_script, files=files, image=vm_host))
+        for guest in started:
+            guest.wait_for_console(negotiator_vm.AGENT_READY, timeout=90)
+        for guest in started:
+            wait_for_agent(guest)
+    except BaseException:
+        remove_guests(started)
+        raise
+    yield started
+    remove_guests(started)
+
+
+@pytest.fixture(scope='module')
+def workdir(tmp_path_factory):
+    return tmp_path_factory.mktemp('ansible')
+
+
+@pytest.fixture(scope='module')
+def inventory(guests, workdir):
+    """An inventory: ``ok`` (agent with both switches), ``noexec`` (without), ``gone`` (no such guest)."""
+    allowed, plain = guests
+    path = workdir / 'inventory.ini'
+    path.write_text(textwrap.dedent("""\
+        ok ansible_host={allowed}
+        noexec ansible_host={plain}
+        gone ansible_host=negotiator-e2e-no-such-guest
+
+        [all:vars]
+        ansible_connection={plugin}
+        ansible_python_interpreter=/usr/bin/python3
+        # The test guest's root is the host's, read-only: Ansible's files go to its /tmp.
+        ansible_remote_tmp=/tmp/.ansible-tmp
+        ansible_negotiator_socket={socket}
+        """).format(allowed=allowed.name, plain=plain.name, plugin=PLUGIN, socket=workdir / 'no-daemon.sock'))
+    return path
+
+
+def run_ansible(program, inventory, *args, timeout=300):
+    """
+    ``ansible``/``ansible-playbook`` of the tests' environment with the json callback; returns
+    ``(exit status, {host: [task results, in order]}, the whole output)``.
+    """
+    env = dict(os.environ, ANSIBLE_STDOUT_CALLBACK='json',
+               ANSIBLE_LOAD_CALLBACK_PLUGINS='1', ANSIBLE_LOCAL_TEMP=str(inventory.parent / 'local-tmp'),
+               ANSIBLE_HOST_KEY_CHECKING='0', ANSIBLE_NOCOLOR='1', ANSIBLE_RETRY_FILES_ENABLED='0')
+    done = subprocess.run([os.path.join(VENV_BIN, program), '-i', str(inventory)] + list(args),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, timeout=timeout,
+                          cwd=str(inventory.parent))
+    output = done.stdout.decode('utf-8', 'replace')
+    try:
+        document = json.loads(output)
+    except ValueError:
+        pytest.fail('%s printed no JSON (exit status %s):\n%s\n%s' % (program, done.returncode, output,
+                                                                      done.stderr.decode('utf-8', 'replace')))
+    results = {}
+    for play in document['plays']:
+        for task in play['tasks']:
+            for host, result in task['hosts'].items():
+                result['task_name'] = task['task']['name']
+                results.setdefault(host, []).append(result)
+    return done.returncode, results, output + done.stderr.decode('utf-8', 'replace')
+
+
+def test_ad_hoc_ping(inventory):
+    status, results, output = run_ansible('ansible', inventory, 'ok', '-m', 'ansible.builtin.ping')
+    assert status == 0, output
+    assert results['ok'][0]['ping'] == 'pong'
+
+
+def test_a_missing_guest_is_unreachable_and_an_agent_without_exec_fails_clearly(inventory):
+    status, results, output = run_ansible('ansible', inventory, 'gone,noexec', '-m', 'ansible.builtin.ping')
+    assert status == 4, output  # 4: some host unreachable
+    gone, noexec = results['gone'][0], results['noexec'][0]
+    assert gone['unreachable'] is True, gone
+    assert 'negotiator could not reach the agent in negotiator-e2e-no-such-guest' in gone['msg'], gone
+    assert noexec.get('unreachable') is not True and noexec['failed'] is True, noexec
+    assert 'negotiator-guest --daemon --allow-exec' in noexec['msg'], noexec
+
+
+PLAYBOOK = """\
+- hosts: ok
+  gather_facts: false
+  tasks:
+    - name: command
+      ansible.builtin.command: /bin/echo hello from the guest
+      register: said
+    - name: shell
+      ansible.builtin.shell: printf '%s|%s\\n' "it's" 'say "hi"' | tr a-z A-Z; exit 3
+      ignore_errors: true
+    - name: copy
+      ansible.builtin.copy: {src: to-guest.bin, dest: /tmp/to-guest.bin, mode: '0640'}
+    - name: checksum in the guest
+      ansible.builtin.command: sha256sum /tmp/to-guest.bin
+    - name: make a file in the guest
+      ansible.builtin.shell: head -c %(size)d /dev/urandom > /tmp/from-guest.bin && sha256sum /tmp/from-guest.bin
+    - name: fetch
+      ansible.builtin.fetch: {src: /tmp/from-guest.bin, dest: fetched/from-guest.bin, flat: true}
+    - name: template
+      ansible.builtin.template: {src: page.j2, dest: /tmp/page.txt}
+    - name: read the template
+      ansible.builtin.command: cat /tmp/page.txt
+    - name: setup
+      ansible.builtin.setup: {gather_subset: [min]}
+    - name: become
+      ansible.builtin.command: id -un
+      become: true
+      become_method: ansible.builtin.su
+      become_user: nobody
+      become_flags: -s /bin/sh
+    - name: timeout
+      ansible.builtin.command: sleep 61
+      timeout: %(timeout)d
+      ignore_errors: true
+    - name: the command that timed out is gone
+      ansible.builtin.command: pgrep -f 'sleep 61'
+      register: sleeping
+      until: sleeping.rc == 1
+      retries: 20
+      delay: 1
+      failed_when: sleeping.rc != 1
+"""
+
+
+@pytest.fixture(scope='module')
+def playbook(inventory, workdir):
+    """The playbook's run: ``{task name: result}`` of host ``ok``, and the bytes of the file copied in."""
+    to_guest = os.urandom(10 * MIB)
+    (workdir / 'to-guest.bin').write_bytes(to_guest)
+    (workdir / 'page.j2').write_text('guest={{ inventory_hostname }} answer={{ 6 * 7 }}\n')
+    (workdir / 'play.yml').write_text(PLAYBOOK % {'size': 10 * MIB, 'timeout': TASK_TIMEOUT})
+    status, results, output = run_ansible('ansible-playbook', inventory, str(workdir / 'play.yml'), timeout=600)
+    print(output[-20000:])
+    tasks = {result['task_name']: result for result in results['ok']}
+    return status, tasks, to_guest, output
+
+
+def test_the_playbook_ran_every_task(playbook):
+    status, tasks, _, output = playbook
+    assert status == 0, output
+    assert len(tasks) == 12, sorted(tasks)
+
+
+def test_command(playbook):
+    result = playbook[1]['command']
+    assert (result['rc'], result['stdout']) == (0, 'hello from the guest'), result
+
+
+def test_shell_with_pipes_quotes_and_a_non_zero_exit(playbook):
+    result = playbook[1]['shell']
+    assert result['failed'] is True and result['rc'] == 3, result
+    assert result['stdout'] == 'IT\'S|SAY "HI"', result
+
+
+def test_copy_of_10_mib_arrives_whole(playbook):
+    _, tasks, to_guest, _ = playbook
+    assert tasks['copy']['changed'] is True and tasks['copy']['mode'] == '0640', tasks['copy']
+    assert tasks['copy']['checksum'] == hashlib.sha1(to_guest).hexdigest()
+    assert tasks['checksum in the guest']['stdout'].split()[0] == hashlib.sha256(to_guest).hexdigest()
+
+
+def test_fetch_of_10_mib_arrives_whole(playbook, workdir):
+    tasks = playbook[1]
+    fetched = (workdir / 'fetched' / 'from-guest.bin').read_bytes()
+    assert len(fetched) == 10 * MIB
+    assert tasks['make a file in the guest']['stdout'].split()[0] == hashlib.sha256(fetched).hexdigest()
+    assert tasks['fetch']['checksum'] == hashlib.sha1(fetched).hexdigest()
+
+
+def test_template(playbook):
+    assert playbook[1]['read the template']['stdout'] == 'guest=ok answer=42'
+
+
+def test_setup(playbook, vm_host):  # noqa: F811 (the imported fixture)
+    facts = playbook[1]['setup']['ansible_facts']
+    with open(os.path.join(os.path.dirname(vm_host.kernel), 'kernel-version')) as handle:
+        kernel = handle.read().strip()  # the guest's kernel (scripts/build-test-guest), not the host's
+    assert (facts['ansible_system'], facts['ansible_kernel']) == ('Linux', kernel), facts
+
+
+def test_become_another_user_with_su(playbook):
+    assert playbook[1]['become']['stdout'] == 'nobody'
+
+
+def test_a_task_that_times_out_fails_and_its_command_is_killed_in_the_guest(playbook):
+    _, tasks, _, _ = playbook
+    timed_out = tasks['timeout']
+    assert timed_out['failed'] is True, timed_out
+    assert 'timed out' in timed_out['msg'].lower() and str(TASK_TIMEOUT) in timed_out['msg'], timed_out
+    assert tasks['the command that timed out is gone']['rc'] == 1
