@@ -102,7 +102,8 @@ def test_empty_files_and_file_objects_and_explicit_modes(guest, tmp_path):
 
 def test_progress_is_reported_as_the_bytes_go(guest, tmp_path):
     seen = []
-    guest.agent.push(io.BytesIO(b'a' * MIB), str(tmp_path / 'guest' / 'f'), progress=lambda done, total: seen.append(done))
+    guest.agent.push(io.BytesIO(b'a' * MIB), str(tmp_path / 'guest' / 'f'),
+                     progress=lambda done, total: seen.append(done))
     assert seen and seen[-1] == MIB and seen == sorted(seen)
 
 
@@ -301,3 +302,38 @@ def test_a_client_ignoring_the_switch_gets_no_partial_file_when_it_breaks_the_wi
         results.append(guest.endpoint.call('push', {'path': str(tmp_path / 'guest' / 'f')}, timeout=10,
                                            on_credit=flood))
     assert os.listdir(str(tmp_path / 'guest')) == []
+
+
+def test_push_and_pull_go_through_the_host_daemon_end_to_end_and_are_audited(monkeypatch, tmp_path):
+    from support import FakeGuestAgent
+    from test_host_local import World
+    from waiting import wait_until
+    world = World(monkeypatch)
+    try:
+        shared = tmp_path / 'guest'
+        shared.mkdir()
+        world.agents['alpha'].stop()
+        path = world.fake.socket_path('alpha', 1, 'negotiator-host-to-guest.0')
+        world.agents['alpha'] = FakeGuestAgent(path, world.commands, name='alpha', files=[str(shared)])
+        assert wait_until(lambda: world.linked('alpha') and world.daemon.agents['alpha'].link.can_cancel
+                          and 'files' in world.daemon.agents['alpha'].link.hello['capabilities'], timeout=20)
+        client = world.attach()
+        data = os.urandom(5 * MIB + 3)
+        client.push(io.BytesIO(data), str(shared / 'big'))
+        assert (shared / 'big').read_bytes() == data
+        sink = io.BytesIO()
+        client.pull(str(shared / 'big'), sink)
+        assert sink.getvalue() == data
+        tree = tmp_path / 'tree'
+        tree.mkdir()
+        make_tree(tree)
+        client.push(str(tree), str(shared), recursive=True)
+        client.pull(str(shared / 'tree'), str(tmp_path / 'back'), recursive=True)
+        assert describe(tmp_path / 'back') == describe(tree)
+        records = [record for record in world.audit() if record['method'] in ('push', 'pull')]
+        assert [(record['method'], record['path']) for record in records][:2] == [
+            ('push', str(shared / 'big')), ('pull', str(shared / 'big'))]
+        with pytest.raises(CommandNotAllowed):
+            client.push(io.BytesIO(b'x'), str(tmp_path / 'elsewhere'))
+    finally:
+        world.close()

@@ -19,6 +19,8 @@ Examples:
   negotiator-host --all --json --execute uptime
   negotiator-host --exec web-1 -- /bin/sh -c 'ls /etc | wc -l'
   negotiator-host --hypervisor root@kvm-2 --ping web-9
+  negotiator-host --copy ./app.conf web-1:/etc/app/
+  negotiator-host --copy -r web-1:/var/log/app .
 
 Supported options:
 
@@ -69,6 +71,22 @@ Supported options:
 
     With --hypervisor: the ssh command and its options, split as a shell would (no
     shell runs it), like 'ssh -p 2222 -F ~/.ssh/negotiator.conf' (default: ssh).
+
+  --copy SOURCE... TARGET
+
+    Copy files between the host and a guest, as scp does: a guest's path is written
+    GUEST:/PATH, '-' is standard input (as SOURCE) or standard output (as TARGET).
+    Every SOURCE is local and TARGET in the guest, or every SOURCE in one guest and
+    TARGET local; into a directory, a file keeps its name. A file appears whole or not
+    at all (written beside its target, synced, renamed), with the source's mode, and
+    only if its SHA-256 is the sender's. The guest's owner must allow it
+    (negotiator-guest --daemon --allow-files). A progress bar shows on a terminal for
+    transfers that last more than a second. --timeout bounds the connection only.
+
+  -r, --recursive
+
+    With --copy: copy directories, with their tree, modes and symlinks (links are
+    copied as links, never followed; a directory must not exist at the target yet).
 
   -p, --ping
 
@@ -182,7 +200,11 @@ agent gone; with --hypervisor also: ssh could not connect, negotiator-host is mi
 found, --exec refused by a guest without --allow-exec, or the guest refused to this user by
 the host daemon; 130 interrupted
 (Ctrl-C; the calls are cancelled in the guests); 141 standard output closed by its reader
-(| head). With several guests: the status of the first guest (in the order given; --all:
+(| head). With --copy: 65 the bytes that arrived are not those sent (SHA-256); 66 no such
+file or directory; 73 the target cannot be made (it exists as a directory that holds
+something, or a member of an archive would leave its tree); 74 disk full or I/O error;
+77 file access off in the guest, a path outside its allowed prefixes, or permission
+denied. With several guests: the status of the first guest (in the order given; --all:
 by name) that failed.
 """
 
@@ -218,16 +240,16 @@ line is written in pieces of this size, each prefixed, so a guest's output witho
 costs no memory and no time beyond this.
 """
 
-_SHORT_OPTIONS = 'gce:xpit:ajdvqh'
+_SHORT_OPTIONS = 'gce:xpit:ajdvqhr'
 _LONG_OPTIONS = ['list-guests', 'list-commands', 'execute=', 'exec', 'cwd=', 'bridge', 'hypervisor=', 'ssh=', 'ping',
                  'stdin', 'timeout=', 'all', 'json', 'max-output=',
                  'connect=', 'direct', 'socket=', 'daemon', 'commands-dir=', 'policy=', 'max-commands=', 'max-queued=',
-                 'max-timeout=', 'allow-group=', 'audit-log=', 'verbose', 'quiet', 'help']
+                 'max-timeout=', 'allow-group=', 'audit-log=', 'verbose', 'quiet', 'help', 'copy', 'recursive']
 
 _ACTIONS = {'-g': 'list-guests', '--list-guests': 'list-guests', '-c': 'list-commands',
             '--list-commands': 'list-commands', '-e': 'execute', '--execute': 'execute', '-p': 'ping', '--ping': 'ping',
             '-x': 'exec', '--exec': 'exec', '--bridge': 'bridge', '-d': 'daemon', '--daemon': 'daemon', '-h': 'help',
-            '--help': 'help'}
+            '--help': 'help', '--copy': 'copy'}
 """The options that choose what the program does (one of them, once)."""
 
 
@@ -280,6 +302,7 @@ class Options(object):
         self.cwd: Optional[str] = None
         self.hypervisor: Optional[str] = None
         self.ssh: List[str] = ['ssh']
+        self.recursive = False
 
 
 def parse_options(arguments: Sequence[str]) -> Options:
@@ -313,11 +336,13 @@ def _split_program(arguments: List[str]) -> Tuple[List[str], List[str]]:
 def _apply_option(options: Options, option: str, value: str) -> None:
     if option in _ACTIONS:
         if options.action not in (None, _ACTIONS[option]):
-            raise UsageError('choose one of --list-guests, --list-commands, --execute, --exec, --ping, --bridge and'
-                             ' --daemon')
+            raise UsageError('choose one of --list-guests, --list-commands, --execute, --exec, --ping, --bridge,'
+                             ' --copy and --daemon')
         options.action = _ACTIONS[option]
         if options.action == 'execute':
             options.command = split_command(value)
+    elif option in ('-r', '--recursive'):
+        options.recursive = True
     elif option in ('-a', '--all'):
         options.all = True
     elif option == '--connect':
@@ -347,10 +372,14 @@ def _apply_option(options: Options, option: str, value: str) -> None:
 def _check_options(options: Options) -> None:
     """What no single option shows: a missing action or guest, and options that do not go together."""
     for name in options.guests:
-        _check_utf8(name, 'GUEST-PATTERN' if options.action == 'daemon' else 'GUEST')
+        _check_utf8(name, {'daemon': 'GUEST-PATTERN', 'copy': 'SOURCE or TARGET'}.get(options.action or '', 'GUEST'))
+    if options.recursive and options.action != 'copy':
+        raise UsageError('--recursive is an option of --copy')
+    if options.action == 'copy' and (options.all or options.json or options.stdin):
+        raise UsageError('--copy takes no --all, --json or --stdin (- is standard input as a SOURCE)')
     if options.action is None:
-        raise UsageError('nothing to do: give --list-guests, --ping, --list-commands, --execute, --exec, --bridge or'
-                         ' --daemon')
+        raise UsageError('nothing to do: give --list-guests, --ping, --list-commands, --execute, --exec, --bridge,'
+                         ' --copy or --daemon')
     if options.action in ('ping', 'list-commands', 'execute') and not options.guests and not options.all:
         raise UsageError('name at least one GUEST (or give --all)')
     if options.action in ('exec', 'bridge'):
@@ -460,6 +489,8 @@ def run(arguments: Sequence[str]) -> int:
             return _list_guests(options)
         if options.action == 'bridge':
             return _bridge(options)
+        if options.action == 'copy':
+            return _copy(options)
         return _run_on_guests(options)
     except KeyboardInterrupt:
         sys.stderr.write('%s: interrupted\n' % PROGRAM)
@@ -505,6 +536,24 @@ def _run_daemon(options: Options) -> int:
                         caller_policy=callers,
                         audit=AuditLog(audit_path or None))
     return daemon.run()
+
+
+def _copy(options: Options) -> int:
+    """--copy: each source in turn; the status of the first that failed (each failure on a line of its own)."""
+    from negotiator_common.errors import FileError
+    from negotiator_host.channel import GuestChannel
+    from negotiator_host.copying import plan_copy, run_copy
+
+    plan = plan_copy(options.guests, options.recursive)
+    status = 0
+    with GuestChannel(plan.guest, uri=options.uri, timeout=options.timeout, direct=options.direct,
+                      socket=options.socket) as channel:
+        for source, error in run_copy(plan, channel):
+            if error is not None:  # a FileError names its path already; anything else gets the source's
+                named = isinstance(error, FileError) or (isinstance(error, OSError) and error.filename)
+                sys.stderr.write(_error_line(plan.guest if named else '%s: %s' % (plan.guest, source), error) + '\n')
+                status = status or exit_status_for(error)
+    return status
 
 
 def _targets(options: Options) -> List[Any]:

@@ -5,8 +5,8 @@ A local client's connection (:mod:`negotiator_host.local`) starts unattached. It
 either asks the daemon itself (no ``guest``: which guests this caller may use) or attaches the
 connection to one guest (``{"guest": NAME}``), once the caller's policy allows it; the answer is
 the guest agent's own ``hello``, as the daemon's link received it, with ``"via"``. After that,
-``ping``, ``list_commands``, ``execute`` and ``exec`` go to that guest over the daemon's one connection
-to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's own:
+``ping``, ``list_commands``, ``execute``, ``exec``, ``push`` and ``pull`` go to that guest over the
+daemon's one connection to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's own:
 
 - ids: the daemon's link allocates its own ids on the guest's side; a reply comes back to the
   handler that made the call, which answers under the client's id. Two clients may use the
@@ -22,8 +22,9 @@ to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's o
   ``credit`` go to the guest under the link's id, which the guest's first notification about the
   call names (no client may send either before that). The daemon keeps no window of its own; it
   checks the client's input against the room the guest granted (:class:`_Relay`).
-- the fair queue: an ``execute`` (or ``exec``) first takes one of the guest's slots (its announced
-  ``max_in_flight``), waiting in turn with the other callers, by uid, within its own timeout.
+- the fair queue: an ``execute`` (or an ``exec``, a ``push``, a ``pull``) first takes one of the
+  guest's slots (its announced ``max_in_flight``), waiting in turn with the other callers, by
+  uid, within its own timeout.
 
 Each forwarded call, and each refusal, is written to the audit log.
 """
@@ -230,7 +231,7 @@ class _Relay(object):
             if self.link_id is None or self.violation is not None:
                 return
             if notification.method == RAW_INPUT_METHOD:
-                forward = self._input(notification.attachment, params.get('eof') is True)
+                forward = self._input(notification.attachment, params)
             elif notification.method == CREDIT_METHOD and valid_grant(params.get('bytes')):
                 forward = Notification(CREDIT_METHOD, {'id': self.link_id, 'bytes': params['bytes']})
         if forward is not None:
@@ -238,10 +239,15 @@ class _Relay(object):
         elif self.violation is not None:
             self.cancelled.set()
 
-    def _input(self, chunk: Optional[bytes], eof: bool) -> Optional[Notification]:
+    def _input(self, chunk: Optional[bytes], params: Dict[str, Any]) -> Optional[Notification]:
         """A chunk (or the end) of the client's input, for the guest; None (and a violation) beyond the room."""
         if chunk is None:
-            return Notification(RAW_INPUT_METHOD, {'id': self.link_id, 'eof': True}) if eof else None
+            if params.get('eof') is not True:
+                return None
+            end = {'id': self.link_id, 'eof': True}
+            if isinstance(params.get('sha256'), str):  # a push's checksum, which the guest checks
+                end['sha256'] = params['sha256'][:128]
+            return Notification(RAW_INPUT_METHOD, end)
         if len(chunk) > self.input_room.credit:
             self.violation = FlowError('the client sent %d bytes of input with room for %d only'
                                        % (len(chunk), self.input_room.credit))
@@ -288,6 +294,8 @@ class ProxyService(object):
         dispatcher.register('list_commands', self.list_commands)
         dispatcher.register('execute', self.execute)
         dispatcher.register('exec', self.exec)
+        dispatcher.register('push', self.push)
+        dispatcher.register('pull', self.pull)
         return dispatcher
 
     def bind(self, endpoint: Endpoint) -> None:
@@ -396,6 +404,26 @@ class ProxyService(object):
         """``exec``: forwarded as ``execute`` is (the guest decides whether it runs any program)."""
         return self._streaming_call('exec', params, context)
 
+    def push(self, params: Dict[str, Any], context: CallContext) -> Any:
+        agent = self._agent()
+        return self._audited('push', params, lambda: self._transfer(agent, 'push', params, context))
+
+    def pull(self, params: Dict[str, Any], context: CallContext) -> Any:
+        agent = self._agent()
+        return self._audited('pull', params, lambda: self._transfer(agent, 'pull', params, context))
+
+    def _transfer(self, agent: GuestAgent, method: str, params: Dict[str, Any], context: CallContext) -> Any:
+        """
+        A file transfer: one of the guest's slots, in turn like a command, then the call with its
+        streams (no timeout: a transfer lasts as long as its bytes take; the client's ``cancel``
+        or its going away ends it).
+        """
+        agent.queue.acquire(str(self.caller.uid), Deadline(None), context.cancelled)
+        try:
+            return self._call_guest(self._link(agent), method, params, None, context)
+        finally:
+            agent.queue.release()
+
     def _streaming_call(self, method: str, params: Dict[str, Any], context: CallContext) -> Any:
         """A call that runs something in the guest, with its streams: queued, forwarded and audited."""
         agent = self._agent()
@@ -412,15 +440,20 @@ class ProxyService(object):
             link = self._link(agent)
             if asked is not None:  # the time spent in the queue comes off the command's
                 params['timeout'] = deadline.remaining()
-            return self._call_guest(method, link, params, deadline, context)
+            wait = (deadline.remaining() or 0.0) + _limit(link, 'kill_grace', 0.0) + REPLY_MARGIN
+            return self._call_guest(link, method, params, wait, context)
         finally:
             agent.queue.release()
 
-    def _call_guest(self, method: str, link: AgentLink, params: Dict[str, Any], deadline: Deadline,
+    def _call_guest(self, link: AgentLink, method: str, params: Dict[str, Any], wait: Optional[float],
                     context: CallContext) -> Any:
+        """
+        The one path of every streaming call to the guest (``execute``, ``exec``, ``push``, ``pull``):
+        its output, input and credit relayed end to end, its cancellation passed on, its reply
+        sent only after the output it follows.
+        """
         assert self.outbox is not None
         relay = _Relay(self.outbox, context.request_id, link, context.cancelled)
-        wait = (deadline.remaining() or 0.0) + _limit(link, 'kill_grace', 0.0) + REPLY_MARGIN
         context.listen(relay.from_client)
         try:
             result = link.endpoint.call(method, params, timeout=wait, on_notification=relay,
