@@ -160,7 +160,8 @@ def test_the_cli_exec_on_a_guest_without_the_switch_is_77_naming_it(world):
     ['--exec', 'alpha'], ['--exec', 'alpha', 'beta', '--', 'true'], ['--exec', '--all', '--', 'true'],
     ['--bridge', 'alpha', 'beta'], ['--bridge', '--json', 'alpha'], ['--cwd', '/', '--ping', 'alpha'],
     ['--hypervisor', '-oProxyCommand=x', '--ping', 'alpha'], ['--hypervisor', 'h', '--ping', '-x'],
-    ['--hypervisor', 'h', '--list-guests'], ['--hypervisor', 'h', '--bridge', 'alpha'],
+    ['--hypervisor', 'h', '--list-guests'], ['--hypervisor', 'h', '--bridge', 'alpha'], ['--ssh', 'ssh', '--ping', 'a'],
+    ['--hypervisor', 'h', '--ssh', '', '--ping', 'a'],
 ])
 def test_wrong_command_lines_are_64(world, args):
     assert world.cli(*args)[0] == 64

@@ -301,7 +301,7 @@ class Options(object):
         self.program: List[str] = []
         self.cwd: Optional[str] = None
         self.hypervisor: Optional[str] = None
-        self.ssh: List[str] = ['ssh']
+        self.ssh: Optional[List[str]] = None  # None: plain ssh
         self.recursive = False
 
 
@@ -388,6 +388,8 @@ def _check_options(options: Options) -> None:
         raise UsageError('--cwd is an option of --exec')
     if options.hypervisor is not None:
         _check_remote(options)
+    elif options.ssh is not None:
+        raise UsageError('--ssh is an option of --hypervisor')
     if options.action == 'daemon' and options.all:
         raise UsageError('--daemon serves every guest unless given GUEST-PATTERNs; --all makes no sense with it')
     if options.direct and options.action == 'daemon':
@@ -424,7 +426,7 @@ def _check_remote(options: Options) -> None:
             check_guest_name(name)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
-    if not options.ssh:
+    if options.ssh == []:
         raise UsageError('--ssh needs a command')
 
 
@@ -629,12 +631,12 @@ def _run_on_guests(options: Options) -> int:
     wants_input = options.stdin and options.action in ('execute', 'exec')
     if len(targets) == 1 and not options.all and not options.json:
         channel = GuestChannel(targets[0], uri=options.uri, timeout=options.timeout, direct=options.direct,
-                               socket=options.socket, hypervisor=options.hypervisor, ssh=options.ssh)
+                               socket=options.socket, hypervisor=options.hypervisor, ssh=options.ssh or ['ssh'])
         return _one_guest(options, channel, stdin_source() if wants_input else None)
     stdin = read_stdin() if wants_input else None
     outcomes = map_guests(_guest_call(options, stdin), targets, uri=options.uri, timeout=options.timeout,
                           direct=options.direct, socket=options.socket, hypervisor=options.hypervisor,
-                          ssh=options.ssh)
+                          ssh=options.ssh or ['ssh'])
     return _report(options, outcomes)
 
 
