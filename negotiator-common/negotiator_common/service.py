@@ -32,7 +32,7 @@ if TYPE_CHECKING:
     from negotiator_common.fileservice import FileService
 
 __all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'EXEC_CAPABILITY', 'EXEC_REFUSAL',
-           'FILES_CAPABILITY', 'RAW_CHUNK_SIZE', 'AGENT_MAX_IN_FLIGHT')
+           'RAW_CHUNK_SIZE', 'AGENT_MAX_IN_FLIGHT')
 
 logger = get_logger(__name__)
 
@@ -43,7 +43,8 @@ What ``hello`` announces: ``stream`` means ``execute`` can send its output as no
 ``cancel`` that a request in flight can be cancelled by its id (the endpoint answers it),
 ``stream-input`` that ``execute`` takes ``"stdin_stream": true`` and ``credit`` that it honours
 a ``window`` for the output (``docs/protocol.rst``, "Streams and flow control"). An agent that
-serves ``push`` and ``pull`` adds ``files`` (:data:`FILES_CAPABILITY`).
+serves ``push`` and ``pull`` adds ``files``
+(:data:`~negotiator_common.client.FILES_CAPABILITY`).
 """
 
 EXEC_CAPABILITY = 'exec'
@@ -52,9 +53,6 @@ EXEC_CAPABILITY = 'exec'
 EXEC_REFUSAL = ('%s refuses exec: running any program is switched off; the owner of a guest switches it on with'
                 ' negotiator-guest --daemon --allow-exec')
 """The message of an ``exec`` refused by an agent that does not allow it (``%s``: the agent's name)."""
-
-FILES_CAPABILITY = 'files'
-"""The capability of an agent whose owner turned on file access (``negotiator-guest --allow-files``)."""
 
 RAW_CHUNK_SIZE = 1024 * 1024
 """The largest attachment this side sends: any receiver with the default line length (16 MiB) takes it."""
@@ -195,6 +193,7 @@ class AgentService(object):
     def hello(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         capabilities = list(CAPABILITIES) + ([EXEC_CAPABILITY] if self.allow_exec else [])
         if self.files is not None and self.files.enabled:
+            from negotiator_common.client import FILES_CAPABILITY
             capabilities.append(FILES_CAPABILITY)
         return {'protocol': PROTOCOL_VERSION, 'agent': self.agent, 'version': self.version,
                 'capabilities': capabilities, 'limits': self.limits.to_wire()}
