@@ -107,10 +107,12 @@ def test_the_guest_is_named_by_ansible_host_else_the_inventory_name(connection):
     connection(ansible_host='guest-7', ansible_libvirt_uri='qemu:///session',
                ansible_negotiator_hypervisor='admin@hv-2', ansible_negotiator_socket='/run/x.sock',
                ansible_negotiator_timeout=3)._connect()
-    plain, named = FakeChannel.opened
+    connection(ansible_negotiator_hypervisor='hv-3', ansible_negotiator_ssh="ssh -p 2222 -o 'User admin'")._connect()
+    plain, named, remote = FakeChannel.opened
+    assert (remote.options['hypervisor'], remote.options['ssh']) == ('hv-3', ['ssh', '-p', '2222', '-o', 'User admin'])
     assert (plain.name, plain.options) == ('web-1', {'uri': None, 'socket': None, 'timeout': 10.0})
     assert (named.name, named.options) == ('guest-7', {'uri': 'qemu:///session', 'socket': '/run/x.sock',
-                                                       'timeout': 3.0, 'hypervisor': 'admin@hv-2'})
+                                                       'timeout': 3.0, 'hypervisor': 'admin@hv-2', 'ssh': ['ssh']})
     assert plain.calls == [('hello',)]
 
 

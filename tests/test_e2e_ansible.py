@@ -2,8 +2,9 @@
 Real ansible-core (tox.ini pins the version) through the connection plugin
 ``negotiator.guest.negotiator`` against real guests: ad-hoc calls and one playbook whose tasks the
 tests check one by one (command, shell, copy and fetch of 10 MiB, template, setup, become, a
-task's timeout), a guest that does not exist (unreachable) and an agent started without
-``--allow-exec`` (a clear failure).
+task's timeout), a guest that does not exist (unreachable), an agent started without
+``--allow-exec`` (a clear failure), and the guest reached over ssh to its hypervisor (a real
+``sshd`` on this machine, tests/sshd_support.py).
 
 Why one playbook: Ansible starts a process per task on the controller and Python in the guest per
 module (over 9p, under TCG), so each run costs seconds; the playbook pays for Ansible's start once
@@ -19,6 +20,7 @@ import textwrap
 import pytest
 
 from e2e_support import remove_guests
+from sshd_support import Sshd
 from vmfixtures import VENV_BIN, negotiator_vm, vm_host, wait_for_agent  # noqa: F401 (vm_host: a fixture)
 
 pytestmark = [pytest.mark.vm, pytest.mark.ansible]
@@ -54,22 +56,35 @@ def workdir(tmp_path_factory):
 
 
 @pytest.fixture(scope='module')
-def inventory(guests, workdir):
-    """An inventory: ``ok`` (agent with both switches), ``noexec`` (without), ``gone`` (no such guest)."""
+def sshd():
+    server = Sshd(VENV_BIN)
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope='module')
+def inventory(guests, workdir, sshd):
+    """
+    An inventory: ``ok`` (agent with both switches), ``noexec`` (without), ``gone`` (no such
+    guest), ``remote`` (``ok``'s guest over ssh, this machine's sshd playing the hypervisor).
+    """
     allowed, plain = guests
     path = workdir / 'inventory.ini'
     path.write_text(textwrap.dedent("""\
         ok ansible_host={allowed}
         noexec ansible_host={plain}
         gone ansible_host=negotiator-e2e-no-such-guest
+        remote ansible_host={allowed} ansible_negotiator_hypervisor=root@127.0.0.1 ansible_negotiator_ssh="{ssh}"
 
         [all:vars]
         ansible_connection={plugin}
         ansible_python_interpreter=/usr/bin/python3
-        # The test guest's root is the host's, read-only: Ansible's files go to its /tmp.
-        ansible_remote_tmp=/tmp/.ansible-tmp
+        # The test guest's root is the host's, read-only: Ansible's files go to its /tmp (where
+        # a become to another user needs them: one of Ansible's system_tmpdirs).
+        ansible_remote_tmp=/tmp
         ansible_negotiator_socket={socket}
-        """).format(allowed=allowed.name, plain=plain.name, plugin=PLUGIN, socket=workdir / 'no-daemon.sock'))
+        """).format(allowed=allowed.name, plain=plain.name, plugin=PLUGIN, socket=workdir / 'no-daemon.sock',
+                    ssh=' '.join(sshd.ssh)))
     return path
 
 
@@ -115,6 +130,19 @@ def test_a_missing_guest_is_unreachable_and_an_agent_without_exec_fails_clearly(
     assert 'negotiator-guest --daemon --allow-exec' in noexec['msg'], noexec
 
 
+def test_the_guest_over_ssh_to_its_hypervisor(inventory, vm_host):  # noqa: F811 (the imported fixture)
+    status, results, output = run_ansible('ansible', inventory, 'remote', '-m', 'ansible.builtin.command',
+                                          '-a', 'uname -r')
+    assert status == 0, output
+    assert results['remote'][0]['stdout'] == guest_kernel(vm_host)
+
+
+def guest_kernel(image):
+    """The release of the test guest's kernel (scripts/build-test-guest writes it beside the kernel)."""
+    with open(os.path.join(os.path.dirname(image.kernel), 'kernel-version')) as handle:
+        return handle.read().strip()
+
+
 PLAYBOOK = """\
 - hosts: ok
   gather_facts: false
@@ -123,20 +151,18 @@ PLAYBOOK = """\
       ansible.builtin.command: /bin/echo hello from the guest
       register: said
     - name: shell
-      ansible.builtin.shell: printf '%s|%s\\n' "it's" 'say "hi"' | tr a-z A-Z; exit 3
+      ansible.builtin.shell: printf '%%s|%%s\\n' "it's" 'say "hi"' | tr a-z A-Z; exit 3
       ignore_errors: true
     - name: copy
       ansible.builtin.copy: {src: to-guest.bin, dest: /tmp/to-guest.bin, mode: '0640'}
-    - name: checksum in the guest
-      ansible.builtin.command: sha256sum /tmp/to-guest.bin
     - name: make a file in the guest
       ansible.builtin.shell: head -c %(size)d /dev/urandom > /tmp/from-guest.bin && sha256sum /tmp/from-guest.bin
     - name: fetch
       ansible.builtin.fetch: {src: /tmp/from-guest.bin, dest: fetched/from-guest.bin, flat: true}
     - name: template
       ansible.builtin.template: {src: page.j2, dest: /tmp/page.txt}
-    - name: read the template
-      ansible.builtin.command: cat /tmp/page.txt
+    - name: read what arrived
+      ansible.builtin.shell: sha256sum /tmp/to-guest.bin && cat /tmp/page.txt
     - name: setup
       ansible.builtin.setup: {gather_subset: [min]}
     - name: become
@@ -166,7 +192,7 @@ def playbook(inventory, workdir):
     (workdir / 'to-guest.bin').write_bytes(to_guest)
     (workdir / 'page.j2').write_text('guest={{ inventory_hostname }} answer={{ 6 * 7 }}\n')
     (workdir / 'play.yml').write_text(PLAYBOOK % {'size': 10 * MIB, 'timeout': TASK_TIMEOUT})
-    status, results, output = run_ansible('ansible-playbook', inventory, str(workdir / 'play.yml'), timeout=600)
+    status, results, output = run_ansible('ansible-playbook', inventory, str(workdir / 'play.yml'), timeout=1800)
     print(output[-20000:])
     tasks = {result['task_name']: result for result in results['ok']}
     return status, tasks, to_guest, output
@@ -175,7 +201,7 @@ def playbook(inventory, workdir):
 def test_the_playbook_ran_every_task(playbook):
     status, tasks, _, output = playbook
     assert status == 0, output
-    assert len(tasks) == 12, sorted(tasks)
+    assert len(tasks) == 11, sorted(tasks)
 
 
 def test_command(playbook):
@@ -193,7 +219,7 @@ def test_copy_of_10_mib_arrives_whole(playbook):
     _, tasks, to_guest, _ = playbook
     assert tasks['copy']['changed'] is True and tasks['copy']['mode'] == '0640', tasks['copy']
     assert tasks['copy']['checksum'] == hashlib.sha1(to_guest).hexdigest()
-    assert tasks['checksum in the guest']['stdout'].split()[0] == hashlib.sha256(to_guest).hexdigest()
+    assert tasks['read what arrived']['stdout'].split()[0] == hashlib.sha256(to_guest).hexdigest()
 
 
 def test_fetch_of_10_mib_arrives_whole(playbook, workdir):
@@ -205,14 +231,12 @@ def test_fetch_of_10_mib_arrives_whole(playbook, workdir):
 
 
 def test_template(playbook):
-    assert playbook[1]['read the template']['stdout'] == 'guest=ok answer=42'
+    assert playbook[1]['read what arrived']['stdout_lines'][1] == 'guest=ok answer=42'
 
 
 def test_setup(playbook, vm_host):  # noqa: F811 (the imported fixture)
     facts = playbook[1]['setup']['ansible_facts']
-    with open(os.path.join(os.path.dirname(vm_host.kernel), 'kernel-version')) as handle:
-        kernel = handle.read().strip()  # the guest's kernel (scripts/build-test-guest), not the host's
-    assert (facts['ansible_system'], facts['ansible_kernel']) == ('Linux', kernel), facts
+    assert (facts['ansible_system'], facts['ansible_kernel']) == ('Linux', guest_kernel(vm_host)), facts
 
 
 def test_become_another_user_with_su(playbook):

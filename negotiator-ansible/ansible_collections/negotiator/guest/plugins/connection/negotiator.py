@@ -12,6 +12,7 @@ negotiator-host --bridge GUEST`` for a guest on another machine.
 """
 
 import io
+import shlex
 
 from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
 from ansible.plugins.connection import ConnectionBase
@@ -64,6 +65,16 @@ options:
       - name: NEGOTIATOR_HYPERVISOR
     vars:
       - name: ansible_negotiator_hypervisor
+  ssh:
+    description:
+      - With O(hypervisor), the ssh command and its options, split as a shell would (no shell
+        runs it), for example C(ssh -p 2222 -F ~/.ssh/negotiator.conf).
+    type: string
+    default: ssh
+    env:
+      - name: NEGOTIATOR_SSH
+    vars:
+      - name: ansible_negotiator_ssh
   socket:
     description:
       - The host daemon's local socket (default C($NEGOTIATOR_HOST_SOCKET), else
@@ -146,7 +157,7 @@ class Connection(ConnectionBase):
                    'timeout': float(self.get_option('timeout'))}
         hypervisor = self.get_option('hypervisor')
         if hypervisor:
-            options['hypervisor'] = hypervisor
+            options.update(hypervisor=hypervisor, ssh=shlex.split(self.get_option('ssh')))
         display.vvv('negotiator: connecting to %s%s' % (guest, ' on %s' % hypervisor if hypervisor else ''),
                     host=guest)
         channel = GuestChannel(guest, **options)
