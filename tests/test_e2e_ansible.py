@@ -42,7 +42,7 @@ def guests(vm_host):  # noqa: F811 (the imported fixture)
         for guest in started:
             guest.wait_for_console(negotiator_vm.AGENT_READY, timeout=90)
         for guest in started:
-            wait_for_agent(guest)
+            wait_for_agent(guest, timeout=180)  # two agents' Pythons start at once, over 9p under TCG
     except BaseException:
         remove_guests(started)
         raise
