@@ -156,10 +156,29 @@ def test_an_option_it_does_not_take_is_a_usage_error():
     assert 'unrecognized arguments: -v' in result.stderr
 
 
-def test_only_the_fleet_and_only_the_daemon_exclude_each_other():
-    result = run_script('--fleet-only', '--daemon-only')
+@pytest.mark.parametrize('options', [('--fleet-only', '--daemon-only'), ('--daemon-only', '--ansible-only')])
+def test_only_the_fleet_only_the_daemon_and_only_ansible_exclude_each_other(options):
+    result = run_script(*options)
     assert result.returncode == 2
-    assert '--fleet-only and --daemon-only exclude each other' in result.stderr
+    assert '--fleet-only, --daemon-only and --ansible-only exclude each other' in result.stderr
+
+
+def test_the_ansible_figures_run_one_guest_under_both_plugins_with_a_10_task_playbook(benchmark, tmp_path):
+    assert benchmark.parse_arguments(['--ansible-only']).real_guests == 1
+
+    class Guest(object):
+        name = 'negotiator-bench-x'
+    benchmark.write_ansible_files(str(tmp_path), Guest())
+    inventory = (tmp_path / 'inventory.ini').read_text()
+    for name, plugin in benchmark.ANSIBLE_PLUGINS:
+        assert '%s ansible_host=negotiator-bench-x ansible_connection=%s\n' % (name, plugin) in inventory
+    assert (tmp_path / 'big.bin').stat().st_size == 10 * benchmark.MIB
+    tasks = [line for line in (tmp_path / 'play.yml').read_text().splitlines() if line.startswith('    - ')]
+    assert len(tasks) == 10
+    assert [key for key, _, _ in benchmark.ansible_figures()] == ['ping', 'command', 'shell', 'copy', 'fetch', 'setup']
+    assert benchmark.ANSIBLE_PLUGINS == (('negotiator', 'negotiator.guest.negotiator'),
+                                         ('libvirt_qemu', 'community.libvirt.libvirt_qemu'))
+    assert benchmark.AGENT_SWITCHES == ('--allow-exec', '--allow-files')
 
 
 def test_a_run_that_fails_exits_2_and_writes_no_figures(benchmark, monkeypatch, tmp_path, capsys):

@@ -23,7 +23,7 @@ from negotiator_common.callstreams import InputPump, InputSource, OutputReceiver
 from negotiator_common.cancellation import Cancellation
 from negotiator_common.endpoint import CANCEL_METHOD, DEFAULT_TIMEOUT, Endpoint
 from negotiator_common.errors import (
-    CommandFailed, CommandNotAllowed, ConnectionClosed, InvalidRequest, UnsendableRequest,
+    CommandFailed, CommandNotAllowed, ConnectionClosed, InvalidRequest, MethodNotFound, UnsendableRequest,
 )
 from negotiator_common.protocol import Request, decode_bytes, encode_bytes, encode_message
 
@@ -324,10 +324,48 @@ class AgentClient(object):
         over the agent's announced limits raises :class:`UnsendableRequest` before anything is
         sent.
         """
+        params: Dict[str, Any] = {'command': command, 'args': list(args)}
+        return self._run('execute', params, [command] + list(args), input, timeout, check, stdout, stderr, max_output)
+
+    def exec(self, argv: Sequence[str], input: Optional[InputSource] = None,
+             timeout: Optional[float] = DEFAULT_TIMEOUT, check: bool = False,
+             stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None, cwd: Optional[str] = None,
+             env: Optional[Dict[str, str]] = None, max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
+        """
+        Run the program ``argv`` (a list: ``argv[0]`` an absolute path, or a name looked up in
+        the ``PATH`` of the agent's clean environment; no shell is added) on the agent's side,
+        in the directory ``cwd`` (default ``/``), with ``env`` added to that environment. Input,
+        output, ``timeout``, ``check`` and the result are those of :meth:`execute`.
+
+        Only an agent whose owner switched ``exec`` on runs it (``negotiator-guest --daemon
+        --allow-exec``); any other refuses it with :class:`CommandNotAllowed`, which names the
+        switch; so does this method for an agent older than ``exec`` (it does not know the method).
+        """
+        argv = list(argv)
+        if not argv:
+            raise UnsendableRequest('exec needs a program to run: argv is empty')
+        params: Dict[str, Any] = {'argv': argv}
+        if cwd is not None:
+            params['cwd'] = cwd
+        if env:
+            params['env'] = dict(env)
+            _check_encodable([part for pair in env.items() for part in pair])
+        try:
+            return self._run('exec', params, argv, input, timeout, check, stdout, stderr, max_output)
+        except MethodNotFound as exc:
+            raise CommandNotAllowed('the agent does not know exec (%s): it is older than exec, so upgrade it and'
+                                    ' start it with negotiator-guest --daemon --allow-exec' % exc.message) from None
+
+    def _run(self, method: str, params: Dict[str, Any], argv: List[str], input: Optional[InputSource],
+             timeout: Optional[float], check: bool, stdout: Optional[BinaryIO], stderr: Optional[BinaryIO],
+             max_output: Optional[int]) -> ExecuteResult:
+        """
+        One ``execute`` or ``exec`` (``params`` name what to run, ``argv`` is it as a list) with
+        its streams, as :meth:`execute` says; its :class:`ExecuteResult`.
+        """
         # Raw output, from an agent that announced it: chunks arrive as bytes after a header
         # line, not escaped in JSON text; text chunks are accepted either way.
-        params: Dict[str, Any] = {'command': command, 'args': list(args),
-                                  'stream': 'raw' if self.raw_output else True}
+        params['stream'] = 'raw' if self.raw_output else True
         inline, streamed = self._input(input)
         if inline:
             params.update(encode_bytes(inline, 'stdin'))
@@ -337,15 +375,15 @@ class AgentClient(object):
             params['window'] = OUTPUT_WINDOW
         if timeout is not None:
             params['timeout'] = command_timeout_for(timeout, _limit(self.limits, 'kill_grace') or 0.0)
-        self._check_request(params, len(inline), timeout)
+        self._check_request(method, params, argv, len(inline), timeout)
         cancelled = Cancellation()
         pump = None if streamed is None else InputPump(self.endpoint.notify, streamed, cancelled)
         on_output = self._output(stdout, stderr, max_output)
-        reply = self._call_execute(params, timeout, on_output, pump, cancelled)
+        reply = self._call_execute(method, params, timeout, on_output, pump, cancelled)
         fields = execute_fields(reply)
         fields['stdout_truncated'] |= on_output.truncated['stdout']
         fields['stderr_truncated'] |= on_output.truncated['stderr']
-        result = ExecuteResult(command, args, stdout=bytes(on_output.collected['stdout']),
+        result = ExecuteResult(argv[0], argv[1:], stdout=bytes(on_output.collected['stdout']),
                                stderr=bytes(on_output.collected['stderr']), **fields)
         return result.check() if check else result
 
@@ -410,13 +448,13 @@ class AgentClient(object):
         """A caller's file for the output failed: the connection closes, and with it the command in the agent."""
         self.endpoint.close('writing the output of a command failed: %s' % error)
 
-    def _call_execute(self, params: Dict[str, Any], timeout: Optional[float], on_output: '_Output',
+    def _call_execute(self, method: str, params: Dict[str, Any], timeout: Optional[float], on_output: '_Output',
                       pump: Optional[InputPump], cancelled: Cancellation) -> Any:
-        """The ``execute`` call with its streams; a failure of the caller's input or output is what it raises."""
+        """The ``execute`` (or ``exec``) call with its streams; a failure of the caller's input or output is raised."""
         reply: Any = None
         finished = False
         try:
-            reply = self.endpoint.call('execute', params, timeout=timeout, on_notification=on_output,
+            reply = self.endpoint.call(method, params, timeout=timeout, on_notification=on_output,
                                        cancelled=cancelled if pump is not None and self.can_cancel else None,
                                        on_credit=None if pump is None else pump.on_credit)
             finished = True
@@ -434,10 +472,12 @@ class AgentClient(object):
             raise pump.error
         return reply
 
-    def _check_request(self, params: Dict[str, Any], stdin_size: int, timeout: Optional[float]) -> None:
-        """Refuse, before sending, an ``execute`` that cannot be encoded or that the agent's limits refuse."""
-        _check_encodable([params['command']] + params['args'])
-        args_size = sum(len(a.encode('utf-8')) + 1 for a in params['args'])
+    def _check_request(self, method: str, params: Dict[str, Any], argv: List[str], stdin_size: int,
+                       timeout: Optional[float]) -> None:
+        """Refuse, before sending, a call that cannot be encoded or that the agent's limits refuse."""
+        _check_encodable(argv)
+        arguments = argv[1:] if method == 'execute' else argv  # the agent counts an exec's whole argv
+        args_size = sum(len(a.encode('utf-8')) + 1 for a in arguments)
         max_args = _limit(self.limits, 'max_args')
         if max_args is not None and args_size > max_args:
             raise UnsendableRequest('the arguments take %d bytes; the agent takes at most %d' % (args_size, max_args))
@@ -452,7 +492,7 @@ class AgentClient(object):
         # Encoded, input grows by a third at most (base64) and arguments six times at most (JSON
         # escapes): only a request that might come near the bound is encoded to be measured.
         if max_line is not None and stdin_size * 2 + args_size * 6 + _ID_ROOM * 100 > max_line:
-            size = len(encode_message(Request(0, 'execute', params))) + _ID_ROOM
+            size = len(encode_message(Request(0, method, params))) + _ID_ROOM
             if size > max_line:
                 raise UnsendableRequest('the request takes %d bytes, more than the %d of one line that the agent'
                                         ' reads' % (size, max_line))

@@ -63,14 +63,18 @@ class ExternalProgram(object):
     :param new_session: start it in a session (and process group) of its own.
     :param stdin: give it a pipe for its standard input (False: ``/dev/null``).
     :param directory: its working directory (None: the agent's).
+    :param connect: a descriptor (a socket) that is the program's standard input and output,
+                    instead of pipes (its standard error stays a pipe): ssh's, to carry a channel.
     :param logger_name: the logger through which executor logs what it starts, at DEBUG (None:
                         executor's own logger).
     """
 
     def __init__(self, argv: Sequence[str], environment: Optional[Dict[str, str]] = None,
                  new_session: bool = False, stdin: bool = False, directory: Optional[str] = None,
-                 logger_name: Optional[str] = None) -> None:
+                 logger_name: Optional[str] = None, connect: Optional[int] = None) -> None:
         overrides: Dict[str, Any] = {}
+        if connect is not None:
+            overrides.update(stdin=connect, stdout=connect)
         if environment is not None:
             overrides['env'] = dict(environment)
         if new_session:

@@ -84,9 +84,17 @@ class ProcessResult(object):
         self.output_abandoned = False
 
 
-def clean_environment(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    """The whole environment of a command: a fixed base plus the caller's ``NEGOTIATOR_*`` facts."""
+def clean_environment(extra: Optional[Dict[str, str]] = None,
+                      variables: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    """
+    The whole environment of a command: a fixed base, then ``variables`` (what the caller of an
+    ``exec`` chose, any names: they may replace the base's), then the caller's ``NEGOTIATOR_*`` facts.
+    """
     environment = {'PATH': DEFAULT_PATH, 'LANG': 'C.UTF-8', 'LC_ALL': 'C.UTF-8', 'HOME': '/'}
+    for name, value in (variables or {}).items():
+        if not name or '=' in name or '\0' in name + value:
+            raise ValueError('not an environment variable: %r' % name)
+        environment[name] = value
     for name, value in (extra or {}).items():
         if not name.startswith('NEGOTIATOR_') or '=' in name or '\0' in name + value:
             raise ValueError('only NEGOTIATOR_* variables may be added to a command environment: %r' % name)
@@ -432,12 +440,12 @@ def _signal_group(pid: int, signum: int) -> None:
         pass
 
 
-def _start(argv: List[str], environment: Optional[Dict[str, str]], directory: str,
-           marker: str) -> Tuple['ExternalProgram', 'subprocess.Popen']:
+def _start(argv: List[str], environment: Optional[Dict[str, str]], variables: Optional[Dict[str, str]],
+           directory: str, marker: str) -> Tuple['ExternalProgram', 'subprocess.Popen']:
     """Start the command and register it with :data:`~negotiator_common.processes.COMMANDS`."""
     from negotiator_common.external import ExternalProgram  # imported lazily: executor costs tens of milliseconds
 
-    command_environment = clean_environment(environment)
+    command_environment = clean_environment(environment, variables)
     command_environment[MARKER_VARIABLE] = marker
     program = ExternalProgram(argv, environment=command_environment, new_session=True, stdin=True,
                               directory=directory, logger_name=__name__)
@@ -454,9 +462,13 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
                 max_output: Optional[int] = None, on_output: Optional[OutputCallback] = None,
                 environment: Optional[Dict[str, str]] = None, cancelled: Optional[threading.Event] = None,
                 kill_grace: float = DEFAULT_KILL_GRACE, directory: str = '/',
-                streams: Optional['CommandStreams'] = None) -> ProcessResult:
+                streams: Optional['CommandStreams'] = None,
+                variables: Optional[Dict[str, str]] = None) -> ProcessResult:
     """
-    Run ``argv`` (a list; ``argv[0]`` an absolute path) and stream its output to ``on_output``.
+    Run ``argv`` (a list; ``argv[0]`` an absolute path, or a name looked up in the command's
+    ``PATH``) in ``directory`` and stream its output to ``on_output``. ``environment`` adds
+    ``NEGOTIATOR_*`` facts to the command's clean environment, ``variables`` any variables
+    (an ``exec`` caller's choice; see :func:`clean_environment`).
 
     ``on_output(stream, chunk)`` gets ``'stdout'`` or ``'stderr'`` and bytes, in order; past
     ``max_output`` bytes per stream the rest is read and dropped, and the stream's truncation
@@ -473,7 +485,7 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
     result = ProcessResult()
     started = time.monotonic()
     marker = new_marker()
-    program, process = _start(argv, environment, directory, marker)
+    program, process = _start(argv, environment, variables, directory, marker)
     pipes = _Pipes(process, stdin, max_output, on_output, streams)
     supervisor = _Supervisor(process, pipes, marker, argv[0], timeout, cancelled, kill_grace, result)
     completed = False

@@ -1,5 +1,6 @@
 """
-The methods that every negotiator agent serves: ``hello``, ``ping``, ``list_commands``, ``execute``.
+The methods that every negotiator agent serves: ``hello``, ``ping``, ``list_commands``, ``execute``
+(and ``exec``, which runs any program, only where the agent's owner switches it on).
 
 The guest daemon and the host daemon serve the same four methods (``docs/protocol.rst``,
 "Methods"); they differ only in which commands they offer, who may run them (``policy``) and
@@ -16,7 +17,7 @@ from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
 from negotiator_common.peerlog import Complaints, Cut
 from negotiator_common.errors import (
-    CommandFailed, CommandNotFound, CommandTimedOut, InvalidParams, LimitExceeded,
+    CommandFailed, CommandNotAllowed, CommandNotFound, CommandTimedOut, InvalidParams, LimitExceeded,
 )
 from negotiator_common.flow import MAX_CREDIT, MIN_WINDOW
 from negotiator_common.lazylog import get_logger
@@ -30,7 +31,8 @@ from negotiator_common.streams import INPUT_WINDOW, CommandStreams
 if TYPE_CHECKING:
     from negotiator_common.fileservice import FileService
 
-__all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'RAW_CHUNK_SIZE', 'AGENT_MAX_IN_FLIGHT')
+__all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'EXEC_CAPABILITY', 'EXEC_REFUSAL',
+           'RAW_CHUNK_SIZE', 'AGENT_MAX_IN_FLIGHT')
 
 logger = get_logger(__name__)
 
@@ -44,6 +46,13 @@ a ``window`` for the output (``docs/protocol.rst``, "Streams and flow control").
 serves ``push`` and ``pull`` adds ``files``
 (:data:`~negotiator_common.client.FILES_CAPABILITY`).
 """
+
+EXEC_CAPABILITY = 'exec'
+"""What ``hello`` adds to :data:`CAPABILITIES` when the agent runs any program by argv (``exec``, by choice)."""
+
+EXEC_REFUSAL = ('%s refuses exec: running any program is switched off; the owner of a guest switches it on with'
+                ' negotiator-guest --daemon --allow-exec')
+"""The message of an ``exec`` refused by an agent that does not allow it (``%s``: the agent's name)."""
 
 RAW_CHUNK_SIZE = 1024 * 1024
 """The largest attachment this side sends: any receiver with the default line length (16 MiB) takes it."""
@@ -135,6 +144,8 @@ class AgentService(object):
                            offers a built-in only where its policy names it).
     :param slots: bounds the commands that run at once across every connection that shares
                   this service (the host daemon's guests); None: only each connection's bound.
+    :param allow_exec: serve ``exec`` (any program, by argv: the whole power of the agent's
+                       user); off, ``exec`` is refused with :class:`CommandNotAllowed`.
     :param files: serves ``push`` and ``pull`` (the guest agent's; refused while its switch is
                   off, and listed as the capability ``files`` only when on); None: no such
                   methods (the host daemon's: a guest reaches the host's files only through
@@ -148,7 +159,7 @@ class AgentService(object):
                  policy: CommandFilter = _allow_everything, limits: Optional[Limits] = None,
                  environment: Optional[Callable[[str], Dict[str, str]]] = None,
                  builtin_policy: Optional[CommandFilter] = None, slots: Optional[CommandSlots] = None,
-                 files: Optional['FileService'] = None) -> None:
+                 files: Optional['FileService'] = None, allow_exec: bool = False) -> None:
         self.agent = agent
         self.version = version
         self.registry = registry
@@ -158,6 +169,8 @@ class AgentService(object):
         self.environment = environment or (lambda peer: {})
         self._complaints: Dict[str, Complaints] = {}
         self.slots = slots
+        self.allow_exec = allow_exec
+        """Whether ``exec`` runs any program the caller names (``negotiator-guest --daemon --allow-exec``)."""
         self.files = files
 
     def register(self, dispatcher: Dispatcher) -> Dispatcher:
@@ -168,6 +181,7 @@ class AgentService(object):
         dispatcher.register('ping', self.ping, inline=True)
         dispatcher.register('list_commands', self.list_commands, inline=True)
         dispatcher.register('execute', self.execute)
+        dispatcher.register('exec', self.exec_program)
         if self.files is not None:
             self.files.register(dispatcher)
         return dispatcher
@@ -177,7 +191,7 @@ class AgentService(object):
         return self.register(Dispatcher())
 
     def hello(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
-        capabilities = list(CAPABILITIES)
+        capabilities = list(CAPABILITIES) + ([EXEC_CAPABILITY] if self.allow_exec else [])
         if self.files is not None and self.files.enabled:
             from negotiator_common.client import FILES_CAPABILITY
             capabilities.append(FILES_CAPABILITY)
@@ -257,15 +271,55 @@ class AgentService(object):
     def execute(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         command = self._resolve(get_param(params, 'command', (str,)), context.peer)
         options = self._parse_execute(params)
+        return self._serve(options, context, lambda output: self._run(command, options, context, output))
+
+    def exec_program(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
+        """
+        ``exec``: run the caller's argv list (no shell is added: ``["/bin/sh", "-c", ...]`` is
+        the caller's choice), with an optional ``cwd`` and ``env``, exactly as ``execute`` runs
+        a command (the same runner, streams, limits and result). Only where the agent's owner
+        switched it on (:attr:`allow_exec`); else :class:`CommandNotAllowed`, naming the switch.
+        """
+        if not self.allow_exec:
+            self._complaints_about(context.peer).complain('warning', 'refused exec', "Refused exec for %s: %s",
+                                                         context.peer or 'the peer', 'switched off')
+            raise CommandNotAllowed(EXEC_REFUSAL % self.agent)
+        argv = get_param(params, 'argv', (list,))
+        if not argv:
+            raise InvalidParams('argv must name a program')
+        params['args'] = argv
+        options = self._parse_execute(params)
+        options.update(self._parse_place(params))
+        return self._serve(options, context, lambda output: self._run_program(
+            options['args'], argv[0], {}, options, context, output))
+
+    def _parse_place(self, params: Dict[str, Any]) -> Dict[str, Any]:
+        """An ``exec``'s ``cwd`` (an absolute path; default ``/``) and ``env`` (names and values as text)."""
+        cwd = get_param(params, 'cwd', (str, type(None)), None) or '/'
+        if not cwd.startswith('/') or '\0' in cwd or not _strict_utf8(cwd):
+            raise InvalidParams('cwd must be an absolute path')
+        env = get_param(params, 'env', (dict, type(None)), None) or {}
+        for name, value in env.items():
+            if not (isinstance(value, str) and name and '=' not in name and '\0' not in name + value
+                    and _strict_utf8(name + value)):
+                raise InvalidParams('env must map names (without "=" or NUL) to text without NUL')
+        if sum(len(n.encode('utf-8')) + len(v.encode('utf-8')) + 2 for n, v in env.items()) > self.limits.max_args:
+            raise LimitExceeded('env exceeds %d bytes' % self.limits.max_args)
+        return {'cwd': cwd, 'env': env}
+
+    def _serve(self, options: Dict[str, Any], context: CallContext,
+               run: Callable[['_CallOutput'], Dict[str, Any]]) -> Dict[str, Any]:
+        """``run`` with the call's streams open and, on an agent that shares slots, one of them held."""
         streams = CommandStreams(context.notify, context.request_id, INPUT_WINDOW if options['stdin_stream'] else None,
                                  options['window'], context.cancelled.set)
+        output = _CallOutput(options['stream'], context, streams)
         try:
             context.listen(streams.receive)
             if self.slots is None:
-                return self._run(command, options, context, streams)
+                return run(output)
             self._wait_for_slot(options, context)
             try:
-                return self._run(command, options, context, streams)
+                return run(output)
             finally:
                 self.slots.release()
         finally:
@@ -280,64 +334,48 @@ class AgentService(object):
         options['timeout'] = deadline.remaining()
 
     def _run(self, command: CommandInfo, options: Dict[str, Any], context: CallContext,
-             streams: CommandStreams) -> Dict[str, Any]:
-        """
-        Run the command (a built-in, or a process through :func:`run_process`) and build its
-        result. A function of about 60 lines: the output callback shares the call's state with
-        both ways of running, which one flow keeps in view.
-        """
-        collected = {'stdout': bytearray(), 'stderr': bytearray()}
-        dropped = {'stdout': False, 'stderr': False}
-
-        def on_output(stream: str, chunk: bytes) -> None:
-            allowed = streams.spend_output(len(chunk))
-            if allowed < len(chunk):  # only a built-in's output comes unasked: what has no room is dropped
-                dropped[stream] = True
-                chunk = chunk[:allowed]
-                if not chunk:
-                    return
-            if options['stream'] == 'raw':
-                # Raw output: each chunk is copied after a short header line, never escaped.
-                for start in range(0, len(chunk), RAW_CHUNK_SIZE):
-                    context.notify(Notification('output', {'id': context.request_id, 'stream': stream},
-                                                attachment=chunk[start:start + RAW_CHUNK_SIZE]))
-            elif options['stream']:
-                data = {'id': context.request_id, 'stream': stream}
-                data.update(encode_bytes(chunk, 'data'))
-                context.notify(Notification('output', data))
-            else:
-                collected[stream] += chunk
-
-        max_output = self.limits.max_streamed_output if options['stream'] else self.limits.max_collected_output
-        if command.builtin is not None:
-            started = time.monotonic()
-            exit_status, stdout, stderr = command.builtin(options['args'])
-            on_output('stdout', stdout)
-            on_output('stderr', stderr)
-            result = {'exit_status': exit_status, 'signal': None, 'duration': time.monotonic() - started,
-                      'stdout_truncated': dropped['stdout'], 'stderr_truncated': dropped['stderr'],
-                      'output_abandoned': False}
-        else:
+             output: '_CallOutput') -> Dict[str, Any]:
+        """Run the command (a built-in, or a process through :meth:`_run_program`) and build its result."""
+        if command.builtin is None:
             assert command.path is not None
             environment = {'NEGOTIATOR_COMMAND': command.name}
             environment.update(self.environment(context.peer))
-            logger.info("Running %s for %s", command.name, context.peer or 'the peer')
-            process = run_process([command.path] + options['args'], stdin=options['stdin'],
-                                  timeout=options['timeout'], max_output=max_output, on_output=on_output,
-                                  environment=environment, cancelled=context.cancelled,
-                                  kill_grace=self.limits.kill_grace, streams=streams)
-            if streams.error is not None:
-                raise streams.error
-            result = {'exit_status': process.exit_status, 'signal': process.signal, 'duration': process.duration,
-                      'stdout_truncated': process.stdout_truncated, 'stderr_truncated': process.stderr_truncated,
-                      'output_abandoned': process.output_abandoned}
-            if process.timed_out:
-                result.update(self._output_fields(collected, bool(options['stream'])))
-                raise CommandTimedOut('%s ran longer than %s seconds and was killed' % (
-                    command.name, options['timeout']), result)
-        result.update(self._output_fields(collected, bool(options['stream'])))
+            return self._run_program([command.path] + options['args'], command.name, environment, options, context,
+                                     output)
+        started = time.monotonic()
+        exit_status, stdout, stderr = command.builtin(options['args'])
+        output('stdout', stdout)
+        output('stderr', stderr)
+        result = {'exit_status': exit_status, 'signal': None, 'duration': time.monotonic() - started,
+                  'stdout_truncated': output.dropped['stdout'], 'stderr_truncated': output.dropped['stderr'],
+                  'output_abandoned': False}
+        return self._finish(command.name, result, options, output)
+
+    def _run_program(self, argv: List[str], name: str, environment: Dict[str, str], options: Dict[str, Any],
+                     context: CallContext, output: '_CallOutput') -> Dict[str, Any]:
+        """Run ``argv`` through :func:`run_process` (``name`` in the log and the errors) and build its result."""
+        max_output = self.limits.max_streamed_output if options['stream'] else self.limits.max_collected_output
+        logger.info("Running %s for %s", name, context.peer or 'the peer')
+        process = run_process(argv, stdin=options['stdin'], timeout=options['timeout'], max_output=max_output,
+                              on_output=output, environment=environment, cancelled=context.cancelled,
+                              kill_grace=self.limits.kill_grace, streams=output.streams,
+                              directory=options.get('cwd', '/'), variables=options.get('env'))
+        if output.streams.error is not None:
+            raise output.streams.error
+        result = {'exit_status': process.exit_status, 'signal': process.signal, 'duration': process.duration,
+                  'stdout_truncated': process.stdout_truncated, 'stderr_truncated': process.stderr_truncated,
+                  'output_abandoned': process.output_abandoned}
+        if process.timed_out:
+            result.update(self._output_fields(output.collected, bool(options['stream'])))
+            raise CommandTimedOut('%s ran longer than %s seconds and was killed' % (name, options['timeout']), result)
+        return self._finish(name, result, options, output)
+
+    def _finish(self, name: str, result: Dict[str, Any], options: Dict[str, Any],
+                output: '_CallOutput') -> Dict[str, Any]:
+        """The result with its collected output; :class:`CommandFailed` instead, for ``check`` and a failure."""
+        result.update(self._output_fields(output.collected, bool(options['stream'])))
         if options['check'] and result['exit_status'] != 0:
-            raise CommandFailed('%s exited with status %s' % (command.name, result['exit_status']), result)
+            raise CommandFailed('%s exited with status %s' % (name, result['exit_status']), result)
         return result
 
     @staticmethod
@@ -348,3 +386,38 @@ class AgentService(object):
         for name, data in collected.items():
             fields.update(encode_bytes(bytes(data), name))
         return fields
+
+
+class _CallOutput(object):
+    """
+    The output of one ``execute`` or ``exec``, as the runner (or a built-in) hands it over:
+    streamed to the caller within its room (raw or as text), or collected for the reply. Only a
+    built-in's output comes unasked, so only it can find no room: what has none is dropped.
+    """
+
+    def __init__(self, stream: Any, context: CallContext, streams: CommandStreams) -> None:
+        self.stream = stream
+        self.context = context
+        self.streams = streams
+        self.collected = {'stdout': bytearray(), 'stderr': bytearray()}
+        self.dropped = {'stdout': False, 'stderr': False}
+
+    def __call__(self, stream: str, chunk: bytes) -> None:
+        allowed = self.streams.spend_output(len(chunk))
+        if allowed < len(chunk):
+            self.dropped[stream] = True
+            chunk = chunk[:allowed]
+            if not chunk:
+                return
+        request_id = self.context.request_id
+        if self.stream == 'raw':
+            # Raw output: each chunk is copied after a short header line, never escaped.
+            for start in range(0, len(chunk), RAW_CHUNK_SIZE):
+                self.context.notify(Notification('output', {'id': request_id, 'stream': stream},
+                                                 attachment=chunk[start:start + RAW_CHUNK_SIZE]))
+        elif self.stream:
+            data = {'id': request_id, 'stream': stream}
+            data.update(encode_bytes(chunk, 'data'))
+            self.context.notify(Notification('output', data))
+        else:
+            self.collected[stream] += chunk

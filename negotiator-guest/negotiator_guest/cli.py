@@ -13,6 +13,13 @@ Supported options:
     (or the older negotiator-channel.0) until SIGTERM or SIGINT. Logs go to standard
     error. Meant to run under systemd or supervisord.
 
+  --allow-exec
+
+    With --daemon: let the host run any program in this guest, as the daemon's user
+    (the wire method exec: an argv list, no shell added; the Ansible connection plugin
+    needs it). Off by default: the host may then run only the commands of the commands
+    directories, and exec is refused (exit status 77 on the host).
+
   --allow-files[=PREFIXES]
 
     With --daemon: let the host push files into this guest and pull files out of it
@@ -105,7 +112,7 @@ DEFAULT_TIMEOUT = 10.0
 
 _SHORT_OPTIONS = 'dle:it:jc:vqh'
 _LONG_OPTIONS = ['daemon', 'list-commands', 'execute=', 'stdin', 'timeout=', 'json', 'max-output=',
-                 'character-device=', 'commands-dir=', 'syslog', 'verbose', 'quiet', 'help']
+                 'character-device=', 'commands-dir=', 'syslog', 'allow-exec', 'verbose', 'quiet', 'help']
 
 _ACTIONS = {'-d': 'daemon', '--daemon': 'daemon', '-l': 'list-commands', '--list-commands': 'list-commands',
             '-e': 'execute', '--execute': 'execute', '-h': 'help', '--help': 'help'}
@@ -125,6 +132,7 @@ class Options(object):
         self.character_device: Optional[str] = None
         self.commands_dirs: List[str] = []
         self.syslog = False
+        self.allow_exec = False
         self.verbosity = 0
         self.allow_files: Optional[List[str]] = None  # None: off; ['/']: everywhere
 
@@ -150,6 +158,8 @@ def parse_options(arguments: Sequence[str]) -> Options:
             options.character_device = value
         elif option == '--syslog':
             options.syslog = True
+        elif option == '--allow-exec':
+            options.allow_exec = True
         else:
             apply_shared_option(options, option, value)
     options.allow_files = allow_files
@@ -161,6 +171,8 @@ def parse_options(arguments: Sequence[str]) -> Options:
         raise UsageError('choose one of --daemon, --list-commands and --execute')
     elif actions:
         options.action = actions.pop()
+    if options.allow_exec and options.action not in ('daemon', 'help'):
+        raise UsageError('--allow-exec is an option of --daemon')
     return options
 
 
@@ -206,7 +218,7 @@ def _run_daemon(options: Options) -> int:
     from negotiator_guest.daemon import GuestDaemon
     registry = CommandRegistry(options.commands_dirs or [DEFAULT_COMMANDS_DIR])
     from negotiator_common.fileservice import FileService
-    service = AgentService('negotiator-guest', registry, version=__version__,
+    service = AgentService('negotiator-guest', registry, version=__version__, allow_exec=options.allow_exec,
                            files=FileService(options.allow_files))
     return GuestDaemon(service, path=options.character_device).run()
 

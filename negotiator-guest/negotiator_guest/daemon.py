@@ -204,6 +204,8 @@ class GuestDaemon(object):
         try:
             self._sigio(True)
             logger.info("Serving host requests on %s (pid %d)", self.path, os.getpid())
+            if self.service.allow_exec:
+                logger.warning("exec is switched on (--allow-exec): the host may run any program as this user")
             self._loop()
         finally:
             self._shutdown()

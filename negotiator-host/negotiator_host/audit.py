@@ -10,8 +10,9 @@ returns and records of concurrent calls never interleave::
      "exit_status": 0, "signal": null, "seconds": 0.112}
 
 Fields: ``time`` (ISO 8601, UTC), ``uid``, ``user``, ``pid`` (the caller, from ``SO_PEERCRED``),
-``guest``, ``method``; for ``execute``, ``command`` and ``args``; for ``push`` and ``pull``,
-the guest's ``path`` and ``recursive``; the outcome: ``exit_status``
+``guest``, ``method``; for ``execute``, ``command`` and ``args``; for ``exec``, ``argv`` (shortened
+as ``args`` is) and ``cwd`` when given; for ``push`` and ``pull``, the guest's ``path`` and
+``recursive``; the outcome: ``exit_status``
 and ``signal`` when a command ran, or ``error`` (the error's type, e.g. ``CommandNotAllowed``
 for a refused call) and ``error_code``; ``seconds`` (3 decimals).
 
@@ -148,6 +149,10 @@ def audit_line(caller: 'Caller', guest: str, method: str, params: Dict[str, Any]
     if method == 'execute':
         record['command'] = _fitted(given.get('command'))
         record['args'] = _arguments(given.get('args', []))
+    elif method == 'exec':
+        record['argv'] = _arguments(given.get('argv', []))
+        if given.get('cwd') is not None:
+            record['cwd'] = _fitted(given.get('cwd'))
     elif method in ('push', 'pull'):
         record['path'] = _fitted(given.get('path'))
         record['recursive'] = given.get('recursive') is True

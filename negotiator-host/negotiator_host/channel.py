@@ -47,10 +47,11 @@ from negotiator_host.local_socket import socket_path as daemon_socket_path
 
 if TYPE_CHECKING:  # discovery is imported when a direct connection needs it: not through the daemon
     from negotiator_host.discovery import Guest, LibvirtPaths
+    from negotiator_host.remote import SshBridge
     from negotiator_common.transfers import LocalFile, Progress
 
 __all__ = ('GuestChannel', 'GuestOutcome', 'map_guests', 'daemon_guests', 'connect_socket', 'DEFAULT_TIMEOUT',
-           'THROUGH_DAEMON', 'DIRECT')
+           'THROUGH_DAEMON', 'DIRECT', 'REMOTE')
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds that connecting and each call may take unless the caller says otherwise."""
@@ -60,6 +61,9 @@ THROUGH_DAEMON = 'daemon'
 
 DIRECT = 'direct'
 """:attr:`GuestChannel.via` of a connection to the guest's own channel socket."""
+
+REMOTE = 'ssh'
+""":attr:`GuestChannel.via` of a connection to a guest on another hypervisor, over ssh (``hypervisor``)."""
 
 logger = get_logger(__name__)  # lazy: a quick CLI call never imports logging
 
@@ -185,6 +189,10 @@ class GuestChannel(object):
     :param direct: connect to the guest's channel socket even when the host daemon serves it.
     :param socket: the host daemon's local socket (default: ``$NEGOTIATOR_HOST_SOCKET``, else
                    ``/run/negotiator/host.sock``; see :mod:`negotiator_host.local_socket`).
+    :param hypervisor: ``[USER@]HOST``: the guest runs on that hypervisor, reached with
+                       ``ssh HOST negotiator-host --bridge NAME`` (:mod:`negotiator_host.remote`;
+                       the options above then apply there, not here).
+    :param ssh: the ssh command and its options, as an argv list (``['ssh', '-p', '2222']``).
 
     A channel with a guest name goes through the host daemon when the daemon listens on its
     socket and serves that guest, and connects directly otherwise: when the socket is missing
@@ -205,9 +213,14 @@ class GuestChannel(object):
     def __init__(self, name: Optional[str] = None, socket_path: Optional[str] = None, uri: Optional[str] = None,
                  timeout: Optional[float] = DEFAULT_TIMEOUT,
                  channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS,
-                 paths: 'Optional[LibvirtPaths]' = None, direct: bool = False, socket: Optional[str] = None) -> None:
+                 paths: 'Optional[LibvirtPaths]' = None, direct: bool = False, socket: Optional[str] = None,
+                 hypervisor: Optional[str] = None, ssh: Sequence[str] = ('ssh',)) -> None:
         if not name and not socket_path:
             raise ValueError('GuestChannel needs a guest name or a socket path')
+        if hypervisor is not None:
+            from negotiator_host.remote import check_guest_name, check_hypervisor
+            check_hypervisor(hypervisor)
+            check_guest_name(name or '')
         self.name = name or socket_path or ''
         self.socket_path = socket_path
         self.uri = uri
@@ -216,12 +229,15 @@ class GuestChannel(object):
         self.paths = paths
         self.direct = direct or not name
         self.daemon_socket = daemon_socket_path(socket)
+        self.hypervisor = hypervisor
+        self.ssh = tuple(ssh)
         self.via: Optional[str] = None
         """How the connection went: :data:`THROUGH_DAEMON` or :data:`DIRECT` (None before the first)."""
         self.agent_info: Dict[str, Any] = {}
         self._lock = threading.Lock()
         self._endpoint: Optional[Endpoint] = None
         self._client: Optional[AgentClient] = None
+        self._bridge: 'Optional[SshBridge]' = None
 
     def __repr__(self) -> str:
         return 'GuestChannel(%r)' % self.name
@@ -240,7 +256,9 @@ class GuestChannel(object):
             deadline = Deadline(timeout)
             endpoint: Optional[Endpoint] = None
             reason = 'a direct connection was asked for'
-            if not self.direct:
+            if self.hypervisor is not None:
+                endpoint = self._connect_over_ssh(self.hypervisor, deadline)
+            elif not self.direct:
                 endpoint, reason = self._attach_through_daemon(deadline)
             if endpoint is None:
                 endpoint = self._connect_directly(deadline, reason)
@@ -272,6 +290,32 @@ class GuestChannel(object):
         self.agent_info, self.via = info, THROUGH_DAEMON
         return endpoint, ''
 
+    def _connect_over_ssh(self, hypervisor: str, deadline: Deadline) -> Endpoint:
+        """
+        The connection through ``ssh HYPERVISOR negotiator-host --bridge NAME``
+        (:mod:`negotiator_host.remote`), which attaches to the guest as a local caller of the
+        daemon there would; an early end is explained by ssh's status and its standard error.
+        """
+        from negotiator_host.remote import SshBridge
+        self._close_bridge()
+        bridge = SshBridge(hypervisor, self.name, self.ssh)
+        sock = bridge.start()
+        self._bridge = bridge
+        try:
+            endpoint, info = _open(sock, deadline, self.name, {'guest': self.name})
+        except NegotiatorError as exc:
+            failure = bridge.failure(exc)
+            self._close_bridge()
+            raise failure from exc
+        logger.info("Talking to %s on %s over ssh (%s)", self.name, hypervisor, info.get('via') or 'direct there')
+        self.agent_info, self.via = info, REMOTE
+        return endpoint
+
+    def _close_bridge(self) -> None:
+        bridge, self._bridge = self._bridge, None
+        if bridge is not None:
+            bridge.close()
+
     def _connect_directly(self, deadline: Deadline, reason: str) -> Endpoint:
         """The connection to the guest's own channel socket (found by discovery unless given)."""
         path = self.socket_path
@@ -296,6 +340,8 @@ class GuestChannel(object):
             endpoint, self._endpoint, self._client = self._endpoint, None, None
         if endpoint is not None:
             endpoint.close()
+        with self._lock:
+            self._close_bridge()
 
     def __enter__(self) -> 'GuestChannel':
         return self
@@ -393,6 +439,30 @@ class GuestChannel(object):
         return client.pull(source, target, recursive=recursive, progress=progress)
 
 
+    def exec(self, argv: Sequence[str], input: Optional[InputSource] = None, timeout: Optional[float] = None,
+             check: bool = False, stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
+             cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
+             max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
+        """
+        Run the program ``argv`` (a list; no shell is added: ``['/bin/sh', '-c', SCRIPT]`` is
+        the caller's choice) in the guest, in the directory ``cwd`` (default ``/``) with
+        ``env`` added to the agent's clean environment, and return an :class:`ExecuteResult`.
+        ``input``, ``timeout``, ``check``, ``stdout``, ``stderr`` and ``max_output`` work as
+        in :meth:`execute`. The guest's agent runs it only when its owner started it with
+        ``negotiator-guest --daemon --allow-exec``; otherwise (or for an agent older than
+        ``exec``) the call raises :class:`~negotiator_common.errors.CommandNotAllowed`, which
+        names the switch (exit status 77 in the CLIs).
+
+        >>> GuestChannel('web-1').exec(['/bin/sh', '-c', 'echo $0 | tr a-z A-Z', 'hi']).stdout
+        b'HI\\n'
+        """
+        timeout = self._call_timeout(timeout)
+        deadline = Deadline(timeout)
+        client = self._connected_client(timeout)
+        return client.exec(argv, input=input, timeout=_remaining(deadline), check=check, stdout=stdout,
+                           stderr=stderr, cwd=cwd, env=env, max_output=max_output)
+
+
 class GuestOutcome(object):
     """
     What :func:`map_guests` got from one guest (``guest``, its name): ``result``, or ``error``
@@ -428,7 +498,8 @@ def map_guests(function: Callable[[GuestChannel], Any], guests: "Iterable[Union[
                max_workers: int = 16, uri: Optional[str] = None, timeout: Optional[float] = DEFAULT_TIMEOUT,
                paths: 'Optional[LibvirtPaths]' = None,
                channel_names: Sequence[str] = HOST_TO_GUEST_CHANNELS, direct: bool = False,
-               socket: Optional[str] = None) -> List[GuestOutcome]:
+               socket: Optional[str] = None, hypervisor: Optional[str] = None,
+               ssh: Sequence[str] = ('ssh',)) -> List[GuestOutcome]:
     """
     Call ``function(channel)`` for every guest in parallel; one :class:`GuestOutcome` per guest,
     in the order given.
@@ -436,7 +507,8 @@ def map_guests(function: Callable[[GuestChannel], Any], guests: "Iterable[Union[
     ``guests`` are names, :class:`~negotiator_host.discovery.Guest` objects (from
     :func:`~negotiator_host.discovery.list_guests`: no more discovery) or open channels.
     Each channel opened here goes through the host daemon or directly as :class:`GuestChannel`
-    decides, with ``direct`` and ``socket`` as given (and the other keywords).
+    decides, with ``direct`` and ``socket`` as given (and the other keywords; with
+    ``hypervisor``, every guest named is on that hypervisor, each reached over its own ssh).
     An exception in one guest never stops the others: it is kept in that guest's outcome.
     If the calling thread is interrupted (``KeyboardInterrupt``), the channels that this
     function opened are closed at once (each agent cancels its command) and the exception
@@ -451,7 +523,7 @@ def map_guests(function: Callable[[GuestChannel], Any], guests: "Iterable[Union[
     from concurrent.futures import ThreadPoolExecutor  # imported lazily: a one-guest call needs no pool
 
     calls = _GuestCalls(function, dict(uri=uri, timeout=timeout, paths=paths, channel_names=channel_names,
-                                       direct=direct, socket=socket))
+                                       direct=direct, socket=socket, hypervisor=hypervisor, ssh=ssh))
     pool = ThreadPoolExecutor(max_workers=max(1, min(max_workers, len(items))))
     try:
         outcomes = list(pool.map(calls.run, items))

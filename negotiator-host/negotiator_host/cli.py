@@ -1,5 +1,7 @@
 """
 Usage: negotiator-host [OPTIONS] [GUEST...]
+       negotiator-host --exec [OPTIONS] GUEST -- PROGRAM [ARG...]
+       negotiator-host --bridge [OPTIONS] GUEST
        negotiator-host --daemon [OPTIONS] [GUEST-PATTERN...]
 
 Talk to the negotiator agents in the KVM/QEMU guests of this host through virtio-serial
@@ -15,6 +17,8 @@ Examples:
   negotiator-host --execute 'df -h /' web-1
   echo hello | negotiator-host web-1 web-2 --stdin --execute cat
   negotiator-host --all --json --execute uptime
+  negotiator-host --exec web-1 -- /bin/sh -c 'ls /etc | wc -l'
+  negotiator-host --hypervisor root@kvm-2 --ping web-9
   negotiator-host --copy ./app.conf web-1:/etc/app/
   negotiator-host --copy -r web-1:/var/log/app .
 
@@ -37,6 +41,36 @@ Supported options:
     guest its standard output and error are passed on byte for byte and its exit status
     becomes ours; with several guests they run in parallel, each output line is prefixed
     with the guest's name, and the exit status is non-zero when any failed.
+
+  -x, --exec
+
+    Run PROGRAM with its arguments (everything after --, as given: no shell is added)
+    in GUEST, whose agent must allow it (negotiator-guest --daemon --allow-exec; else
+    77). Its standard output and error are passed on byte for byte, --stdin forwards
+    standard input, and its exit status becomes ours. One guest only.
+
+  --cwd=DIR
+
+    With --exec: the directory PROGRAM runs in (an absolute path; default /).
+
+  --bridge
+
+    Join standard input and output to GUEST's channel (through the host daemon when it
+    serves the guest, else directly) until either side closes: what ssh runs for
+    --hypervisor. The caller speaks the protocol of the daemon's socket, beginning with
+    hello {"guest": GUEST}. What cannot be reached is said on standard error, with the
+    exit statuses below, before anything is copied.
+
+  --hypervisor=[USER@]HOST
+
+    The guests run on HOST: reach each one with ssh HOST negotiator-host --bridge
+    GUEST (negotiator-host must be in the PATH of ssh's commands there, and ssh must
+    log in without a password). --connect, --direct and --socket then apply there.
+
+  --ssh=COMMAND
+
+    With --hypervisor: the ssh command and its options, split as a shell would (no
+    shell runs it), like 'ssh -p 2222 -F ~/.ssh/negotiator.conf' (default: ssh).
 
   --copy SOURCE... TARGET
 
@@ -158,11 +192,13 @@ Supported options:
 
     Show this message and exit.
 
-Exit statuses: 0 success; with one guest and --execute, the command's own status (128+N
-when signal N ended it); 64 usage error (also a request over the agent's limits); 69 guest,
-channel or libvirt not available (unknown or stopped guest, no channel, channel busy, agent
-gone); 70 internal or protocol error; 75 timeout; 77 command refused by the guest's policy
-or not found, or the guest refused to this user by the host daemon; 130 interrupted
+Exit statuses: 0 success; with one guest and --execute or --exec, the command's own status
+(128+N when signal N ended it); 64 usage error (also a request over the agent's limits); 69
+guest, channel or libvirt not available (unknown or stopped guest, no channel, channel busy,
+agent gone; with --hypervisor also: ssh could not connect, negotiator-host is missing there);
+70 internal or protocol error; 75 timeout; 77 command refused by the guest's policy or not
+found, --exec refused by a guest without --allow-exec, or the guest refused to this user by
+the host daemon; 130 interrupted
 (Ctrl-C; the calls are cancelled in the guests); 141 standard output closed by its reader
 (| head). With --copy: 65 the bytes that arrived are not those sent (SHA-256); 66 no such
 file or directory; 73 the target cannot be made (it exists as a directory that holds
@@ -174,7 +210,7 @@ by name) that failed.
 
 import getopt
 import sys
-from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, cast
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 from negotiator_common.cli_support import (
     FullWriter, UsageError, apply_shared_option, format_commands, error_object, exit_now, json_failure, printable,
@@ -204,14 +240,16 @@ line is written in pieces of this size, each prefixed, so a guest's output witho
 costs no memory and no time beyond this.
 """
 
-_SHORT_OPTIONS = 'gce:pit:ajdvqhr'
-_LONG_OPTIONS = ['list-guests', 'list-commands', 'execute=', 'ping', 'stdin', 'timeout=', 'all', 'json', 'max-output=',
+_SHORT_OPTIONS = 'gce:xpit:ajdvqhr'
+_LONG_OPTIONS = ['list-guests', 'list-commands', 'execute=', 'exec', 'cwd=', 'bridge', 'hypervisor=', 'ssh=', 'ping',
+                 'stdin', 'timeout=', 'all', 'json', 'max-output=',
                  'connect=', 'direct', 'socket=', 'daemon', 'commands-dir=', 'policy=', 'max-commands=', 'max-queued=',
                  'max-timeout=', 'allow-group=', 'audit-log=', 'verbose', 'quiet', 'help', 'copy', 'recursive']
 
 _ACTIONS = {'-g': 'list-guests', '--list-guests': 'list-guests', '-c': 'list-commands',
             '--list-commands': 'list-commands', '-e': 'execute', '--execute': 'execute', '-p': 'ping', '--ping': 'ping',
-            '-d': 'daemon', '--daemon': 'daemon', '-h': 'help', '--help': 'help', '--copy': 'copy'}
+            '-x': 'exec', '--exec': 'exec', '--bridge': 'bridge', '-d': 'daemon', '--daemon': 'daemon', '-h': 'help',
+            '--help': 'help', '--copy': 'copy'}
 """The options that choose what the program does (one of them, once)."""
 
 
@@ -260,6 +298,10 @@ class Options(object):
         self.audit_log: Optional[str] = None  # None: the default; '': none
         self.verbosity = 0
         self.guests: List[str] = []
+        self.program: List[str] = []
+        self.cwd: Optional[str] = None
+        self.hypervisor: Optional[str] = None
+        self.ssh: Optional[List[str]] = None  # None: plain ssh
         self.recursive = False
 
 
@@ -268,22 +310,34 @@ def parse_options(arguments: Sequence[str]) -> Options:
     Turn the command line into :class:`Options` (options may come before and after guest names);
     raise :class:`UsageError` if it is wrong.
     """
+    head, program = _split_program(list(arguments))
     try:
-        pairs, guests = getopt.gnu_getopt(list(arguments), _SHORT_OPTIONS, _LONG_OPTIONS)
+        pairs, guests = getopt.gnu_getopt(head, _SHORT_OPTIONS, _LONG_OPTIONS)
     except getopt.GetoptError as exc:
         raise UsageError(str(exc)) from None
     options = Options()
     for option, value in pairs:
         _apply_option(options, option, value)
     options.guests = guests
+    options.program = program
     _check_options(options)
     return options
+
+
+def _split_program(arguments: List[str]) -> Tuple[List[str], List[str]]:
+    """``--exec ... -- PROGRAM ARG...``: the options and guest before the first ``--``, and the program after it."""
+    if '--' in arguments:
+        index = arguments.index('--')
+        if any(argument in ('-x', '--exec') for argument in arguments[:index]):
+            return arguments[:index], arguments[index + 1:]
+    return arguments, []
 
 
 def _apply_option(options: Options, option: str, value: str) -> None:
     if option in _ACTIONS:
         if options.action not in (None, _ACTIONS[option]):
-            raise UsageError('choose one of --list-guests, --list-commands, --execute, --ping, --copy and --daemon')
+            raise UsageError('choose one of --list-guests, --list-commands, --execute, --exec, --ping, --bridge,'
+                             ' --copy and --daemon')
         options.action = _ACTIONS[option]
         if options.action == 'execute':
             options.command = split_command(value)
@@ -305,6 +359,12 @@ def _apply_option(options: Options, option: str, value: str) -> None:
         options.allow_groups.append(value)
     elif option == '--audit-log':
         options.audit_log = value
+    elif option == '--cwd':
+        options.cwd = value
+    elif option == '--hypervisor':
+        options.hypervisor = value
+    elif option == '--ssh':
+        options.ssh = split_command(value)
     else:
         apply_shared_option(options, option, value)
 
@@ -318,9 +378,18 @@ def _check_options(options: Options) -> None:
     if options.action == 'copy' and (options.all or options.json or options.stdin):
         raise UsageError('--copy takes no --all, --json or --stdin (- is standard input as a SOURCE)')
     if options.action is None:
-        raise UsageError('nothing to do: give --list-guests, --ping, --list-commands, --execute, --copy or --daemon')
+        raise UsageError('nothing to do: give --list-guests, --ping, --list-commands, --execute, --exec, --bridge,'
+                         ' --copy or --daemon')
     if options.action in ('ping', 'list-commands', 'execute') and not options.guests and not options.all:
         raise UsageError('name at least one GUEST (or give --all)')
+    if options.action in ('exec', 'bridge'):
+        _check_one_guest(options)
+    elif options.cwd is not None:
+        raise UsageError('--cwd is an option of --exec')
+    if options.hypervisor is not None:
+        _check_remote(options)
+    elif options.ssh is not None:
+        raise UsageError('--ssh is an option of --hypervisor')
     if options.action == 'daemon' and options.all:
         raise UsageError('--daemon serves every guest unless given GUEST-PATTERNs; --all makes no sense with it')
     if options.direct and options.action == 'daemon':
@@ -331,6 +400,34 @@ def _check_options(options: Options) -> None:
         raise UsageError('%s is an option of --daemon' % ('--allow-group' if options.allow_groups else '--audit-log'))
     if options.socket == '':
         _check_no_socket(options)
+
+
+def _check_one_guest(options: Options) -> None:
+    """--exec and --bridge: one GUEST, no --all or --json; --exec a PROGRAM after --."""
+    flag = '--' + str(options.action)
+    if len(options.guests) != 1 or options.all:
+        raise UsageError('%s takes exactly one GUEST' % flag)
+    if options.json:
+        raise UsageError('%s passes the bytes through: --json makes no sense with it' % flag)
+    if options.action == 'exec' and not options.program:
+        raise UsageError('--exec needs the program after --: --exec GUEST -- PROGRAM [ARG...]')
+    if options.action == 'bridge' and (options.hypervisor is not None or options.stdin):
+        raise UsageError('--bridge is what runs on the hypervisor: it takes neither --hypervisor nor --stdin')
+
+
+def _check_remote(options: Options) -> None:
+    """--hypervisor: calls to named guests only (the listing and the daemon are the hypervisor's own)."""
+    from negotiator_host.remote import check_guest_name, check_hypervisor
+    if options.action in ('daemon', 'list-guests') or options.all:
+        raise UsageError('--hypervisor reaches named guests: run --daemon, --list-guests and --all on the hypervisor')
+    try:
+        check_hypervisor(options.hypervisor or '')
+        for name in options.guests:
+            check_guest_name(name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if options.ssh == []:
+        raise UsageError('--ssh needs a command')
 
 
 def _check_no_socket(options: Options) -> None:
@@ -392,6 +489,8 @@ def run(arguments: Sequence[str]) -> int:
             return _run_daemon(options)
         if options.action == 'list-guests':
             return _list_guests(options)
+        if options.action == 'bridge':
+            return _bridge(options)
         if options.action == 'copy':
             return _copy(options)
         return _run_on_guests(options)
@@ -537,14 +636,15 @@ def _run_on_guests(options: Options) -> int:
     if not targets:
         sys.stderr.write('%s: no running guest has a negotiator channel (see --list-guests)\n' % PROGRAM)
         return EXIT_UNAVAILABLE
-    wants_input = options.stdin and options.action == 'execute'
+    wants_input = options.stdin and options.action in ('execute', 'exec')
     if len(targets) == 1 and not options.all and not options.json:
         channel = GuestChannel(targets[0], uri=options.uri, timeout=options.timeout, direct=options.direct,
-                               socket=options.socket)
+                               socket=options.socket, hypervisor=options.hypervisor, ssh=options.ssh or ['ssh'])
         return _one_guest(options, channel, stdin_source() if wants_input else None)
     stdin = read_stdin() if wants_input else None
     outcomes = map_guests(_guest_call(options, stdin), targets, uri=options.uri, timeout=options.timeout,
-                          direct=options.direct, socket=options.socket)
+                          direct=options.direct, socket=options.socket, hypervisor=options.hypervisor,
+                          ssh=options.ssh or ['ssh'])
     return _report(options, outcomes)
 
 
@@ -646,12 +746,26 @@ def _one_guest(options: Options, channel: 'GuestChannel', stdin: Optional[Binary
             return 0
         stdout = FullWriter(sys.stdout.buffer)
         sys.stdout.flush()
-        argv = options.command
-        result = channel.execute(argv[0], *argv[1:], input=stdin, stdout=_sink(stdout),
-                                 stderr=_sink(FullWriter(sys.stderr.buffer)))
+        argv = options.program if options.action == 'exec' else options.command
+        if options.action == 'exec':
+            result = channel.exec(argv, input=stdin, stdout=_sink(stdout), stderr=_sink(FullWriter(sys.stderr.buffer)),
+                                  cwd=options.cwd)
+        else:
+            result = channel.execute(argv[0], *argv[1:], input=stdin, stdout=_sink(stdout),
+                                     stderr=_sink(FullWriter(sys.stderr.buffer)))
         stdout.flush()
         sys.stderr.write(signal_note(PROGRAM, argv[0], 'in ' + channel.name, result.signal))
         return _result_status(result)
+
+
+def _bridge(options: Options) -> int:
+    """--bridge: standard input and output joined to the guest's channel (:mod:`negotiator_host.bridge`)."""
+    from negotiator_host.bridge import open_guest_socket, run_bridge
+    sock, already, _ = open_guest_socket(options.guests[0], uri=options.uri, timeout=options.timeout,
+                                         direct=options.direct, daemon_socket=options.socket)
+    sys.stdout.flush()
+    run_bridge(sock, already, sys.stdin.fileno(), sys.stdout.fileno())
+    return 0
 
 
 def _list_guests(options: Options) -> int:

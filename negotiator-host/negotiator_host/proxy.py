@@ -5,7 +5,7 @@ A local client's connection (:mod:`negotiator_host.local`) starts unattached. It
 either asks the daemon itself (no ``guest``: which guests this caller may use) or attaches the
 connection to one guest (``{"guest": NAME}``), once the caller's policy allows it; the answer is
 the guest agent's own ``hello``, as the daemon's link received it, with ``"via"``. After that,
-``ping``, ``list_commands``, ``execute``, ``push`` and ``pull`` go to that guest over the
+``ping``, ``list_commands``, ``execute``, ``exec``, ``push`` and ``pull`` go to that guest over the
 daemon's one connection to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's own:
 
 - ids: the daemon's link allocates its own ids on the guest's side; a reply comes back to the
@@ -22,8 +22,9 @@ daemon's one connection to it (:mod:`negotiator_host.agents`), and ``cancel`` is
   ``credit`` go to the guest under the link's id, which the guest's first notification about the
   call names (no client may send either before that). The daemon keeps no window of its own; it
   checks the client's input against the room the guest granted (:class:`_Relay`).
-- the fair queue: an ``execute`` (or a ``push``, a ``pull``) first takes one of the guest's slots (its announced
-  ``max_in_flight``), waiting in turn with the other callers, by uid, within its own timeout.
+- the fair queue: an ``execute`` (or an ``exec``, a ``push``, a ``pull``) first takes one of the
+  guest's slots (its announced ``max_in_flight``), waiting in turn with the other callers, by
+  uid, within its own timeout.
 
 Each forwarded call, and each refusal, is written to the audit log.
 """
@@ -292,6 +293,7 @@ class ProxyService(object):
         dispatcher.register('ping', self.ping)
         dispatcher.register('list_commands', self.list_commands)
         dispatcher.register('execute', self.execute)
+        dispatcher.register('exec', self.exec)
         dispatcher.register('push', self.push)
         dispatcher.register('pull', self.pull)
         return dispatcher
@@ -396,8 +398,11 @@ class ProxyService(object):
             'list_commands', params, timeout=FORWARD_TIMEOUT))
 
     def execute(self, params: Dict[str, Any], context: CallContext) -> Any:
-        agent = self._agent()
-        return self._audited('execute', params, lambda: self._execute(agent, params, context))
+        return self._streaming_call('execute', params, context)
+
+    def exec(self, params: Dict[str, Any], context: CallContext) -> Any:
+        """``exec``: forwarded as ``execute`` is (the guest decides whether it runs any program)."""
+        return self._streaming_call('exec', params, context)
 
     def push(self, params: Dict[str, Any], context: CallContext) -> Any:
         agent = self._agent()
@@ -419,8 +424,13 @@ class ProxyService(object):
         finally:
             agent.queue.release()
 
-    def _execute(self, agent: GuestAgent, params: Dict[str, Any], context: CallContext) -> Any:
-        """Wait for one of the guest's slots, in turn with the other callers, then run the command there."""
+    def _streaming_call(self, method: str, params: Dict[str, Any], context: CallContext) -> Any:
+        """A call that runs something in the guest, with its streams: queued, forwarded and audited."""
+        agent = self._agent()
+        return self._audited(method, params, lambda: self._run_in_guest(method, agent, params, context))
+
+    def _run_in_guest(self, method: str, agent: GuestAgent, params: Dict[str, Any], context: CallContext) -> Any:
+        """Wait for one of the guest's slots, in turn with the other callers, then make the call there."""
         asked = _number(get_param(params, 'timeout', (int, float, type(None)), None))
         if params.get('timeout') is not None and asked is None:
             raise InvalidParams('timeout must be above 0 seconds')
@@ -431,15 +441,15 @@ class ProxyService(object):
             if asked is not None:  # the time spent in the queue comes off the command's
                 params['timeout'] = deadline.remaining()
             wait = (deadline.remaining() or 0.0) + _limit(link, 'kill_grace', 0.0) + REPLY_MARGIN
-            return self._call_guest(link, 'execute', params, wait, context)
+            return self._call_guest(link, method, params, wait, context)
         finally:
             agent.queue.release()
 
     def _call_guest(self, link: AgentLink, method: str, params: Dict[str, Any], wait: Optional[float],
                     context: CallContext) -> Any:
         """
-        The one path of every streaming call to the guest (``execute``, ``push``, ``pull``): its
-        output, input and credit relayed end to end, its cancellation passed on, its reply
+        The one path of every streaming call to the guest (``execute``, ``exec``, ``push``, ``pull``):
+        its output, input and credit relayed end to end, its cancellation passed on, its reply
         sent only after the output it follows.
         """
         assert self.outbox is not None

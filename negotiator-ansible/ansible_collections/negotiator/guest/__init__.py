@@ -1,0 +1,1 @@
+"""The Ansible collection negotiator.guest (its plugins are in plugins/); a package for pip's sake."""

@@ -1,0 +1,266 @@
+"""
+The connection plugin ``negotiator.guest.negotiator``: Ansible's tasks in a KVM/QEMU guest,
+through negotiator's agent over virtio-serial (no network, no SSH in the guest).
+
+Why a plugin of its own rather than ``community.libvirt.libvirt_qemu``: negotiator's ``exec``
+takes standard input (so Ansible pipelines its modules: one process in the guest per task instead
+of several), streams files both ways under flow control instead of a base64 round trip per chunk,
+never cuts output short, and bounds every call by a timeout. Everything goes through
+negotiator-host's Python API (:class:`negotiator_host.GuestChannel`): through the host daemon
+when it serves the guest, directly on the guest's channel otherwise, or through ``ssh HYPERVISOR
+negotiator-host --bridge GUEST`` for a guest on another machine.
+"""
+
+import io
+import shlex
+
+from ansible.errors import AnsibleConnectionFailure, AnsibleError, AnsibleFileNotFound
+from ansible.plugins.connection import ConnectionBase
+from ansible.utils.display import Display
+
+from negotiator_common.errors import (
+    ChannelError, CommandNotAllowed, CommandTimedOut, NegotiatorError,
+)
+from negotiator_host import GuestChannel
+
+DOCUMENTATION = r"""
+name: negotiator
+short_description: Run tasks in a KVM/QEMU guest through negotiator's agent, without a network
+description:
+  - Runs Ansible's tasks in a libvirt guest through negotiator's agent over virtio-serial, from
+    the hypervisor (through the host daemon when it serves the guest) or from another machine
+    over ssh to the hypervisor.
+  - Modules run pipelined (through standard input, one process in the guest per task); files
+    are streamed both ways; output is never cut short.
+  - The agent in the guest must allow it, C(negotiator-guest --daemon --allow-exec --allow-files).
+author: The negotiator developers
+version_added: "0.1.0"
+requirements:
+  - negotiator-host (the Python package) in the Python that runs Ansible
+  - negotiator-guest --daemon --allow-exec --allow-files in the guest
+options:
+  remote_addr:
+    description:
+      - The guest's libvirt name.
+    default: inventory_hostname
+    type: string
+    vars:
+      - name: inventory_hostname
+      - name: ansible_host
+      - name: ansible_negotiator_guest
+  uri:
+    description:
+      - The libvirt URI of the hypervisor's guests (default C($LIBVIRT_DEFAULT_URI), else
+        C(qemu:///system)); used only to find the guest's channel when no host daemon serves it.
+    type: string
+    vars:
+      - name: ansible_libvirt_uri
+      - name: ansible_negotiator_uri
+  hypervisor:
+    description:
+      - The hypervisor that runs the guest, C([USER@]HOST), when it is not this machine; reached
+        with C(ssh HOST negotiator-host --bridge GUEST) (ssh's own configuration and keys apply).
+    type: string
+    env:
+      - name: NEGOTIATOR_HYPERVISOR
+    vars:
+      - name: ansible_negotiator_hypervisor
+  ssh:
+    description:
+      - With O(hypervisor), the ssh command and its options, split as a shell would (no shell
+        runs it), for example C(ssh -p 2222 -F ~/.ssh/negotiator.conf).
+    type: string
+    default: ssh
+    env:
+      - name: NEGOTIATOR_SSH
+    vars:
+      - name: ansible_negotiator_ssh
+  socket:
+    description:
+      - The host daemon's local socket (default C($NEGOTIATOR_HOST_SOCKET), else
+        C(/run/negotiator/host.sock)).
+    type: string
+    vars:
+      - name: ansible_negotiator_socket
+  timeout:
+    description:
+      - Seconds that connecting to the agent may take; a guest whose agent does not answer in
+        that time is unreachable.
+    type: integer
+    default: 10
+    ini:
+      - section: defaults
+        key: timeout
+    env:
+      - name: ANSIBLE_TIMEOUT
+    vars:
+      - name: ansible_negotiator_timeout
+  command_timeout:
+    description:
+      - Seconds that one command (a module, a file's transfer) may run in the guest before the
+        agent kills it; 0 for the longest that the agent allows (its C(max_timeout), a day by
+        default). A task's own C(timeout) keyword ends it sooner (the agent kills its command).
+    type: integer
+    default: 0
+    env:
+      - name: NEGOTIATOR_COMMAND_TIMEOUT
+    vars:
+      - name: ansible_negotiator_command_timeout
+  shell:
+    description:
+      - The program in the guest that runs Ansible's command lines, as C(SHELL -c LINE).
+    type: string
+    default: /bin/sh
+    vars:
+      - name: ansible_negotiator_shell
+  pipelining:
+    description:
+      - Send modules through standard input (one process in the guest per module) instead of
+        copying them into a temporary file first. On by default, since the agent has no terminal and so
+        sudo's requiretty never applies.
+    type: boolean
+    default: true
+    env:
+      - name: ANSIBLE_PIPELINING
+    ini:
+      - section: defaults
+        key: pipelining
+      - section: connection
+        key: pipelining
+    vars:
+      - name: ansible_pipelining
+"""
+
+display = Display()
+
+LONGEST_COMMAND = 24 * 3600.0
+"""Seconds for a command when the agent announces no ``max_timeout`` (the agent's own default)."""
+
+
+class Connection(ConnectionBase):
+    """Ansible's connection to one guest: one :class:`GuestChannel`, opened at the first call."""
+
+    transport = 'negotiator.guest.negotiator'
+    has_pipelining = True
+    has_tty = False
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._channel = None
+
+    def _connect(self):
+        """Open the channel and say ``hello``: a guest whose agent does not answer is unreachable."""
+        if self._connected:
+            return self
+        guest = self.get_option('remote_addr')
+        options = {'uri': self.get_option('uri'), 'socket': self.get_option('socket'),
+                   'timeout': float(self.get_option('timeout'))}
+        hypervisor = self.get_option('hypervisor')
+        if hypervisor:
+            options.update(hypervisor=hypervisor, ssh=shlex.split(self.get_option('ssh')))
+        display.vvv('negotiator: connecting to %s%s' % (guest, ' on %s' % hypervisor if hypervisor else ''),
+                    host=guest)
+        channel = GuestChannel(guest, **options)
+        try:
+            channel.hello()
+        except NegotiatorError as exc:
+            channel.close()
+            raise AnsibleConnectionFailure('negotiator could not reach the agent in %s: %s' % (guest, exc)) from exc
+        display.vvv('negotiator: connected to %s (%s)' % (guest, channel.via), host=guest)
+        self._channel = channel
+        self._connected = True
+        return self
+
+    def exec_command(self, cmd, in_data=None, sudoable=True):
+        """
+        Run ``cmd`` (a shell command line, as Ansible makes it) in the guest with ``in_data`` on
+        its standard input; return ``(exit status, stdout, stderr)``. The output is collected in
+        full (no cap), as over ssh.
+        """
+        super().exec_command(cmd, in_data=in_data, sudoable=sudoable)
+        if sudoable and self.become and self.become.expect_prompt():
+            raise AnsibleError('negotiator cannot answer a password prompt of %s (the agent has no terminal): the'
+                               ' agent runs as root in the guest, which becomes any user without a password'
+                               % self.become.name)
+        display.vvv('negotiator: exec %s' % cmd, host=self._guest())
+        stdout, stderr = io.BytesIO(), io.BytesIO()
+        result = self._call(self._open_channel().exec, [self.get_option('shell'), '-c', cmd], input=in_data,
+                            timeout=self._command_timeout(), stdout=stdout, stderr=stderr)
+        status = result.exit_status if result.exit_status is not None else 128 + (result.signal or 0)
+        return status, stdout.getvalue(), stderr.getvalue()
+
+    def put_file(self, in_path, out_path):
+        """Copy the controller's file ``in_path`` to ``out_path`` in the guest (streamed)."""
+        super().put_file(in_path, out_path)
+        display.vvv('negotiator: put %s to %s' % (in_path, out_path), host=self._guest())
+        try:
+            source = open(in_path, 'rb')
+        except FileNotFoundError as exc:
+            raise AnsibleFileNotFound('file or module does not exist: %s' % in_path) from exc
+        except OSError as exc:
+            raise AnsibleError('cannot read %s: %s' % (in_path, exc)) from exc
+        with source:
+            self._call(self._open_channel().push, source, out_path)
+
+    def fetch_file(self, in_path, out_path):
+        """Copy the guest's file ``in_path`` to ``out_path`` on the controller (streamed)."""
+        super().fetch_file(in_path, out_path)
+        display.vvv('negotiator: fetch %s to %s' % (in_path, out_path), host=self._guest())
+        try:
+            target = open(out_path, 'wb')
+        except OSError as exc:
+            raise AnsibleError('cannot write %s: %s' % (out_path, exc)) from exc
+        with target:
+            self._call(self._open_channel().pull, in_path, target)
+
+    def close(self):
+        """Close the channel (a command still running in the guest is cancelled there)."""
+        channel, self._channel = self._channel, None
+        if channel is not None:
+            channel.close()
+        self._connected = False
+
+    def reset(self):
+        """Ansible's ``meta: reset_connection``: the next task connects again."""
+        self.close()
+
+    def _guest(self):
+        return self.get_option('remote_addr')
+
+    def _open_channel(self):
+        if self._channel is None:
+            self._connect()
+        return self._channel
+
+    def _command_timeout(self):
+        """The ``command_timeout`` option, or the longest the agent allows when it is 0."""
+        wanted = self.get_option('command_timeout')
+        if wanted:
+            return float(wanted)
+        limits = self._open_channel().agent_info.get('limits')
+        longest = limits.get('max_timeout') if isinstance(limits, dict) else None
+        return float(longest) if isinstance(longest, (int, float)) and longest > 0 else LONGEST_COMMAND
+
+    def _call(self, method, *args, **kwargs):
+        """
+        One call on the channel, its errors turned into Ansible's: the agent gone or silent makes
+        the host unreachable (negotiator's message kept), a refusal or a failure fails the task.
+        Whatever interrupts the call (a task's ``timeout``, Ctrl-C) closes the channel first, so
+        that the agent cancels the command in the guest.
+        """
+        guest = self._guest()
+        try:
+            return method(*args, **kwargs)
+        except CommandNotAllowed as exc:
+            raise AnsibleError('negotiator: the agent in %s refused: %s' % (guest, exc.message)) from exc
+        except CommandTimedOut as exc:
+            raise AnsibleError('negotiator: the command in %s ran past its timeout and was killed: %s'
+                               % (guest, exc.message)) from exc
+        except ChannelError as exc:
+            self.close()
+            raise AnsibleConnectionFailure('negotiator lost the agent in %s: %s' % (guest, exc)) from exc
+        except NegotiatorError as exc:
+            raise AnsibleError('negotiator: %s' % exc) from exc
+        except BaseException:
+            self.close()
+            raise

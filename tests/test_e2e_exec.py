@@ -1,0 +1,107 @@
+"""
+End to end, ``exec`` (issue 15) on a real libvirt/QEMU guest running ``negotiator-guest --daemon
+--allow-exec``, and the same guest reached over a real ssh (a real ``sshd`` on this machine,
+tests/sshd_support.py) with ``--hypervisor root@127.0.0.1``.
+
+Why: only a real guest proves that the switch reaches the agent from its command line, that a
+program runs there with its streamed input and its status, and that ssh carries the protocol
+through ``negotiator-host --bridge``; only a real sshd proves the argv and the quoting that ssh
+and the remote shell see. One guest and one sshd for the whole module; the last test switches
+exec off in that guest (the agent restarts without the switch).
+"""
+
+import hashlib
+import os
+import subprocess
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from vmfixtures import VENV_BIN, vm_host  # noqa: E402,F401 (a fixture)
+from e2e_support import HOST_CLI, remove_guests, start_agents  # noqa: E402
+from sshd_support import Sshd  # noqa: E402
+from waiting import wait_until  # noqa: E402
+
+from negotiator_common.errors import ChannelNotFound, CommandNotAllowed  # noqa: E402
+from negotiator_host import GuestChannel  # noqa: E402
+
+pytestmark = pytest.mark.vm
+
+MIB = 1024 * 1024
+
+
+@pytest.fixture(scope='module')
+def guest(vm_host):  # noqa: F811 (the fixture)
+    guests = start_agents(vm_host, [{}], daemon_args=['--allow-exec'])
+    yield guests[0]
+    remove_guests(guests)
+
+
+@pytest.fixture(scope='module')
+def sshd():
+    server = Sshd(VENV_BIN)
+    yield server
+    server.stop()
+
+
+def cli(*args, input=b''):
+    process = subprocess.run([HOST_CLI] + list(args), input=input, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             timeout=120)
+    return process.returncode, process.stdout, process.stderr
+
+
+def test_exec_with_streamed_input(guest):
+    data = os.urandom(2 * MIB + 3)
+    with GuestChannel(guest.name, direct=True, timeout=120) as channel:
+        assert 'exec' in channel.hello()['capabilities']
+        result = channel.exec(['sha256sum'], input=data)
+    assert result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_pipes_quotes_and_a_non_zero_exit_through_sh_c(guest):
+    script = "printf '%s\\n' \"it's\" 'a \"b\" $HOME' | tr a-z A-Z; echo \"$1\" >&2; exit 7"
+    status, out, err = cli('--direct', '--exec', guest.name, '--', '/bin/sh', '-c', script, 'sh', 'x y')
+    assert (status, out, err) == (7, b'IT\'S\nA "B" $HOME\n', b'x y\n')
+    status, out, _ = cli('--direct', '--stdin', '--exec', guest.name, '--', 'wc', '-c', input=b'12345')
+    assert (status, out.strip()) == (0, b'5')
+
+
+def test_the_guest_over_ssh_through_a_real_sshd(guest, sshd):
+    with GuestChannel(guest.name, hypervisor='root@127.0.0.1', ssh=sshd.ssh, timeout=120) as channel:
+        result = channel.exec(['/bin/sh', '-c', 'cat | rev; exit 3'], input=b'abc\n')
+        assert (result.exit_status, result.stdout) == (3, b'cba\n')
+    status, out, _ = cli('--hypervisor', 'root@127.0.0.1', '--ssh', 'ssh -F %s' % sshd.client_config,
+                         '--exec', guest.name, '--', 'echo', "it's far")
+    assert (status, out) == (0, b"it's far\n")
+    with pytest.raises(ChannelNotFound) as caught:
+        GuestChannel('no-such-guest', hypervisor='root@127.0.0.1', ssh=sshd.ssh, timeout=60).ping()
+    assert 'on 127.0.0.1' in caught.value.message and 'no-such-guest' in caught.value.message
+    with pytest.raises(ChannelNotFound) as caught:
+        GuestChannel(guest.name, hypervisor='root@127.0.0.1', ssh=sshd.ssh + ['-p', '1'], timeout=60).ping()
+    assert 'could not reach 127.0.0.1' in caught.value.message
+
+
+def test_exec_switched_off_is_77(guest):
+    """Last: the agent restarts without --allow-exec (supervisord's program stopped, a plain agent started)."""
+    config = os.path.join(guest.workdir, 'supervisord.conf')
+    agent = '%s/negotiator-guest --daemon --commands-dir /tmp/negotiator-commands' % VENV_BIN
+    restart = ('sleep 1; supervisorctl -c %s stop negotiator-guest; exec %s >>/tmp/negotiator-guest.log 2>&1'
+               % (config, agent))
+    with GuestChannel(guest.name, direct=True, timeout=60) as channel:
+        channel.exec(['setsid', '/bin/sh', '-c', restart + ' </dev/null >/dev/null 2>&1 &'])
+
+    def switched_off():
+        try:
+            with GuestChannel(guest.name, direct=True, timeout=10) as channel:
+                return 'exec' not in channel.hello()['capabilities']
+        except Exception:
+            return False
+
+    assert wait_until(switched_off, timeout=60, interval=0.5)
+    with pytest.raises(CommandNotAllowed) as caught:
+        GuestChannel(guest.name, direct=True, timeout=60).exec(['true'])
+    assert '--allow-exec' in caught.value.message
+    status, _, err = cli('--direct', '--exec', guest.name, '--', 'true')
+    assert status == 77 and b'--allow-exec' in err
