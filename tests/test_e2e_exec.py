@@ -7,7 +7,7 @@ Why: only a real guest proves that the switch reaches the agent from its command
 program runs there with its streamed input and its status, and that ssh carries the protocol
 through ``negotiator-host --bridge``; only a real sshd proves the argv and the quoting that ssh
 and the remote shell see. One guest and one sshd for the whole module; the last test switches
-exec off in that guest (the agent restarts without the switch).
+exec off in that guest (its agent restarts without the switch).
 """
 
 import hashlib
@@ -22,6 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vmfixtures import VENV_BIN, vm_host  # noqa: E402,F401 (a fixture)
 from e2e_support import HOST_CLI, remove_guests, start_agents  # noqa: E402
 from sshd_support import Sshd  # noqa: E402
+from support import result_or_error  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 from negotiator_common.errors import ChannelNotFound, CommandNotAllowed  # noqa: E402
@@ -76,21 +77,30 @@ def test_the_guest_over_ssh_through_a_real_sshd(guest, sshd):
                          '--exec', guest.name, '--', 'echo', "it's far")
     assert (status, out) == (0, b"it's far\n")
     with pytest.raises(ChannelNotFound) as caught:
-        GuestChannel('no-such-guest', hypervisor='root@127.0.0.1', ssh=sshd.ssh, timeout=60).ping()
-    assert 'on 127.0.0.1' in caught.value.message and 'no-such-guest' in caught.value.message
+        with GuestChannel('no-such-guest', hypervisor='root@127.0.0.1', ssh=sshd.ssh, timeout=60) as channel:
+            channel.ping()
+    assert 'on root@127.0.0.1' in caught.value.message and 'no-such-guest' in caught.value.message
     with pytest.raises(ChannelNotFound) as caught:
-        GuestChannel(guest.name, hypervisor='root@127.0.0.1', ssh=sshd.ssh + ['-p', '1'], timeout=60).ping()
-    assert 'could not reach 127.0.0.1' in caught.value.message
+        with GuestChannel(guest.name, hypervisor='root@127.0.0.1', ssh=sshd.ssh + ['-p', '1'], timeout=60) as channel:
+            channel.ping()
+    assert 'could not reach root@127.0.0.1' in caught.value.message
 
 
 def test_exec_switched_off_is_77(guest):
-    """Last: the agent restarts without --allow-exec (supervisord's program stopped, a plain agent started)."""
-    config = os.path.join(guest.workdir, 'supervisord.conf')
+    """
+    Last: the agent restarts without --allow-exec. supervisord (which would start it again with
+    the switch) is frozen, the agent (the parent of the command) is stopped, and a plain agent
+    takes the port as soon as the old one has released it.
+    """
     agent = '%s/negotiator-guest --daemon --commands-dir /tmp/negotiator-commands' % VENV_BIN
-    restart = ('sleep 1; supervisorctl -c %s stop negotiator-guest; exec %s >>/tmp/negotiator-guest.log 2>&1'
-               % (config, agent))
+    restart = ('touch /tmp/restarting; kill -STOP "$(cat /tmp/supervisord.pid)"; kill "$1";'
+               ' until %s >>/tmp/negotiator-guest.log 2>&1; do sleep 0.2; done' % agent)
+    # In a session of its own and without the run's marker (so that the runner leaves it alone
+    # once the command ends, and the agent's stop does too), said by a file that the command waits for.
+    launch = ('setsid env -u NEGOTIATOR_RUN /bin/sh -c "$0" restart "$PPID" </dev/null >/dev/null 2>&1 &'
+              ' while [ ! -e /tmp/restarting ]; do sleep 0.1; done')
     with GuestChannel(guest.name, direct=True, timeout=60) as channel:
-        channel.exec(['setsid', '/bin/sh', '-c', restart + ' </dev/null >/dev/null 2>&1 &'])
+        result_or_error(channel.exec, ['/bin/sh', '-c', launch, restart])  # the agent may stop before it answers
 
     def switched_off():
         try:
@@ -99,9 +109,10 @@ def test_exec_switched_off_is_77(guest):
         except Exception:
             return False
 
-    assert wait_until(switched_off, timeout=60, interval=0.5)
-    with pytest.raises(CommandNotAllowed) as caught:
-        GuestChannel(guest.name, direct=True, timeout=60).exec(['true'])
+    assert wait_until(switched_off, timeout=120, interval=0.5)
+    with GuestChannel(guest.name, direct=True, timeout=60) as channel:
+        with pytest.raises(CommandNotAllowed) as caught:
+            channel.exec(['true'])
     assert '--allow-exec' in caught.value.message
-    status, _, err = cli('--direct', '--exec', guest.name, '--', 'true')
+    status, _, err = cli('--direct', '--timeout', '60', '--exec', guest.name, '--', 'true')
     assert status == 77 and b'--allow-exec' in err

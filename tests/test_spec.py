@@ -61,7 +61,7 @@ def raw_agent(tmp_path):
 
 def test_the_spec_has_examples_of_every_method():
     methods = {message['method'] for sent, _ in exchanges() for message in sent}
-    assert methods == {'hello', 'ping', 'list_commands', 'execute', 'cancel'}
+    assert methods == {'hello', 'ping', 'list_commands', 'execute', 'exec', 'cancel'}
 
 
 @pytest.mark.parametrize('index', range(len(exchanges())))
