@@ -173,13 +173,18 @@ class FakeGuestAgent(object):
     """
     A real negotiator agent serving on a listening UNIX socket: one client at a time, as
     QEMU's chardev socket does. ``policy`` and ``limits`` as in AgentService (its
-    ``max_in_flight`` bounds each connection). ``endpoint`` is the connection served now;
+    ``max_in_flight`` bounds each connection), ``files`` the prefixes of ``--allow-files``
+    (None: no file service at all). ``endpoint`` is the connection served now;
     :meth:`stop` closes it too (the agent dies), and the socket file goes.
     """
 
-    def __init__(self, path: str, commands_dir: str, name: str = 'guest', policy=None, limits=None) -> None:
+    def __init__(self, path: str, commands_dir: str, name: str = 'guest', policy=None, limits=None,
+                 files=None) -> None:
         self.path = path
         kwargs = {'policy': policy} if policy else {}
+        if files is not None:  # the prefixes of --allow-files
+            from negotiator_common.fileservice import FileService
+            kwargs['files'] = FileService(files)
         self.service = AgentService('negotiator-guest', CommandRegistry([commands_dir]), limits=limits, **kwargs)
         self.sock = listening_socket(path)
         self.name = name

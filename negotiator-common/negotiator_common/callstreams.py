@@ -93,12 +93,16 @@ class InputPump(object):
     Sends one call's standard input within the room the agent grants.
 
     Give :meth:`on_credit` to the call as its ``on_credit``; call :meth:`finish` when the call
-    is over. A source that fails sets :attr:`error` and ``cancelled`` (the call is cancelled in
+    is over. ``end``, when given, makes the params that the end of the input carries besides its
+    ``id`` and ``eof`` (a push's ``sha256``), once the source is spent. A source that fails
+    sets :attr:`error` and ``cancelled`` (the call is cancelled in
     the agent), and the call raises that error.
     """
 
-    def __init__(self, notify: Callable[[Notification], None], source: InputSource, cancelled: Cancellation) -> None:
+    def __init__(self, notify: Callable[[Notification], None], source: InputSource, cancelled: Cancellation,
+                 end: Optional[Callable[[], Dict[str, Any]]] = None) -> None:
         self._notify = notify
+        self._end = end
         self._pieces = input_pieces(source)
         self.cancelled = cancelled
         self.window = SendWindow()
@@ -148,7 +152,8 @@ class InputPump(object):
                     self._send({'id': self.request_id}, bytes(view[:amount]))
                     view = view[amount:]
             if not self._done:
-                self._send({'id': self.request_id, 'eof': True}, None)
+                params = dict(self._end() if self._end is not None else {}, id=self.request_id, eof=True)
+                self._send(params, None)
         except ConnectionClosed:
             pass  # the call fails with it too
         except Exception as exc:  # the source failed: the call is cancelled and raises this

@@ -16,15 +16,19 @@ they are sent (:class:`~negotiator_common.errors.UnsendableRequest`).
 
 import math
 import time
-from typing import Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Sequence, Tuple, Union
 
 from negotiator_common.callstreams import OUTPUT_WINDOW, InputPump, InputSource, OutputReceiver, read_bounded
 from negotiator_common.cancellation import Cancellation
 from negotiator_common.endpoint import CANCEL_METHOD, DEFAULT_TIMEOUT, Endpoint
 from negotiator_common.errors import (
-    CommandFailed, ConnectionClosed, InvalidRequest, UnsendableRequest,
+    CommandFailed, CommandNotAllowed, ConnectionClosed, InvalidRequest, UnsendableRequest,
 )
 from negotiator_common.protocol import Request, decode_bytes, encode_bytes, encode_message
+from negotiator_common.service import FILES_CAPABILITY
+
+if TYPE_CHECKING:
+    from negotiator_common.transfers import LocalFile, Progress
 
 __all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'command_timeout_for', 'announces',
            'DEFAULT_MAX_OUTPUT', 'RAW_OUTPUT', 'STREAM_INPUT', 'CREDIT', 'INLINE_INPUT', 'OLD_MAX_STDIN')
@@ -276,6 +280,8 @@ class AgentClient(object):
         self.credit = offers(CREDIT)
         """Whether ``execute`` grants a window for its output (``docs/protocol.rst``, "Flow control")."""
         self.can_cancel = offers(CANCEL_METHOD)
+        self.files = offers(FILES_CAPABILITY)
+        """Whether the agent serves ``push`` and ``pull`` (``docs/protocol.rst``, "Files")."""
 
     def ping(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:
         """Round-trip time of one ``ping``, in seconds."""
@@ -344,6 +350,45 @@ class AgentClient(object):
         result = ExecuteResult(command, args, stdout=bytes(on_output.collected['stdout']),
                                stderr=bytes(on_output.collected['stderr']), **fields)
         return result.check() if check else result
+
+    def push(self, source: 'LocalFile', target: str, recursive: bool = False, mode: Optional[int] = None,
+             owner: Optional[str] = None, progress: Optional['Progress'] = None) -> Dict[str, Any]:
+        """
+        Copy ``source`` (a local path, or a binary file object) to ``target`` on the agent's side,
+        atomically (``docs/protocol.rst``, "Files"): the file appears whole or not at all, and
+        only if the SHA-256 of what arrived is that of what was sent. A ``target`` that is an
+        existing directory receives the file under the source's name, as ``cp`` and ``scp``
+        do. A directory needs ``recursive``: its tree, modes and symlinks are copied (setuid
+        and setgid bits dropped), and it must not exist yet in the guest. ``mode`` defaults to
+        the source file's (for a file object: that of the file replaced, else 0644); ``owner``
+        (``USER`` or ``USER:GROUP``) sets the owner. ``progress(done, total)`` is called as the
+        bytes go. Returns the agent's reply: ``path`` written, ``size`` and ``sha256``.
+
+        Raises :class:`~negotiator_common.errors.FileError` (with the path and the reason:
+        ``ENOENT``, ``EACCES``, ``ENOSPC``...), :class:`~negotiator_common.errors.ChecksumMismatch`,
+        or :class:`~negotiator_common.errors.CommandNotAllowed` when the agent does not offer file
+        access (its owner did not switch it on, or the path is outside its allowed prefixes).
+        """
+        from negotiator_common import transfers
+        self._check_files()
+        return transfers.push(self.endpoint, self.can_cancel, source, target, recursive, mode, owner, progress)
+
+    def pull(self, source: str, target: 'LocalFile', recursive: bool = False,
+             progress: Optional['Progress'] = None) -> Dict[str, Any]:
+        """
+        Copy ``source`` on the agent's side to ``target`` (a local path, written atomically and
+        kept only if its SHA-256 is the agent's, or a binary file object), as :meth:`push` does
+        the other way; with ``recursive`` a directory comes with its tree (a file is copied as a
+        file). Returns the agent's reply: ``path``, ``size``, ``sha256``, ``type`` and ``mode``.
+        """
+        from negotiator_common import transfers
+        self._check_files()
+        return transfers.pull(self.endpoint, self.can_cancel, source, target, recursive, progress)
+
+    def _check_files(self) -> None:
+        if not self.files:
+            raise CommandNotAllowed('the agent does not offer file access (its owner turns it on with'
+                                    ' negotiator-guest --daemon --allow-files; older agents have none)')
 
     def _input(self, source: Optional[InputSource]) -> Tuple[bytes, Optional[InputSource]]:
         """The input to send in the request, and the source to stream (None: nothing streams)."""

@@ -405,6 +405,18 @@ class Endpoint(object):
         except NegotiatorError as exc:
             self.log.debug("Could not announce the session to %s: %s", self.name, exc)
 
+    def _resynchronise(self) -> None:
+        """
+        After a peer's ``session``: a line feed, which ends the partial line that the rest of an
+        ``input`` chunk in flight leaves in the new agent's decoder (``docs/protocol.rst``,
+        "Streamed input"), so that the next request is read on a line of its own. The calls
+        that were streaming input have failed already, so their pumps send nothing more.
+        """
+        try:
+            self.transport.write_all(b'\n', Deadline(REPLY_WRITE_TIMEOUT))
+        except NegotiatorError as exc:
+            self.log.debug("Could not resynchronise with %s after its new session: %s", self.name, exc)
+
     def notify(self, notification: Notification) -> None:
         """
         Send a notification (no reply expected); dropped silently once the channel is closed.
@@ -510,6 +522,7 @@ class Endpoint(object):
         params = notification.params if isinstance(notification.params, dict) else {}
         if notification.method == SESSION_NOTIFICATION:
             self._fail_pending('%s began a new session (its agent restarted?): the reply to %%s is lost' % self.name)
+            self._resynchronise()
             if self.on_session is not None:
                 self.on_session(params)
             return

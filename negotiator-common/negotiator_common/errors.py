@@ -22,6 +22,10 @@ class, on the other side (:func:`error_from_wire`). The hierarchy::
     │   ├── CommandNotAllowed        -32011  the owner's policy refuses this command
     │   ├── CommandFailed            -32012  the command exited with a non-zero status
     │   └── CommandTimedOut          -32013  the command ran past its timeout and was killed
+    ├── TransferError                          about files pushed and pulled
+    │   ├── FileError                -32020  a file could not be read or written (the path and
+    │   │                                      the reason, an errno name, are in ``data``)
+    │   └── ChecksumMismatch         -32021  the bytes that arrived are not the bytes sent
     └── ChannelError                           local failures of a channel
         ├── CallTimeout              -32050  no reply within the caller's timeout
         ├── ConnectionClosed         -32051  the peer went away before replying
@@ -39,7 +43,8 @@ from typing import Any, Dict, Optional, Type
 __all__ = (
     'NegotiatorError', 'ProtocolError', 'ParseError', 'InvalidRequest', 'MessageTooLarge',
     'MethodNotFound', 'InvalidParams', 'InternalError', 'LimitExceeded', 'UnsendableRequest', 'CommandError',
-    'CommandNotFound', 'CommandNotAllowed', 'CommandFailed', 'CommandTimedOut',
+    'CommandNotFound', 'CommandNotAllowed', 'CommandFailed', 'CommandTimedOut', 'TransferError', 'FileError',
+    'ChecksumMismatch',
     'ChannelError', 'CallTimeout', 'ConnectionClosed', 'ChannelNotFound', 'ChannelBusy',
     'GuestNotFound', 'ERROR_CLASSES', 'error_from_wire',
 )
@@ -173,6 +178,31 @@ class CommandTimedOut(_CommandOutcome):
     """A command ran past its timeout; its whole process group was killed."""
 
     code = -32013
+
+
+class TransferError(NegotiatorError):
+    """A file transfer (``push``, ``pull``) failed (an abstract parent)."""
+
+
+class FileError(TransferError):
+    """
+    A file could not be read or written: ``data`` names the ``path`` and the ``reason``, the
+    name of the errno (``ENOENT``, ``EACCES``, ``ENOSPC``...) or ``unsafe`` for an archive
+    member that would leave its tree.
+    """
+
+    code = -32020
+
+    @property
+    def reason(self) -> str:
+        reason = self.data.get('reason')
+        return reason if isinstance(reason, str) else ''
+
+
+class ChecksumMismatch(TransferError):
+    """The SHA-256 of what arrived is not the sender's: nothing was kept."""
+
+    code = -32021
 
 
 class ChannelError(NegotiatorError):

@@ -8,7 +8,7 @@ registers the methods on a :class:`~negotiator_common.dispatcher.Dispatcher`.
 """
 
 import time
-from typing import Any, Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from negotiator_common import __version__
 from negotiator_common.commands import CommandInfo, CommandRegistry, missing_command_message
@@ -27,7 +27,11 @@ from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
 from negotiator_common.slots import CommandSlots
 from negotiator_common.streams import INPUT_WINDOW, CommandStreams
 
-__all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'RAW_CHUNK_SIZE', 'AGENT_MAX_IN_FLIGHT')
+if TYPE_CHECKING:
+    from negotiator_common.fileservice import FileService
+
+__all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'FILES_CAPABILITY', 'RAW_CHUNK_SIZE',
+           'AGENT_MAX_IN_FLIGHT')
 
 logger = get_logger(__name__)
 
@@ -37,8 +41,12 @@ What ``hello`` announces: ``stream`` means ``execute`` can send its output as no
 ``raw-output`` that it sends them in the raw framing when asked with ``"stream": "raw"``,
 ``cancel`` that a request in flight can be cancelled by its id (the endpoint answers it),
 ``stream-input`` that ``execute`` takes ``"stdin_stream": true`` and ``credit`` that it honours
-a ``window`` for the output (``docs/protocol.rst``, "Streams and flow control").
+a ``window`` for the output (``docs/protocol.rst``, "Streams and flow control"). An agent that
+serves ``push`` and ``pull`` adds ``files`` (:data:`FILES_CAPABILITY`).
 """
+
+FILES_CAPABILITY = 'files'
+"""The capability of an agent whose owner turned on file access (``negotiator-guest --allow-files``)."""
 
 RAW_CHUNK_SIZE = 1024 * 1024
 """The largest attachment this side sends: any receiver with the default line length (16 MiB) takes it."""
@@ -130,6 +138,10 @@ class AgentService(object):
                            offers a built-in only where its policy names it).
     :param slots: bounds the commands that run at once across every connection that shares
                   this service (the host daemon's guests); None: only each connection's bound.
+    :param files: serves ``push`` and ``pull`` (the guest agent's; refused while its switch is
+                  off, and listed as the capability ``files`` only when on); None: no such
+                  methods (the host daemon's: a guest reaches the host's files only through
+                  the host's commands and policy).
 
     A command that the policy refuses is answered exactly as one that does not exist, so a
     peer cannot learn what it may not run; the log says which it was.
@@ -138,7 +150,8 @@ class AgentService(object):
     def __init__(self, agent: str, registry: CommandRegistry, version: str = __version__,
                  policy: CommandFilter = _allow_everything, limits: Optional[Limits] = None,
                  environment: Optional[Callable[[str], Dict[str, str]]] = None,
-                 builtin_policy: Optional[CommandFilter] = None, slots: Optional[CommandSlots] = None) -> None:
+                 builtin_policy: Optional[CommandFilter] = None, slots: Optional[CommandSlots] = None,
+                 files: Optional['FileService'] = None) -> None:
         self.agent = agent
         self.version = version
         self.registry = registry
@@ -148,6 +161,7 @@ class AgentService(object):
         self.environment = environment or (lambda peer: {})
         self._complaints: Dict[str, Complaints] = {}
         self.slots = slots
+        self.files = files
 
     def register(self, dispatcher: Dispatcher) -> Dispatcher:
         # Everything but execute answers on the reading thread: listing a directory costs less
@@ -157,6 +171,8 @@ class AgentService(object):
         dispatcher.register('ping', self.ping, inline=True)
         dispatcher.register('list_commands', self.list_commands, inline=True)
         dispatcher.register('execute', self.execute)
+        if self.files is not None:
+            self.files.register(dispatcher)
         return dispatcher
 
     def dispatcher(self) -> Dispatcher:
@@ -164,8 +180,11 @@ class AgentService(object):
         return self.register(Dispatcher())
 
     def hello(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
+        capabilities = list(CAPABILITIES)
+        if self.files is not None and self.files.enabled:
+            capabilities.append(FILES_CAPABILITY)
         return {'protocol': PROTOCOL_VERSION, 'agent': self.agent, 'version': self.version,
-                'capabilities': list(CAPABILITIES), 'limits': self.limits.to_wire()}
+                'capabilities': capabilities, 'limits': self.limits.to_wire()}
 
     def ping(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         return {'time': time.time()}

@@ -12,7 +12,7 @@ once, with one ``select``. The counting is :mod:`negotiator_common.flow`'s.
 
 import os
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, Optional
 
 from negotiator_common.errors import NegotiatorError
 from negotiator_common.flow import CREDIT_METHOD, FlowError, InboundStream, SendWindow
@@ -53,6 +53,8 @@ class CommandStreams(object):
         self.input = InboundStream(input_window) if input_window else None
         self.output = SendWindow(output_window) if output_window else None
         self.error: Optional[NegotiatorError] = None
+        self.input_end: Dict[str, Any] = {}
+        """The params of the ``input`` that ended the input (a push's ``sha256`` is there)."""
         self._stop = stop
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
@@ -73,6 +75,8 @@ class CommandStreams(object):
         with self._lock:
             if notification.method == RAW_INPUT_METHOD:
                 self._receive_input(notification.attachment, params.get('eof') is True)
+                if params.get('eof') is True and notification.attachment is None:
+                    self.input_end = params
             elif notification.method == CREDIT_METHOD and self.output is not None:
                 try:
                     self.output.grant(params.get('bytes'))

@@ -13,6 +13,13 @@ Supported options:
     (or the older negotiator-channel.0) until SIGTERM or SIGINT. Logs go to standard
     error. Meant to run under systemd or supervisord.
 
+  --allow-files[=PREFIXES]
+
+    With --daemon: let the host push files into this guest and pull files out of it
+    (negotiator-host --copy), anywhere, or with PREFIXES (comma-separated absolute
+    paths, like /srv,/tmp) only under those directories, checked after symlinks are
+    resolved. Off by default: file access is a power over the guest that its owner grants.
+
   -l, --list-commands
 
     List the commands that the host offers this guest, with their descriptions.
@@ -79,7 +86,7 @@ Exit statuses of negotiator's own failures (a command's own status passes throug
 """
 
 import sys
-from typing import BinaryIO, Dict, List, Optional, Sequence, cast
+from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple, cast
 
 from negotiator_common.cli_support import (
     FullWriter, UsageError, apply_shared_option, format_commands, exit_now, json_failure, printable, stdin_source,
@@ -119,11 +126,13 @@ class Options(object):
         self.commands_dirs: List[str] = []
         self.syslog = False
         self.verbosity = 0
+        self.allow_files: Optional[List[str]] = None  # None: off; ['/']: everywhere
 
 
 def parse_options(arguments: Sequence[str]) -> Options:
     """Turn the command line into :class:`Options`; raise :class:`UsageError` if it is wrong."""
     import getopt
+    arguments, allow_files = _allow_files(arguments)
     try:
         pairs, rest = getopt.gnu_getopt(list(arguments), _SHORT_OPTIONS, _LONG_OPTIONS)
     except getopt.GetoptError as exc:
@@ -143,6 +152,9 @@ def parse_options(arguments: Sequence[str]) -> Options:
             options.syslog = True
         else:
             apply_shared_option(options, option, value)
+    options.allow_files = allow_files
+    if allow_files is not None and actions != {'daemon'} and 'help' not in actions:
+        raise UsageError('--allow-files goes with --daemon')
     if 'help' in actions:
         options.action = 'help'
     elif len(actions) > 1:
@@ -150,6 +162,25 @@ def parse_options(arguments: Sequence[str]) -> Options:
     elif actions:
         options.action = actions.pop()
     return options
+
+
+def _allow_files(arguments: Sequence[str]) -> Tuple[List[str], Optional[List[str]]]:
+    """
+    The arguments without ``--allow-files[=PREFIXES]`` (getopt has no optional values), and the
+    prefixes it allows: None without it, ``['/']`` for everywhere.
+    """
+    rest: List[str] = []
+    prefixes: Optional[List[str]] = None
+    for argument in arguments:
+        if argument == '--allow-files':
+            prefixes = ['/']
+        elif argument.startswith('--allow-files='):
+            prefixes = [prefix for prefix in argument.split('=', 1)[1].split(',') if prefix]
+            if not prefixes or not all(prefix.startswith('/') for prefix in prefixes):
+                raise UsageError('--allow-files takes absolute paths separated by commas, not %r' % argument)
+        else:
+            rest.append(argument)
+    return rest, prefixes
 
 
 def _advice(error: BaseException) -> str:
@@ -174,7 +205,9 @@ def _run_daemon(options: Options) -> int:
     from negotiator_guest import __version__
     from negotiator_guest.daemon import GuestDaemon
     registry = CommandRegistry(options.commands_dirs or [DEFAULT_COMMANDS_DIR])
-    service = AgentService('negotiator-guest', registry, version=__version__)
+    from negotiator_common.fileservice import FileService
+    service = AgentService('negotiator-guest', registry, version=__version__,
+                           files=FileService(options.allow_files))
     return GuestDaemon(service, path=options.character_device).run()
 
 

@@ -10,11 +10,12 @@ returns and records of concurrent calls never interleave::
      "exit_status": 0, "signal": null, "seconds": 0.112}
 
 Fields: ``time`` (ISO 8601, UTC), ``uid``, ``user``, ``pid`` (the caller, from ``SO_PEERCRED``),
-``guest``, ``method``; for ``execute``, ``command`` and ``args``; the outcome: ``exit_status``
+``guest``, ``method``; for ``execute``, ``command`` and ``args``; for ``push`` and ``pull``,
+the guest's ``path`` and ``recursive``; the outcome: ``exit_status``
 and ``signal`` when a command ran, or ``error`` (the error's type, e.g. ``CommandNotAllowed``
 for a refused call) and ``error_code``; ``seconds`` (3 decimals).
 
-The caller chose the guest name, the method, the command and its arguments, and may be hostile:
+The caller chose the guest name, the method, the command, its arguments and the path, and may be hostile:
 each of them is written as it came only when it is short printable text, otherwise as a short
 ``repr`` (:func:`negotiator_common.peerlog.cut`), and a long argument list keeps its first
 arguments and a count; so a record stays below :data:`RECORD_LIMIT` bytes whatever was sent.
@@ -143,10 +144,13 @@ def audit_line(caller: 'Caller', guest: str, method: str, params: Dict[str, Any]
     """One record, as the line written to the audit log (see the module's documentation)."""
     record: Dict[str, Any] = {'time': _utc_now(), 'uid': caller.uid, 'user': _fitted(caller.user),
                               'pid': caller.pid, 'guest': _fitted(guest), 'method': _fitted(method, 128)}
+    given = params if isinstance(params, dict) else {}
     if method == 'execute':
-        given = params if isinstance(params, dict) else {}
         record['command'] = _fitted(given.get('command'))
         record['args'] = _arguments(given.get('args', []))
+    elif method in ('push', 'pull'):
+        record['path'] = _fitted(given.get('path'))
+        record['recursive'] = given.get('recursive') is True
     record.update(_outcome_fields(outcome))
     record['seconds'] = round(seconds, 3)
     return (json.dumps(record, ensure_ascii=True, allow_nan=False) + '\n').encode('ascii')

@@ -47,6 +47,7 @@ from negotiator_host.local_socket import socket_path as daemon_socket_path
 
 if TYPE_CHECKING:  # discovery is imported when a direct connection needs it: not through the daemon
     from negotiator_host.discovery import Guest, LibvirtPaths
+    from negotiator_common.transfers import LocalFile, Progress
 
 __all__ = ('GuestChannel', 'GuestOutcome', 'map_guests', 'daemon_guests', 'connect_socket', 'DEFAULT_TIMEOUT',
            'THROUGH_DAEMON', 'DIRECT')
@@ -362,6 +363,34 @@ class GuestChannel(object):
         client = self._connected_client(timeout)
         return client.execute(command, *args, input=input, timeout=_remaining(deadline), check=check,
                               stdout=stdout, stderr=stderr, max_output=max_output)
+
+    def push(self, source: 'LocalFile', target: str, recursive: bool = False, mode: Optional[int] = None,
+             owner: Optional[str] = None, progress: Optional['Progress'] = None) -> Dict[str, Any]:
+        """
+        Copy ``source`` (a local path, or a binary file object) to ``target`` in the guest:
+        atomically, checked by SHA-256 end to end, with the source file's mode (or ``mode``)
+        and, when asked, ``owner`` (``USER`` or ``USER:GROUP``); a directory with ``recursive``
+        (tree, modes and symlinks). The guest's owner must have turned file access on
+        (``negotiator-guest --daemon --allow-files``), else
+        :class:`~negotiator_common.errors.CommandNotAllowed`. The transfer has no timeout (the
+        connection is made within the channel's); ``progress(done, total)`` follows it. See
+        :meth:`negotiator_common.client.AgentClient.push` for the details and the errors.
+
+        >>> GuestChannel('web-1').push('./app.conf', '/etc/app/')['path']
+        '/etc/app/app.conf'
+        """
+        client = self._connected_client(self.timeout)
+        return client.push(source, target, recursive=recursive, mode=mode, owner=owner, progress=progress)
+
+    def pull(self, source: str, target: 'LocalFile', recursive: bool = False,
+             progress: Optional['Progress'] = None) -> Dict[str, Any]:
+        """
+        Copy ``source`` in the guest to ``target`` (a local path, written atomically, or a binary
+        file object), checked by SHA-256; a directory with ``recursive``. See
+        :meth:`negotiator_common.client.AgentClient.pull`.
+        """
+        client = self._connected_client(self.timeout)
+        return client.pull(source, target, recursive=recursive, progress=progress)
 
 
 class GuestOutcome(object):

@@ -5,8 +5,8 @@ A local client's connection (:mod:`negotiator_host.local`) starts unattached. It
 either asks the daemon itself (no ``guest``: which guests this caller may use) or attaches the
 connection to one guest (``{"guest": NAME}``), once the caller's policy allows it; the answer is
 the guest agent's own ``hello``, as the daemon's link received it, with ``"via"``. After that,
-``ping``, ``list_commands`` and ``execute`` go to that guest over the daemon's one connection
-to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's own:
+``ping``, ``list_commands``, ``execute``, ``push`` and ``pull`` go to that guest over the
+daemon's one connection to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's own:
 
 - ids: the daemon's link allocates its own ids on the guest's side; a reply comes back to the
   handler that made the call, which answers under the client's id. Two clients may use the
@@ -22,7 +22,7 @@ to it (:mod:`negotiator_host.agents`), and ``cancel`` is the client endpoint's o
   ``credit`` go to the guest under the link's id, which the guest's first notification about the
   call names (no client may send either before that). The daemon keeps no window of its own; it
   checks the client's input against the room the guest granted (:class:`_Relay`).
-- the fair queue: an ``execute`` first takes one of the guest's slots (its announced
+- the fair queue: an ``execute`` (or a ``push``, a ``pull``) first takes one of the guest's slots (its announced
   ``max_in_flight``), waiting in turn with the other callers, by uid, within its own timeout.
 
 Each forwarded call, and each refusal, is written to the audit log.
@@ -230,7 +230,7 @@ class _Relay(object):
             if self.link_id is None or self.violation is not None:
                 return
             if notification.method == RAW_INPUT_METHOD:
-                forward = self._input(notification.attachment, params.get('eof') is True)
+                forward = self._input(notification.attachment, params)
             elif notification.method == CREDIT_METHOD and valid_grant(params.get('bytes')):
                 forward = Notification(CREDIT_METHOD, {'id': self.link_id, 'bytes': params['bytes']})
         if forward is not None:
@@ -238,10 +238,15 @@ class _Relay(object):
         elif self.violation is not None:
             self.cancelled.set()
 
-    def _input(self, chunk: Optional[bytes], eof: bool) -> Optional[Notification]:
+    def _input(self, chunk: Optional[bytes], params: Dict[str, Any]) -> Optional[Notification]:
         """A chunk (or the end) of the client's input, for the guest; None (and a violation) beyond the room."""
         if chunk is None:
-            return Notification(RAW_INPUT_METHOD, {'id': self.link_id, 'eof': True}) if eof else None
+            if params.get('eof') is not True:
+                return None
+            end = {'id': self.link_id, 'eof': True}
+            if isinstance(params.get('sha256'), str):  # a push's checksum, which the guest checks
+                end['sha256'] = params['sha256'][:128]
+            return Notification(RAW_INPUT_METHOD, end)
         if len(chunk) > self.input_room.credit:
             self.violation = FlowError('the client sent %d bytes of input with room for %d only'
                                        % (len(chunk), self.input_room.credit))
@@ -287,6 +292,8 @@ class ProxyService(object):
         dispatcher.register('ping', self.ping)
         dispatcher.register('list_commands', self.list_commands)
         dispatcher.register('execute', self.execute)
+        dispatcher.register('push', self.push)
+        dispatcher.register('pull', self.pull)
         return dispatcher
 
     def bind(self, endpoint: Endpoint) -> None:
@@ -392,6 +399,26 @@ class ProxyService(object):
         agent = self._agent()
         return self._audited('execute', params, lambda: self._execute(agent, params, context))
 
+    def push(self, params: Dict[str, Any], context: CallContext) -> Any:
+        agent = self._agent()
+        return self._audited('push', params, lambda: self._transfer(agent, 'push', params, context))
+
+    def pull(self, params: Dict[str, Any], context: CallContext) -> Any:
+        agent = self._agent()
+        return self._audited('pull', params, lambda: self._transfer(agent, 'pull', params, context))
+
+    def _transfer(self, agent: GuestAgent, method: str, params: Dict[str, Any], context: CallContext) -> Any:
+        """
+        A file transfer: one of the guest's slots, in turn like a command, then the call with its
+        streams (no timeout: a transfer lasts as long as its bytes take; the client's ``cancel``
+        or its going away ends it).
+        """
+        agent.queue.acquire(str(self.caller.uid), Deadline(None), context.cancelled)
+        try:
+            return self._call_guest(self._link(agent), method, params, None, context)
+        finally:
+            agent.queue.release()
+
     def _execute(self, agent: GuestAgent, params: Dict[str, Any], context: CallContext) -> Any:
         """Wait for one of the guest's slots, in turn with the other callers, then run the command there."""
         asked = _number(get_param(params, 'timeout', (int, float, type(None)), None))
@@ -403,17 +430,23 @@ class ProxyService(object):
             link = self._link(agent)
             if asked is not None:  # the time spent in the queue comes off the command's
                 params['timeout'] = deadline.remaining()
-            return self._call_guest(link, params, deadline, context)
+            wait = (deadline.remaining() or 0.0) + _limit(link, 'kill_grace', 0.0) + REPLY_MARGIN
+            return self._call_guest(link, 'execute', params, wait, context)
         finally:
             agent.queue.release()
 
-    def _call_guest(self, link: AgentLink, params: Dict[str, Any], deadline: Deadline, context: CallContext) -> Any:
+    def _call_guest(self, link: AgentLink, method: str, params: Dict[str, Any], wait: Optional[float],
+                    context: CallContext) -> Any:
+        """
+        The one path of every streaming call to the guest (``execute``, ``push``, ``pull``): its
+        output, input and credit relayed end to end, its cancellation passed on, its reply
+        sent only after the output it follows.
+        """
         assert self.outbox is not None
         relay = _Relay(self.outbox, context.request_id, link, context.cancelled)
-        wait = (deadline.remaining() or 0.0) + _limit(link, 'kill_grace', 0.0) + REPLY_MARGIN
         context.listen(relay.from_client)
         try:
-            result = link.endpoint.call('execute', params, timeout=wait, on_notification=relay,
+            result = link.endpoint.call(method, params, timeout=wait, on_notification=relay,
                                         cancelled=context.cancelled if link.can_cancel else None,
                                         on_credit=relay.guest_credit)
         finally:

@@ -1,0 +1,339 @@
+"""
+Files pushed into an agent and pulled out of it (``docs/protocol.rst``, "Files"): a real agent
+(AgentService with a FileService) and a client over a socket pair, no VM. The switch and its
+prefixes, atomic writes with mode and checksum, no partial file after a failure, directory trees
+with modes and symlinks, archives that try to leave their tree, errors that name the path and
+the reason, and an agent without ``files`` answered cleanly.
+"""
+
+import hashlib
+import io
+import os
+import socket
+import stat
+import tarfile
+
+import pytest
+
+from negotiator_common.client import AgentClient
+from negotiator_common.commands import CommandRegistry
+from negotiator_common.endpoint import Endpoint
+from negotiator_common.errors import ChecksumMismatch, CommandNotAllowed, FileError
+from negotiator_common.fileservice import FileService
+from negotiator_common.files import AtomicTree, extract_tree, open_directory
+from negotiator_common.protocol import RAW_INPUT_METHOD, Notification
+from negotiator_common.service import AgentService
+from negotiator_common.transport import Transport
+from support import GUEST_COMMANDS, make_commands_dir
+
+MIB = 1024 * 1024
+
+
+class Connection(object):
+    """An agent whose files are allowed under ``prefixes`` (None: off), and a client over a socket pair."""
+
+    def __init__(self, tmp_path, prefixes):
+        registry = CommandRegistry([make_commands_dir(str(tmp_path / 'commands'), GUEST_COMMANDS)])
+        self.service = AgentService('negotiator-guest', registry, files=FileService(prefixes))
+        theirs, ours = socket.socketpair()
+        self.server = Endpoint(Transport.from_socket(theirs), self.service.dispatcher(), name='agent').start()
+        self.endpoint = Endpoint(Transport.from_socket(ours), name='client').start()
+        self.hello = self.endpoint.handshake(5)
+        self.agent = AgentClient(self.endpoint, self.hello)
+
+    def close(self):
+        self.endpoint.close()
+        self.server.close()
+
+
+@pytest.fixture
+def guest(tmp_path):
+    (tmp_path / 'guest').mkdir()
+    (tmp_path / 'host').mkdir()
+    connection = Connection(tmp_path, [str(tmp_path / 'guest')])
+    yield connection
+    connection.close()
+
+
+def leftovers(directory):
+    return sorted(name for name in os.listdir(str(directory)) if '.negotiator-' in name)
+
+
+def test_hello_lists_files_only_when_the_owner_switched_it_on(tmp_path):
+    off = Connection(tmp_path, None)
+    try:
+        assert 'files' not in off.hello['capabilities']
+        with pytest.raises(CommandNotAllowed, match='--allow-files'):
+            off.agent.push(io.BytesIO(b'x'), str(tmp_path / 'x'))
+        # Asked anyway (a client that ignores hello): the agent refuses, naming the switch.
+        off.agent.files = True
+        with pytest.raises(CommandNotAllowed, match='--allow-files'):
+            off.agent.push(io.BytesIO(b'x'), str(tmp_path / 'x'))
+        with pytest.raises(CommandNotAllowed, match='--allow-files'):
+            off.agent.pull(str(tmp_path / 'x'), io.BytesIO())
+        assert not (tmp_path / 'x').exists()
+    finally:
+        off.close()
+
+
+def test_a_file_pushed_and_pulled_comes_back_byte_for_byte_with_its_mode(guest, tmp_path):
+    data = os.urandom(3 * MIB + 17) + b'\n\x1b\x1bn\n'
+    source = tmp_path / 'host' / 'app.bin'
+    source.write_bytes(data)
+    os.chmod(str(source), 0o640)
+    reply = guest.agent.push(str(source), str(tmp_path / 'guest') + '/')
+    pushed = tmp_path / 'guest' / 'app.bin'
+    assert reply['path'] == str(pushed) and reply['size'] == len(data)
+    assert reply['sha256'] == hashlib.sha256(data).hexdigest()
+    assert pushed.read_bytes() == data and stat.S_IMODE(pushed.stat().st_mode) == 0o640
+    back = tmp_path / 'host' / 'back.bin'
+    reply = guest.agent.pull(str(pushed), str(back))
+    assert back.read_bytes() == data and reply['type'] == 'file' and stat.S_IMODE(back.stat().st_mode) == 0o640
+    assert leftovers(tmp_path / 'guest') == [] and leftovers(tmp_path / 'host') == []
+
+
+def test_empty_files_and_file_objects_and_explicit_modes(guest, tmp_path):
+    target = tmp_path / 'guest' / 'empty'
+    guest.agent.push(io.BytesIO(b''), str(target), mode=0o600)
+    assert target.read_bytes() == b'' and stat.S_IMODE(target.stat().st_mode) == 0o600
+    sink = io.BytesIO()
+    assert guest.agent.pull(str(target), sink)['size'] == 0 and sink.getvalue() == b''
+
+
+def test_progress_is_reported_as_the_bytes_go(guest, tmp_path):
+    seen = []
+    guest.agent.push(io.BytesIO(b'a' * MIB), str(tmp_path / 'guest' / 'f'),
+                     progress=lambda done, total: seen.append(done))
+    assert seen and seen[-1] == MIB and seen == sorted(seen)
+
+
+def test_paths_outside_the_prefixes_are_refused_after_resolving_symlinks(guest, tmp_path):
+    os.symlink(str(tmp_path / 'host'), str(tmp_path / 'guest' / 'out'))
+    for target in (str(tmp_path / 'host' / 'f'), str(tmp_path / 'guest' / 'out' / 'f'),
+                   str(tmp_path / 'guest' / '..' / 'host' / 'f')):
+        with pytest.raises(CommandNotAllowed, match='outside'):
+            guest.agent.push(io.BytesIO(b'x'), target)
+    (tmp_path / 'host' / 'secret').write_bytes(b'secret')
+    with pytest.raises(CommandNotAllowed):
+        guest.agent.pull(str(tmp_path / 'guest' / 'out' / 'secret'), io.BytesIO())
+    assert not (tmp_path / 'host' / 'f').exists()
+
+
+def test_errors_name_the_path_and_the_reason(guest, tmp_path):
+    missing = str(tmp_path / 'guest' / 'missing')
+    with pytest.raises(FileError) as error:
+        guest.agent.pull(missing, io.BytesIO())
+    assert error.value.reason == 'ENOENT' and error.value.data['path'] == missing and missing in str(error.value)
+    with pytest.raises(FileError) as error:
+        guest.agent.push(io.BytesIO(b'x'), str(tmp_path / 'guest' / 'no' / 'dir' / 'f'))
+    assert error.value.reason == 'ENOENT'
+    (tmp_path / 'guest' / 'd').mkdir()
+    with pytest.raises(FileError) as error:
+        guest.agent.pull(str(tmp_path / 'guest' / 'd'), io.BytesIO())
+    assert error.value.reason == 'EISDIR'
+
+
+def test_a_checksum_that_does_not_match_leaves_no_file(guest, tmp_path):
+    # A sender whose end of input names another SHA-256 than its bytes': the agent keeps nothing.
+    from negotiator_common import transfers
+    original = transfers._Tally.add
+
+    def corrupting(self, data):
+        original(self, data + b'!')
+    transfers._Tally.add = corrupting
+    try:
+        with pytest.raises(ChecksumMismatch):
+            guest.agent.push(io.BytesIO(b'payload'), str(tmp_path / 'guest' / 'f'))
+    finally:
+        transfers._Tally.add = original
+    assert os.listdir(str(tmp_path / 'guest')) == []
+
+
+def test_a_failed_source_mid_transfer_leaves_no_partial_file_and_the_connection_serves_on(guest, tmp_path):
+    def failing():
+        yield b'x' * MIB
+        raise OSError(5, 'the disk under the source failed')
+    with pytest.raises(OSError, match='disk under the source'):
+        guest.agent.push(failing(), str(tmp_path / 'guest' / 'f'))
+    assert os.listdir(str(tmp_path / 'guest')) == []
+    assert guest.agent.ping(5) >= 0
+
+
+def test_a_pushed_file_replaces_the_old_one_whole(guest, tmp_path):
+    target = tmp_path / 'guest' / 'conf'
+    target.write_bytes(b'old')
+    os.chmod(str(target), 0o600)
+    guest.agent.push(io.BytesIO(b'new contents'), str(target))
+    assert target.read_bytes() == b'new contents' and stat.S_IMODE(target.stat().st_mode) == 0o600
+
+
+def make_tree(root):
+    (root / 'sub' / 'deeper').mkdir(parents=True)
+    (root / 'sub' / 'script.sh').write_bytes(b'#!/bin/sh\necho hi\n')
+    os.chmod(str(root / 'sub' / 'script.sh'), 0o750)
+    (root / 'data.bin').write_bytes(os.urandom(200000))
+    (root / 'empty').write_bytes(b'')
+    os.symlink('sub/script.sh', str(root / 'link'))
+    os.chmod(str(root / 'sub' / 'deeper'), 0o700)
+
+
+def describe(root):
+    found = {}
+    for top, directories, files in os.walk(str(root)):
+        for name in directories + files:
+            path = os.path.join(top, name)
+            status = os.lstat(path)
+            relative = os.path.relpath(path, str(root))
+            if stat.S_ISLNK(status.st_mode):
+                found[relative] = ('link', os.readlink(path))
+            elif stat.S_ISDIR(status.st_mode):
+                found[relative] = ('dir', stat.S_IMODE(status.st_mode))
+            else:
+                found[relative] = ('file', stat.S_IMODE(status.st_mode), open(path, 'rb').read())
+    return found
+
+
+def test_a_tree_pushed_and_pulled_keeps_its_files_modes_and_symlinks(guest, tmp_path):
+    tree = tmp_path / 'host' / 'app'
+    tree.mkdir()
+    make_tree(tree)
+    guest.agent.push(str(tree), str(tmp_path / 'guest') + '/', recursive=True)
+    assert describe(tmp_path / 'guest' / 'app') == describe(tree)
+    back = tmp_path / 'host' / 'back'
+    reply = guest.agent.pull(str(tmp_path / 'guest' / 'app'), str(back), recursive=True)
+    assert reply['type'] == 'directory' and describe(back) == describe(tree)
+    assert leftovers(tmp_path / 'guest') == [] and leftovers(tmp_path / 'host') == []
+
+
+def test_a_directory_needs_recursive_and_a_recursive_pull_of_a_file_copies_the_file(guest, tmp_path):
+    with pytest.raises(FileError, match='recursively'):
+        guest.agent.push(str(tmp_path / 'host'), str(tmp_path / 'guest' / 'x'))
+    (tmp_path / 'guest' / 'f').write_bytes(b'file')
+    guest.agent.pull(str(tmp_path / 'guest' / 'f'), str(tmp_path / 'host' / 'f'), recursive=True)
+    assert (tmp_path / 'host' / 'f').read_bytes() == b'file'
+
+
+def test_a_pushed_tree_never_replaces_a_directory_that_holds_something(guest, tmp_path):
+    tree = tmp_path / 'host' / 'app'
+    tree.mkdir()
+    (tree / 'new').write_bytes(b'new')
+    (tmp_path / 'guest' / 'app').mkdir()
+    (tmp_path / 'guest' / 'app' / 'old').write_bytes(b'old')
+    with pytest.raises(FileError) as error:
+        guest.agent.push(str(tree), str(tmp_path / 'guest'), recursive=True)  # into guest/, as guest/app
+    assert error.value.reason in ('ENOTEMPTY', 'EEXIST')
+    assert os.listdir(str(tmp_path / 'guest')) == ['app'] and os.listdir(str(tmp_path / 'guest' / 'app')) == ['old']
+
+
+def archive(*members):
+    """A tar stream of (TarInfo, bytes or None) pairs."""
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode='w', format=tarfile.PAX_FORMAT) as tar:
+        for info, data in members:
+            if data is not None:
+                info.size = len(data)
+            tar.addfile(info, io.BytesIO(data) if data is not None else None)
+    return buffer.getvalue()
+
+
+def member(name, kind=tarfile.REGTYPE, linkname='', mode=0o644):
+    info = tarfile.TarInfo(name)
+    info.type = kind
+    info.linkname = linkname
+    info.mode = mode
+    return info
+
+
+@pytest.mark.parametrize('members', [
+    [(member('/etc/evil'), b'x')],
+    [(member('../evil'), b'x')],
+    [(member('a/../../evil'), b'x')],
+    [(member('up', tarfile.SYMTYPE, '../..'), None)],
+    [(member('abs', tarfile.SYMTYPE, '/etc'), None)],
+    [(member('link', tarfile.SYMTYPE, '.'), None), (member('link/../../evil'), b'x')],
+    [(member('d', tarfile.DIRTYPE), None), (member('d/l', tarfile.SYMTYPE, '../..'), None)],
+    [(member('dev', tarfile.CHRTYPE), None)],
+    [(member('fifo', tarfile.FIFOTYPE), None)],
+    [(member('hard', tarfile.LNKTYPE, 'etc/passwd'), None)],
+], ids=['absolute', 'dotdot', 'inner-dotdot', 'link-up', 'link-absolute', 'through-link', 'nested-link-up',
+        'device', 'fifo', 'hardlink'])
+def test_an_archive_that_would_leave_its_tree_is_refused_and_leaves_nothing(tmp_path, members):
+    parent = tmp_path / 'parent'
+    parent.mkdir()
+    fd = open_directory(str(parent))
+    try:
+        tree = AtomicTree(fd, 'tree', str(parent / 'tree'))
+        with pytest.raises(FileError) as error:
+            extract_tree(io.BytesIO(archive(*members)), tree)
+        tree.abort()
+    finally:
+        os.close(fd)
+    assert error.value.reason in ('unsafe', 'ENOTDIR', 'ELOOP')
+    assert os.listdir(str(parent)) == [] and os.listdir(str(tmp_path)) == ['parent']
+
+
+def test_a_symlink_inside_an_archive_cannot_carry_a_later_member_through_it(tmp_path):
+    # A symlink that stays inside the tree, then a member written "through" it: refused, since
+    # every step of a member's path must be a directory of the tree itself.
+    parent = tmp_path / 'parent'
+    parent.mkdir()
+    fd = open_directory(str(parent))
+    try:
+        tree = AtomicTree(fd, 'tree', str(parent / 'tree'))
+        stream = archive((member('d', tarfile.DIRTYPE), None), (member('l', tarfile.SYMTYPE, 'd'), None),
+                         (member('l/f'), b'x'))
+        with pytest.raises(FileError):
+            extract_tree(io.BytesIO(stream), tree)
+        tree.abort()
+    finally:
+        os.close(fd)
+    assert os.listdir(str(parent)) == []
+
+
+def test_a_client_ignoring_the_switch_gets_no_partial_file_when_it_breaks_the_window(guest, tmp_path):
+    # More input than the room granted: -32600, and nothing is written.
+    from negotiator_common.errors import InvalidRequest
+    results = []
+
+    def flood(params):
+        for _ in range(3):
+            guest.endpoint.notify(Notification(RAW_INPUT_METHOD, {'id': params['id']}, attachment=b'x' * 200000))
+    with pytest.raises(InvalidRequest):
+        results.append(guest.endpoint.call('push', {'path': str(tmp_path / 'guest' / 'f')}, timeout=10,
+                                           on_credit=flood))
+    assert os.listdir(str(tmp_path / 'guest')) == []
+
+
+def test_push_and_pull_go_through_the_host_daemon_end_to_end_and_are_audited(monkeypatch, tmp_path):
+    from support import FakeGuestAgent
+    from test_host_local import World
+    from waiting import wait_until
+    world = World(monkeypatch)
+    try:
+        shared = tmp_path / 'guest'
+        shared.mkdir()
+        world.agents['alpha'].stop()
+        path = world.fake.socket_path('alpha', 1, 'negotiator-host-to-guest.0')
+        world.agents['alpha'] = FakeGuestAgent(path, world.commands, name='alpha', files=[str(shared)])
+        assert wait_until(lambda: world.linked('alpha') and world.daemon.agents['alpha'].link.can_cancel
+                          and 'files' in world.daemon.agents['alpha'].link.hello['capabilities'], timeout=20)
+        client = world.attach()
+        data = os.urandom(5 * MIB + 3)
+        client.push(io.BytesIO(data), str(shared / 'big'))
+        assert (shared / 'big').read_bytes() == data
+        sink = io.BytesIO()
+        client.pull(str(shared / 'big'), sink)
+        assert sink.getvalue() == data
+        tree = tmp_path / 'tree'
+        tree.mkdir()
+        make_tree(tree)
+        client.push(str(tree), str(shared), recursive=True)
+        client.pull(str(shared / 'tree'), str(tmp_path / 'back'), recursive=True)
+        assert describe(tmp_path / 'back') == describe(tree)
+        records = [record for record in world.audit() if record['method'] in ('push', 'pull')]
+        assert [(record['method'], record['path']) for record in records][:2] == [
+            ('push', str(shared / 'big')), ('pull', str(shared / 'big'))]
+        with pytest.raises(CommandNotAllowed):
+            client.push(io.BytesIO(b'x'), str(tmp_path / 'elsewhere'))
+    finally:
+        world.close()
