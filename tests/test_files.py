@@ -337,3 +337,128 @@ def test_push_and_pull_go_through_the_host_daemon_end_to_end_and_are_audited(mon
             client.push(io.BytesIO(b'x'), str(tmp_path / 'elsewhere'))
     finally:
         world.close()
+
+
+def test_a_full_disk_is_reported_with_its_reason_and_leaves_no_file(guest, tmp_path, monkeypatch):
+    import errno
+    from negotiator_common import files
+
+    def full(self, data):
+        raise files.file_error(self.path, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    monkeypatch.setattr(files.AtomicFile, 'write', full)
+    with pytest.raises(FileError) as error:
+        guest.agent.push(io.BytesIO(b'x' * MIB), str(tmp_path / 'guest' / 'f'))
+    assert error.value.reason == 'ENOSPC' and 'No space left' in str(error.value)
+    assert os.listdir(str(tmp_path / 'guest')) == []
+    assert guest.agent.ping(5) >= 0
+
+
+def test_a_push_cut_off_midway_leaves_no_partial_file(guest, tmp_path):
+    import threading
+    from waiting import wait_until
+    sent = threading.Event()
+    release = threading.Event()
+
+    def stalling():
+        yield b'x' * MIB
+        sent.set()
+        release.wait(30)
+        yield b'y'
+    from negotiator_common.errors import ConnectionClosed
+    from support import result_or_error
+    outcome = []
+    caller = threading.Thread(target=lambda: outcome.append(result_or_error(
+        guest.agent.push, stalling(), str(tmp_path / 'guest' / 'f'))))
+    caller.start()
+    assert sent.wait(10)
+    assert wait_until(lambda: leftovers(tmp_path / 'guest') != [], timeout=10)  # the temporary file is there
+    guest.endpoint.close('the host went away')
+    release.set()
+    caller.join(10)
+    assert isinstance(outcome[0], ConnectionClosed)
+    assert wait_until(lambda: os.listdir(str(tmp_path / 'guest')) == [], timeout=10)
+
+
+def test_a_pull_whose_local_file_fails_leaves_no_partial_file_and_the_connection_serves_on(guest, tmp_path):
+    (tmp_path / 'guest' / 'big').write_bytes(os.urandom(5 * MIB))
+
+    class Failing(object):
+        def __init__(self):
+            self.written = 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > MIB:
+                raise OSError(28, 'No space left on device')
+            return len(data)
+
+        def flush(self):
+            pass
+    with pytest.raises(OSError, match='No space'):
+        guest.agent.pull(str(tmp_path / 'guest' / 'big'), Failing())
+    assert guest.agent.ping(5) >= 0
+    assert guest.agent.pull(str(tmp_path / 'guest' / 'big'), str(tmp_path / 'host' / 'big'))['size'] == 5 * MIB
+    assert leftovers(tmp_path / 'host') == []
+
+
+def test_the_owner_is_set_when_asked_and_an_unknown_one_is_refused(guest, tmp_path):
+    from negotiator_common.errors import InvalidParams
+    target = tmp_path / 'guest' / 'owned'
+    guest.agent.push(io.BytesIO(b'x'), str(target), owner='%d:%d' % (os.getuid(), os.getgid()))
+    assert (target.stat().st_uid, target.stat().st_gid) == (os.getuid(), os.getgid())
+    with pytest.raises(InvalidParams, match='no user'):
+        guest.agent.push(io.BytesIO(b'x'), str(tmp_path / 'guest' / 'other'), owner='no-such-user-here')
+    assert sorted(os.listdir(str(tmp_path / 'guest'))) == ['owned']
+
+
+@pytest.mark.parametrize('arguments, expected', [
+    (['--daemon'], None), (['--daemon', '--allow-files'], ['/']),
+    (['-d', '--allow-files=/srv,/tmp'], ['/srv', '/tmp'])])
+def test_the_guest_daemons_switch_is_off_by_default(arguments, expected):
+    from negotiator_guest.cli import parse_options
+    assert parse_options(arguments).allow_files == expected
+
+
+@pytest.mark.parametrize('arguments', [['-l', '--allow-files'], ['--daemon', '--allow-files=srv'],
+                                       ['--daemon', '--allow-files=']])
+def test_the_guest_daemons_switch_is_checked(arguments):
+    from negotiator_common.cli_support import UsageError
+    from negotiator_guest.cli import parse_options
+    with pytest.raises(UsageError):
+        parse_options(arguments)
+
+
+def test_an_agent_older_than_files_is_answered_cleanly_not_waited_for(tmp_path):
+    from negotiator_common.errors import MethodNotFound
+    older = Connection(tmp_path, None)
+    older.service.files = None  # an agent without push and pull at all
+    try:
+        theirs, ours = socket.socketpair()
+        server = Endpoint(Transport.from_socket(theirs), older.service.dispatcher(), name='old').start()
+        endpoint = Endpoint(Transport.from_socket(ours), name='client').start()
+        client = AgentClient(endpoint, endpoint.handshake(5))
+        assert not client.files
+        with pytest.raises(CommandNotAllowed, match='older agents'):
+            client.pull('/etc/hostname', io.BytesIO())
+        client.files = True  # a client that asks anyway gets the agent's own answer, at once
+        with pytest.raises(MethodNotFound):
+            client.push(io.BytesIO(b'x' * MIB), str(tmp_path / 'x'))
+        endpoint.close()
+        server.close()
+    finally:
+        older.close()
+
+
+def test_a_hostile_guest_cannot_plant_a_link_out_of_the_tree_on_the_host(guest, tmp_path, monkeypatch):
+    from negotiator_common import fileservice
+
+    def hostile_tree(dir_fd, sink, path, skipped=None):
+        sink.write(archive((member('.', tarfile.DIRTYPE), None), (member('x', tarfile.SYMTYPE, '/etc'), None),
+                           (member('pad'), os.urandom(3 * MIB))))
+    monkeypatch.setattr(fileservice, 'write_tree', hostile_tree)
+    (tmp_path / 'guest' / 'd').mkdir()
+    with pytest.raises(FileError) as error:
+        guest.agent.pull(str(tmp_path / 'guest' / 'd'), str(tmp_path / 'host' / 'd'), recursive=True)
+    assert error.value.reason == 'unsafe' and 'points out of the tree' in str(error.value)
+    assert os.listdir(str(tmp_path / 'host')) == []
+    assert guest.agent.ping(5) >= 0

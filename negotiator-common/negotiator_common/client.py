@@ -25,13 +25,13 @@ from negotiator_common.errors import (
     CommandFailed, CommandNotAllowed, ConnectionClosed, InvalidRequest, UnsendableRequest,
 )
 from negotiator_common.protocol import Request, decode_bytes, encode_bytes, encode_message
-from negotiator_common.service import FILES_CAPABILITY
 
 if TYPE_CHECKING:
     from negotiator_common.transfers import LocalFile, Progress
 
 __all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'command_timeout_for', 'announces',
-           'DEFAULT_MAX_OUTPUT', 'RAW_OUTPUT', 'STREAM_INPUT', 'CREDIT', 'INLINE_INPUT', 'OLD_MAX_STDIN')
+           'DEFAULT_MAX_OUTPUT', 'RAW_OUTPUT', 'STREAM_INPUT', 'CREDIT', 'FILES_CAPABILITY', 'INLINE_INPUT',
+           'OLD_MAX_STDIN')
 
 DEFAULT_MAX_OUTPUT = 16 * 1024 * 1024
 """
@@ -49,6 +49,9 @@ RAW_OUTPUT = 'raw-output'
 
 STREAM_INPUT = 'stream-input'
 """The capability in ``hello`` of an agent whose ``execute`` takes its input as a stream (``stdin_stream``)."""
+
+FILES_CAPABILITY = 'files'
+"""The capability in ``hello`` of an agent that serves ``push`` and ``pull``: its owner turned file access on."""
 
 CREDIT = 'credit'
 """The capability in ``hello`` of an agent that sends output only within the ``window`` its caller grants."""

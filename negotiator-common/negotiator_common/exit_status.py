@@ -8,11 +8,29 @@ from most commands' statuses. Both CLIs document the same table.
 
 from negotiator_common.cli_support import UsageError
 from negotiator_common.errors import (
-    CallTimeout, ChannelError, CommandFailed, CommandNotAllowed, CommandNotFound, CommandTimedOut, UnsendableRequest,
+    CallTimeout, ChannelError, ChecksumMismatch, CommandFailed, CommandNotAllowed, CommandNotFound, CommandTimedOut,
+    FileError, UnsendableRequest,
 )
 
 __all__ = ('EXIT_USAGE', 'EXIT_UNAVAILABLE', 'EXIT_SOFTWARE', 'EXIT_TIMEOUT', 'EXIT_REFUSED', 'EXIT_INTERRUPTED',
-           'EXIT_BROKEN_PIPE', 'exit_status_for', 'exit_status_of_result')
+           'EXIT_BROKEN_PIPE', 'EXIT_DATA', 'EXIT_NO_INPUT', 'EXIT_CANNOT_CREATE', 'EXIT_IO', 'exit_status_for',
+           'exit_status_of_result')
+
+EXIT_DATA = 65
+"""A transfer's bytes are not those sent (their SHA-256 differs): nothing was kept."""
+
+EXIT_NO_INPUT = 66
+"""A file or directory to copy (or the directory to copy into) does not exist."""
+
+EXIT_CANNOT_CREATE = 73
+"""A copy's target cannot be made (a directory holds something there, an archive would leave its tree...)."""
+
+EXIT_IO = 74
+"""The disk is full, or reading or writing a file failed."""
+
+_FILE_REASONS = {'ENOENT': EXIT_NO_INPUT, 'ENOTDIR': EXIT_NO_INPUT, 'EACCES': 77, 'EPERM': 77, 'EROFS': 77,
+                 'ENOSPC': EXIT_IO, 'EDQUOT': EXIT_IO, 'EIO': EXIT_IO, 'EFBIG': EXIT_IO}
+"""The status of a :class:`FileError` by its reason; any other reason is :data:`EXIT_CANNOT_CREATE`."""
 
 EXIT_USAGE = 64
 """Wrong options or arguments."""
@@ -49,6 +67,12 @@ def exit_status_for(error: BaseException) -> int:
         return exit_status_of_result(error.exit_status, error.data.get('signal')) or EXIT_SOFTWARE
     if isinstance(error, ChannelError):
         return EXIT_UNAVAILABLE
+    if isinstance(error, FileError):
+        return _FILE_REASONS.get(error.reason, EXIT_CANNOT_CREATE)
+    if isinstance(error, ChecksumMismatch):
+        return EXIT_DATA
+    if isinstance(error, OSError):  # a local file of a copy (standard input, say)
+        return EXIT_IO
     return EXIT_SOFTWARE
 
 

@@ -30,8 +30,7 @@ from negotiator_common.streams import INPUT_WINDOW, CommandStreams
 if TYPE_CHECKING:
     from negotiator_common.fileservice import FileService
 
-__all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'FILES_CAPABILITY', 'RAW_CHUNK_SIZE',
-           'AGENT_MAX_IN_FLIGHT')
+__all__ = ('AgentService', 'Limits', 'CommandFilter', 'CAPABILITIES', 'RAW_CHUNK_SIZE', 'AGENT_MAX_IN_FLIGHT')
 
 logger = get_logger(__name__)
 
@@ -42,11 +41,9 @@ What ``hello`` announces: ``stream`` means ``execute`` can send its output as no
 ``cancel`` that a request in flight can be cancelled by its id (the endpoint answers it),
 ``stream-input`` that ``execute`` takes ``"stdin_stream": true`` and ``credit`` that it honours
 a ``window`` for the output (``docs/protocol.rst``, "Streams and flow control"). An agent that
-serves ``push`` and ``pull`` adds ``files`` (:data:`FILES_CAPABILITY`).
+serves ``push`` and ``pull`` adds ``files``
+(:data:`~negotiator_common.client.FILES_CAPABILITY`).
 """
-
-FILES_CAPABILITY = 'files'
-"""The capability of an agent whose owner turned on file access (``negotiator-guest --allow-files``)."""
 
 RAW_CHUNK_SIZE = 1024 * 1024
 """The largest attachment this side sends: any receiver with the default line length (16 MiB) takes it."""
@@ -182,6 +179,7 @@ class AgentService(object):
     def hello(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
         capabilities = list(CAPABILITIES)
         if self.files is not None and self.files.enabled:
+            from negotiator_common.client import FILES_CAPABILITY
             capabilities.append(FILES_CAPABILITY)
         return {'protocol': PROTOCOL_VERSION, 'agent': self.agent, 'version': self.version,
                 'capabilities': capabilities, 'limits': self.limits.to_wire()}

@@ -217,19 +217,28 @@ class _LocalTarget(object):
         self.extractor.daemon = True
         self.extractor.start()
 
+    def extraction_failure(self) -> Optional[BaseException]:
+        """Once the stream is over (or cut): why the extraction failed, if it did (a hostile archive, say)."""
+        if self.tree is None:
+            return None
+        assert self.file is not None and self.extractor is not None
+        try:
+            self.file.close()
+        except OSError:
+            pass  # the extraction stopped reading: its error says why
+        self.extractor.join()
+        return self.extract_error
+
     def finish(self, ok: bool, mode: Optional[int]) -> None:
         """
         Keep what arrived (``ok``) or drop it; a failure of the extraction is raised here (unless
         the call failed already: its error says why, and the extraction then only saw the stream cut).
         """
         try:
-            if self.tree is not None:
-                assert self.file is not None and self.extractor is not None
-                self.file.close()
-                self.extractor.join()
-                if self.extract_error is not None and ok:
-                    ok = False
-                    raise self.extract_error
+            failure = self.extraction_failure()
+            if failure is not None and ok:
+                ok = False
+                raise failure
             if not ok:
                 return
             if self.atomic is not None:
@@ -298,8 +307,8 @@ def _pull(endpoint: Endpoint, can_cancel: bool, source: str, target: LocalFile, 
                                    {'path': source})
         ok = True
     except NegotiatorError:
-        if receiver.sink_error is not None:
-            raise receiver.sink_error from None
+        if receiver.sink_error is not None:  # this side cancelled the call: why (a refused archive, say)
+            raise (local.extraction_failure() or receiver.sink_error) from None
         raise
     finally:
         local.finish(ok, _mode(reply) if ok else None)

@@ -15,6 +15,8 @@ Examples:
   negotiator-host --execute 'df -h /' web-1
   echo hello | negotiator-host web-1 web-2 --stdin --execute cat
   negotiator-host --all --json --execute uptime
+  negotiator-host --copy ./app.conf web-1:/etc/app/
+  negotiator-host --copy -r web-1:/var/log/app .
 
 Supported options:
 
@@ -35,6 +37,22 @@ Supported options:
     guest its standard output and error are passed on byte for byte and its exit status
     becomes ours; with several guests they run in parallel, each output line is prefixed
     with the guest's name, and the exit status is non-zero when any failed.
+
+  --copy SOURCE... TARGET
+
+    Copy files between the host and a guest, as scp does: a guest's path is written
+    GUEST:/PATH, '-' is standard input (as SOURCE) or standard output (as TARGET).
+    Every SOURCE is local and TARGET in the guest, or every SOURCE in one guest and
+    TARGET local; into a directory, a file keeps its name. A file appears whole or not
+    at all (written beside its target, synced, renamed), with the source's mode, and
+    only if its SHA-256 is the sender's. The guest's owner must allow it
+    (negotiator-guest --daemon --allow-files). A progress bar shows on a terminal for
+    transfers that last more than a second. --timeout bounds the connection only.
+
+  -r, --recursive
+
+    With --copy: copy directories, with their tree, modes and symlinks (links are
+    copied as links, never followed; a directory must not exist at the target yet).
 
   -p, --ping
 
@@ -146,7 +164,11 @@ channel or libvirt not available (unknown or stopped guest, no channel, channel 
 gone); 70 internal or protocol error; 75 timeout; 77 command refused by the guest's policy
 or not found, or the guest refused to this user by the host daemon; 130 interrupted
 (Ctrl-C; the calls are cancelled in the guests); 141 standard output closed by its reader
-(| head). With several guests: the status of the first guest (in the order given; --all:
+(| head). With --copy: 65 the bytes that arrived are not those sent (SHA-256); 66 no such
+file or directory; 73 the target cannot be made (it exists as a directory that holds
+something, or a member of an archive would leave its tree); 74 disk full or I/O error;
+77 file access off in the guest, a path outside its allowed prefixes, or permission
+denied. With several guests: the status of the first guest (in the order given; --all:
 by name) that failed.
 """
 
@@ -182,14 +204,14 @@ line is written in pieces of this size, each prefixed, so a guest's output witho
 costs no memory and no time beyond this.
 """
 
-_SHORT_OPTIONS = 'gce:pit:ajdvqh'
+_SHORT_OPTIONS = 'gce:pit:ajdvqhr'
 _LONG_OPTIONS = ['list-guests', 'list-commands', 'execute=', 'ping', 'stdin', 'timeout=', 'all', 'json', 'max-output=',
                  'connect=', 'direct', 'socket=', 'daemon', 'commands-dir=', 'policy=', 'max-commands=', 'max-queued=',
-                 'max-timeout=', 'allow-group=', 'audit-log=', 'verbose', 'quiet', 'help']
+                 'max-timeout=', 'allow-group=', 'audit-log=', 'verbose', 'quiet', 'help', 'copy', 'recursive']
 
 _ACTIONS = {'-g': 'list-guests', '--list-guests': 'list-guests', '-c': 'list-commands',
             '--list-commands': 'list-commands', '-e': 'execute', '--execute': 'execute', '-p': 'ping', '--ping': 'ping',
-            '-d': 'daemon', '--daemon': 'daemon', '-h': 'help', '--help': 'help'}
+            '-d': 'daemon', '--daemon': 'daemon', '-h': 'help', '--help': 'help', '--copy': 'copy'}
 """The options that choose what the program does (one of them, once)."""
 
 
@@ -238,6 +260,7 @@ class Options(object):
         self.audit_log: Optional[str] = None  # None: the default; '': none
         self.verbosity = 0
         self.guests: List[str] = []
+        self.recursive = False
 
 
 def parse_options(arguments: Sequence[str]) -> Options:
@@ -260,10 +283,12 @@ def parse_options(arguments: Sequence[str]) -> Options:
 def _apply_option(options: Options, option: str, value: str) -> None:
     if option in _ACTIONS:
         if options.action not in (None, _ACTIONS[option]):
-            raise UsageError('choose one of --list-guests, --list-commands, --execute, --ping and --daemon')
+            raise UsageError('choose one of --list-guests, --list-commands, --execute, --ping, --copy and --daemon')
         options.action = _ACTIONS[option]
         if options.action == 'execute':
             options.command = split_command(value)
+    elif option in ('-r', '--recursive'):
+        options.recursive = True
     elif option in ('-a', '--all'):
         options.all = True
     elif option == '--connect':
@@ -287,9 +312,13 @@ def _apply_option(options: Options, option: str, value: str) -> None:
 def _check_options(options: Options) -> None:
     """What no single option shows: a missing action or guest, and options that do not go together."""
     for name in options.guests:
-        _check_utf8(name, 'GUEST-PATTERN' if options.action == 'daemon' else 'GUEST')
+        _check_utf8(name, {'daemon': 'GUEST-PATTERN', 'copy': 'SOURCE or TARGET'}.get(options.action or '', 'GUEST'))
+    if options.recursive and options.action != 'copy':
+        raise UsageError('--recursive is an option of --copy')
+    if options.action == 'copy' and (options.all or options.json or options.stdin):
+        raise UsageError('--copy takes no --all, --json or --stdin (- is standard input as a SOURCE)')
     if options.action is None:
-        raise UsageError('nothing to do: give --list-guests, --ping, --list-commands, --execute or --daemon')
+        raise UsageError('nothing to do: give --list-guests, --ping, --list-commands, --execute, --copy or --daemon')
     if options.action in ('ping', 'list-commands', 'execute') and not options.guests and not options.all:
         raise UsageError('name at least one GUEST (or give --all)')
     if options.action == 'daemon' and options.all:
@@ -363,6 +392,8 @@ def run(arguments: Sequence[str]) -> int:
             return _run_daemon(options)
         if options.action == 'list-guests':
             return _list_guests(options)
+        if options.action == 'copy':
+            return _copy(options)
         return _run_on_guests(options)
     except KeyboardInterrupt:
         sys.stderr.write('%s: interrupted\n' % PROGRAM)
@@ -408,6 +439,24 @@ def _run_daemon(options: Options) -> int:
                         caller_policy=callers,
                         audit=AuditLog(audit_path or None))
     return daemon.run()
+
+
+def _copy(options: Options) -> int:
+    """--copy: each source in turn; the status of the first that failed (each failure on a line of its own)."""
+    from negotiator_common.errors import FileError
+    from negotiator_host.channel import GuestChannel
+    from negotiator_host.copying import plan_copy, run_copy
+
+    plan = plan_copy(options.guests, options.recursive)
+    status = 0
+    with GuestChannel(plan.guest, uri=options.uri, timeout=options.timeout, direct=options.direct,
+                      socket=options.socket) as channel:
+        for source, error in run_copy(plan, channel):
+            if error is not None:  # a FileError names its path already; anything else gets the source's
+                named = isinstance(error, FileError) or (isinstance(error, OSError) and error.filename)
+                sys.stderr.write(_error_line(plan.guest if named else '%s: %s' % (plan.guest, source), error) + '\n')
+                status = status or exit_status_for(error)
+    return status
 
 
 def _targets(options: Options) -> List[Any]:
