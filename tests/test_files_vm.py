@@ -35,7 +35,7 @@ from support import StalledFile  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 from negotiator_common.errors import CommandNotAllowed, FileError, NegotiatorError  # noqa: E402
-from negotiator_common.exit_status import EXIT_REFUSED  # noqa: E402
+from negotiator_common.exit_status import EXIT_IO, EXIT_REFUSED  # noqa: E402
 from negotiator_host import GuestChannel  # noqa: E402
 
 pytestmark = pytest.mark.vm
@@ -58,11 +58,15 @@ COMMANDS = {
     'df': '#!/bin/sh\ndf -k -T -- "$@"\n',
     # The pid of the agent that allows files (the pattern's brackets keep pgrep from matching this shell).
     'agent-pid': '#!/bin/sh\npgrep -f "[-]-allow-files"\n',
-    # Kills the agent that allows files (supervisord starts it again) a second after the reply, from
-    # a process that left the command's session and its marker (else the agent ends it with the
-    # command); the pattern's brackets keep pkill from matching that process's own shell.
-    'kill-agent': ('#!/bin/sh\nsetsid env -u NEGOTIATOR_RUN sh -c \'sleep 1; pkill -KILL -f "[-]-allow-files"\' '
-                   '</dev/null >/dev/null 2>&1 &\necho killing\n'),
+    # Kills the agent that allows files (supervisord starts it again) a second after the reply, from a
+    # process that has left the command's group and its marker (else the agent ends it with the
+    # command) before the command ends (it says so through a FIFO); the pattern's brackets keep
+    # pkill from matching that process's own shell.
+    'kill-agent': '\n'.join([
+        '#!/bin/sh', 'fifo=/tmp/kill-agent.$$', 'mkfifo "$fifo"',
+        'setsid env -u NEGOTIATOR_RUN sh -c \'echo ready > "$1"; sleep 1; pkill -KILL -f "[-]-allow-files"\' '
+        'sh "$fifo" </dev/null >/dev/null 2>&1 &',
+        'read ready < "$fifo"', 'rm -f "$fifo"', 'echo killing', '']),
 }
 
 NO_FILES_AGENT = '''
@@ -98,6 +102,11 @@ def run(guest, *argv):
     result = host_cli('--timeout', '300', '--execute', ' '.join(argv), guest.name, timeout=330)
     assert result.returncode == 0, result.stderr
     return result.stdout.decode()
+
+
+def run_on(channel, *argv):
+    """:func:`run` on an open channel (the channel's socket takes one client at a time: the CLI would wait)."""
+    return channel.execute(*argv, timeout=300, check=True).stdout.decode()
 
 
 def entries(guest, directory):
@@ -175,8 +184,8 @@ def test_binary_and_empty_files_go_both_ways_byte_for_byte(guest, tmp_path):
     with GuestChannel(guest.name, timeout=120) as channel:
         channel.push(io.BytesIO(every_byte), SCRATCH + '/binary.bin')
         channel.push(str(empty), SCRATCH + '/empty')
-        assert run(guest, 'sha', SCRATCH + '/binary.bin').strip() == hashlib.sha256(every_byte).hexdigest()
-        assert run(guest, 'tree', SCRATCH).count('./empty f 644 0 \n') == 1
+        assert run_on(channel, 'sha', SCRATCH + '/binary.bin').strip() == hashlib.sha256(every_byte).hexdigest()
+        assert run_on(channel, 'tree', SCRATCH).count('./empty f 644 0 \n') == 1
         pulled = io.BytesIO()
         channel.pull(SCRATCH + '/binary.bin', pulled)
         channel.pull(SCRATCH + '/empty', str(tmp_path / 'empty-back'))
@@ -385,14 +394,14 @@ def test_a_full_disk_in_the_guest_is_an_error_that_names_the_path(guest, tmp_pat
     source.write_bytes(b'\x01' * (16 * MIB))
     target = FULL + '/too-big.bin'
     status, err, _, _ = copy_measured(tmp_path, str(source), '%s:%s' % (guest.name, target))
-    assert status not in (0, EXIT_REFUSED), err
+    assert status == EXIT_IO, err
     assert target in err and ('No space left' in err or 'ENOSPC' in err), err
     assert entries(guest, FULL) == []
     with GuestChannel(guest.name, timeout=120) as channel:
         with pytest.raises(FileError) as raised:
             channel.push(str(source), target)
         assert raised.value.reason == 'ENOSPC' and raised.value.data.get('path') == target
-        assert entries(guest, FULL) == []
+        assert run_on(channel, 'entries', FULL).split() == []
         channel.push(io.BytesIO(b'fits\n'), FULL + '/small.txt')
     assert entries(guest, FULL) == ['small.txt']
     run(guest, 'rm', FULL + '/small.txt')
