@@ -35,7 +35,7 @@ from support import StalledFile  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 from negotiator_common.errors import CommandNotAllowed, FileError, NegotiatorError  # noqa: E402
-from negotiator_common.exit_status import EXIT_IO, EXIT_REFUSED  # noqa: E402
+from negotiator_common.exit_status import EXIT_CANNOT_CREATE, EXIT_IO, EXIT_REFUSED  # noqa: E402
 from negotiator_host import GuestChannel  # noqa: E402
 
 pytestmark = pytest.mark.vm
@@ -197,7 +197,7 @@ def test_binary_and_empty_files_go_both_ways_byte_for_byte(guest, tmp_path):
 
 
 def make_tree(root):
-    """A small tree with modes of its own, a link inside it and a link out of it (kept as a link)."""
+    """A small tree with modes of its own, an empty directory and a relative link inside it."""
     os.makedirs(os.path.join(root, 'conf'))
     os.makedirs(os.path.join(root, 'bin'))
     os.makedirs(os.path.join(root, 'private', 'empty'))
@@ -210,7 +210,6 @@ def make_tree(root):
     os.chmod(os.path.join(root, 'conf'), 0o750)
     os.chmod(os.path.join(root, 'private'), 0o700)
     os.symlink('../conf/app.conf', os.path.join(root, 'bin', 'app.conf'))
-    os.symlink('/etc/passwd', os.path.join(root, 'passwd'))
 
 
 def describe_tree(root):
@@ -252,8 +251,17 @@ def test_a_directory_tree_keeps_its_modes_and_its_links_both_ways(guest, tmp_pat
     status, err, _, _ = copy_measured(tmp_path, '-r', '%s:%s/tree' % (guest.name, SCRATCH), back)
     assert status == 0, err
     assert describe_tree(back) == describe_tree(source)
-    assert os.readlink(os.path.join(back, 'passwd')) == '/etc/passwd'
+    assert os.readlink(os.path.join(back, 'bin', 'app.conf')) == '../conf/app.conf'
     run(guest, 'rm', SCRATCH + '/tree')
+
+
+def test_a_tree_with_a_link_out_of_it_is_refused_and_leaves_nothing(guest, tmp_path):
+    source = str(tmp_path / 'tree')
+    make_tree(source)
+    os.symlink('/etc/passwd', os.path.join(source, 'passwd'))
+    status, err, _, _ = copy_measured(tmp_path, '-r', source, '%s:%s/linked-out' % (guest.name, SCRATCH))
+    assert status == EXIT_CANNOT_CREATE and 'passwd' in err, err
+    assert not any(entry.startswith(('linked-out', '.linked-out')) for entry in entries(guest, SCRATCH))
 
 
 class BlockingSource(object):
