@@ -13,7 +13,10 @@ Two jobs, started by the guest's init script before the agent:
   ``argv[1]``, the reference that negotiator is measured against. Lines from the host:
   ``sync ...`` and ``echo ...`` are written back as they are; ``dd N`` runs
   ``dd if=/dev/zero bs=1M count=N`` with its standard output on the port (guest-to-host
-  throughput; the host reads N MiB) and then writes ``dd-done``; ``quit`` releases the port.
+  throughput; the host reads N MiB) and then writes ``dd-done``; ``sink N`` writes ``sink-ready``,
+  then runs ``dd of=/dev/null bs=1M count=N iflag=fullblock`` with its standard input on the port
+  (host-to-guest throughput; the host writes N MiB once it reads ``sink-ready``) and then writes
+  ``sink-done``; ``quit`` releases the port.
 """
 
 import os
@@ -108,6 +111,12 @@ def raw_channel(channel):
                     subprocess.call(['dd', 'if=/dev/zero', 'bs=1M', 'count=%d' % count],
                                     stdout=fd, stderr=subprocess.DEVNULL)
                     os.write(fd, b'dd-done\n')
+                elif line.startswith(b'sink '):
+                    count = int(line.split()[1])
+                    os.write(fd, b'sink-ready\n')
+                    subprocess.call(['dd', 'of=/dev/null', 'bs=1M', 'count=%d' % count, 'iflag=fullblock'],
+                                    stdin=fd, stderr=subprocess.DEVNULL)
+                    os.write(fd, b'sink-done\n')
                 elif line == b'quit':
                     return
                 else:

@@ -24,6 +24,7 @@ repository when negotiator-common is not installed; Python 3.6+)::
 Command line::
 
     negotiator_vm.py start INIT_SCRIPT [--prefix P] [--channel NAME]... [--memory MIB] [--wait TEXT]
+                           [--scratch MIB [--full SIZE]]
     negotiator_vm.py remove NAME...
     negotiator_vm.py list [--prefix P]
     negotiator_vm.py cleanup [--prefix P] [--all]
@@ -65,6 +66,9 @@ __all__ = (
     'DEFAULT_CHANNELS',
     'DEFAULT_PREFIX',
     'DEFAULT_URI',
+    'FULL_DIR',
+    'SCRATCH_DIR',
+    'SCRATCH_SERIAL',
     'WORK_ROOT',
     'Guest',
     'GuestImage',
@@ -162,8 +166,24 @@ def _random_suffix(length=8):
     return ''.join(random.SystemRandom().choice(alphabet) for _ in range(length))
 
 
-def _domain_xml(name, image, cmdline, channels, memory_mib, console_log):
+#: The serial number by which the guest's init finds its scratch disk (scripts/test-guest-init).
+SCRATCH_SERIAL = 'negotiator-scratch'
+#: Where the guest's init mounts the scratch disk, and the small tmpfs asked for with ``full_size``.
+SCRATCH_DIR = '/srv'
+FULL_DIR = '/srv/full'
+
+
+def _disk_xml(path):
+    """A virtio disk of the raw file ``path``; the host's cache is not flushed (a throwaway guest's disk)."""
+    return ("    <disk type='file' device='disk'><driver name='qemu' type='raw' cache='unsafe'/>"
+            "<source file=%s/><target dev='vda' bus='virtio'/><serial>%s</serial></disk>\n"
+            % (quoteattr(path), SCRATCH_SERIAL))
+
+
+def _domain_xml(name, image, cmdline, channels, memory_mib, console_log, disk=None):
     channels_xml = ''.join('    %s\n' % channel_xml(channel) for channel in channels)
+    if disk is not None:
+        channels_xml = _disk_xml(disk) + channels_xml
     return """<domain type='qemu'>
   <name>{name}</name>
   <memory unit='MiB'>{memory}</memory>
@@ -421,7 +441,8 @@ def remove_stale_guests(prefix=DEFAULT_PREFIX, uri=DEFAULT_URI, all_owners=False
 
 
 def start_guest(init_script, name_prefix=DEFAULT_PREFIX, channels=DEFAULT_CHANNELS,
-                memory_mib=384, uri=DEFAULT_URI, image=None, kernel_args=(), files=None):
+                memory_mib=384, uri=DEFAULT_URI, image=None, kernel_args=(), files=None,
+                scratch_mib=None, full_size=None):
     """
     Define and start a guest that runs ``init_script`` (shell text for ``/bin/sh``) and return a
     :class:`Guest`.
@@ -433,7 +454,14 @@ def start_guest(init_script, name_prefix=DEFAULT_PREFIX, channels=DEFAULT_CHANNE
     the virtio-serial port names (add ``'org.qemu.guest_agent.0'`` for the QEMU agent).
     ``image`` defaults to :func:`build_guest`; ``kernel_args`` are appended to the kernel
     command line. The caller must remove the guest (use it as a context manager).
+
+    ``scratch_mib`` gives the guest a scratch disk of that size (a sparse raw file in its work
+    directory, removed with it), which the guest's init formats and mounts on :data:`SCRATCH_DIR`:
+    the guest's other writable places are memory. ``full_size`` (tmpfs syntax, e.g. ``'8m'``,
+    with a scratch disk only) adds a tmpfs of that size on :data:`FULL_DIR`, a place to fill up.
     """
+    if full_size is not None and not scratch_mib:
+        raise VMError('full_size needs a scratch disk (its mount point %s is on it)' % FULL_DIR)
     if image is None:
         image = build_guest()
     name = name_prefix + _random_suffix()
@@ -451,11 +479,18 @@ def start_guest(init_script, name_prefix=DEFAULT_PREFIX, channels=DEFAULT_CHANNE
         handle.write(init_script)
         if not init_script.endswith('\n'):
             handle.write('\n')
-    cmdline = ' '.join(['console=ttyS0', 'negotiator.init=' + guest.init_script, 'quiet']
-                       + list(kernel_args))
+    kernel_args = list(kernel_args)
+    disk = None
+    if scratch_mib:
+        disk = os.path.join(workdir, 'scratch.img')
+        with open(disk, 'wb') as handle:
+            handle.truncate(int(scratch_mib) * 1024 * 1024)
+        if full_size is not None:
+            kernel_args.append('negotiator.full=%s' % full_size)
+    cmdline = ' '.join(['console=ttyS0', 'negotiator.init=' + guest.init_script, 'quiet'] + kernel_args)
     xml_path = os.path.join(workdir, 'domain.xml')
     with open(xml_path, 'w') as handle:
-        handle.write(_domain_xml(name, image, cmdline, channels, memory_mib, guest.console_log))
+        handle.write(_domain_xml(name, image, cmdline, channels, memory_mib, guest.console_log, disk))
     try:
         _virsh(uri, 'define', xml_path)
         _virsh(uri, 'start', name)
@@ -540,6 +575,8 @@ def main(argv=None):
                        help='virtio-serial channel name (repeatable; default: %s)'
                        % ' '.join(DEFAULT_CHANNELS))
     start.add_argument('--memory', type=int, default=384, help='MiB (default %(default)s)')
+    start.add_argument('--scratch', type=int, metavar='MIB', help='a scratch disk of MIB mounted on %s' % SCRATCH_DIR)
+    start.add_argument('--full', metavar='SIZE', help='with --scratch: a tmpfs of SIZE (e.g. 8m) on %s' % FULL_DIR)
     start.add_argument('--wait', metavar='TEXT', help='wait until the console shows TEXT')
     start.add_argument('--timeout', type=float, default=120.0, help='for --wait (seconds)')
     remove = commands.add_parser('remove', help='destroy and undefine guests')
@@ -567,7 +604,8 @@ def main(argv=None):
             ensure_host()
             guest = start_guest(script, name_prefix=args.prefix,
                                 channels=tuple(args.channels or DEFAULT_CHANNELS),
-                                memory_mib=args.memory, uri=args.uri)
+                                memory_mib=args.memory, uri=args.uri,
+                                scratch_mib=args.scratch, full_size=args.full)
             print('name=%s' % guest.name)
             print('workdir=%s' % guest.workdir)
             print('console_log=%s' % guest.console_log)

@@ -47,8 +47,9 @@ def commands(benchmark):
     return directory
 
 
-def run(commands, name, *args):
-    return subprocess.run([os.path.join(commands, name)] + list(args), stdout=subprocess.PIPE, check=True).stdout
+def run(commands, name, *args, input=None):
+    return subprocess.run([os.path.join(commands, name)] + list(args), stdout=subprocess.PIPE, check=True,
+                          input=input).stdout
 
 
 def test_the_workloads_make_what_their_figures_say(benchmark, commands):
@@ -59,6 +60,8 @@ def test_the_workloads_make_what_their_figures_say(benchmark, commands):
     assert run(commands, 'bigout-null', '100000') == b''
     assert run(commands, 'nap', '0') == b''  # the concurrent calls' command, here sleeping 0 s
     assert run(commands, 'nap-batch', '3', '0') == b''  # three of them at once, by the guest's shell
+    # The slow reader of the pings-under-load figure reads all its input (slowly for 0 s here) and says how much.
+    assert run(commands, 'slow-sink', '0', input=bytes(3 * benchmark.MIB + 5)) == b'%d\n' % (3 * benchmark.MIB + 5)
 
 
 def test_the_floor_client_lists_what_the_agent_offers(benchmark, commands):
@@ -134,6 +137,56 @@ def test_the_guest_exec_loop_polls_as_the_ansible_plugin_does(benchmark, tmp_pat
     assert calls == each * 3
 
 
+FAKE_QGA_FILES = """
+import base64, json, os
+_files = {}
+def qemuAgentCommand(domain, command, timeout, flags):
+    request = json.loads(command)
+    execute, arguments = request['execute'], request['arguments']
+    with open(os.environ['FAKE_LIBVIRT_LOG'], 'a') as log:
+        log.write(json.dumps([domain, execute, sorted(arguments), timeout, flags]) + '\\n')
+    if execute == 'guest-file-open':
+        _files[7] = {'mode': arguments['mode'], 'data': b'' if 'w' in arguments['mode'] else bytes(range(256)) * 400,
+                     'at': 0}
+        return json.dumps({'return': 7})
+    handle = _files[arguments['handle']]
+    if execute == 'guest-file-write':
+        handle['data'] += base64.b64decode(arguments['buf-b64'])
+        return json.dumps({'return': {'count': len(base64.b64decode(arguments['buf-b64'])), 'eof': False}})
+    if execute == 'guest-file-read':
+        piece = handle['data'][handle['at']:handle['at'] + arguments['count']]
+        handle['at'] += len(piece)
+        return json.dumps({'return': {'count': len(piece), 'buf-b64': base64.b64encode(piece).decode(),
+                                      'eof': handle['at'] >= len(handle['data'])}})
+    with open(os.environ['FAKE_LIBVIRT_LOG'] + '.written', 'wb') as written:
+        written.write(handle['data'])
+    return json.dumps({'return': {}})
+"""
+"""libvirt-python's qemu-ga file RPCs as far as the file loop uses them: one file, 102400 bytes to read."""
+
+
+@pytest.mark.parametrize('verb', ['write', 'read'])
+def test_the_qemu_ga_file_loop_moves_the_file_in_chunks_as_its_users_do(benchmark, tmp_path, verb):
+    (tmp_path / 'libvirt.py').write_text(FAKE_LIBVIRT['libvirt.py'])
+    (tmp_path / 'libvirt_qemu.py').write_text(FAKE_QGA_FILES)
+    log = tmp_path / 'calls'
+    local = tmp_path / 'local'
+    if verb == 'write':
+        local.write_bytes(os.urandom(100000))
+    env = dict(os.environ, PYTHONPATH=str(tmp_path), FAKE_LIBVIRT_LOG=str(log))
+    result = subprocess.run([sys.executable, '-c', benchmark.QGA_FILE_LOOP, 'qemu:///system', 'web-1', verb,
+                             '/srv/file', str(local), '40000'],
+                            stdout=subprocess.PIPE, env=env, universal_newlines=True, timeout=30, check=True)
+    assert json.loads(result.stdout)['calls'] == 3
+    calls = [json.loads(line) for line in log.read_text().splitlines()]
+    middle = [['web-1', 'guest-file-%s' % verb, ['buf-b64', 'handle'] if verb == 'write' else ['count', 'handle'],
+               30, 0]] * 3
+    assert calls == ([['web-1', 'guest-file-open', ['mode', 'path'], 30, 0]] + middle
+                     + [['web-1', 'guest-file-close', ['handle'], 30, 0]])
+    expected = local.read_bytes() if verb == 'write' else bytes(range(256)) * 400
+    assert (tmp_path / 'calls.written').read_bytes() == local.read_bytes() == expected
+
+
 def run_script(*args):
     return subprocess.run([sys.executable, SCRIPT] + list(args), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                           universal_newlines=True, timeout=300)
@@ -143,7 +196,7 @@ def test_the_usage_shows_the_options_it_takes_and_the_exit_statuses():
     result = run_script('--help')
     assert result.returncode == 0, result.stderr
     for option in ('--quick', '--json-out FILE', '--venv PATH', '--real-guests N', '--fleet N', '--fleet-only',
-                   '--daemon-only'):
+                   '--daemon-only', '--files-only'):
         assert option in result.stdout, option
     assert ' -v' not in result.stdout
     assert ('Exit status: 0 when every target passed, 1 when one missed, 2 when the run itself failed'
@@ -156,11 +209,12 @@ def test_an_option_it_does_not_take_is_a_usage_error():
     assert 'unrecognized arguments: -v' in result.stderr
 
 
-@pytest.mark.parametrize('options', [('--fleet-only', '--daemon-only'), ('--daemon-only', '--ansible-only')])
-def test_only_the_fleet_only_the_daemon_and_only_ansible_exclude_each_other(options):
+@pytest.mark.parametrize('options', [('--fleet-only', '--daemon-only'), ('--daemon-only', '--files-only'),
+                                     ('--files-only', '--ansible-only')])
+def test_each_only_option_excludes_the_others(options):
     result = run_script(*options)
     assert result.returncode == 2
-    assert '--fleet-only, --daemon-only and --ansible-only exclude each other' in result.stderr
+    assert '%s and %s exclude each other' % options in result.stderr
 
 
 def test_the_ansible_figures_run_one_guest_under_both_plugins_with_a_10_task_playbook(benchmark, tmp_path):
