@@ -59,6 +59,20 @@ def leftovers(directory):
     return sorted(name for name in os.listdir(str(directory)) if '.negotiator-' in name)
 
 
+def files_being_written(directory):
+    """The files this process writes in ``directory`` without a name yet (``O_TMPFILE``: ``/proc`` shows ``#N``)."""
+    prefix = os.path.join(str(directory), '#')
+    found = []
+    for fd in os.listdir('/proc/self/fd'):
+        try:
+            target = os.readlink('/proc/self/fd/' + fd)
+        except OSError:
+            continue
+        if target.startswith(prefix):
+            found.append(target)
+    return found
+
+
 def test_hello_lists_files_only_when_the_owner_switched_it_on(tmp_path):
     off = Connection(tmp_path, None)
     try:
@@ -371,12 +385,34 @@ def test_a_push_cut_off_midway_leaves_no_partial_file(guest, tmp_path):
         guest.agent.push, stalling(), str(tmp_path / 'guest' / 'f'))))
     caller.start()
     assert sent.wait(10)
-    assert wait_until(lambda: leftovers(tmp_path / 'guest') != [], timeout=10)  # the temporary file is there
+    # The file is being written, without a name (so that even a SIGKILL of the agent leaves none).
+    assert wait_until(lambda: files_being_written(tmp_path / 'guest') != [], timeout=10)
+    assert os.listdir(str(tmp_path / 'guest')) == []
     guest.endpoint.close('the host went away')
     release.set()
     caller.join(10)
     assert isinstance(outcome[0], ConnectionClosed)
-    assert wait_until(lambda: os.listdir(str(tmp_path / 'guest')) == [], timeout=10)
+    assert wait_until(lambda: files_being_written(tmp_path / 'guest') == [], timeout=10)
+    assert os.listdir(str(tmp_path / 'guest')) == []
+
+
+def test_a_file_system_without_unnamed_files_gets_a_named_temporary_file_removed_on_failure(tmp_path, monkeypatch):
+    from negotiator_common import files
+    monkeypatch.delattr(files.os, 'O_TMPFILE')
+    fd = open_directory(str(tmp_path))
+    try:
+        atomic = files.AtomicFile(fd, 'f', str(tmp_path / 'f'))
+        atomic.write(b'partial')
+        assert leftovers(tmp_path) != []
+        atomic.abort()
+        assert os.listdir(str(tmp_path)) == []
+        atomic = files.AtomicFile(fd, 'f', str(tmp_path / 'f'))
+        atomic.write(b'whole')
+        atomic.commit(0o640, None)
+    finally:
+        os.close(fd)
+    assert os.listdir(str(tmp_path)) == ['f'] and (tmp_path / 'f').read_bytes() == b'whole'
+    assert stat.S_IMODE((tmp_path / 'f').stat().st_mode) == 0o640
 
 
 def test_a_pull_whose_local_file_fails_leaves_no_partial_file_and_the_connection_serves_on(guest, tmp_path):

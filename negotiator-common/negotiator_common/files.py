@@ -82,9 +82,17 @@ def _temporary_name(name: str) -> str:
 
 class AtomicFile(object):
     """
-    A file written under a temporary name in its directory (a descriptor, ``dir_fd``) and
-    renamed to ``name`` by :meth:`commit`, after an ``fsync``; :meth:`abort` removes it.
-    ``path`` names the target in errors.
+    A file written in its directory (a descriptor, ``dir_fd``) without a name, and given the
+    name ``name`` by :meth:`commit`, after an ``fsync``; :meth:`abort` drops it. ``path`` names
+    the target in errors.
+
+    Why without a name: a transfer may end by SIGKILL (an agent killed, a CLI killed midway), and
+    a named temporary file would then stay behind with nobody to remove it. An ``O_TMPFILE``
+    inode vanishes with its last descriptor; the commit links it under a temporary name and
+    renames that over the target at once (through ``/proc/self/fd``: linking a descriptor
+    directly needs a privilege), so only those two system calls could leave a name behind. A
+    file system without ``O_TMPFILE`` (or a system without ``/proc``) gets the named temporary
+    file instead.
     """
 
     def __init__(self, dir_fd: int, name: str, path: str) -> None:
@@ -93,11 +101,25 @@ class AtomicFile(object):
         self.path = path
         self.temporary = _temporary_name(name)
         try:
-            self.fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
-                              | getattr(os, 'O_CLOEXEC', 0), 0o600, dir_fd=dir_fd)
+            self.fd = self._open_unnamed()
+            self.named = self.fd < 0
+            if self.named:
+                self.fd = os.open(self.temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                                  | getattr(os, 'O_CLOEXEC', 0), 0o600, dir_fd=dir_fd)
         except OSError as exc:
             raise file_error(path, exc) from None
         self.size = 0
+
+    def _open_unnamed(self) -> int:
+        """A descriptor of a new inode without a name in the directory, or -1 where that cannot be."""
+        if not hasattr(os, 'O_TMPFILE') or not os.path.isdir('/proc/self/fd'):
+            return -1
+        try:
+            return os.open('.', os.O_TMPFILE | os.O_WRONLY | getattr(os, 'O_CLOEXEC', 0), 0o600, dir_fd=self.dir_fd)
+        except OSError as exc:
+            if exc.errno in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL, errno.ENOENT):
+                return -1  # the file system (or an old kernel) has no O_TMPFILE
+            raise
 
     def write(self, data: bytes) -> int:
         view = memoryview(data)
@@ -114,13 +136,16 @@ class AtomicFile(object):
         """Nothing to flush: every write goes to the file at once (a sink of :mod:`negotiator_common.callstreams`)."""
 
     def commit(self, mode: Optional[int], owner: Optional[Tuple[int, int]]) -> None:
-        """Set the mode and owner, sync, rename over the target, sync the directory."""
+        """Set the mode and owner, sync, give it the target's name (replacing the target), sync the directory."""
         try:
             if owner is not None:
                 os.fchown(self.fd, owner[0], owner[1])
             if mode is not None:
                 os.fchmod(self.fd, mode)
             os.fsync(self.fd)
+            if not self.named:
+                os.link('/proc/self/fd/%d' % self.fd, self.temporary, dst_dir_fd=self.dir_fd, follow_symlinks=True)
+                self.named = True
             os.close(self.fd)
             self.fd = -1
             os.rename(self.temporary, self.name, src_dir_fd=self.dir_fd, dst_dir_fd=self.dir_fd)
@@ -130,14 +155,15 @@ class AtomicFile(object):
             raise file_error(self.path, exc) from None
 
     def abort(self) -> None:
-        """Close and remove the temporary file (what was written is gone)."""
+        """Close the file and remove its temporary name if it has one (what was written is gone)."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
-        try:
-            os.unlink(self.temporary, dir_fd=self.dir_fd)
-        except OSError:
-            pass
+        if self.named:
+            try:
+                os.unlink(self.temporary, dir_fd=self.dir_fd)
+            except OSError:
+                pass
 
 
 class AtomicTree(object):
