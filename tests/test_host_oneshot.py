@@ -42,6 +42,7 @@ def test_the_plainest_calls_take_the_quick_way(argv, expected, monkeypatch):
     ['--execute=x', '--', 'web-1'],
     ['--execute=x', '-', 'web-1'],
     ['--execute=x', 'web-\udcff'],                    # a name that is not UTF-8
+    ['--execute=x' + ' y' * 2048, 'web-1'],            # over MAX_COMMAND: checked against the agent's limits
     ['-p', 'web-1'],
     [],
 ])

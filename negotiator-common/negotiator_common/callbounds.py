@@ -8,13 +8,21 @@ which imports nothing it can do without). So this module imports nothing, not ev
 :mod:`typing`, which costs a short-lived CLI more than the rest of its own code.
 """
 
-__all__ = ('OUTPUT_WINDOW', 'command_timeout_for')
+__all__ = ('OUTPUT_WINDOW', 'DEFAULT_KILL_GRACE', 'command_timeout_for')
 
 OUTPUT_WINDOW = 2 * 1024 * 1024
 """
 The room a caller grants for each command's output (``window`` of ``execute``): what the agent
 may send before the caller has taken it, so that output waiting for a slow file costs at most
 this much memory here and never holds up the other calls on the channel.
+"""
+
+DEFAULT_KILL_GRACE = 2.0
+"""
+Seconds between SIGTERM and SIGKILL when a command is stopped, and how long processes that left
+the group of a command that exited may hold its output open: the agent's default (its
+``kill_grace`` in ``hello``), which a caller that sends its request before it reads ``hello``
+assumes.
 """
 
 

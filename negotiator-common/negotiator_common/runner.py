@@ -26,8 +26,9 @@ import threading
 import time
 from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set, Tuple
 
-from negotiator_common.lazylog import get_logger
+from negotiator_common.callbounds import DEFAULT_KILL_GRACE
 from negotiator_common.deadline import Deadline
+from negotiator_common.lazylog import get_logger
 from negotiator_common.errors import CommandNotFound
 from negotiator_common.processes import (
     COMMANDS, MARKER_VARIABLE, command_processes, kill_command, new_marker, reap_orphans, signal_command,
@@ -39,18 +40,12 @@ if TYPE_CHECKING:  # annotations only: executor is imported when a command start
     from negotiator_common.streams import CommandStreams
 
 __all__ = ('ProcessResult', 'run_process', 'clean_environment', 'DEFAULT_PATH',
-           'DEFAULT_KILL_GRACE', 'CHUNK_SIZE')
+           'CHUNK_SIZE')
 
 logger = get_logger(__name__)  # the library never prints through logging's last resort
 
 DEFAULT_PATH = '/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin'
 """The ``PATH`` a command sees, whatever the agent's own (:func:`clean_environment`)."""
-
-DEFAULT_KILL_GRACE = 2.0
-"""
-Seconds between SIGTERM and SIGKILL when a command is stopped, and how long processes that left
-the group of a command that exited may hold its output open.
-"""
 
 CHUNK_SIZE = 1024 * 1024
 """How much output is read (and streamed) at a time: large chunks mean few messages for big outputs."""

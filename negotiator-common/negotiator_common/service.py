@@ -12,6 +12,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from negotiator_common import __version__
+from negotiator_common.callbounds import DEFAULT_KILL_GRACE
 from negotiator_common.commands import CommandInfo, CommandRegistry, missing_command_message
 from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
@@ -24,7 +25,7 @@ from negotiator_common.lazylog import get_logger
 from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, Notification, decode_bytes, encode_bytes,
 )
-from negotiator_common.runner import DEFAULT_KILL_GRACE, run_process
+from negotiator_common.runner import run_process
 from negotiator_common.slots import CommandSlots
 from negotiator_common.streams import INPUT_WINDOW, CommandStreams
 

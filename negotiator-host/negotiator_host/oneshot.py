@@ -6,14 +6,15 @@ Why a second driver of the protocol beside :class:`~negotiator_common.client.Age
 call lives for one request, and what it imports is most of its own cost. The full client (its
 threads, the endpoint, :mod:`typing`) costs tens of milliseconds more than a dozen lines of
 socket and json do (``docs/benchmark.rst``, "one CLI call through the daemon"), which a monitoring
-check pays on every call. So :func:`main` takes the plainest form of the call and sends exactly
-what the full client sends (``hello`` naming the guest, then ``execute`` with the same bounds,
-:mod:`negotiator_common.callbounds`), and hands everything else to :mod:`negotiator_host.cli`
-before anything runs in the guest: any other option, a command that needs a shell's quoting to
-split, no daemon listening, a daemon that does not serve the guest or refuses this user, a guest
-agent without raw output and credit, a request over the agent's limits. The full path then says
-why in its own words. Once the command was sent, a failure is written as the full CLI writes it,
-by the full CLI's own functions, imported only then.
+check pays on every call. So :func:`main` takes the plainest form of the call and sends what
+the full client sends (``hello`` naming the guest and ``execute`` with the same bounds,
+:mod:`negotiator_common.callbounds`, but both at once: the agent's ``kill_grace`` is assumed to
+be its default, and a COMMAND of at most :data:`MAX_COMMAND` bytes is within any agent's
+limits), and hands everything else to :mod:`negotiator_host.cli` before anything runs in the
+guest: any other option, a command that needs a shell's quoting to split, no daemon listening,
+a daemon that does not serve the guest. The full path then says why in its own words. A
+refusal of this user, and any failure once the command was sent, is written as the full CLI
+writes it, by the full CLI's own functions, imported only then.
 
 This module and those it imports at start import nothing else, not even :mod:`typing` (mypy
 reads the names of its annotations under ``if MYPY:``).
@@ -25,7 +26,7 @@ import socket
 import sys
 import time
 
-from negotiator_common.callbounds import OUTPUT_WINDOW, command_timeout_for
+from negotiator_common.callbounds import DEFAULT_KILL_GRACE, OUTPUT_WINDOW, command_timeout_for
 from negotiator_host.local_socket import socket_path
 
 MYPY = False
@@ -36,6 +37,13 @@ __all__ = ('main', 'DEFAULT_TIMEOUT')
 
 DEFAULT_TIMEOUT = 10.0
 """Seconds that a call may take when --timeout does not say (the full CLI's default too)."""
+
+MAX_COMMAND = 4096
+"""
+The longest COMMAND (in bytes) that takes the quick way: the request is sent before the agent's
+limits are known, so only one far within any agent's is; a longer one goes the full way, which
+checks it against them first.
+"""
 
 MAX_LINE = 1024 * 1024
 """The longest line read from the daemon: its own replies and notifications are far shorter."""
@@ -110,7 +118,8 @@ def plain_call(arguments: 'List[str]') -> 'Optional[Tuple[List[str], str, float,
             daemon_socket = value
         else:
             return None
-    if command is None or len(guests) != 1 or not timeout or not _plain_words(command):
+    if command is None or len(guests) != 1 or not timeout or not _plain_words(command) \
+            or len(command.encode('utf-8')) > MAX_COMMAND:
         return None
     if not _is_utf8(guests[0]):
         return None
@@ -148,7 +157,6 @@ class _QuickCall(object):
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.buffer = b''
         self.ungranted = 0
-        self.params: 'Dict[str, Any]' = {}
 
     def run(self) -> int:
         try:
@@ -166,29 +174,32 @@ class _QuickCall(object):
 
     def _attach(self) -> 'Optional[BaseException]':
         """
-        Connect and say hello naming the guest: None when attached, or the daemon's refusal of
-        this user; :class:`_Fallback` when the quick way cannot serve the call.
+        Connect, send ``hello`` naming the guest and the ``execute`` at once (as the floor does:
+        one trip fewer through the daemon's threads), and read the answer to ``hello``: None when
+        attached (the command is on its way), or the daemon's refusal of this user.
+        :class:`_Fallback` when nothing ran: the daemon answers ``hello`` before it reads the
+        next request (an inline method) and runs nothing on a connection without a guest, so a
+        failed ``hello``, or a connection closed before its answer, ran nothing.
         """
+        hello = {'guest': self.guest, 'protocol': 1, 'agent': 'negotiator-host'}
+        execute = {'command': self.argv[0], 'args': self.argv[1:], 'stream': 'raw', 'window': OUTPUT_WINDOW,
+                   'timeout': command_timeout_for(self.timeout, DEFAULT_KILL_GRACE)}
         try:
             self.sock.settimeout(self._remaining())
             self.sock.connect(self.path)
-            self._send(_HELLO_ID, 'hello', {'guest': self.guest, 'protocol': 1, 'agent': 'negotiator-host'},
-                       prefix=b'\n')
+        except OSError:
+            raise _Fallback() from None
+        try:
+            self._write(b'\n', _request(_HELLO_ID, 'hello', hello) + _request(_EXECUTE_ID, 'execute', execute))
             reply = self._reply(_HELLO_ID)
-        except (OSError, ValueError, EOFError):
+        except socket.timeout:
+            from negotiator_common.errors import CallTimeout
+            return CallTimeout('the host daemon at %s did not answer about %s within %s seconds'
+                               % (self.path, self.guest, self.timeout))
+        except (OSError, EOFError):
             raise _Fallback() from None
         if 'error' in reply:
             return self._refusal(reply['error'])
-        hello = reply.get('result')
-        if not isinstance(hello, dict) or not isinstance(hello.get('capabilities'), list) \
-                or not {'raw-output', 'credit'}.issubset(hello['capabilities']):
-            raise _Fallback()
-        limits: 'Dict[str, Any]' = hello['limits'] if isinstance(hello.get('limits'), dict) else {}
-        grace = _limit(limits, 'kill_grace')
-        self.params = {'command': self.argv[0], 'args': self.argv[1:], 'stream': 'raw', 'window': OUTPUT_WINDOW,
-                       'timeout': command_timeout_for(self.timeout, grace if math.isfinite(grace) else 0.0)}
-        if not _within(limits, self.params, self.argv[1:]):
-            raise _Fallback()
         return None
 
     @staticmethod
@@ -206,7 +217,6 @@ class _QuickCall(object):
 
     def _execute(self) -> int:
         try:
-            self._send(_EXECUTE_ID, 'execute', self.params)
             reply = self._reply(_EXECUTE_ID, on_output=self._output)
         except socket.timeout:
             from negotiator_common.errors import CallTimeout
@@ -242,9 +252,17 @@ class _QuickCall(object):
     def _output(self, params: 'Dict[str, Any]') -> None:
         """One ``output`` frame of this call: its bytes to our stdout or stderr, then credit for them."""
         size, stream = params.get('size'), params.get('stream')
-        if type(size) is not int or not 0 <= size <= OUTPUT_WINDOW or stream not in ('stdout', 'stderr'):
+        if stream not in ('stdout', 'stderr'):
             raise ValueError('an output frame out of the spec: %r' % (params,))
-        _write_all(sys.stdout if stream == 'stdout' else sys.stderr, self._read(size))
+        if 'size' not in params:  # an agent without raw output sends its chunks in JSON
+            from negotiator_common.protocol import decode_bytes
+            data = decode_bytes(params, 'data') or b''
+            size = len(data)
+        elif type(size) is int and 0 <= size <= OUTPUT_WINDOW:
+            data = self._read(size)
+        else:
+            raise ValueError('an output frame out of the spec: %r' % (params,))
+        _write_all(sys.stdout if stream == 'stdout' else sys.stderr, data)
         self.ungranted += size
         if self.ungranted >= OUTPUT_WINDOW // 2:
             self._notify('credit', {'id': _EXECUTE_ID, 'bytes': self.ungranted})
@@ -292,29 +310,17 @@ class _QuickCall(object):
             raise socket.timeout('timed out')
         return remaining
 
-    def _send(self, request_id: object, method: str, params: 'Dict[str, Any]', prefix: bytes = b'') -> None:
-        self._write(prefix, {'jsonrpc': '2.0', 'id': request_id, 'method': method, 'params': params})
-
     def _notify(self, method: str, params: 'Dict[str, Any]') -> None:
-        self._write(b'', {'jsonrpc': '2.0', 'method': method, 'params': params})
+        self._write(b'', _line({'jsonrpc': '2.0', 'method': method, 'params': params}))
 
-    def _write(self, prefix: bytes, message: 'Dict[str, Any]') -> None:
+    def _write(self, prefix: bytes, lines: bytes) -> None:
         self.sock.settimeout(self._remaining())
-        line = json.dumps(message, ensure_ascii=False, separators=(',', ':')).encode('utf-8')
-        self.sock.sendall(prefix + line + b'\n')
+        self.sock.sendall(prefix + lines)
 
 
-def _limit(limits: 'Dict[str, Any]', name: str) -> float:
-    """One of the agent's limits: a positive number, or infinity when it announces none (or nonsense)."""
-    value = limits.get(name)
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0:
-        return value
-    return math.inf
+def _request(request_id: object, method: str, params: 'Dict[str, Any]') -> bytes:
+    return _line({'jsonrpc': '2.0', 'id': request_id, 'method': method, 'params': params})
 
 
-def _within(limits: 'Dict[str, Any]', params: 'Dict[str, Any]', args: 'List[str]') -> bool:
-    """True when the agent's announced limits take the request (else the full client says which one does not)."""
-    args_size = sum(len(arg.encode('utf-8')) + 1 for arg in args)
-    line_size = len(json.dumps(params, ensure_ascii=False).encode('utf-8')) + 100
-    return args_size <= _limit(limits, 'max_args') and params['timeout'] <= _limit(limits, 'max_timeout') \
-        and line_size <= _limit(limits, 'max_line_length')
+def _line(message: 'Dict[str, Any]') -> bytes:
+    return json.dumps(message, ensure_ascii=False, separators=(',', ':')).encode('utf-8') + b'\n'
