@@ -31,6 +31,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vmfixtures import VENV_BIN, negotiator_vm, vm_host, wait_for_agent  # noqa: E402,F401 (a fixture)
 from e2e_support import HOST_CLI, host_cli, remove_guests  # noqa: E402
 from measuring import peak_rss, start_measured  # noqa: E402
+from pinging import Pinger  # noqa: E402
 from support import StalledFile  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
@@ -438,40 +439,6 @@ def test_an_agent_without_allow_files_refuses_pushes_and_pulls(guest, tmp_path):
         assert 'files' in channel.hello()['capabilities']
     assert 'refused' not in entries(guest, SCRATCH)
     assert not (tmp_path / 'hostname').exists()
-
-
-class Pinger(object):
-    """Pings on a channel, one after the other, until stopped; keeps every round trip and the first error."""
-
-    def __init__(self, channel):
-        self.channel = channel
-        self.times = []
-        self.error = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run)
-        self.thread.daemon = True
-
-    def _run(self):
-        try:
-            while not self.stop.is_set():
-                self.times.append(self.channel.ping())
-                self.stop.wait(0.02)
-        except Exception as exc:  # kept: the test fails on it
-            self.error = exc
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop.set()
-        self.thread.join(30)
-
-    def report(self, what):
-        milliseconds = sorted(t * 1000 for t in self.times)
-        print('%s: %d pings, median %.2f ms, p99 %.2f ms' % (
-            what, len(milliseconds), milliseconds[len(milliseconds) // 2],
-            milliseconds[min(len(milliseconds) - 1, int(0.99 * len(milliseconds)))]))
 
 
 def test_pings_answer_while_the_host_reads_a_pull_slowly(guest):

@@ -23,6 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from vmfixtures import GUEST_PYTHON, vm_host  # noqa: E402,F401 (a fixture)
 from e2e_support import HOST_CLI, remove_guests, start_agents  # noqa: E402
 from measuring import peak_rss, start_measured  # noqa: E402
+from pinging import Pinger  # noqa: E402
 from support import StalledFile  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
@@ -54,45 +55,6 @@ def guest(vm_host):  # noqa: F811 (the fixture)
     remove_guests(guests)
 
 
-def percentile(values, fraction):
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
-class Pinger(object):
-    """Pings a guest on a channel, one after the other, until stopped; keeps every round trip."""
-
-    def __init__(self, channel):
-        self.channel = channel
-        self.times = []
-        self.error = None
-        self.stop = threading.Event()
-        self.thread = threading.Thread(target=self._run)
-        self.thread.daemon = True
-
-    def _run(self):
-        try:
-            while not self.stop.is_set():
-                self.times.append(self.channel.ping(timeout=10))
-                self.stop.wait(0.02)
-        except Exception as exc:  # kept, and the test fails on it
-            self.error = exc
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc_info):
-        self.stop.set()
-        self.thread.join(30)
-
-    def report(self, what):
-        milliseconds = [t * 1000 for t in self.times]
-        print('%s: %d pings, median %.2f ms, p99 %.2f ms, max %.2f ms' % (
-            what, len(milliseconds), percentile(milliseconds, 0.5), percentile(milliseconds, 0.99),
-            max(milliseconds)))
-
-
 def test_256_mib_streamed_through_the_cli_arrive_intact_in_bounded_memory(guest, tmp_path):
     path = str(tmp_path / 'input.bin')
     expected = hashlib.sha256()
@@ -118,7 +80,7 @@ def test_256_mib_streamed_through_the_cli_arrive_intact_in_bounded_memory(guest,
 
 def idle_pings(channel, count=100):
     """The latency of ``count`` pings on an idle channel, printed beside the figures under load."""
-    pinger = Pinger(channel)
+    pinger = Pinger(channel, timeout=10)
     for _ in range(count):
         pinger.times.append(channel.ping(timeout=10))
     pinger.report('idle channel')
@@ -128,7 +90,7 @@ def test_pings_are_answered_while_a_command_reads_its_input_slowly(guest):
     data = os.urandom(16 * MIB)
     with GuestChannel(guest.name, timeout=300) as channel:
         idle_pings(channel)
-        with Pinger(channel) as pinger:
+        with Pinger(channel, timeout=10) as pinger:
             result = channel.execute('slow-reader', input=iter([data[i:i + MIB] for i in range(0, len(data), MIB)]))
         assert pinger.error is None, pinger.error
         assert result.exit_status == 0 and result.stdout.strip() == str(len(data)).encode()
@@ -143,7 +105,7 @@ def test_pings_are_answered_while_a_caller_reads_its_output_slowly(guest):
         outcome = {}
         call = threading.Thread(target=lambda: outcome.update(result=channel.execute('zeros', '64', stdout=stalled)))
         call.start()
-        with Pinger(channel) as pinger:
+        with Pinger(channel, timeout=10) as pinger:
             # The output fills its window and the command blocks in its writes, while pings go on.
             assert wait_until(lambda: len(pinger.times) >= 100 or pinger.error, timeout=120)
             answered, taken = len(pinger.times), stalled.size
