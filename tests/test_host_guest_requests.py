@@ -179,3 +179,19 @@ def test_a_lone_surrogate_is_refused_cleanly(served, caplog, params):
     reply = json.loads(guest.exchange({'jsonrpc': '2.0', 'id': 7, 'method': 'execute', 'params': params}).decode())
     assert reply['error']['code'] == -32602, reply
     assert [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info] == []
+
+
+@pytest.mark.parametrize('method, params', [
+    ('exec', {'argv': ['/bin/sh', '-c', 'id']}),
+    ('push', {'path': '/tmp/from-a-guest', 'stdin_stream': True}),
+    ('pull', {'path': '/etc/shadow'}),
+])
+def test_a_guest_can_neither_run_programs_nor_move_files_on_the_host(served, method, params):
+    # The host daemon serves its commands only: exec is refused (-32011) and the file methods are
+    # not even served there (-32601).
+    guest = served()
+    hello = json.loads(guest.exchange({'jsonrpc': '2.0', 'id': 1, 'method': 'hello', 'params': {'protocol': 1}}))
+    assert not {'exec', 'files'} & set(hello['result']['capabilities'])
+    reply = json.loads(guest.exchange({'jsonrpc': '2.0', 'id': 2, 'method': method, 'params': params}))
+    assert reply['error']['code'] in (-32011, -32601), reply
+    assert not os.path.exists('/tmp/from-a-guest')
