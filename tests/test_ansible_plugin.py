@@ -67,7 +67,8 @@ class FakeChannel(object):
     def pull(self, source, target):
         self.calls.append(('pull', source))
         self._step('pull')
-        target.write(b'pulled from ' + source.encode())
+        with open(target, 'wb') as handle:  # a path, as the plugin gives it (the API writes it atomically)
+            handle.write(b'pulled from ' + source.encode())
 
     def close(self):
         self.closed = True

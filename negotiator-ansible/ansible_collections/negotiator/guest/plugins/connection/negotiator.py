@@ -21,6 +21,7 @@ from ansible.utils.display import Display
 from negotiator_common.errors import (
     ChannelError, CommandNotAllowed, CommandTimedOut, NegotiatorError,
 )
+from negotiator_common.exit_status import exit_status_of_result
 from negotiator_host import GuestChannel
 
 DOCUMENTATION = r"""
@@ -186,8 +187,7 @@ class Connection(ConnectionBase):
         stdout, stderr = io.BytesIO(), io.BytesIO()
         result = self._call(self._open_channel().exec, [self.get_option('shell'), '-c', cmd], input=in_data,
                             timeout=self._command_timeout(), stdout=stdout, stderr=stderr)
-        status = result.exit_status if result.exit_status is not None else 128 + (result.signal or 0)
-        return status, stdout.getvalue(), stderr.getvalue()
+        return exit_status_of_result(result.exit_status, result.signal), stdout.getvalue(), stderr.getvalue()
 
     def put_file(self, in_path, out_path):
         """Copy the controller's file ``in_path`` to ``out_path`` in the guest (streamed)."""
@@ -206,12 +206,9 @@ class Connection(ConnectionBase):
         """Copy the guest's file ``in_path`` to ``out_path`` on the controller (streamed)."""
         super().fetch_file(in_path, out_path)
         display.vvv('negotiator: fetch %s to %s' % (in_path, out_path), host=self._guest())
-        try:
-            target = open(out_path, 'wb')
-        except OSError as exc:
-            raise AnsibleError('cannot write %s: %s' % (out_path, exc)) from exc
-        with target:
-            self._call(self._open_channel().pull, in_path, target)
+        # A path, not an open file: the API writes it without a name until its SHA-256 is checked,
+        # so a failed fetch leaves no partial file behind (and says which path, and why).
+        self._call(self._open_channel().pull, in_path, out_path)
 
     def close(self):
         """Close the channel (a command still running in the guest is cancelled there)."""
