@@ -502,7 +502,7 @@ def test_a_handler_frees_its_slot_before_its_reply_so_a_caller_within_the_bound_
     server.close()
 
 
-def test_a_session_notification_reaches_the_endpoints_hook_after_the_calls_failed():
+def test_a_session_notification_reaches_the_endpoints_hook():
     client_sock, agent_sock = socket.socketpair()
     sessions = []
     client = Endpoint(Transport.from_socket(client_sock), name='guest', on_session=sessions.append).start()
@@ -512,4 +512,36 @@ def test_a_session_notification_reaches_the_endpoints_hook_after_the_calls_faile
     assert wait_until(lambda: sessions == [{'agent': 'negotiator-guest', 'pid': 42}])
     assert client.call('echo', {'value': 'on'}, timeout=5) == 'on'
     client.close()
+    agent.close()
+
+
+def test_a_hook_that_closes_on_a_new_session_has_closed_the_endpoint_before_the_waiting_calls_fail():
+    # The host daemon closes its link to an agent that began a new session; a local client
+    # whose call failed for that reason must find the old link closed already, or a retry made
+    # at once would go to it (and fail again) instead of waiting for the new link.
+    client_sock, agent_sock = socket.socketpair()
+    gates = {'held': threading.Event()}
+    seen = []
+    failed = threading.Event()
+
+    def close_on_session(params):
+        # Give a call that failed before this hook ran (the wrong order) time to say so.
+        failed.wait(1)
+        client.close('the agent began a new session')
+    client = Endpoint(Transport.from_socket(client_sock), name='guest', on_session=close_on_session).start()
+    agent = Endpoint(Transport.from_socket(agent_sock), make_dispatcher(gates), name='host').start()
+
+    def call():
+        try:
+            client.call('wait', {'gate': 'held'}, timeout=10)
+        except ConnectionClosed:
+            seen.append(client.closed)
+            failed.set()
+    caller = threading.Thread(target=call)
+    caller.start()
+    assert wait_until(lambda: agent.in_flight == 1)
+    agent.announce_session({'agent': 'negotiator-guest', 'pid': 43})
+    caller.join(10)
+    assert seen == [True]
+    gates['held'].set()
     agent.close()

@@ -126,8 +126,9 @@ class Endpoint(object):
     :param name: names the peer in logs (a guest's name on the host); handlers see it as
                  ``context.peer``.
     :param on_session: called with the params of each ``session`` notification (the peer's
-                       agent restarted), on the reading thread, after the calls waiting for
-                       replies have failed.
+                       agent restarted), on the reading thread, before the calls waiting for
+                       replies fail: a caller that closes the endpoint here has it closed by the
+                       time those calls learn of the new session, so none retries on it.
     """
 
     def __init__(self, transport: Transport, dispatcher: Optional[Dispatcher] = None, name: str = 'peer',
@@ -521,10 +522,11 @@ class Endpoint(object):
     def _route_notification(self, notification: Notification) -> None:
         params = notification.params if isinstance(notification.params, dict) else {}
         if notification.method == SESSION_NOTIFICATION:
-            self._fail_pending('%s began a new session (its agent restarted?): the reply to %%s is lost' % self.name)
-            self._resynchronise()
             if self.on_session is not None:
                 self.on_session(params)
+            self._fail_pending('%s began a new session (its agent restarted?): the reply to %%s is lost' % self.name)
+            if not self.closed:
+                self._resynchronise()
             return
         call_id = params.get('id')
         if notification.method in (RAW_INPUT_METHOD, CREDIT_METHOD) and self._to_listener(call_id, notification):
