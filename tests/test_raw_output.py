@@ -85,6 +85,61 @@ def test_decoder_fed_in_chunks_of_any_size(split):
     assert [summary(e) for e in events] == [summary(m) for m in MESSAGES]
 
 
+def read_as_the_endpoint_reads(decoder, stream, split):
+    """Feed ``stream`` in pieces of ``split`` bytes, each attachment's bytes into its room (as Endpoint.run does)."""
+    events, position = [], 0
+    while position < len(stream):
+        room = decoder.attachment_room()
+        if room is None:
+            events.extend(decoder.feed(stream[position:position + split]))
+            position += split
+            continue
+        piece = stream[position:position + min(split, len(room))]
+        room[:len(piece)] = piece
+        events.extend(decoder.attachment_filled(len(piece)))
+        assert decoder.buffered <= decoder.max_line_length
+        position += len(piece)
+    return events
+
+
+@pytest.mark.parametrize('split', [1, 7, 100, 4096, 1 << 20])
+def test_attachments_read_straight_into_their_room_arrive_as_fed_ones_do(split):
+    stream = b''.join(encode_message(m) for m in MESSAGES)
+    events = read_as_the_endpoint_reads(LineDecoder(), stream, split)
+    assert [summary(e) for e in events] == [summary(m) for m in MESSAGES]
+
+
+def test_an_input_chunk_read_into_its_room_is_unescaped_and_a_feed_may_finish_it():
+    data = b'line\nwith \x1b escapes\n' * 300
+    wire = encode_message(Notification('input', {'id': 3}, attachment=data))
+    decoder = LineDecoder()
+    decoder.accept_input = True
+    line_end = wire.index(b'\n') + 1
+    assert decoder.feed(wire[:line_end + 10]) == []
+    room = decoder.attachment_room()
+    assert room is not None and len(room) == len(wire) - line_end - 10
+    room[:100] = wire[line_end + 10:line_end + 110]
+    assert decoder.attachment_filled(100) == []
+    events = decoder.feed(wire[line_end + 110:])  # a plain read finishes what the room began
+    assert len(events) == 1 and events[0].attachment == data and events[0].params == {'id': 3}
+    assert decoder.attachment_room() is None and decoder.buffered == 0
+
+
+def test_no_room_is_offered_for_lines_or_a_skipped_attachment_and_a_wrong_count_is_refused():
+    decoder = LineDecoder(max_line_length=1000)
+    assert decoder.attachment_room() is None
+    assert decoder.feed(header(5000))[0].error.__class__ is MessageTooLarge
+    assert decoder.expecting == 5000 and decoder.attachment_room() is None  # skipped, not stored
+    decoder = LineDecoder()
+    decoder.feed(header(10))
+    room = decoder.attachment_room()
+    assert len(room) == 10
+    with pytest.raises(ValueError):
+        decoder.attachment_filled(11)
+    with pytest.raises(ValueError):
+        decoder.attachment_filled(0)
+
+
 @pytest.mark.parametrize('size', [0, -5, True, False, 1.5, '12', None, [3], {'n': 3}])
 def test_a_bad_size_is_an_invalid_request_and_nothing_is_swallowed(size):
     decoder = LineDecoder()

@@ -60,3 +60,29 @@ def test_while_a_stream_flows_a_read_reads_before_it_polls(pipe):
     assert reader.read() == b'x' * STREAMING_READ
     assert _empty_reads_of_a_read_that_finds_nothing(reader) == 1  # tried at once, then waited
     assert _empty_reads_of_a_read_that_finds_nothing(reader) == 0  # the stream has stopped
+
+
+def test_a_read_into_a_view_takes_what_waits_until_the_view_is_full(pipe):
+    reader, write_end = pipe
+    room = memoryview(bytearray(10))
+    os.write(write_end, b'abc')
+    assert reader.read_into(room) == 3 and bytes(room[:3]) == b'abc'  # what waited, not a wait for more
+    os.write(write_end, b'defghijklmnop')
+    assert reader.read_into(room[3:]) == 7 and bytes(room) == b'abcdefghij'  # never beyond the view
+    assert reader.read() == b'klmnop'  # the rest is the next read's
+
+
+def test_a_read_into_says_0_at_the_end_of_the_stream():
+    read_end, write_end = os.pipe()
+    reader = Transport(read_end)
+    os.close(write_end)
+    try:
+        assert reader.read_into(memoryview(bytearray(4))) == 0
+    finally:
+        reader.close()
+
+
+def test_a_read_into_waits_for_the_first_bytes_within_its_deadline(pipe):
+    reader, write_end = pipe
+    with pytest.raises(CallTimeout):
+        reader.read_into(memoryview(bytearray(8)), deadline=Deadline(0.05))

@@ -91,7 +91,7 @@ class InputPump(object):
 
     Give :meth:`on_credit` to the call as its ``on_credit``; call :meth:`finish` when the call
     is over. ``end``, when given, makes the params that the end of the input carries besides its
-    ``id`` and ``eof`` (a push's ``sha256``), once the source is spent. A source that fails
+    ``id`` and ``eof`` (a push's ``crc32``), once the source is spent. A source that fails
     sets :attr:`error` and ``cancelled`` (the call is cancelled in
     the agent), and the call raises that error.
     """

@@ -392,13 +392,13 @@ class AgentClient(object):
         """
         Copy ``source`` (a local path, or a binary file object) to ``target`` on the agent's side,
         atomically (``docs/protocol.rst``, "Files"): the file appears whole or not at all, and
-        only if the SHA-256 of what arrived is that of what was sent. A ``target`` that is an
+        only if the CRC-32 of what arrived is that of what was sent. A ``target`` that is an
         existing directory receives the file under the source's name, as ``cp`` and ``scp``
         do. A directory needs ``recursive``: its tree, modes and symlinks are copied (setuid
         and setgid bits dropped), and it must not exist yet in the guest. ``mode`` defaults to
         the source file's (for a file object: that of the file replaced, else 0644); ``owner``
         (``USER`` or ``USER:GROUP``) sets the owner. ``progress(done, total)`` is called as the
-        bytes go. Returns the agent's reply: ``path`` written, ``size`` and ``sha256``.
+        bytes go. Returns the agent's reply: ``path`` written, ``size`` and ``crc32``.
 
         Raises :class:`~negotiator_common.errors.FileError` (with the path and the reason:
         ``ENOENT``, ``EACCES``, ``ENOSPC``...), :class:`~negotiator_common.errors.ChecksumMismatch`,
@@ -413,9 +413,9 @@ class AgentClient(object):
              progress: Optional['Progress'] = None) -> Dict[str, Any]:
         """
         Copy ``source`` on the agent's side to ``target`` (a local path, written atomically and
-        kept only if its SHA-256 is the agent's, or a binary file object), as :meth:`push` does
+        kept only if its CRC-32 is the agent's, or a binary file object), as :meth:`push` does
         the other way; with ``recursive`` a directory comes with its tree (a file is copied as a
-        file). Returns the agent's reply: ``path``, ``size``, ``sha256``, ``type`` and ``mode``.
+        file). Returns the agent's reply: ``path``, ``size``, ``crc32``, ``type`` and ``mode``.
         """
         from negotiator_common import transfers
         self._check_files()

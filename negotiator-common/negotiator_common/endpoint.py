@@ -179,6 +179,14 @@ class Endpoint(object):
         reason = 'peer closed the channel'
         try:
             while not self._closed.is_set():
+                room = self._decoder.attachment_room()
+                if room is not None:  # the bytes of an attachment: read straight to their place
+                    count = self.transport.read_into(room)
+                    if not count:
+                        break
+                    for event in self._decoder.attachment_filled(count):
+                        self._handle(event)
+                    continue
                 data = self.transport.read()
                 if not data:
                     break

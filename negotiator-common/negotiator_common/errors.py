@@ -200,7 +200,7 @@ class FileError(TransferError):
 
 
 class ChecksumMismatch(TransferError):
-    """The SHA-256 of what arrived is not the sender's: nothing was kept."""
+    """The CRC-32 of what arrived is not the sender's: nothing was kept."""
 
     code = -32021
 

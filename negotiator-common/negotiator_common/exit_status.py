@@ -17,7 +17,7 @@ __all__ = ('EXIT_USAGE', 'EXIT_UNAVAILABLE', 'EXIT_SOFTWARE', 'EXIT_TIMEOUT', 'E
            'exit_status_of_result')
 
 EXIT_DATA = 65
-"""A transfer's bytes are not those sent (their SHA-256 differs): nothing was kept."""
+"""A transfer's bytes are not those sent (their CRC-32 differs): nothing was kept."""
 
 EXIT_NO_INPUT = 66
 """A file or directory to copy (or the directory to copy into) does not exist."""

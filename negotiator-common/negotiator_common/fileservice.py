@@ -4,8 +4,8 @@ guest's owner switches on (``negotiator-guest --daemon --allow-files[=PREFIXES]`
 
 Both stream like ``execute``, through the same :class:`~negotiator_common.streams.CommandStreams`:
 a push's bytes come as ``input`` chunks within the room the agent grants and end with an
-``input`` that carries their SHA-256; a pull's go out as raw ``output`` chunks (stream
-``stdout``) within the room the caller grants, and the reply carries their SHA-256. A
+``input`` that carries their CRC-32; a pull's go out as raw ``output`` chunks (stream
+``stdout``) within the room the caller grants, and the reply carries their CRC-32. A
 directory (``recursive``) travels as a tar stream (:mod:`negotiator_common.files`).
 
 Paths are checked after they are resolved, on the descriptor that was opened (its place as the
@@ -13,12 +13,12 @@ kernel gives it), so a symlink never leads out of an allowed prefix, not even on
 between the check and the use.
 """
 
-import hashlib
 import os
 import posixpath
 import select
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
+from negotiator_common.checksum import CHECKSUM_FIELD, Checksum
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
 from negotiator_common.errors import CommandNotAllowed, ConnectionClosed, FileError, ChecksumMismatch, InvalidParams
 from negotiator_common.files import (
@@ -63,7 +63,7 @@ class _PushedInput(object):
     def __init__(self, streams: CommandStreams, wait: _StreamWait) -> None:
         self.streams = streams
         self.wait = wait
-        self.digest = hashlib.sha256()
+        self.digest = Checksum()
         self.size = 0
 
     def read(self, size: int = -1) -> bytes:
@@ -86,7 +86,7 @@ class _PulledOutput(object):
         self.streams = streams
         self.context = context
         self.wait = wait
-        self.digest = hashlib.sha256()
+        self.digest = Checksum()
         self.size = 0
 
     def write(self, data: bytes) -> int:
@@ -96,7 +96,7 @@ class _PulledOutput(object):
             if not allowed:
                 self.wait()
                 continue
-            chunk = bytes(view[:allowed])
+            chunk = data if allowed == len(data) and isinstance(data, bytes) else bytes(view[:allowed])
             self.digest.update(chunk)
             self.size += allowed
             self.context.notify(Notification(RAW_OUTPUT_METHOD, {'id': self.context.request_id, 'stream': 'stdout'},
@@ -195,7 +195,7 @@ class FileService(object):
             streams.close()
             os.close(dir_fd)
         logger.info("Wrote %s (%d bytes pushed)", where, source.size)
-        return {'path': where, 'size': source.size, 'sha256': source.digest.hexdigest()}
+        return {'path': where, 'size': source.size, CHECKSUM_FIELD: source.digest.hexdigest()}
 
     def _push_file(self, dir_fd: int, base: str, where: str, source: _PushedInput, streams: CommandStreams,
                    mode: Optional[int], owner: Optional[Tuple[int, int]]) -> None:
@@ -250,7 +250,7 @@ class FileService(object):
             context.stop_listening()
             streams.close()
             os.close(fd)
-        result = {'path': where, 'size': sink.size, 'sha256': sink.digest.hexdigest()}
+        result = {'path': where, 'size': sink.size, CHECKSUM_FIELD: sink.digest.hexdigest()}
         result.update(file_kind(status))
         return result
 
@@ -296,9 +296,9 @@ def _kept_attributes(dir_fd: int, base: str, mode: Optional[int],
 
 
 def _check_digest(streams: CommandStreams, source: _PushedInput, where: str) -> None:
-    """The SHA-256 that ended the input must be that of the bytes read: else nothing is kept."""
-    expected = streams.input_end.get('sha256')
+    """The checksum that ended the input must be that of the bytes read: else nothing is kept."""
+    expected = streams.input_end.get(CHECKSUM_FIELD)
     actual = source.digest.hexdigest()
     if expected != actual:
-        raise ChecksumMismatch('%s: the pushed bytes have SHA-256 %s, the sender said %s: nothing was written'
+        raise ChecksumMismatch('%s: the pushed bytes have CRC-32 %s, the sender said %s: nothing was written'
                                % (where, actual, expected), {'path': where})

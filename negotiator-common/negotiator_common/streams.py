@@ -54,7 +54,7 @@ class CommandStreams(object):
         self.output = SendWindow(output_window) if output_window else None
         self.error: Optional[NegotiatorError] = None
         self.input_end: Dict[str, Any] = {}
-        """The params of the ``input`` that ended the input (a push's ``sha256`` is there)."""
+        """The params of the ``input`` that ended the input (a push's ``crc32`` is there)."""
         self._stop = stop
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()

@@ -4,15 +4,14 @@ The calling side of ``push`` and ``pull`` (``docs/protocol.rst``, "Files"): what
 :meth:`~negotiator_common.client.AgentClient.pull` do.
 
 A push streams its source as a call's input (:class:`~negotiator_common.callstreams.InputPump`,
-within the room the agent grants) and ends it with the SHA-256 of the bytes sent; the agent
+within the room the agent grants) and ends it with the CRC-32 of the bytes sent; the agent
 keeps nothing unless its own hash agrees. A pull takes the agent's raw output within the room
 this side grants (:class:`~negotiator_common.callstreams.OutputReceiver`) into a temporary file
-(or tree) beside the target, checks the SHA-256 of the reply against its own, and renames it
+(or tree) beside the target, checks the CRC-32 of the reply against its own, and renames it
 into place only then. A directory travels as a tar stream, made and read on a thread of its
 own through a pipe, so that memory stays bounded by the windows whatever the size.
 """
 
-import hashlib
 import os
 import posixpath
 import stat
@@ -22,6 +21,7 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, Optional, Tuple, Uni
 from negotiator_common.callbounds import OUTPUT_WINDOW
 from negotiator_common.callstreams import InputPump, OutputReceiver, input_pieces
 from negotiator_common.cancellation import Cancellation
+from negotiator_common.checksum import CHECKSUM_FIELD, Checksum
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import ChecksumMismatch, FileError, InvalidRequest, NegotiatorError
 from negotiator_common.files import (
@@ -38,10 +38,10 @@ LocalFile = Union[str, BinaryIO]
 
 
 class _Tally(object):
-    """The SHA-256 and count of the bytes that pass, reported to a :data:`Progress`."""
+    """The checksum and count of the bytes that pass, reported to a :data:`Progress`."""
 
     def __init__(self, progress: Optional[Progress], total: Optional[int]) -> None:
-        self.digest = hashlib.sha256()
+        self.digest = Checksum()
         self.size = 0
         self.progress = progress
         self.total = total
@@ -137,7 +137,7 @@ def push(endpoint: Endpoint, can_cancel: bool, source: LocalFile, target: str, r
     tally = _Tally(progress, total)
     cancelled = Cancellation()
     pump = InputPump(endpoint.notify, _tallied(pieces, tally), cancelled,
-                     end=lambda: {'sha256': tally.digest.hexdigest()})
+                     end=lambda: {CHECKSUM_FIELD: tally.digest.hexdigest()})
     try:
         reply = endpoint.call('push', params, timeout=None, cancelled=cancelled if can_cancel else None,
                               on_credit=pump.on_credit)
@@ -149,8 +149,8 @@ def push(endpoint: Endpoint, can_cancel: bool, source: LocalFile, target: str, r
         pump.finish()
     if pump.error is not None:
         raise pump.error
-    if not isinstance(reply, dict) or reply.get('sha256') != tally.digest.hexdigest():
-        raise ChecksumMismatch('%s: the guest wrote bytes whose SHA-256 is not that of the bytes sent' % target,
+    if not isinstance(reply, dict) or reply.get(CHECKSUM_FIELD) != tally.digest.hexdigest():
+        raise ChecksumMismatch('%s: the guest wrote bytes whose CRC-32 is not that of the bytes sent' % target,
                                {'path': target})
     return reply
 
@@ -303,8 +303,8 @@ def _pull(endpoint: Endpoint, can_cancel: bool, source: str, target: LocalFile, 
             receiver.finish(wait=not cancelled.is_set())
         if receiver.sink_error is not None:
             raise receiver.sink_error
-        if not isinstance(reply, dict) or reply.get('sha256') != tally.digest.hexdigest():
-            raise ChecksumMismatch('%s: the bytes that arrived are not those the guest sent (SHA-256)' % source,
+        if not isinstance(reply, dict) or reply.get(CHECKSUM_FIELD) != tally.digest.hexdigest():
+            raise ChecksumMismatch('%s: the bytes that arrived are not those the guest sent (CRC-32)' % source,
                                    {'path': source})
         ok = True
     except NegotiatorError:

@@ -89,6 +89,11 @@ class _CountingTransport(Transport):
         self.bytes_read += len(data)
         return data
 
+    def read_into(self, view: memoryview, deadline: Deadline = NO_DEADLINE) -> int:
+        count = super().read_into(view, deadline)
+        self.bytes_read += count
+        return count
+
 
 class _Session(object):
     """One host session: an endpoint reading the port on its own thread until end of stream."""

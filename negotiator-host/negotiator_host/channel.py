@@ -414,7 +414,7 @@ class GuestChannel(object):
              owner: Optional[str] = None, progress: Optional['Progress'] = None) -> Dict[str, Any]:
         """
         Copy ``source`` (a local path, or a binary file object) to ``target`` in the guest:
-        atomically, checked by SHA-256 end to end, with the source file's mode (or ``mode``)
+        atomically, checked by CRC-32 end to end, with the source file's mode (or ``mode``)
         and, when asked, ``owner`` (``USER`` or ``USER:GROUP``); a directory with ``recursive``
         (tree, modes and symlinks). The guest's owner must have turned file access on
         (``negotiator-guest --daemon --allow-files``), else
@@ -432,7 +432,7 @@ class GuestChannel(object):
              progress: Optional['Progress'] = None) -> Dict[str, Any]:
         """
         Copy ``source`` in the guest to ``target`` (a local path, written atomically, or a binary
-        file object), checked by SHA-256; a directory with ``recursive``. See
+        file object), checked by CRC-32; a directory with ``recursive``. See
         :meth:`negotiator_common.client.AgentClient.pull`.
         """
         client = self._connected_client(self.timeout)

@@ -79,7 +79,7 @@ Supported options:
     Every SOURCE is local and TARGET in the guest, or every SOURCE in one guest and
     TARGET local; into a directory, a file keeps its name. A file appears whole or not
     at all (written beside its target, synced, renamed), with the source's mode, and
-    only if its SHA-256 is the sender's. The guest's owner must allow it
+    only if its CRC-32 is the sender's. The guest's owner must allow it
     (negotiator-guest --daemon --allow-files). A progress bar shows on a terminal for
     transfers that last more than a second. --timeout bounds the connection only.
 
@@ -200,7 +200,7 @@ agent gone; with --hypervisor also: ssh could not connect, negotiator-host is mi
 found, --exec refused by a guest without --allow-exec, or the guest refused to this user by
 the host daemon; 130 interrupted
 (Ctrl-C; the calls are cancelled in the guests); 141 standard output closed by its reader
-(| head). With --copy: 65 the bytes that arrived are not those sent (SHA-256); 66 no such
+(| head). With --copy: 65 the bytes that arrived are not those sent (CRC-32); 66 no such
 file or directory; 73 the target cannot be made (it exists as a directory that holds
 something, or a member of an archive would leave its tree); 74 disk full or I/O error;
 77 file access off in the guest, a path outside its allowed prefixes, or permission

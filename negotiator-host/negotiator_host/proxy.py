@@ -35,6 +35,7 @@ import time
 from typing import TYPE_CHECKING, Any, Callable, Deque, Dict, Optional, Tuple
 
 from negotiator_common import __version__
+from negotiator_common.checksum import CHECKSUM_FIELD
 from negotiator_common.deadline import Deadline
 from negotiator_common.dispatcher import CallContext, Dispatcher, get_param
 from negotiator_common.endpoint import DEFAULT_TIMEOUT, REPLY_WRITE_TIMEOUT, Endpoint
@@ -245,8 +246,8 @@ class _Relay(object):
             if params.get('eof') is not True:
                 return None
             end = {'id': self.link_id, 'eof': True}
-            if isinstance(params.get('sha256'), str):  # a push's checksum, which the guest checks
-                end['sha256'] = params['sha256'][:128]
+            if isinstance(params.get(CHECKSUM_FIELD), str):  # a push's checksum, which the guest checks
+                end[CHECKSUM_FIELD] = params[CHECKSUM_FIELD][:128]
             return Notification(RAW_INPUT_METHOD, end)
         if len(chunk) > self.input_room.credit:
             self.violation = FlowError('the client sent %d bytes of input with room for %d only'

@@ -206,7 +206,7 @@ class Connection(ConnectionBase):
         """Copy the guest's file ``in_path`` to ``out_path`` on the controller (streamed)."""
         super().fetch_file(in_path, out_path)
         display.vvv('negotiator: fetch %s to %s' % (in_path, out_path), host=self._guest())
-        # A path, not an open file: the API writes it without a name until its SHA-256 is checked,
+        # A path, not an open file: the API writes it without a name until its CRC-32 is checked,
         # so a failed fetch leaves no partial file behind (and says which path, and why).
         self._call(self._open_channel().pull, in_path, out_path)
 
