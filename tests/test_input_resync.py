@@ -6,6 +6,7 @@ read as a request; the client ends the partial line it leaves with a line feed.
 
 import socket
 
+import pytest
 from hypothesis import given, settings, strategies as st
 
 from negotiator_common.endpoint import Endpoint
@@ -50,7 +51,7 @@ def test_escaped_input_holds_no_line_feed_and_comes_back_whole(payload):
 
 
 def test_a_chunk_reaches_an_agent_that_read_its_header_as_it_was_sent():
-    payload = bytes(range(256)) + b'\x1bn\x1be\n\n\x1b'
+    payload = bytes(range(256)) + b'\\n\\\\\n\n\\\x1bn'
     decoder = LineDecoder()
     decoder.accept_input = True
     (event,) = decoder.feed(encode_message(Notification(RAW_INPUT_METHOD, {'id': 1}, attachment=payload)))
@@ -69,3 +70,12 @@ def test_a_client_sends_a_line_feed_when_the_agent_announces_a_new_session():
     finally:
         client.close()
         agent_sock.close()
+
+
+@pytest.mark.parametrize('chunk, expected', [
+    (b'tab\\tdone', b'tab\tdone'),  # a Python escape: decoded as Python does
+    (b'bad \\x4 hex\\n', b'bad \\x4 hex\n'),  # refused by Python: the two pairs replaced, the rest kept
+    (b'trailing\\\\ \\', b'trailing\\ \\'),
+])
+def test_a_chunk_that_no_conforming_caller_sends_decodes_without_failing(chunk, expected):
+    assert unescape_input(chunk) == expected

@@ -12,6 +12,7 @@ input and never holds more than ``max_line_length`` bytes, whatever it is fed.
 The caller owns the transport, as in h11: the same core serves sockets and character devices.
 """
 
+import codecs
 import json
 import re
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -44,29 +45,41 @@ _ATTACHMENT_METHODS = (RAW_OUTPUT_METHOD, RAW_INPUT_METHOD)
 
 def escape_input(data: bytes) -> bytes:
     """
-    The bytes of an ``input`` chunk as they travel: every escape byte (0x1B) becomes 0x1B ``e``
-    and every line feed 0x1B ``n``, so that the chunk holds no line feed.
+    The bytes of an ``input`` chunk as they travel: every backslash becomes two and every line
+    feed a backslash and ``n``, so that the chunk holds no line feed.
 
     Why: an agent that restarts under a connected client reads the rest of a chunk in flight as
     lines (its new decoder never saw the chunk's header). With no line feed in any chunk, every
     such line is the rest of a chunk followed by the next header line, which no JSON parser
     accepts unless the rest is blank (a header is one whole object, so anything before it
     leaves a value unclosed or a second value): a line of the input can never be served as a
-    request (``docs/protocol.rst``, "Streamed input"). The cost is two C-speed replacements, and
-    about one byte in 128 more for random data.
+    request (``docs/protocol.rst``, "Streamed input"). The cost is two C-speed replacements
+    here, and about one byte in 128 more for random data.
     """
-    return data.replace(b'\x1b', b'\x1be').replace(b'\n', b'\x1bn')
+    return data.replace(b'\\', b'\\\\').replace(b'\n', b'\\n')
 
 
 def unescape_input(data: bytes) -> bytes:
     """
-    The inverse of :func:`escape_input`. Every 0x1B of an escaped chunk starts a pair, so the
-    pairs for line feeds can be replaced first; an escape byte followed by anything else (only
-    a peer that breaks the framing sends one) is kept as it is.
+    The inverse of :func:`escape_input`, in one pass of C (``codecs.escape_decode``, the
+    decoder of Python's bytes literals, whose escapes include these two).
+
+    Why that decoder: the agent unescapes every byte of a push in a guest that often runs
+    emulated, where the two replacements of pairs that an escape byte needed took about 30 %
+    of the agent's time in a push (measured under TCG); this one is five times faster. A chunk
+    that no conforming caller sends (a backslash before anything but a backslash or ``n``) may
+    decode as Python would decode it, or, where Python refuses it, with those two pairs
+    replaced and any other backslash kept: either way it never ends a line or frames a message.
     """
-    if b'\x1b' not in data:
+    if b'\\' not in data:
         return data
-    return data.replace(b'\x1bn', b'\n').replace(b'\x1be', b'\x1b')
+    try:
+        return codecs.escape_decode(data)[0]
+    except ValueError:
+        return _BACKSLASH_PAIR.sub(lambda match: b'\n' if match.group(1) == b'n' else b'\\', data)
+
+
+_BACKSLASH_PAIR = re.compile(b'\\\\([\\\\n])')
 
 MAX_NESTING = 64
 """JSON deeper than this is refused as invalid, before it can exhaust the parser's stack."""
