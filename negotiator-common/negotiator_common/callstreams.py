@@ -27,7 +27,7 @@ __all__ = ('InputPump', 'OutputReceiver', 'InputSource', 'read_bounded', 'INPUT_
 
 logger = get_logger(__name__)
 
-INPUT_CHUNK_SIZE = 32 * 1024
+INPUT_CHUNK_SIZE = 128 * 1024
 """
 The largest chunk of input sent at once (and read from the source at once): half the window an
 agent of this release grants (:data:`~negotiator_common.streams.INPUT_WINDOW`). A chunk is
