@@ -456,7 +456,7 @@ class LineDecoder(object):
         """How many bytes of an incomplete line or attachment the decoder holds (never above the maximum)."""
         held = len(self._attachment)
         if self._room is not None:
-            held = len(self._room.obj) - len(self._room)
+            held = len(self._whole) - len(self._room)
         return len(self._buffer) + held
 
     @property
@@ -474,6 +474,7 @@ class LineDecoder(object):
         self._buffer = bytearray()
         self._discarding = False
         self._attachment = bytearray()
+        self._whole = bytearray()  # an attachment read into its room: all of it, filled up to the room
         self._room: Optional[memoryview] = None
         self._remaining = 0
         self._header: Optional[Notification] = None
@@ -492,10 +493,10 @@ class LineDecoder(object):
             return None
         if self._room is None:
             held = len(self._attachment)
-            whole = bytearray(held + self._remaining)  # the size was checked against the maximum
-            whole[:held] = self._attachment
+            self._whole = bytearray(held + self._remaining)  # the size was checked against the maximum
+            self._whole[:held] = self._attachment
             self._attachment = bytearray()
-            self._room = memoryview(whole)[held:]
+            self._room = memoryview(self._whole)[held:]
         return self._room
 
     def attachment_filled(self, count: int) -> List[Event]:
@@ -507,8 +508,7 @@ class LineDecoder(object):
         self._room = room[count:]
         if self._remaining:
             return []
-        whole = bytes(room.obj)
-        self._room = None
+        whole, self._whole, self._room = bytes(self._whole), bytearray(), None
         return [self._finish_attachment(whole)]
 
     def _finish_attachment(self, attachment: bytes) -> Notification:
