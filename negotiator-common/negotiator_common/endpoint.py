@@ -253,9 +253,17 @@ class Endpoint(object):
 
     def _fail_pending(self, message: str) -> None:
         """Fail every call waiting for a reply with ConnectionClosed (``message`` has ``%s`` for the method)."""
+        self._fail(self._take_pending(), message)
+
+    def _take_pending(self) -> List[_PendingCall]:
+        """The calls waiting for a reply, which no reply will reach from now on."""
         with self._pending_lock:
             pending, self._pending = self._pending, {}
-        for call in pending.values():
+        return list(pending.values())
+
+    @staticmethod
+    def _fail(calls: List[_PendingCall], message: str) -> None:
+        for call in calls:
             call.finish(Response(None, error=ConnectionClosed(message % call.method)))
 
     def cancel_requests(self) -> None:
@@ -530,9 +538,13 @@ class Endpoint(object):
     def _route_notification(self, notification: Notification) -> None:
         params = notification.params if isinstance(notification.params, dict) else {}
         if notification.method == SESSION_NOTIFICATION:
+            # The calls are taken first (no reply of the old session can reach them), and fail
+            # after the hook: a hook that closes this endpoint has closed it by then, and they
+            # still say why they failed.
+            lost = self._take_pending()
             if self.on_session is not None:
                 self.on_session(params)
-            self._fail_pending('%s began a new session (its agent restarted?): the reply to %%s is lost' % self.name)
+            self._fail(lost, '%s began a new session (its agent restarted?): the reply to %%s is lost' % self.name)
             if not self.closed:
                 self._resynchronise()
             return
