@@ -454,9 +454,7 @@ class LineDecoder(object):
     @property
     def buffered(self) -> int:
         """How many bytes of an incomplete line or attachment the decoder holds (never above the maximum)."""
-        held = len(self._attachment)
-        if self._room is not None:
-            held = len(self._whole) - len(self._room)
+        held = 0 if self._room is None else len(self._whole) - len(self._room)
         return len(self._buffer) + held
 
     @property
@@ -473,8 +471,7 @@ class LineDecoder(object):
         """Forget any partial line or attachment (the peer went away; the next bytes start afresh)."""
         self._buffer = bytearray()
         self._discarding = False
-        self._attachment = bytearray()
-        self._whole = bytearray()  # an attachment read into its room: all of it, filled up to the room
+        self._whole = bytearray()  # the attachment being collected: all of it, filled up to the room
         self._room: Optional[memoryview] = None
         self._remaining = 0
         self._header: Optional[Notification] = None
@@ -492,11 +489,8 @@ class LineDecoder(object):
         if self._header is None or not self._remaining:
             return None
         if self._room is None:
-            held = len(self._attachment)
-            self._whole = bytearray(held + self._remaining)  # the size was checked against the maximum
-            self._whole[:held] = self._attachment
-            self._attachment = bytearray()
-            self._room = memoryview(self._whole)[held:]
+            self._whole = bytearray(self._remaining)  # the size was checked against the maximum
+            self._room = memoryview(self._whole)
         return self._room
 
     def attachment_filled(self, count: int) -> List[Event]:
@@ -550,20 +544,16 @@ class LineDecoder(object):
             if self._remaining:
                 # Raw bytes of an attachment: copied (or skipped), never searched for newlines.
                 take = min(self._remaining, end - position)
-                if self._room is not None:  # a reader that read into the room before now feeds
-                    self._room[:take] = data[position:position + take]
+                if self._header is None:  # skipped
+                    self._remaining -= take
+                elif self._room is None and take == self._remaining:  # all of it here: no buffer needed
+                    self._remaining = 0
+                    events.append(self._finish_attachment(bytes(data[position:position + take])))
+                else:  # collected in the room that a reader may also read into
+                    room = self.attachment_room()
+                    assert room is not None
+                    room[:take] = data[position:position + take]
                     events.extend(self.attachment_filled(take))
-                    position += take
-                    continue
-                self._remaining -= take
-                if self._header is not None:
-                    if not self._remaining and not self._attachment:
-                        events.append(self._finish_attachment(bytes(data[position:position + take])))
-                    else:
-                        self._attachment += data[position:position + take]
-                        if not self._remaining:
-                            whole, self._attachment = bytes(self._attachment), bytearray()
-                            events.append(self._finish_attachment(whole))
                 position += take
                 continue
             newline = data.find(b'\n', position)
