@@ -53,6 +53,7 @@ GUEST_COMMANDS = {
     # Records its process id (exec: the sleep's own), then sleeps long.
     'hold': '#!/bin/sh\necho $$ > "/tmp/hold-$1.pid"\nexec sleep 600\n',
     'pid-of': '#!/bin/sh\ncat "/tmp/hold-$1.pid" 2>/dev/null\ntrue\n',
+    'holding': '#!/bin/sh\nls /tmp | grep -c "^hold-$1-" || true\n',
     # Each pid given that is still a process (a zombie is not).
     'alive': ('#!/bin/sh\nfor p in "$@"; do\n'
               '  [ -r /proc/$p/stat ] && [ "$(cut -d" " -f3 /proc/$p/stat)" != Z ] && echo $p\n'
@@ -280,16 +281,48 @@ def test_the_agent_killed_under_load(guest, daemon):
 
 
 def test_the_guest_reset_under_load(guest, daemon):
+    # The commands in flight are quiet ones (hold: one exec, then a long sleep), not the polling
+    # wait-for: a loop that runs sleep from the 9p root every 0.2 s keeps 9p requests in flight
+    # when the reset comes, and once in CI the rebooted guest's kernel then locked up (soft
+    # lockups in supervisord, no agent). The daemon's side of the reset is the same either way.
     boots = guest.read_console().count('negotiator-agent-guest: ready')
-    callers = start_callers(guest, daemon, ['wait-for reset in-flight-%d' % number for number in range(4)])
-    assert wait_until(lambda: started(guest, daemon, 'reset') == 4, timeout=60, interval=0.2)
+    callers = start_callers(guest, daemon, ['hold reset-%d' % number for number in range(4)])
+    assert wait_until(lambda: holding(guest, daemon, 'reset') == 4, timeout=60, interval=0.2)
     guest.reset()
     outcomes = outcomes_of(callers)
     print('\n'.join('%d %r %r' % outcome for outcome in outcomes))
-    for number, outcome in enumerate(outcomes):
-        assert answer_or_clear_error(outcome, b'in-flight-%d\n' % number), outcome
+    for outcome in outcomes:
+        assert answer_or_clear_error(outcome, None), outcome
     assert guest.read_console().count('negotiator-agent-guest: ready') > boots, 'the guest did not reboot'
-    wait_for_agent(guest, timeout=90, daemon=daemon.process)
+    wait_for_agent_after_reset(guest, daemon)
     after = call(guest, daemon, 'echo-args after the reset')
     assert (after.returncode, after.stdout) == (0, b'after the reset\n'), after.stderr
     assert daemon.process.poll() is None
+
+
+def holding(guest, daemon, tag):
+    """How many ``hold TAG-...`` commands have started in the guest."""
+    result = call(guest, daemon, 'holding %s' % tag)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout)
+
+
+def wait_for_agent_after_reset(guest, daemon):
+    """
+    Wait for the rebooted guest's agent through the daemon. Should the guest's kernel lock up
+    while it boots again (a fault of the emulated guest, not of negotiator: its console says
+    so), the guest is reset once more, as an operator would, and said so in the output; the
+    daemon must then link to the agent of that boot. A failure shows the daemon's log.
+    """
+    since = len(guest.read_console())
+    try:
+        wait_for_agent(guest, timeout=120, daemon=daemon.process)
+        return
+    except pytest.fail.Exception:
+        console = guest.read_console()[since:]
+        if 'soft lockup' not in console and 'rcu_preempt detected stalls' not in console:
+            print('--- host daemon log ---\n%s' % read_log(daemon.process)[-4000:])
+            raise
+    print('the rebooted guest locked up (console: soft lockup or RCU stall): reset once more')
+    guest.reset()
+    wait_for_agent(guest, timeout=120, daemon=daemon.process)

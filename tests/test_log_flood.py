@@ -106,7 +106,8 @@ def test_a_flooding_guest_cannot_flood_the_log(tmp_path, verbosity):
         assert guest.served('after-flood')  # the same connection still serves
         elapsed = time.monotonic() - started
         process.send_signal(signal.SIGTERM)
-        assert process.wait(15) == 0
+        status = process.wait(15)
+        assert status == 0, 'the daemon exited %s on SIGTERM; its log ends:\n%s' % (status, log_tail(log_path))
     finally:
         if process.poll() is None:
             process.kill()
@@ -121,6 +122,11 @@ def test_a_flooding_guest_cannot_flood_the_log(tmp_path, verbosity):
     assert max(len(line) for line in lines) < 1000
     assert any(b'suppressed' in line for line in lines)
     assert not any(b' INFO ' in line and (b'Dropping' in line or b'Bad line' in line) for line in lines)
+
+
+def log_tail(path: str) -> str:
+    with open(path, 'rb') as handle:
+        return handle.read()[-3000:].decode('utf-8', 'replace')
 
 
 def test_a_malformed_message_does_not_cut_the_guest_off(monkeypatch):
