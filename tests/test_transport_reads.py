@@ -8,22 +8,19 @@ import os
 
 import pytest
 
-from negotiator_common import transport
 from negotiator_common.deadline import Deadline
 from negotiator_common.errors import CallTimeout
 from negotiator_common.transport import STREAMING_READ, Transport
 
 
-class CountingBuffer(transport.ReadBuffer):
-    """A read buffer that counts the reads that found nothing (BlockingIOError)."""
+class CountingTransport(Transport):
+    """A transport that counts its reads that found nothing (BlockingIOError)."""
 
-    def __init__(self, limit):
-        super().__init__(limit)
-        self.empty_reads = 0
+    empty_reads = 0
 
-    def read(self, fd, size=None):
+    def _readv(self, view):
         try:
-            return super().read(fd, size)
+            return super()._readv(view)
         except BlockingIOError:
             self.empty_reads += 1
             raise
@@ -32,18 +29,17 @@ class CountingBuffer(transport.ReadBuffer):
 @pytest.fixture
 def pipe():
     read_end, write_end = os.pipe()
-    reader = Transport(read_end)
-    reader._read_buffer = CountingBuffer(transport.READ_SIZE)
+    reader = CountingTransport(read_end)
     yield reader, write_end
     reader.close()
     os.close(write_end)
 
 
 def _empty_reads_of_a_read_that_finds_nothing(reader):
-    before = reader._read_buffer.empty_reads
+    before = reader.empty_reads
     with pytest.raises(CallTimeout):
         reader.read(deadline=Deadline(0.05))
-    return reader._read_buffer.empty_reads - before
+    return reader.empty_reads - before
 
 
 def test_after_a_short_message_a_read_waits_for_data_before_reading(pipe):
@@ -86,3 +82,13 @@ def test_a_read_into_waits_for_the_first_bytes_within_its_deadline(pipe):
     reader, write_end = pipe
     with pytest.raises(CallTimeout):
         reader.read_into(memoryview(bytearray(8)), deadline=Deadline(0.05))
+
+
+def test_a_transport_counts_every_byte_that_either_read_took(pipe):
+    # The guest daemon tells an empty session (a host that connected and left) from a busy one by it.
+    reader, write_end = pipe
+    os.write(write_end, b'abc')
+    assert reader.read() == b'abc'
+    os.write(write_end, b'defg')
+    assert reader.read_into(memoryview(bytearray(8))) == 4
+    assert reader.bytes_read == 7

@@ -50,14 +50,20 @@ class ReadBuffer(object):
         self.limit = limit
         self._view = memoryview(bytearray(min(limit, self.INITIAL_SIZE)))
 
-    def read(self, fd: int, size: Optional[int] = None) -> bytes:
-        """One ``readv`` of at most ``size`` bytes (default: the buffer's size); ``b''`` at end of file."""
-        view = self._view if size is None else self._view[:size]
-        count = os.readv(fd, [view])
-        data = view[:count].tobytes()
+    def room(self, size: Optional[int] = None) -> memoryview:
+        """Where the next read goes: at most ``size`` bytes (default: the buffer's size)."""
+        return self._view if size is None else self._view[:size]
+
+    def take(self, count: int) -> bytes:
+        """The ``count`` bytes that a read put in :meth:`room`, copied out (the buffer grows if they filled it)."""
+        data = self._view[:count].tobytes()
         if count == len(self._view) < self.limit:
             self._view = memoryview(bytearray(self.limit))
         return data
+
+    def read(self, fd: int, size: Optional[int] = None) -> bytes:
+        """One ``readv`` of at most ``size`` bytes (default: the buffer's size); ``b''`` at end of file."""
+        return self.take(os.readv(fd, [self.room(size)]))
 
 
 _EOF_ERRNOS = (errno.EIO, errno.ECONNRESET, errno.EPIPE, errno.ENOTCONN)
@@ -84,6 +90,8 @@ class Transport(object):
         self._pollers: Dict[int, Any] = {}
         self._read_buffer = ReadBuffer(READ_SIZE)
         self._streaming = False  # the last read was a full port buffer or more: more is likely waiting
+        self.bytes_read = 0
+        """Every byte read so far (a guest daemon tells an empty session from one that did something)."""
 
     @classmethod
     def from_socket(cls, sock: socket.socket) -> 'Transport':
@@ -123,28 +131,7 @@ class Transport(object):
         :class:`CallTimeout` when ``deadline`` passes.
         """
         with self._read_lock:
-            # While a stream flows, read first and poll only when nothing waits: a virtio-serial
-            # port hands over at most one 4 KiB buffer per read, so a stream of input costs one
-            # system call a buffer, not two. After a short read (a message, not a stream), poll
-            # first: a read that finds nothing raises, and in an emulated guest that failed read
-            # doubled a ping's round trip.
-            wait_first = not self._streaming
-            while True:
-                if self._closed:  # checked under the lock that close() takes before releasing the descriptor
-                    raise ConnectionClosed('channel closed locally')
-                if wait_first:
-                    self._wait(select.POLLIN, deadline)
-                try:
-                    data = self._read_buffer.read(self.fd, size)
-                except BlockingIOError:  # the stream has paused: wait, now and after
-                    wait_first, self._streaming = True, False
-                    continue
-                except OSError as exc:
-                    if exc.errno in _EOF_ERRNOS:
-                        return b''
-                    raise
-                self._streaming = len(data) >= STREAMING_READ
-                return data
+            return self._read_buffer.take(self._read(self._read_buffer.room(size), deadline, fill=False))
 
     def read_into(self, view: memoryview, deadline: Deadline = NO_DEADLINE) -> int:
         """
@@ -157,32 +144,49 @@ class Transport(object):
         read of :meth:`read` cost more than the read.
         """
         with self._read_lock:
-            filled, size = 0, len(view)
-            wait_first = not self._streaming
-            while True:
-                if self._closed:  # as in read(): checked under the lock that close() takes
-                    raise ConnectionClosed('channel closed locally')
-                if wait_first:
-                    self._wait(select.POLLIN, deadline)
-                try:
-                    count = os.readv(self.fd, [view[filled:]])
-                except BlockingIOError:
-                    self._streaming = False
-                    if filled:
-                        return filled
-                    wait_first = True
-                    continue
-                except OSError as exc:
-                    if exc.errno in _EOF_ERRNOS:
-                        return filled
-                    raise
-                if not count:
+            return self._read(view, deadline, fill=True)
+
+    def _read(self, view: memoryview, deadline: Deadline, fill: bool) -> int:
+        """
+        The one read loop (the caller holds the read lock): how many bytes came into ``view``,
+        after one read that found some (``fill`` False) or once the view is full or nothing more
+        waits (``fill`` True); 0 at the end of the stream.
+
+        While a stream flows, it reads first and polls only when nothing waits: a virtio-serial
+        port hands over at most one 4 KiB buffer per read, so a stream costs one system call a
+        buffer, not two. After a short read (a message, not a stream), it polls first: a read
+        that finds nothing raises, and in an emulated guest that failed read doubled a ping's
+        round trip.
+        """
+        filled = 0
+        wait_first = not self._streaming
+        while True:
+            if self._closed:  # checked under the lock that close() takes before releasing the descriptor
+                raise ConnectionClosed('channel closed locally')
+            if wait_first:
+                self._wait(select.POLLIN, deadline)
+            try:
+                count = self._readv(view[filled:])
+            except BlockingIOError:  # the stream has paused: wait, now and after
+                self._streaming = False
+                if filled:
                     return filled
-                filled += count
-                if filled == size:
-                    self._streaming = True
+                wait_first = True
+                continue
+            except OSError as exc:
+                if exc.errno in _EOF_ERRNOS:
                     return filled
-                wait_first = False
+                raise
+            filled += count
+            self.bytes_read += count
+            if not count or not fill or filled == len(view):
+                self._streaming = count >= STREAMING_READ or (count > 0 and filled == len(view))
+                return filled
+            wait_first = False
+
+    def _readv(self, view: memoryview) -> int:
+        """One non-blocking read into ``view`` (BlockingIOError when nothing waits)."""
+        return os.readv(self.fd, [view])
 
     def write_all(self, data: Union[bytes, Sequence[bytes]], deadline: Deadline = NO_DEADLINE) -> None:
         """

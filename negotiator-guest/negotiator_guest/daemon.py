@@ -41,14 +41,13 @@ from typing import Callable, List, Optional
 
 from negotiator_common.channels import HOST_TO_GUEST_CHANNELS
 from negotiator_common.lazylog import get_logger
-from negotiator_common.deadline import NO_DEADLINE, Deadline
 from negotiator_common.dispatcher import Dispatcher
 from negotiator_common.endpoint import DEFAULT_MAX_CONCURRENT, Endpoint, EndpointGroup
 from negotiator_common.processes import OrphanReaper, adopt_orphans
 from negotiator_common.service import AgentService
 from negotiator_common.signals import SignalQueue
 from negotiator_common.stopping import stop_serving
-from negotiator_common.transport import READ_SIZE, Transport
+from negotiator_common.transport import Transport
 
 from negotiator_guest.port import FALLBACK_DEVICE, find_port, host_connected, open_port
 
@@ -79,29 +78,13 @@ def wait_for_host(signals: SignalQueue, recheck_interval: Optional[float]) -> Li
     return signals.wait(recheck_interval)
 
 
-class _CountingTransport(Transport):
-    """A transport that remembers whether anything was read: an empty session is no reason to hurry."""
-
-    bytes_read = 0
-
-    def read(self, size: int = READ_SIZE, deadline: Deadline = NO_DEADLINE) -> bytes:
-        data = super().read(size, deadline)
-        self.bytes_read += len(data)
-        return data
-
-    def read_into(self, view: memoryview, deadline: Deadline = NO_DEADLINE) -> int:
-        count = super().read_into(view, deadline)
-        self.bytes_read += count
-        return count
-
-
 class _Session(object):
     """One host session: an endpoint reading the port on its own thread until end of stream."""
 
     def __init__(self, fd: int, dispatcher: Dispatcher, number: int, on_end: Callable[[], None],
                  max_concurrent: int = DEFAULT_MAX_CONCURRENT) -> None:
         self.number = number
-        self.transport = _CountingTransport(fd, close_fd=False)
+        self.transport = Transport(fd, close_fd=False)
         # The bound that hello announces (limits.max_in_flight), so a caller that keeps to it is never refused.
         self.endpoint = Endpoint(self.transport, dispatcher, name='host', max_concurrent=max_concurrent)
         self._on_end = on_end
