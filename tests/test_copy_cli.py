@@ -96,6 +96,28 @@ def test_each_failure_has_its_status_and_names_the_path(world, tmp_path, case, s
     assert os.listdir(str(guest)) == []
 
 
+def test_max_size_stops_a_pull_with_status_74_and_leaves_nothing(world, tmp_path):
+    (tmp_path / 'guest' / 'big').write_bytes(os.urandom(3 * 1024 * 1024))
+    status, _, err = run_cli(world, '--copy', '--max-size', '1M', 'alpha:%s' % (tmp_path / 'guest' / 'big'),
+                             str(tmp_path / 'host'))
+    assert status == 74, err
+    assert err.startswith(b'negotiator-host: ') and b'more than the 1048576 bytes allowed' in err
+    assert os.listdir(str(tmp_path / 'host')) == []
+    status, _, err = run_cli(world, '--copy', '--max-size', '3M', 'alpha:%s' % (tmp_path / 'guest' / 'big'),
+                             str(tmp_path / 'host'))
+    assert status == 0, err
+    assert (tmp_path / 'host' / 'big').read_bytes() == (tmp_path / 'guest' / 'big').read_bytes()
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--copy', '--max-size', '1M', '-', 'alpha:/srv/f'], b'--max-size bounds a copy from a guest'),
+    (['--max-size', '1M', '--ping', 'alpha'], b'--max-size is an option of --copy'),
+    (['--copy', '--max-size', 'lots', 'alpha:/f', '.'], b'--max-size needs a number of bytes')])
+def test_max_size_is_refused_where_it_means_nothing(world, args, message):
+    status, _, err = run_cli(world, *args)
+    assert status == 64 and message in err, err
+
+
 @pytest.mark.parametrize('operand, expected', [
     ('web-1:/etc/hosts', ('web-1', '/etc/hosts')), ('./a:b', (None, './a:b')), ('/x/a:b', (None, '/x/a:b')),
     ('-', (None, '-')), ('plain', (None, 'plain')), (':x', (None, ':x'))])

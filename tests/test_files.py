@@ -19,6 +19,7 @@ from negotiator_common.client import AgentClient
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.endpoint import Endpoint
 from negotiator_common.errors import ChecksumMismatch, CommandNotAllowed, FileError
+from negotiator_common.exit_status import exit_status_for
 from negotiator_common.fileservice import FileService
 from negotiator_common.files import AtomicTree, extract_tree, open_directory
 from negotiator_common.protocol import RAW_INPUT_METHOD, Notification
@@ -442,6 +443,27 @@ def test_a_pull_whose_local_file_fails_leaves_no_partial_file_and_the_connection
     assert guest.agent.ping(5) >= 0
     assert guest.agent.pull(str(tmp_path / 'guest' / 'big'), str(tmp_path / 'host' / 'big'))['size'] == 5 * MIB
     assert leftovers(tmp_path / 'host') == []
+
+
+def test_a_pull_beyond_its_bound_stops_keeps_nothing_and_the_connection_serves_on(guest, tmp_path):
+    # A hostile guest could send without end and fill the host's disk: max_size stops it.
+    (tmp_path / 'guest' / 'big').write_bytes(os.urandom(5 * MIB))
+    (tmp_path / 'guest' / 'tree').mkdir()
+    (tmp_path / 'guest' / 'tree' / 'big').write_bytes(os.urandom(2 * MIB))
+    with pytest.raises(FileError, match='more than the 1048576 bytes allowed') as caught:
+        guest.agent.pull(str(tmp_path / 'guest' / 'big'), str(tmp_path / 'host' / 'big'), max_size=MIB)
+    assert caught.value.reason == 'EFBIG' and exit_status_for(caught.value) == 74
+    with pytest.raises(FileError, match='bytes allowed'):
+        guest.agent.pull(str(tmp_path / 'guest' / 'tree'), str(tmp_path / 'host' / 'tree'), recursive=True,
+                         max_size=MIB)
+    sink = io.BytesIO()
+    with pytest.raises(FileError, match='bytes allowed'):
+        guest.agent.pull(str(tmp_path / 'guest' / 'big'), sink, max_size=MIB)
+    assert len(sink.getvalue()) <= MIB  # never a byte beyond the bound
+    assert os.listdir(str(tmp_path / 'host')) == [] and files_being_written(tmp_path / 'host') == []
+    assert guest.agent.ping(5) >= 0
+    exact = guest.agent.pull(str(tmp_path / 'guest' / 'big'), str(tmp_path / 'host' / 'big'), max_size=5 * MIB)
+    assert exact['size'] == 5 * MIB  # a file of just the bound's size comes whole
 
 
 def test_the_owner_is_set_when_asked_and_an_unknown_one_is_refused(guest, tmp_path):

@@ -178,6 +178,17 @@ def test_one_gib_pulled_with_the_cli_arrives_intact_in_bounded_memory(guest, big
     os.unlink(back)
 
 
+def test_a_pull_beyond_max_size_stops_with_74_and_keeps_nothing(guest, gib_in_guest, tmp_path):
+    # A guest that sends without end cannot fill the host's disk: the bound stops the GiB early.
+    capped = tmp_path / 'capped'
+    status, err, _, seconds = copy_measured(tmp_path, '--max-size', '16M', '%s:%s' % (guest.name, gib_in_guest['path']),
+                                            str(capped))
+    assert status == EXIT_IO and 'more than the 16777216 bytes allowed' in err, err
+    assert sorted(os.listdir(str(tmp_path))) == ['peak']  # no file, no temporary file
+    print('a pull capped at 16 MiB stopped in %.1f s' % seconds)
+    assert host_cli('--ping', guest.name).returncode == 0  # the agent stopped sending: the channel serves on
+
+
 def test_binary_and_empty_files_go_both_ways_byte_for_byte(guest, tmp_path):
     every_byte = bytes(range(256)) * 4096 + b'\r\n\x00\n\x1b\n'
     empty = tmp_path / 'empty'

@@ -60,15 +60,15 @@ def parse_timeout(value: str) -> Optional[float]:
     return seconds or None
 
 
-def parse_size(value: str) -> int:
-    """``--max-output`` as a number of bytes (``16M`` and ``1 GiB`` are binary units: 16 MiB, 1 GiB)."""
+def parse_size(value: str, option: str = '--max-output') -> int:
+    """``option``'s value as a number of bytes (``16M`` and ``1 GiB`` are binary units: 16 MiB, 1 GiB)."""
     from humanfriendly import InvalidSize, parse_size as parse_human_size
     try:
         size = parse_human_size(value, binary=True)
     except InvalidSize:
-        raise UsageError('--max-output needs a number of bytes (like 1048576 or 16M), not %r' % value) from None
+        raise UsageError('%s needs a number of bytes (like 1048576 or 16M), not %r' % (option, value)) from None
     if size < 0:
-        raise UsageError('--max-output cannot be negative: %r' % value)
+        raise UsageError('%s cannot be negative: %r' % (option, value))
     return int(size)
 
 

@@ -410,16 +410,21 @@ class AgentClient(object):
         return transfers.push(self.endpoint, self.can_cancel, source, target, recursive, mode, owner, progress)
 
     def pull(self, source: str, target: 'LocalFile', recursive: bool = False,
-             progress: Optional['Progress'] = None) -> Dict[str, Any]:
+             progress: Optional['Progress'] = None, max_size: Optional[int] = None) -> Dict[str, Any]:
         """
         Copy ``source`` on the agent's side to ``target`` (a local path, written atomically and
         kept only if its CRC-32 is the agent's, or a binary file object), as :meth:`push` does
         the other way; with ``recursive`` a directory comes with its tree (a file is copied as a
         file). Returns the agent's reply: ``path``, ``size``, ``crc32``, ``type`` and ``mode``.
+
+        ``max_size`` bounds what the agent may send (for a directory, its tar stream): once more
+        has come, the transfer stops and :class:`~negotiator_common.errors.FileError` (reason
+        ``EFBIG``) is raised, and a local path keeps nothing, so that a hostile guest cannot fill
+        this side's disk. None: no bound (a file object has had what came before the bound).
         """
         from negotiator_common import transfers
         self._check_files()
-        return transfers.pull(self.endpoint, self.can_cancel, source, target, recursive, progress)
+        return transfers.pull(self.endpoint, self.can_cancel, source, target, recursive, progress, max_size)
 
     def _check_files(self) -> None:
         if not self.files:

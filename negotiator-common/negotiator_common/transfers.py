@@ -156,13 +156,20 @@ def push(endpoint: Endpoint, can_cancel: bool, source: LocalFile, target: str, r
 
 
 class _Hashing(object):
-    """A sink that counts and hashes what it passes on to ``sink``."""
+    """A sink that counts and hashes what it passes on to ``sink``; more than ``limit`` bytes of ``source`` fail."""
 
-    def __init__(self, sink: Any, tally: _Tally) -> None:
+    def __init__(self, sink: Any, tally: _Tally, source: str, limit: Optional[int] = None) -> None:
         self.sink = sink
         self.tally = tally
+        self.source = source
+        self.limit = limit
+        self.exceeded: Optional[FileError] = None
 
     def write(self, data: bytes) -> int:
+        if self.limit is not None and self.tally.size + len(data) > self.limit:
+            self.exceeded = FileError('%s: more than the %d bytes allowed came: the copy was stopped'
+                                      % (self.source, self.limit), {'path': self.source, 'reason': 'EFBIG'})
+            raise self.exceeded
         self.sink.write(data)
         self.tally.add(data)
         return len(data)
@@ -271,19 +278,19 @@ def _local_place(target: str, source: str) -> Tuple[int, str, str]:
 
 
 def pull(endpoint: Endpoint, can_cancel: bool, source: str, target: LocalFile, recursive: bool = False,
-         progress: Optional[Progress] = None) -> Dict[str, Any]:
+         progress: Optional[Progress] = None, max_size: Optional[int] = None) -> Dict[str, Any]:
     """See :meth:`negotiator_common.client.AgentClient.pull`."""
     if recursive:
         try:
-            return _pull(endpoint, can_cancel, source, target, True, progress)
+            return _pull(endpoint, can_cancel, source, target, True, progress, max_size)
         except FileError as exc:
             if exc.reason != 'ENOTDIR':
                 raise
-    return _pull(endpoint, can_cancel, source, target, False, progress)
+    return _pull(endpoint, can_cancel, source, target, False, progress, max_size)
 
 
 def _pull(endpoint: Endpoint, can_cancel: bool, source: str, target: LocalFile, tree: bool,
-          progress: Optional[Progress]) -> Dict[str, Any]:
+          progress: Optional[Progress], max_size: Optional[int]) -> Dict[str, Any]:
     local = _LocalTarget(target, source, tree)
     tally = _Tally(progress, None)
     cancelled = Cancellation()
@@ -291,7 +298,8 @@ def _pull(endpoint: Endpoint, can_cancel: bool, source: str, target: LocalFile, 
     def sink_failed(error: BaseException) -> None:
         cancelled.set()  # the agent stops sending; the call raises the sink's error
 
-    sinks = {'stdout': cast(BinaryIO, _Hashing(local.file, tally)), 'stderr': None}
+    hashing = _Hashing(local.file, tally, source, max_size)
+    sinks = {'stdout': cast(BinaryIO, hashing), 'stderr': None}
     receiver = OutputReceiver(endpoint.notify, sinks, 0, OUTPUT_WINDOW, sink_failed)
     ok = False
     reply: Any = None
@@ -308,8 +316,8 @@ def _pull(endpoint: Endpoint, can_cancel: bool, source: str, target: LocalFile, 
                                    {'path': source})
         ok = True
     except NegotiatorError:
-        if receiver.sink_error is not None:  # this side cancelled the call: why (a refused archive, say)
-            raise (local.extraction_failure() or receiver.sink_error) from None
+        if receiver.sink_error is not None:  # this side cancelled the call: why (the bound, a refused archive)
+            raise (hashing.exceeded or local.extraction_failure() or receiver.sink_error) from None
         raise
     finally:
         local.finish(ok, _mode(reply) if ok else None)

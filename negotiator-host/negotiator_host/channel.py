@@ -429,14 +429,14 @@ class GuestChannel(object):
         return client.push(source, target, recursive=recursive, mode=mode, owner=owner, progress=progress)
 
     def pull(self, source: str, target: 'LocalFile', recursive: bool = False,
-             progress: Optional['Progress'] = None) -> Dict[str, Any]:
+             progress: Optional['Progress'] = None, max_size: Optional[int] = None) -> Dict[str, Any]:
         """
         Copy ``source`` in the guest to ``target`` (a local path, written atomically, or a binary
-        file object), checked by CRC-32; a directory with ``recursive``. See
-        :meth:`negotiator_common.client.AgentClient.pull`.
+        file object), checked by CRC-32; a directory with ``recursive``; at most ``max_size``
+        bytes. See :meth:`negotiator_common.client.AgentClient.pull`.
         """
         client = self._connected_client(self.timeout)
-        return client.pull(source, target, recursive=recursive, progress=progress)
+        return client.pull(source, target, recursive=recursive, progress=progress, max_size=max_size)
 
 
     def exec(self, argv: Sequence[str], input: Optional[InputSource] = None, timeout: Optional[float] = None,

@@ -88,6 +88,12 @@ Supported options:
     With --copy: copy directories, with their tree, modes and symlinks (links are
     copied as links, never followed; a directory must not exist at the target yet).
 
+  --max-size=BYTES
+
+    With --copy from a guest: stop a source once more than BYTES of it have come (a
+    directory counts as its tar stream) and keep nothing of it (exit status 74), so
+    that a guest cannot fill the host's disk (binary units: 1G is 1 GiB).
+
   -p, --ping
 
     Check each GUEST's agent and print the round-trip time.
@@ -202,8 +208,8 @@ the host daemon; 130 interrupted
 (Ctrl-C; the calls are cancelled in the guests); 141 standard output closed by its reader
 (| head). With --copy: 65 the bytes that arrived are not those sent (CRC-32); 66 no such
 file or directory; 73 the target cannot be made (it exists as a directory that holds
-something, or a member of an archive would leave its tree); 74 disk full or I/O error;
-77 file access off in the guest, a path outside its allowed prefixes, or permission
+something, or a member of an archive would leave its tree); 74 disk full or I/O error, or
+more than --max-size came; 77 file access off in the guest, a path outside its allowed prefixes, or permission
 denied. With several guests: the status of the first guest (in the order given; --all:
 by name) that failed.
 """
@@ -213,8 +219,8 @@ import sys
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 from negotiator_common.cli_support import (
-    FullWriter, UsageError, apply_shared_option, format_commands, error_object, exit_now, json_failure, printable,
-    read_stdin, setup_logging, signal_note, silence_broken_pipe, split_command, stdin_source, write_stdout,
+    FullWriter, UsageError, apply_shared_option, format_commands, error_object, exit_now, json_failure, parse_size,
+    printable, read_stdin, setup_logging, signal_note, silence_broken_pipe, split_command, stdin_source, write_stdout,
 )
 from negotiator_common.exit_status import (
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, exit_status_of_result,
@@ -244,7 +250,8 @@ _SHORT_OPTIONS = 'gce:xpit:ajdvqhr'
 _LONG_OPTIONS = ['list-guests', 'list-commands', 'execute=', 'exec', 'cwd=', 'bridge', 'hypervisor=', 'ssh=', 'ping',
                  'stdin', 'timeout=', 'all', 'json', 'max-output=',
                  'connect=', 'direct', 'socket=', 'daemon', 'commands-dir=', 'policy=', 'max-commands=', 'max-queued=',
-                 'max-timeout=', 'allow-group=', 'audit-log=', 'verbose', 'quiet', 'help', 'copy', 'recursive']
+                 'max-timeout=', 'allow-group=', 'audit-log=', 'verbose', 'quiet', 'help', 'copy', 'recursive',
+                 'max-size=']
 
 _ACTIONS = {'-g': 'list-guests', '--list-guests': 'list-guests', '-c': 'list-commands',
             '--list-commands': 'list-commands', '-e': 'execute', '--execute': 'execute', '-p': 'ping', '--ping': 'ping',
@@ -303,6 +310,7 @@ class Options(object):
         self.hypervisor: Optional[str] = None
         self.ssh: Optional[List[str]] = None  # None: plain ssh
         self.recursive = False
+        self.max_size: Optional[int] = None  # --copy from a guest: no bound
 
 
 def parse_options(arguments: Sequence[str]) -> Options:
@@ -343,6 +351,8 @@ def _apply_option(options: Options, option: str, value: str) -> None:
             options.command = split_command(value)
     elif option in ('-r', '--recursive'):
         options.recursive = True
+    elif option == '--max-size':
+        options.max_size = parse_size(value, option)
     elif option in ('-a', '--all'):
         options.all = True
     elif option == '--connect':
@@ -375,6 +385,8 @@ def _check_options(options: Options) -> None:
         _check_utf8(name, {'daemon': 'GUEST-PATTERN', 'copy': 'SOURCE or TARGET'}.get(options.action or '', 'GUEST'))
     if options.recursive and options.action != 'copy':
         raise UsageError('--recursive is an option of --copy')
+    if options.max_size is not None and options.action != 'copy':
+        raise UsageError('--max-size is an option of --copy')
     if options.action == 'copy' and (options.all or options.json or options.stdin):
         raise UsageError('--copy takes no --all, --json or --stdin (- is standard input as a SOURCE)')
     if options.action is None:
@@ -554,7 +566,7 @@ def _copy(options: Options) -> int:
     from negotiator_host.channel import GuestChannel
     from negotiator_host.copying import plan_copy, run_copy
 
-    plan = plan_copy(options.guests, options.recursive)
+    plan = plan_copy(options.guests, options.recursive, options.max_size)
     status = 0
     with GuestChannel(plan.guest, uri=options.uri, timeout=options.timeout, direct=options.direct,
                       socket=options.socket) as channel:

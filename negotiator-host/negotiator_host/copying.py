@@ -40,15 +40,17 @@ def split_guest_path(operand: str) -> Tuple[Optional[str], str]:
 class CopyPlan(object):
     """What a ``--copy`` command line asks: the guest, the direction, the sources and the target."""
 
-    def __init__(self, guest: str, pushing: bool, sources: List[str], target: str, recursive: bool) -> None:
+    def __init__(self, guest: str, pushing: bool, sources: List[str], target: str, recursive: bool,
+                 max_size: Optional[int] = None) -> None:
         self.guest = guest
         self.pushing = pushing
         self.sources = sources
         self.target = target
         self.recursive = recursive
+        self.max_size = max_size
 
 
-def plan_copy(operands: List[str], recursive: bool = False) -> CopyPlan:
+def plan_copy(operands: List[str], recursive: bool = False, max_size: Optional[int] = None) -> CopyPlan:
     """Read SOURCE... TARGET; :class:`UsageError` for a copy that is not between the host and one guest."""
     if len(operands) < 2:
         raise UsageError('--copy takes SOURCE... TARGET (a guest\'s path written GUEST:PATH)')
@@ -63,6 +65,8 @@ def plan_copy(operands: List[str], recursive: bool = False) -> CopyPlan:
     if any((source_guest is not None) == pushing for source_guest, _ in sources):
         raise UsageError('--copy goes one way: every SOURCE local and the TARGET in the guest, or every SOURCE in'
                          ' the guest and the TARGET local')
+    if pushing and max_size is not None:
+        raise UsageError('--max-size bounds a copy from a guest (what a guest may send), not to one')
     paths = [path for _, path in sources]
     remote = [target] if pushing else paths
     if any(not path.startswith('/') for path in remote):
@@ -76,7 +80,7 @@ def plan_copy(operands: List[str], recursive: bool = False) -> CopyPlan:
             target += '/'
         if not pushing and not os.path.isdir(target):
             raise UsageError('several sources go to a directory: %s is none' % printable(target))
-    return CopyPlan(guest, pushing, paths, target, recursive)
+    return CopyPlan(guest, pushing, paths, target, recursive, max_size)
 
 
 class ProgressBar(object):
@@ -148,4 +152,4 @@ def _copy_one(plan: CopyPlan, channel: Any, source: str, bar: ProgressBar) -> No
         channel.push(local, plan.target, recursive=plan.recursive, progress=bar)
     else:
         local = sys.stdout.buffer if plan.target == STDIO else plan.target
-        channel.pull(source, local, recursive=plan.recursive, progress=bar)
+        channel.pull(source, local, recursive=plan.recursive, progress=bar, max_size=plan.max_size)
