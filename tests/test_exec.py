@@ -122,8 +122,9 @@ def test_the_agents_own_environment_does_not_leak(allowed, monkeypatch):
 def test_a_missing_program_or_directory_is_refused(allowed, tmp_path):
     with pytest.raises(CommandNotFound):
         allowed.client.exec(['/nonexistent/program'])
-    with pytest.raises(CommandNotFound):
-        allowed.client.exec(['pwd'], cwd=str(tmp_path / 'missing'))
+    with pytest.raises(CommandNotFound, match='cannot start pwd: its directory %s does not exist' % (
+            tmp_path / 'missing')):
+        allowed.client.exec(['pwd'], cwd=str(tmp_path / 'missing'))  # the directory named, not the program
 
 
 def test_a_timeout_kills_the_program(allowed):

@@ -22,6 +22,7 @@ call's path import this one only when they start a program.
 """
 
 import errno
+import os
 from typing import TYPE_CHECKING, Any, Dict, Optional, Sequence
 
 from executor import ExternalCommand
@@ -85,6 +86,7 @@ class ExternalProgram(object):
         if logger_name is not None:
             options['logger'] = get_logger(logger_name)
         self.argv = list(argv)
+        self.directory = directory
         self._command = _ArgvCommand(self.argv, overrides, shell=False, asynchronous=True, capture=True,
                                      capture_stderr=True, buffered=False, check=False, silent=True, **options)
         self._process: 'Optional[subprocess.Popen]' = None
@@ -94,13 +96,15 @@ class ExternalProgram(object):
         Start the program; return its :class:`subprocess.Popen`, whose ``stdout`` and ``stderr``
         (and ``stdin``, if asked for) are pipes.
 
-        :raises FileNotFoundError: the program, or the interpreter its ``#!`` line names, does
-                                   not exist.
+        :raises FileNotFoundError: the program, the interpreter its ``#!`` line names, or the
+                                   directory it was to run in does not exist.
         :raises OSError: it could not be started for another reason (permissions...).
         """
         self._command.start()
         process = self._command.subprocess
         if process is None:  # executor turns ENOENT from Popen into its "command not found" status 127
+            if self.directory is not None and not os.path.isdir(self.directory):  # Popen's ENOENT was the chdir's
+                raise FileNotFoundError(errno.ENOENT, 'its directory %s does not exist' % self.directory, self.directory)
             raise FileNotFoundError(errno.ENOENT, 'it or its interpreter does not exist', self.argv[0])
         self._process = process
         return process
