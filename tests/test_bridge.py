@@ -207,3 +207,14 @@ def test_names_cannot_become_options_and_are_quoted_for_the_remote_shell():
     argv = SshBridge('root@hv', "we b'1", ssh=['ssh', '-p', '2222']).argv
     assert argv == ['ssh', '-p', '2222', '-T', '-o', 'BatchMode=yes', '--', 'root@hv',
                     "negotiator-host --bridge -- 'we b'\"'\"'1'"]
+
+
+@pytest.mark.parametrize('args, closed', [
+    (['--bridge', 'alpha'], 0), (['--bridge', 'beta'], 0), (['--ping', 'beta'], 1), (['--ping', 'alpha'], 1)])
+def test_a_closed_standard_stream_reads_as_empty_and_writes_nowhere(world, args, closed):
+    # Python leaves sys.stdin (or stdout) None then, and the channel's socket would take the free
+    # descriptor: a traceback before, and output meant for the terminal sent into the channel.
+    process = subprocess.run([sys.executable, '-m', 'negotiator_host'] + args, stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, preexec_fn=lambda: os.close(closed), timeout=60)
+    assert (process.returncode, process.stderr) == (0, b''), process.stderr.decode()[-2000:]
+    assert world.cli('--ping', 'alpha')[0] == 0  # the daemon's link and the agents serve on

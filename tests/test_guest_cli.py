@@ -97,6 +97,15 @@ def test_python_dash_m_runs_the_program(tmp_path):
     assert process.returncode == 69 and json.loads(process.stdout.decode())['exit_status'] == 69
 
 
+@pytest.mark.parametrize('closed', [0, 1, 2])
+def test_a_closed_standard_stream_is_no_traceback(tmp_path, closed):
+    # Each descriptor closed in turn: the program runs as with /dev/null there (its status stays 69).
+    process = subprocess.run([sys.executable, '-m', 'negotiator_guest', '-j', '-l', '-c', str(tmp_path / 'vport9p9')],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=lambda: os.close(closed),
+                             timeout=60)
+    assert process.returncode == 69 and b'Traceback' not in process.stderr, process.stderr
+
+
 def test_json_failure_shape(tmp_path, capsys):
     missing = str(tmp_path / 'vport9p9')
     assert cli.run(['--json', '-l', '-c', missing]) == 69

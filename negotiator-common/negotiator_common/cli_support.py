@@ -14,7 +14,7 @@ anyway), imported only when a program needs them.
 import os
 import stat
 import sys
-from typing import TYPE_CHECKING, Any, BinaryIO, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Set
 
 if TYPE_CHECKING:
     from negotiator_common.client import CommandDescription
@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 __all__ = ('UsageError', 'MAX_TIMEOUT_OPTION', 'apply_shared_option', 'parse_timeout', 'parse_size', 'printable',
            'stdin_source',
            'read_stdin', 'setup_logging', 'split_command', 'silence_broken_pipe', 'exit_now', 'FullWriter',
-           'write_stdout', 'error_object', 'json_failure', 'format_commands')
+           'write_stdout', 'error_object', 'json_failure', 'format_commands', 'run_program',
+           'open_closed_standard_streams')
 
 _LOG_FORMAT = '%(asctime)s %(name)s[%(process)d] %(levelname)s %(message)s'
 
@@ -74,7 +75,7 @@ def parse_size(value: str, option: str = '--max-output') -> int:
 
 def read_stdin() -> bytes:
     """All of standard input, for ``--stdin``; a closed or unreadable standard input is a usage error."""
-    if sys.stdin is None:  # Python starts with sys.stdin None when descriptor 0 is closed
+    if sys.stdin is None or 0 in CLOSED_AT_START:  # Python starts with sys.stdin None when descriptor 0 is closed
         raise UsageError('--stdin was given but standard input is closed')
     try:
         return sys.stdin.buffer.read()
@@ -87,7 +88,7 @@ def stdin_source() -> BinaryIO:
     Standard input as a binary file, for ``--stdin`` to stream it (read as the agent takes it);
     a closed standard input, or one that is a directory, is a usage error at once.
     """
-    if sys.stdin is None:  # Python starts with sys.stdin None when descriptor 0 is closed
+    if sys.stdin is None or 0 in CLOSED_AT_START:  # Python starts with sys.stdin None when descriptor 0 is closed
         raise UsageError('--stdin was given but standard input is closed')
     try:
         if stat.S_ISDIR(os.fstat(sys.stdin.fileno()).st_mode):
@@ -175,6 +176,48 @@ def silence_broken_pipe() -> None:
     for fd in (1, 2):
         os.dup2(devnull, fd)
     os.close(devnull)
+
+
+def run_program(run: Callable[[Sequence[str]], int], arguments: Optional[Sequence[str]] = None) -> None:
+    """
+    A CLI's ``main``: ``run(arguments)`` (default: the command line's) and exit with its status;
+    after Ctrl-C at once (:func:`exit_now`). Closed standard streams are opened first
+    (:func:`open_closed_standard_streams`).
+    """
+    from negotiator_common.exit_status import EXIT_INTERRUPTED
+
+    open_closed_standard_streams()
+    status = run(sys.argv[1:] if arguments is None else arguments)
+    if status == EXIT_INTERRUPTED:
+        exit_now(status)
+    sys.exit(status)
+
+
+CLOSED_AT_START: Set[int] = set()
+"""The standard descriptors that the program found closed (--stdin refuses a closed standard input)."""
+
+
+def open_closed_standard_streams() -> None:
+    """
+    Open ``/dev/null`` on each standard descriptor (0, 1, 2) that the caller left closed, and
+    give :mod:`sys` a stream on it: a closed standard input reads as empty (but ``--stdin``
+    refuses it, :func:`stdin_source`), and output to a closed standard output or error goes
+    nowhere, as with ``/dev/null``.
+
+    Why: Python leaves ``sys.stdin`` None when descriptor 0 is closed (``--bridge <&-`` failed
+    with a traceback), and the next file opened would take the free number, so that a channel's
+    socket could become "standard output" and receive what was meant for the terminal.
+    """
+    for fd, name, mode in ((0, 'stdin', 'r'), (1, 'stdout', 'w'), (2, 'stderr', 'w')):
+        try:
+            os.fstat(fd)
+            continue
+        except OSError:
+            CLOSED_AT_START.add(fd)
+        # The kernel gives the lowest free number: this one, as those below are open by now.
+        opened = os.open(os.devnull, os.O_RDONLY if fd == 0 else os.O_WRONLY)
+        assert opened == fd, (opened, fd)
+        setattr(sys, name, open(fd, mode, closefd=False))
 
 
 def exit_now(status: int) -> None:

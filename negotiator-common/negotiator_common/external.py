@@ -104,7 +104,8 @@ class ExternalProgram(object):
         process = self._command.subprocess
         if process is None:  # executor turns ENOENT from Popen into its "command not found" status 127
             if self.directory is not None and not os.path.isdir(self.directory):  # Popen's ENOENT was the chdir's
-                raise FileNotFoundError(errno.ENOENT, 'its directory %s does not exist' % self.directory, self.directory)
+                raise FileNotFoundError(errno.ENOENT, 'its directory %s does not exist' % self.directory,
+                                        self.directory)
             raise FileNotFoundError(errno.ENOENT, 'it or its interpreter does not exist', self.argv[0])
         self._process = process
         return process

@@ -96,8 +96,8 @@ import sys
 from typing import BinaryIO, Dict, List, Optional, Sequence, Tuple, cast
 
 from negotiator_common.cli_support import (
-    FullWriter, UsageError, apply_shared_option, format_commands, exit_now, json_failure, printable, stdin_source,
-    setup_logging, signal_note, silence_broken_pipe, split_command, write_stdout,
+    FullWriter, UsageError, apply_shared_option, format_commands, json_failure, printable, run_program,
+    stdin_source, setup_logging, signal_note, silence_broken_pipe, split_command, write_stdout,
 )
 from negotiator_common.exit_status import (
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_USAGE, exit_status_for, exit_status_of_result,
@@ -249,11 +249,8 @@ def _run_client(options: Options) -> int:
 
 
 def main(arguments: Optional[Sequence[str]] = None) -> None:
-    """The ``negotiator-guest`` program: run and exit with its status."""
-    status = run(sys.argv[1:] if arguments is None else arguments)
-    if status == EXIT_INTERRUPTED:
-        exit_now(status)  # nothing may hold the exit: ending the process cancels the call on the host
-    sys.exit(status)
+    """The ``negotiator-guest`` program (:func:`~negotiator_common.cli_support.run_program`)."""
+    run_program(run, arguments)
 
 
 def run(arguments: Sequence[str]) -> int:

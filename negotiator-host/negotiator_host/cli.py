@@ -219,8 +219,9 @@ import sys
 from typing import TYPE_CHECKING, Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple, cast
 
 from negotiator_common.cli_support import (
-    FullWriter, UsageError, apply_shared_option, format_commands, error_object, exit_now, json_failure, parse_size,
-    printable, read_stdin, setup_logging, signal_note, silence_broken_pipe, split_command, stdin_source, write_stdout,
+    FullWriter, UsageError, apply_shared_option, format_commands, error_object, json_failure, parse_size, printable,
+    read_stdin, run_program, setup_logging, signal_note, silence_broken_pipe, split_command, stdin_source,
+    write_stdout,
 )
 from negotiator_common.exit_status import (
     EXIT_BROKEN_PIPE, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, exit_status_of_result,
@@ -477,11 +478,8 @@ def _parse_daemon_limit(option: str, value: str) -> Any:
 
 
 def main(arguments: Optional[Sequence[str]] = None) -> None:
-    """The ``negotiator-host`` program: run and exit with its status."""
-    status = run(sys.argv[1:] if arguments is None else arguments)
-    if status == EXIT_INTERRUPTED:
-        exit_now(status)  # worker threads may still be connecting: do not wait for them
-    sys.exit(status)
+    """The ``negotiator-host`` program (:func:`~negotiator_common.cli_support.run_program`)."""
+    run_program(run, arguments)
 
 
 def run(arguments: Sequence[str]) -> int:
