@@ -75,12 +75,17 @@ def parse_size(value: str, option: str = '--max-output') -> int:
 
 def read_stdin() -> bytes:
     """All of standard input, for ``--stdin``; a closed or unreadable standard input is a usage error."""
-    if sys.stdin is None or 0 in CLOSED_AT_START:  # Python starts with sys.stdin None when descriptor 0 is closed
-        raise UsageError('--stdin was given but standard input is closed')
+    _check_stdin_open()
     try:
         return sys.stdin.buffer.read()
     except (OSError, ValueError) as exc:
         raise UsageError('--stdin was given but standard input cannot be read: %s' % exc) from None
+
+
+def _check_stdin_open() -> None:
+    """--stdin refuses a standard input that the program found closed (Python then starts with sys.stdin None)."""
+    if sys.stdin is None or 0 in CLOSED_AT_START:
+        raise UsageError('--stdin was given but standard input is closed')
 
 
 def stdin_source() -> BinaryIO:
@@ -88,8 +93,7 @@ def stdin_source() -> BinaryIO:
     Standard input as a binary file, for ``--stdin`` to stream it (read as the agent takes it);
     a closed standard input, or one that is a directory, is a usage error at once.
     """
-    if sys.stdin is None or 0 in CLOSED_AT_START:  # Python starts with sys.stdin None when descriptor 0 is closed
-        raise UsageError('--stdin was given but standard input is closed')
+    _check_stdin_open()
     try:
         if stat.S_ISDIR(os.fstat(sys.stdin.fileno()).st_mode):
             raise UsageError('--stdin was given but standard input is a directory')

@@ -209,9 +209,9 @@ the host daemon; 130 interrupted
 (| head). With --copy: 65 the bytes that arrived are not those sent (CRC-32); 66 no such
 file or directory; 73 the target cannot be made (it exists as a directory that holds
 something, or a member of an archive would leave its tree); 74 disk full or I/O error, or
-more than --max-size came; 77 file access off in the guest, a path outside its allowed prefixes, or permission
-denied. With several guests: the status of the first guest (in the order given; --all:
-by name) that failed.
+more than --max-size came; 77 file access off in the guest, a path outside its allowed
+prefixes, or permission denied. With several guests: the status of the first guest (in
+the order given; --all: by name) that failed.
 """
 
 import getopt
