@@ -91,13 +91,12 @@ def test_reader_that_does_not_read_is_dropped_and_its_command_killed(served, tmp
     client_sock.sendall(encode_message(Request(1, 'execute', {'command': 'flood', 'args': [pidfile],
                                                                'stream': True, 'timeout': 600})))
     pid = read_pid(pidfile)
-    started = time.monotonic()
-    assert server.wait_closed(10), 'the server kept waiting for a reader that does not read'
-    took = time.monotonic() - started
+    # Dropped at the 1 s reply-write timeout set above: 30 s rules out the default 60 s one, and
+    # the command's 600 s timeout (the output waiting in the server's memory, not in the pipe
+    # and the socket buffers).
+    assert server.wait_closed(30), 'the server kept waiting for a reader that does not read'
     assert 'stopped reading' in server.close_reason
     assert wait_dead(pid, timeout=5), 'the command outlived the dropped connection'
-    # Bounded: the output waited in the pipe and the socket buffers, not in the server's memory.
-    assert took < 8
 
 
 def test_peer_that_never_reads_times_out_a_request():
@@ -109,7 +108,8 @@ def test_peer_that_never_reads_times_out_a_request():
         started = time.monotonic()
         with pytest.raises(CallTimeout):
             client.call('echo', {'pad': 'x' * (8 * 1024 * 1024)}, timeout=1.0)
-        assert time.monotonic() - started < 3
+        # At the call's 1 s timeout: not a write that waits on for the peer (the replies' 60 s).
+        assert time.monotonic() - started < 30
     finally:
         client.close()
         silent.close()
@@ -175,6 +175,11 @@ def host_commands():
         import sys, time
         time.sleep(float(sys.argv[1]))
     '''
+    # Runs until the file named by its argument exists (the test releases it).
+    extra['gated'] = '''
+        import os, sys
+        sys.exit(0 if wait_until(lambda: os.path.exists(sys.argv[1]), timeout=60, interval=0.01) else 'not released')
+    '''
     return make_commands_dir(short_tempdir(), extra)
 
 
@@ -188,32 +193,41 @@ def serve_fake_guests(daemon, names):
 
 def close_all(daemon, guests):
     daemon.stop()
-    for connection in list(daemon.connections.values()):
+    connections = list(daemon.connections.values())
+    for connection in connections:
         connection.endpoint.close()
+    # Until their handlers have returned (their commands killed): a handler left starting a
+    # command in the next test would fork with that test's descriptors open.
+    for connection in connections:
+        connection.endpoint.wait_replies(30)
     for guest in guests.values():
         guest.close()
 
 
-def test_host_daemon_bounds_concurrent_requests_per_guest(host_commands):
+def test_host_daemon_bounds_concurrent_requests_per_guest(host_commands, tmp_path):
     daemon = HostDaemon(commands_dirs=[host_commands], watch=False, paths=LibvirtPaths(None, None))
     guests, clients = serve_fake_guests(daemon, ['greedy', 'other'])
+    release = str(tmp_path / 'release')
     try:
         greedy, other = clients['greedy'], clients['other']
         outcomes = []
 
         def call():
             try:
-                outcomes.append(greedy.execute('nap', '1.5', timeout=20).exit_status)
+                outcomes.append(greedy.execute('gated', release, timeout=20).exit_status)
             except LimitExceeded as exc:
                 outcomes.append(exc)
         threads = [threading.Thread(target=call) for _ in range(DEFAULT_GUEST_CONCURRENCY + 3)]
         for thread in threads:
             thread.start()
-        # Every slot is taken once the requests beyond the bound are refused (each command naps 1.5 s).
+        # Every slot is taken once the requests beyond the bound are refused (each command runs until released).
         assert wait_until(lambda: sum(isinstance(o, LimitExceeded) for o in outcomes) == 3), outcomes
         # Meanwhile: the greedy guest's ping, and the other guest's commands (its own slots).
-        assert greedy.ping(timeout=5) < 1
+        rtt = greedy.ping(timeout=5)
+        assert isinstance(rtt, float) and rtt > 0
         assert other.execute('echo-args', 'still', 'served', timeout=10).stdout == b'still served\n'
+        assert outcomes.count(0) == 0, 'a command ended before the ping: this test proved nothing'
+        open(release, 'w').close()
         for thread in threads:
             thread.join(20)
         assert outcomes.count(0) == DEFAULT_GUEST_CONCURRENCY
@@ -221,14 +235,16 @@ def test_host_daemon_bounds_concurrent_requests_per_guest(host_commands):
         # Slots are given back: the next request runs.
         assert greedy.execute('echo-args', 'again', timeout=10).stdout == b'again\n'
     finally:
+        open(release, 'w').close()
         close_all(daemon, guests)
 
 
 def test_a_flooding_guest_cannot_starve_another(host_commands):
     """
     One guest sends requests as fast as the socket takes them (pings, listings and commands,
-    far beyond its concurrency bound); another guest's calls still complete. The latencies
-    are printed (``pytest -s``) for docs/faults.rst; only a generous bound is asserted.
+    far beyond its concurrency bound); another guest's calls still complete (a starved one
+    would fail at its 30 s timeout). The latencies are printed (``pytest -s``) for
+    docs/faults.rst, not asserted.
     """
     daemon = HostDaemon(commands_dirs=[host_commands], watch=False, paths=LibvirtPaths(None, None))
     guests, clients = serve_fake_guests(daemon, ['victim'])
@@ -288,7 +304,6 @@ def test_a_flooding_guest_cannot_starve_another(host_commands):
         stop.set()
         for thread in flood_threads:
             thread.join(10)
-        assert max(flooded) < 20, 'a call of the victim took %.1f s' % max(flooded)
         assert counts['refused'] > 0, 'the flood never hit the per-guest bound: %r' % counts
         print('\nquiet execute: median %.1f ms, max %.1f ms' % (1000 * sorted(quiet)[5], 1000 * max(quiet)))
         print('flooded execute: median %.1f ms, max %.1f ms' % (1000 * sorted(flooded)[10], 1000 * max(flooded)))

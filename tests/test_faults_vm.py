@@ -143,7 +143,8 @@ def test_guest_shut_down_during_a_call_fails_clearly(late):
         took = time.monotonic() - started
     assert not caller.is_alive(), 'the call hung after the guest was destroyed'
     assert isinstance(outcome[0], ConnectionClosed), outcome
-    assert took < 10, 'the call took %.1f s to notice' % took
+    # Noticed when the socket closed, not at the call's 90 s timeout.
+    assert took < 40, 'the call took %.1f s to notice' % took
     print('call failed %.2f s after virsh destroy: %s' % (took, outcome[0]))
     # And the next call says at once that there is nothing to talk to.
     with pytest.raises(NegotiatorError):
@@ -212,7 +213,7 @@ def test_guest_daemon_sigterm_during_a_long_command(agent):
     print('the long call ended %.2f s after SIGTERM: %r' % (took, result))
     # The daemon answers for the command it killed before it goes (no wait for the caller's timeout).
     assert not isinstance(result, Exception) and result.signal == signal.SIGTERM, result
-    assert took < 10
+    assert took < 40, 'the caller waited %.1f s: for its 90 s timeout?' % took
     # supervisord starts a new daemon; from a second call: nothing of the command is left.
     wait_for_agent(agent, timeout=60)
     assert run(agent, 'daemon-pid').stdout.split()[0] != old_daemon

@@ -70,7 +70,7 @@ def host(tmp_path):
     write_command(commands, 'binary', r"printf '\377\000out'; printf '\376err' >&2; exit 3")
     write_command(commands, 'upper', "tr a-z A-Z")
     write_command(commands, 'suicide', 'kill -9 $$')
-    write_command(commands, 'slow', 'sleep 5')
+    write_command(commands, 'slow', 'sleep 60')
     daemon = FakeHostDaemon(str(commands))
     yield daemon
     daemon.close()
@@ -78,7 +78,8 @@ def host(tmp_path):
 
 def test_ping_and_list_commands_per_call(host):
     client = HostClient(host.path, timeout=5)
-    assert client.ping() < 1.0
+    rtt = client.ping()
+    assert isinstance(rtt, float) and rtt > 0
     assert not host_connected(host.master)  # the port was released after the call
     names = [c.name for c in client.list_commands()]
     assert names == ['binary', 'greet', 'slow', 'suicide', 'upper']
@@ -109,8 +110,8 @@ def test_no_host_daemon_connected_fails_fast(host, monkeypatch):
     monkeypatch.setattr(client_module, 'host_connected', lambda fd: False)
     started = time.monotonic()
     with pytest.raises(ConnectionClosed) as info:
-        HostClient(host.path, timeout=5, connect_timeout=0.3).ping()
-    assert time.monotonic() - started < 1.0  # not the 5 s call timeout
+        HostClient(host.path, timeout=60, connect_timeout=0.3).ping()
+    assert time.monotonic() - started < 30  # the 0.3 s connect timeout, not the 60 s call timeout
     assert 'negotiator-host --daemon' in str(info.value)
     assert not host_connected(host.master)  # and the port was released
 
@@ -125,7 +126,8 @@ def test_busy_port_is_retried_then_succeeds(host, monkeypatch):
             raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
         return real_open(path, flags, mode)
     monkeypatch.setattr(port.os, 'open', busy_twice)
-    assert HostClient(host.path, timeout=5).ping() < 1.0
+    rtt = HostClient(host.path, timeout=5).ping()
+    assert isinstance(rtt, float) and rtt > 0
     assert len(attempts) == 3
 
 
@@ -137,9 +139,9 @@ def test_busy_port_gives_up_with_channel_busy(monkeypatch):
     monkeypatch.setattr(port.os, 'open', always_busy)
     started = time.monotonic()
     with pytest.raises(ChannelBusy):
-        HostClient('/dev/vport1p2', timeout=5, busy_timeout=0.3).ping()
+        HostClient('/dev/vport1p2', timeout=60, busy_timeout=0.3).ping()
     elapsed = time.monotonic() - started
-    assert 0.3 <= elapsed < 1.0  # it retried for the busy timeout, not longer
+    assert 0.3 <= elapsed < 30  # it retried for the 0.3 s busy timeout, not for the 60 s call timeout
 
 
 def test_cli_busy_port_exit_status(monkeypatch, capsys):
@@ -197,7 +199,7 @@ def test_cli_refused_and_timeout_statuses(host):
     started = time.monotonic()
     process = run_cli('-c', host.path, '-t', '1.5', '-e', 'slow')
     assert process.returncode == 75, process.stderr
-    assert time.monotonic() - started < 4
+    assert time.monotonic() - started < 30  # the 1.5 s timeout, not the command's 60 s sleep
     assert len(process.stderr.decode().strip().splitlines()) == 1  # one line that says what to do
     data = json.loads(run_cli('-c', host.path, '-j', '-t', '1', '-e', 'slow').stdout.decode())
     assert data['error']['type'] in ('CommandTimedOut', 'CallTimeout') and data['exit_status'] == 75

@@ -131,12 +131,12 @@ def test_list_guests_table_and_json(world):
 def test_list_guests_does_not_wait_long_for_a_silent_agent(world):
     world.add_guest('silent', 10, listen=True)  # a socket that accepts but never answers
     started = time.monotonic()
-    status, out, err = run_cli(world, '--list-guests', '--json')
+    status, out, err = run_cli(world, '--list-guests', '--json', '--timeout', '60')
     elapsed = time.monotonic() - started
     rows = {r['name']: r for r in json.loads(out.decode())}
     assert status == 0 and rows['alpha']['reachable'] and not rows['silent']['reachable']
-    # Bounded by the listing's probe timeout (3 s), not by the call timeout (10 s).
-    assert elapsed < 8
+    # Bounded by the listing's probe timeout (3 s), not by the call timeout (60 s here).
+    assert elapsed < 30
 
 
 def test_list_commands_one_and_several(world):
