@@ -577,3 +577,41 @@ def test_names_as_long_as_linux_allows_still_travel(tmp_path):
     finally:
         os.close(fd)
     assert (source / 'tree' / deep).read_bytes() == b'content'
+
+
+def test_a_fifo_swapped_in_for_a_file_is_left_out_of_a_pulled_tree_not_waited_on(tmp_path, monkeypatch):
+    # The race of a tree that changes while it is pulled: ``wanted`` was a regular file when the
+    # walk looked (the stat is replayed here), and is a fifo with no writer when it is opened.
+    # A blocking open would hold the agent's thread until a writer came, which may be never.
+    import threading
+    from negotiator_common import files
+    tree = tmp_path / 'tree'
+    tree.mkdir()
+    (tree / 'kept').write_bytes(b'kept bytes')
+    (tree / 'wanted').write_bytes(b'was a file')
+    as_a_file = os.stat(str(tree / 'wanted'))
+    (tree / 'wanted').unlink()
+    os.mkfifo(str(tree / 'wanted'))
+    real_stat = os.stat
+
+    def stat_before_the_swap(path, *args, **kwargs):
+        return as_a_file if path == 'wanted' else real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(files.os, 'stat', stat_before_the_swap)
+    sink, skipped, errors = io.BytesIO(), [], []
+
+    def pull():
+        fd = open_directory(str(tree))
+        try:
+            files.write_tree(fd, sink, str(tree), skipped.append)
+        except Exception as exc:  # reported below
+            errors.append(exc)
+        finally:
+            os.close(fd)
+    walker = threading.Thread(target=pull, daemon=True)
+    walker.start()
+    walker.join(10)
+    assert not walker.is_alive(), 'the walk waited on the fifo for a writer'
+    assert errors == [] and skipped == ['wanted']
+    with tarfile.open(fileobj=io.BytesIO(sink.getvalue())) as tar:
+        assert sorted(tar.getnames()) == ['.', 'kept']
+        assert tar.extractfile('kept').read() == b'kept bytes'

@@ -397,8 +397,9 @@ def write_tree(dir_fd: int, sink: Any, path: str, skipped: Optional[Callable[[st
     """
     Write the directory ``dir_fd`` as a tar stream to ``sink``: directories, regular files and
     symlinks (as symlinks: never followed), walked with descriptors so that a symlink swapped
-    in meanwhile is never followed either. Anything else (a device, a fifo, a socket) is left
-    out and passed to ``skipped``. ``path`` names the tree in errors.
+    in meanwhile is never followed either. Anything else (a device, a fifo, a socket, even one
+    swapped in for a file between its stat and its open) is left out and passed to ``skipped``.
+    ``path`` names the tree in errors.
     """
     name = path
     try:
@@ -426,9 +427,16 @@ def _add_entry(tar: tarfile.TarFile, top_fd: int, entry: str, name: str,
         info.linkname = os.readlink(entry, dir_fd=top_fd)
         tar.addfile(info)
     elif stat.S_ISREG(status.st_mode):
-        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | getattr(os, 'O_CLOEXEC', 0), dir_fd=top_fd)
+        # Without waiting (O_NONBLOCK), and checked again once open: a fifo swapped in since the
+        # stat would otherwise block the open until a writer came, and hold the agent's thread
+        # for ever (a cancel cannot end an open).
+        fd = os.open(entry, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, 'O_CLOEXEC', 0), dir_fd=top_fd)
         with os.fdopen(fd, 'rb') as source:
             opened = os.fstat(source.fileno())
+            if not stat.S_ISREG(opened.st_mode):
+                if skipped is not None:
+                    skipped(name)
+                return
             info.size = opened.st_size
             info.mode = opened.st_mode & TREE_MODE_BITS
             tar.addfile(info, source)
