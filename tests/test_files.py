@@ -615,3 +615,51 @@ def test_a_fifo_swapped_in_for_a_file_is_left_out_of_a_pulled_tree_not_waited_on
     with tarfile.open(fileobj=io.BytesIO(sink.getvalue())) as tar:
         assert sorted(tar.getnames()) == ['.', 'kept']
         assert tar.extractfile('kept').read() == b'kept bytes'
+
+
+def _extract_whole(data, parent):
+    """Extract ``data`` into ``parent/tree`` and commit it."""
+    fd = open_directory(str(parent))
+    try:
+        tree = AtomicTree(fd, 'tree', str(parent / 'tree'))
+        extract_tree(io.BytesIO(data), tree)
+        tree.commit()
+    finally:
+        os.close(fd)
+
+
+def test_a_stream_of_many_members_costs_no_memory_for_each(tmp_path):
+    # tarfile keeps every member it reads: about 700 bytes each, for 512 bytes of a hostile
+    # peer's stream, unless the extraction drops them as it goes.
+    import tracemalloc
+    count = 10000
+    data = archive((member('.', tarfile.DIRTYPE, mode=0o755), None),
+                   *[(member('d%d' % number, tarfile.DIRTYPE, mode=0o755), None) for number in range(count)])
+    tracemalloc.start()
+    try:
+        _extract_whole(data, tmp_path)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert len(os.listdir(str(tmp_path / 'tree'))) == count
+    assert peak < 2 * 1024 * 1024, 'the extraction of %d members peaked at %d bytes' % (count, peak)
+
+
+def test_directories_that_shut_their_owner_out_get_their_mode_last_and_are_bounded(tmp_path, monkeypatch):
+    from negotiator_common import files
+    data = archive((member('.', tarfile.DIRTYPE, mode=0o755), None),
+                   (member('closed', tarfile.DIRTYPE, mode=0o555), None),
+                   (member('closed/inner', tarfile.DIRTYPE, mode=0o500), None),
+                   (member('closed/inner/file'), b'filled before it closed'),
+                   (member('open', tarfile.DIRTYPE, mode=0o751), None))
+    _extract_whole(data, tmp_path)
+    tree = tmp_path / 'tree'
+    assert (tree / 'closed' / 'inner' / 'file').read_bytes() == b'filled before it closed'
+    assert [stat.S_IMODE(os.stat(str(tree / name)).st_mode) for name in ('closed', 'closed/inner', 'open')] == [
+        0o555, 0o500, 0o751]
+    # Each such directory is remembered until the end: beyond the bound, the stream is refused.
+    monkeypatch.setattr(files, 'MAX_CLOSED_DIRECTORIES', 3)
+    error = _extract(archive((member('.', tarfile.DIRTYPE, mode=0o755), None),
+                             *[(member('c%d' % number, tarfile.DIRTYPE, mode=0o555), None) for number in range(4)],
+                             (member('open', tarfile.DIRTYPE, mode=0o755), None)), tmp_path)
+    assert error.reason == 'unsafe' and 'more than 3 directories' in str(error)

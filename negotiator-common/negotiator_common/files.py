@@ -19,7 +19,7 @@ import secrets
 import stat
 import tarfile
 import threading
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple, cast
 
 from negotiator_common.errors import FileError
 
@@ -39,6 +39,15 @@ MAX_TAR_HEADER = 64 * 1024
 The most bytes of one extended header (pax) or GNU long name that an extraction reads: tarfile
 reads such a header whole, whatever size the archive declares, so a hostile peer's archive could
 otherwise make this side hold gigabytes. A path or a link target is at most 4 KiB on Linux.
+"""
+
+MAX_CLOSED_DIRECTORIES = 100000
+"""
+The most directories of one extracted tree whose mode shuts their owner out (not all of read,
+write and search for the owner: the extraction opens a directory to fill it). Those get their
+mode only at the end, once they are filled, so each one is remembered until then. Every other
+directory gets its mode at once and costs no memory, so that a hostile peer's stream of
+millions of members cannot grow the extraction's memory.
 """
 
 MAX_TAR_NESTING = 4
@@ -250,12 +259,12 @@ def _link_stays_inside(parts: List[str], target: str) -> bool:
 
 
 class _TreeWriter(object):
-    """The state of one extraction: the root's descriptor, the modes of directories to set at the end."""
+    """The state of one extraction: the root's descriptor, the modes of the directories to set at the end."""
 
     def __init__(self, root_fd: int, owner: Optional[Tuple[int, int]]) -> None:
         self.root_fd = root_fd
         self.owner = owner
-        self.directories: List[Tuple[List[str], int]] = []
+        self.closed_directories: List[Tuple[str, int]] = []
         self.root_mode: Optional[int] = None
 
     def parent(self, parts: List[str]) -> int:
@@ -294,7 +303,12 @@ class _TreeWriter(object):
         name = parts[-1]
         if member.isdir():
             os.mkdir(name, 0o700, dir_fd=fd)
-            self.directories.append((parts, mode))
+            if mode & 0o700 == 0o700:  # its owner can still open and fill it (the tree's root is 0700 until the end)
+                os.chmod(name, mode, dir_fd=fd)
+            elif len(self.closed_directories) < MAX_CLOSED_DIRECTORIES:
+                self.closed_directories.append(('/'.join(parts), mode))
+            else:
+                raise unsafe(member.name, 'more than %d directories that shut their owner out' % MAX_CLOSED_DIRECTORIES)
         elif member.issym():
             os.symlink(member.linkname, name, dir_fd=fd)
         else:
@@ -315,8 +329,9 @@ class _TreeWriter(object):
             os.chown(name, self.owner[0], self.owner[1], dir_fd=fd, follow_symlinks=False)
 
     def finish(self) -> None:
-        """Give each directory its mode, deepest first (a read-only directory is filled before it becomes so)."""
-        for parts, mode in reversed(self.directories):
+        """Give the directories that shut their owner out their mode, deepest first (each is filled by now)."""
+        for path, mode in reversed(self.closed_directories):
+            parts = path.split('/')
             fd = self.parent(parts)
             try:
                 os.chmod(parts[-1], mode, dir_fd=fd)
@@ -373,9 +388,12 @@ def extract_tree(source: Any, tree: AtomicTree, owner: Optional[Tuple[int, int]]
     member_name = tree.path
     try:
         with tarfile.open(fileobj=source, mode='r|', bufsize=_TAR_BUFFER, tarinfo=_BoundedTarInfo) as tar:
-            for member in tar:
+            for member in iter(tar.next, None):
                 member_name = posixpath.join(tree.path, member.name)
                 writer.add(member, tar)
+                # tarfile keeps every member it read (for random access, which a stream never
+                # has): about 700 bytes of memory for each 512 bytes of a hostile stream.
+                del cast(Any, tar).members[:]
         writer.finish()
     except OSError as exc:
         raise file_error(member_name, exc) from None
