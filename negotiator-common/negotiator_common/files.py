@@ -429,6 +429,7 @@ def write_tree(dir_fd: int, sink: Any, path: str, skipped: Optional[Callable[[st
                 for entry in sorted(directories + files):
                     name = posixpath.normpath(posixpath.join(top, entry))
                     _add_entry(tar, top_fd, entry, name, skipped)
+                    del cast(Any, tar).members[:]  # tarfile keeps every header it wrote, never read again here
     except OSError as exc:
         raise file_error(posixpath.join(path, name), exc) from None
 
