@@ -529,6 +529,38 @@ def test_a_hostile_guest_cannot_plant_a_link_out_of_the_tree_on_the_host(guest, 
     assert guest.agent.ping(5) >= 0
 
 
+def test_a_refused_archive_is_the_error_even_when_the_guest_replied_before_the_refusal(guest, tmp_path, monkeypatch):
+    # The order that a loaded machine made once: the whole archive and the reply arrived before
+    # the extraction refused it; the closed pipe then failed a write (BrokenPipeError), and that
+    # echo was raised instead of the refusal. Here the extraction starts only after the reply.
+    import threading
+    from negotiator_common import fileservice, transfers
+
+    def hostile_tree(dir_fd, sink, path, skipped=None):
+        sink.write(archive((member('.', tarfile.DIRTYPE), None), (member('x', tarfile.SYMTYPE, '/etc'), None),
+                           (member('pad'), os.urandom(MIB))))  # within the window: no credit is waited for
+    monkeypatch.setattr(fileservice, 'write_tree', hostile_tree)
+    replied = threading.Event()
+    real_call, real_extract = guest.endpoint.call, transfers.extract_tree
+
+    def call_then_say_so(*args, **kwargs):
+        try:
+            return real_call(*args, **kwargs)
+        finally:
+            replied.set()
+
+    def extract_after_the_reply(source, tree, owner=None):
+        assert replied.wait(30)
+        return real_extract(source, tree, owner)
+    monkeypatch.setattr(guest.endpoint, 'call', call_then_say_so)
+    monkeypatch.setattr(transfers, 'extract_tree', extract_after_the_reply)
+    (tmp_path / 'guest' / 'd').mkdir()
+    with pytest.raises(FileError) as error:
+        guest.agent.pull(str(tmp_path / 'guest' / 'd'), str(tmp_path / 'host' / 'd'), recursive=True)
+    assert error.value.reason == 'unsafe' and 'points out of the tree' in str(error.value)
+    assert os.listdir(str(tmp_path / 'host')) == []
+
+
 def _extended(kind, size, declared=None):
     """A raw header of an extended ``kind`` declaring ``declared`` bytes (``size`` follow, padded)."""
     info = tarfile.TarInfo('././@LongLink' if kind != tarfile.XHDTYPE else './PaxHeaders/x')

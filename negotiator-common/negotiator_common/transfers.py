@@ -301,6 +301,13 @@ def _pull(endpoint: Endpoint, can_cancel: bool, source: str, target: LocalFile, 
     hashing = _Hashing(local.file, tally, source, max_size)
     sinks = {'stdout': cast(BinaryIO, hashing), 'stderr': None}
     receiver = OutputReceiver(endpoint.notify, sinks, 0, OUTPUT_WINDOW, sink_failed)
+
+    def why_the_sink_failed() -> BaseException:
+        # The cause, not its echo: a refused archive stops the extraction, whose closed pipe
+        # then fails the next write (BrokenPipeError), whether or not the reply came first.
+        assert receiver.sink_error is not None
+        return hashing.exceeded or local.extraction_failure() or receiver.sink_error
+
     ok = False
     reply: Any = None
     try:
@@ -310,14 +317,14 @@ def _pull(endpoint: Endpoint, can_cancel: bool, source: str, target: LocalFile, 
         finally:
             receiver.finish(wait=not cancelled.is_set())
         if receiver.sink_error is not None:
-            raise receiver.sink_error
+            raise why_the_sink_failed()
         if not isinstance(reply, dict) or reply.get(CHECKSUM_FIELD) != tally.digest.hexdigest():
             raise ChecksumMismatch('%s: the bytes that arrived are not those the guest sent (CRC-32)' % source,
                                    {'path': source})
         ok = True
     except NegotiatorError:
         if receiver.sink_error is not None:  # this side cancelled the call: why (the bound, a refused archive)
-            raise (hashing.exceeded or local.extraction_failure() or receiver.sink_error) from None
+            raise why_the_sink_failed() from None
         raise
     finally:
         local.finish(ok, _mode(reply) if ok else None)
