@@ -307,22 +307,32 @@ def holding(guest, daemon, tag):
     return int(result.stdout)
 
 
+AGENT_SPAWNED = "spawned: 'negotiator-guest'"
+"""What supervisord prints on the console when it starts the agent."""
+
+
 def wait_for_agent_after_reset(guest, daemon):
     """
-    Wait for the rebooted guest's agent through the daemon. Should the guest's kernel lock up
-    while it boots again (a fault of the emulated guest, not of negotiator: its console says
-    so), the guest is reset once more, as an operator would, and said so in the output; the
-    daemon must then link to the agent of that boot. A failure shows the daemon's log.
+    Wait for the rebooted guest's agent through the daemon. Should the boot after the reset
+    stall before supervisord starts the agent (a fault of the emulated guest, not of negotiator:
+    twice in CI its kernel locked up, soft lockups or an RCU stall on the console, or the boot
+    went silent after the init script's last line, both times with the commands of the first
+    boot running from the 9p root when the reset came), the guest is reset once more, as an
+    operator would, and said so in the output; the daemon must then link to the agent of that
+    boot. An agent that was started and does not answer fails at once, with the daemon's log.
     """
     since = len(guest.read_console())
     try:
         wait_for_agent(guest, timeout=120, daemon=daemon.process)
         return
     except pytest.fail.Exception:
-        console = guest.read_console()[since:]
-        if 'soft lockup' not in console and 'rcu_preempt detected stalls' not in console:
+        console = guest.read_console()
+        boot = console[console.rfind('negotiator-agent-guest: ready'):]
+        locked_up = 'soft lockup' in console[since:] or 'rcu_preempt detected stalls' in console[since:]
+        if AGENT_SPAWNED in boot and not locked_up:
             print('--- host daemon log ---\n%s' % read_log(daemon.process)[-4000:])
             raise
-    print('the rebooted guest locked up (console: soft lockup or RCU stall): reset once more')
+    print('the boot after the reset stalled before the agent started (%s): reset once more'
+          % ('soft lockup or RCU stall' if locked_up else 'no word from supervisord'))
     guest.reset()
     wait_for_agent(guest, timeout=120, daemon=daemon.process)
