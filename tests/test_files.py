@@ -11,6 +11,7 @@ import os
 import socket
 import stat
 import tarfile
+import threading
 import zlib
 
 import pytest
@@ -376,7 +377,6 @@ def test_a_full_disk_is_reported_with_its_reason_and_leaves_no_file(guest, tmp_p
 
 
 def test_a_push_cut_off_midway_leaves_no_partial_file(guest, tmp_path):
-    import threading
     from waiting import wait_until
     sent = threading.Event()
     release = threading.Event()
@@ -514,32 +514,32 @@ def test_an_agent_older_than_files_is_answered_cleanly_not_waited_for(tmp_path):
         older.close()
 
 
-def test_a_hostile_guest_cannot_plant_a_link_out_of_the_tree_on_the_host(guest, tmp_path, monkeypatch):
+def _pull_a_tree_with_a_link_out(guest, tmp_path, monkeypatch, pad_size):
+    """A recursive pull from an agent whose tree has a symlink to /etc: refused, nothing kept on the host."""
     from negotiator_common import fileservice
 
     def hostile_tree(dir_fd, sink, path, skipped=None):
         sink.write(archive((member('.', tarfile.DIRTYPE), None), (member('x', tarfile.SYMTYPE, '/etc'), None),
-                           (member('pad'), os.urandom(3 * MIB))))
+                           (member('pad'), os.urandom(pad_size))))
     monkeypatch.setattr(fileservice, 'write_tree', hostile_tree)
     (tmp_path / 'guest' / 'd').mkdir()
     with pytest.raises(FileError) as error:
         guest.agent.pull(str(tmp_path / 'guest' / 'd'), str(tmp_path / 'host' / 'd'), recursive=True)
     assert error.value.reason == 'unsafe' and 'points out of the tree' in str(error.value)
     assert os.listdir(str(tmp_path / 'host')) == []
+
+
+def test_a_hostile_guest_cannot_plant_a_link_out_of_the_tree_on_the_host(guest, tmp_path, monkeypatch):
+    _pull_a_tree_with_a_link_out(guest, tmp_path, monkeypatch, 3 * MIB)
     assert guest.agent.ping(5) >= 0
 
 
 def test_a_refused_archive_is_the_error_even_when_the_guest_replied_before_the_refusal(guest, tmp_path, monkeypatch):
     # The order that a loaded machine made once: the whole archive and the reply arrived before
     # the extraction refused it; the closed pipe then failed a write (BrokenPipeError), and that
-    # echo was raised instead of the refusal. Here the extraction starts only after the reply.
-    import threading
-    from negotiator_common import fileservice, transfers
-
-    def hostile_tree(dir_fd, sink, path, skipped=None):
-        sink.write(archive((member('.', tarfile.DIRTYPE), None), (member('x', tarfile.SYMTYPE, '/etc'), None),
-                           (member('pad'), os.urandom(MIB))))  # within the window: no credit is waited for
-    monkeypatch.setattr(fileservice, 'write_tree', hostile_tree)
+    # echo was raised instead of the refusal. Here the extraction starts only after the reply,
+    # and the archive fits in the window (no credit is waited for).
+    from negotiator_common import transfers
     replied = threading.Event()
     real_call, real_extract = guest.endpoint.call, transfers.extract_tree
 
@@ -554,11 +554,7 @@ def test_a_refused_archive_is_the_error_even_when_the_guest_replied_before_the_r
         return real_extract(source, tree, owner)
     monkeypatch.setattr(guest.endpoint, 'call', call_then_say_so)
     monkeypatch.setattr(transfers, 'extract_tree', extract_after_the_reply)
-    (tmp_path / 'guest' / 'd').mkdir()
-    with pytest.raises(FileError) as error:
-        guest.agent.pull(str(tmp_path / 'guest' / 'd'), str(tmp_path / 'host' / 'd'), recursive=True)
-    assert error.value.reason == 'unsafe' and 'points out of the tree' in str(error.value)
-    assert os.listdir(str(tmp_path / 'host')) == []
+    _pull_a_tree_with_a_link_out(guest, tmp_path, monkeypatch, MIB)
 
 
 def _extended(kind, size, declared=None):
@@ -593,6 +589,17 @@ def test_a_sparse_member_is_refused(tmp_path):
     assert error.reason == 'unsafe' and 'sparse' in str(error)
 
 
+def _extract_whole(data, parent):
+    """Extract ``data`` into ``parent/tree`` and commit it."""
+    fd = open_directory(str(parent))
+    try:
+        tree = AtomicTree(fd, 'tree', str(parent / 'tree'))
+        extract_tree(io.BytesIO(data), tree)
+        tree.commit()
+    finally:
+        os.close(fd)
+
+
 def test_names_as_long_as_linux_allows_still_travel(tmp_path):
     # The bounds leave room for what a real tree has: a 4000-byte path and link target.
     deep = '/'.join(['d' * 200] * 19) + '/' + 'f' * 100
@@ -601,13 +608,7 @@ def test_names_as_long_as_linux_allows_still_travel(tmp_path):
                    *[(member('/'.join(['d' * 200] * depth), tarfile.DIRTYPE), None) for depth in range(1, 20)],
                    (member(deep), b'content'), (member('link', tarfile.SYMTYPE, deep), None))
     source.mkdir()
-    fd = open_directory(str(source))
-    try:
-        tree = AtomicTree(fd, 'tree', str(source / 'tree'))
-        extract_tree(io.BytesIO(data), tree)
-        tree.commit()
-    finally:
-        os.close(fd)
+    _extract_whole(data, source)
     assert (source / 'tree' / deep).read_bytes() == b'content'
 
 
@@ -615,7 +616,6 @@ def test_a_fifo_swapped_in_for_a_file_is_left_out_of_a_pulled_tree_not_waited_on
     # The race of a tree that changes while it is pulled: ``wanted`` was a regular file when the
     # walk looked (the stat is replayed here), and is a fifo with no writer when it is opened.
     # A blocking open would hold the agent's thread until a writer came, which may be never.
-    import threading
     from negotiator_common import files
     tree = tmp_path / 'tree'
     tree.mkdir()
@@ -647,17 +647,6 @@ def test_a_fifo_swapped_in_for_a_file_is_left_out_of_a_pulled_tree_not_waited_on
     with tarfile.open(fileobj=io.BytesIO(sink.getvalue())) as tar:
         assert sorted(tar.getnames()) == ['.', 'kept']
         assert tar.extractfile('kept').read() == b'kept bytes'
-
-
-def _extract_whole(data, parent):
-    """Extract ``data`` into ``parent/tree`` and commit it."""
-    fd = open_directory(str(parent))
-    try:
-        tree = AtomicTree(fd, 'tree', str(parent / 'tree'))
-        extract_tree(io.BytesIO(data), tree)
-        tree.commit()
-    finally:
-        os.close(fd)
 
 
 def test_a_stream_of_many_members_costs_no_memory_for_each(tmp_path):
