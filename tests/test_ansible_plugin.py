@@ -53,8 +53,8 @@ class FakeChannel(object):
             raise self.hello_error
         return dict(self.agent_info)
 
-    def exec(self, argv, input=None, timeout=None, stdout=None, stderr=None):
-        self.calls.append(('exec', list(argv), input, timeout))
+    def exec(self, argv, input=None, timeout=None, stdout=None, stderr=None, warm=False):
+        self.calls.append(('exec', list(argv), input, timeout) + (('warm',) if warm else ()))
         result = self._step('exec') or ExecuteResult('exec', argv, 0)
         stdout.write(b'out:' + (input or b''))
         stderr.write(b'err')
@@ -123,6 +123,36 @@ def test_a_command_runs_through_the_shell_with_its_input_and_the_agents_longest_
     assert (status, stdout, stderr) == (0, b'out:module', b'err')
     assert FakeChannel.opened[0].calls[1] == ('exec', ['/bin/sh', '-c', "echo 'a b' | wc -w"], b'module', 7200.0)
     assert plugin.is_pipelining_enabled()
+
+
+@pytest.mark.parametrize('cmd, interpreter', [
+    ("/bin/sh -c '/usr/bin/python3 && sleep 0'", '/usr/bin/python3'),
+    ("/bin/sh -c '/usr/libexec/platform-python3.6 && sleep 0'", '/usr/libexec/platform-python3.6'),
+])
+def test_a_pipelined_module_runs_in_a_warm_python(connection, cmd, interpreter):
+    plugin = connection()
+    assert plugin.exec_command(cmd, in_data=b'module')[:2] == (0, b'out:module')
+    assert FakeChannel.opened[0].calls[1] == ('exec', [interpreter], b'module', 7200.0, 'warm')
+
+
+@pytest.mark.parametrize('cmd, in_data', [
+    ("/bin/sh -c '/usr/bin/python3 && sleep 0'", None),  # not pipelined: the program comes from a file
+    ("/bin/sh -c 'LANG=C /usr/bin/python3 && sleep 0'", b'module'),  # a variable set for it
+    ("/bin/sh -c 'sudo -H -S -n  -u root /bin/sh -c '\\''/usr/bin/python3'\\'' && sleep 0'", b'module'),  # become
+    ("/bin/sh -c 'python3 && sleep 0'", b'module'),  # not an absolute path
+    ("/bin/sh -c '/usr/bin/python3 /tmp/x.py && sleep 0'", b'module'),
+    ("/bin/bash -c '/usr/bin/python3 && sleep 0'", b'module'),  # not the shell of the option
+    ("/bin/sh -c '/usr/bin/python3 && sleep 0", b'module'),  # unbalanced quotes
+])
+def test_anything_but_a_bare_pipelined_interpreter_runs_through_the_shell_as_written(connection, cmd, in_data):
+    connection().exec_command(cmd, in_data=in_data)
+    assert FakeChannel.opened[0].calls[1] == ('exec', ['/bin/sh', '-c', cmd], in_data, 7200.0)
+
+
+def test_the_warm_python_is_an_option(connection):
+    cmd = "/bin/sh -c '/usr/bin/python3 && sleep 0'"
+    connection(ansible_negotiator_warm_python=False).exec_command(cmd, in_data=b'module')
+    assert FakeChannel.opened[0].calls[1] == ('exec', ['/bin/sh', '-c', cmd], b'module', 7200.0)
 
 
 def test_the_command_timeout_and_the_shell_are_options(connection):

@@ -152,9 +152,10 @@ def run_ansible(program, inventory, *args, timeout=300):
 
 
 def test_ad_hoc_ping(inventory):
-    status, results, output = run_ansible('ansible', inventory, 'ok', '-m', 'ansible.builtin.ping')
+    status, results, output = run_ansible('ansible', inventory, 'ok', '-m', 'ansible.builtin.ping', '-vvv')
     assert status == 0, output
     assert results['ok'][0]['ping'] == 'pong'
+    assert "sleep 0' (warm Python)" in output, output  # the pipelined module ran in the agent's warm Python
 
 
 def test_a_missing_guest_is_unreachable_and_an_agent_without_exec_fails_clearly(inventory):

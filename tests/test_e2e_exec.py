@@ -25,7 +25,7 @@ from sshd_support import Sshd  # noqa: E402
 from support import result_or_error  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
-from negotiator_common.errors import ChannelNotFound, CommandNotAllowed  # noqa: E402
+from negotiator_common.errors import ChannelNotFound, CommandNotAllowed, CommandTimedOut  # noqa: E402
 from negotiator_host import GuestChannel  # noqa: E402
 
 pytestmark = pytest.mark.vm
@@ -59,6 +59,19 @@ def test_exec_with_streamed_input(guest):
         assert 'exec' in channel.hello()['capabilities']
         result = channel.exec(['sha256sum'], input=data)
     assert result.stdout.split()[0].decode() == hashlib.sha256(data).hexdigest()
+
+
+def test_a_python_program_runs_warm_in_the_guest_when_asked(guest):
+    program = b"import sys\nprint('warm' if 'json' in sys.modules else 'cold', sys.stdin.read() == '')\nsys.exit(5)\n"
+    with GuestChannel(guest.name, direct=True, timeout=120) as channel:
+        assert 'warm-python' in channel.hello()['capabilities']
+        cold = channel.exec(['/usr/bin/python3'], input=program)
+        warm = [channel.exec(['/usr/bin/python3'], input=program, warm=True) for _ in range(2)]
+        with pytest.raises(CommandTimedOut):
+            channel.exec(['/usr/bin/python3'], input=b'import time; time.sleep(600)', warm=True, timeout=5)
+        after = channel.exec(['/usr/bin/python3'], input=program, warm=True)
+    assert (cold.exit_status, cold.stdout) == (5, b'cold True\n')
+    assert [(result.exit_status, result.stdout) for result in warm + [after]] == [(5, b'warm True\n')] * 3
 
 
 def test_pipes_quotes_and_a_non_zero_exit_through_sh_c(guest):

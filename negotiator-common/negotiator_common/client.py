@@ -59,6 +59,12 @@ streams to the other and the input goes inline instead of arriving changed.
 FILES_CAPABILITY = 'files'
 """The capability in ``hello`` of an agent that serves ``push`` and ``pull``: its owner turned file access on."""
 
+WARM_PYTHON = 'warm-python'
+"""
+The capability in ``hello`` of an agent whose ``exec`` with ``warm`` runs a Python interpreter's
+program (its input) in a process forked from a warm Python (``docs/protocol.rst``, "Warm Python").
+"""
+
 CREDIT = 'credit'
 """The capability in ``hello`` of an agent that sends output only within the ``window`` its caller grants."""
 
@@ -280,6 +286,8 @@ class AgentClient(object):
         self.can_cancel = offers(CANCEL_METHOD)
         self.files = offers(FILES_CAPABILITY)
         """Whether the agent serves ``push`` and ``pull`` (``docs/protocol.rst``, "Files")."""
+        self.warm_python = announces(hello, WARM_PYTHON) if isinstance(hello, dict) else False
+        """Whether ``exec`` may ask for a warm Python (``docs/protocol.rst``, "Warm Python")."""
 
     def ping(self, timeout: Optional[float] = DEFAULT_TIMEOUT) -> float:
         """Round-trip time of one ``ping``, in seconds."""
@@ -330,7 +338,8 @@ class AgentClient(object):
     def exec(self, argv: Sequence[str], input: Optional[InputSource] = None,
              timeout: Optional[float] = DEFAULT_TIMEOUT, check: bool = False,
              stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None, cwd: Optional[str] = None,
-             env: Optional[Dict[str, str]] = None, max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
+             env: Optional[Dict[str, str]] = None, max_output: Optional[int] = DEFAULT_MAX_OUTPUT,
+             warm: bool = False) -> ExecuteResult:
         """
         Run the program ``argv`` (a list: ``argv[0]`` an absolute path, or a name looked up in
         the ``PATH`` of the agent's clean environment; no shell is added) on the agent's side,
@@ -340,6 +349,12 @@ class AgentClient(object):
         Only an agent whose owner switched ``exec`` on runs it (``negotiator-guest --daemon
         --allow-exec``); any other refuses it with :class:`CommandNotAllowed`, which names the
         switch; so does this method for an agent older than ``exec`` (it does not know the method).
+
+        With ``warm``, ``argv`` is a Python interpreter alone (its absolute path) and ``input``
+        its program, as Ansible pipelines a module: an agent that offers it runs the program in
+        a process forked from that interpreter with its standard library already imported, and
+        seconds sooner in an emulated guest (``docs/protocol.rst``, "Warm Python"); any other
+        agent, or a program that cannot be warm there, starts the interpreter as usual.
         """
         argv = list(argv)
         if not argv:
@@ -350,6 +365,8 @@ class AgentClient(object):
         if env:
             params['env'] = dict(env)
             _check_encodable([part for pair in env.items() for part in pair])
+        if warm and self.warm_python:
+            params['warm'] = True
         try:
             return self._run('exec', params, argv, input, timeout, check, stdout, stderr, max_output)
         except MethodNotFound as exc:

@@ -24,7 +24,7 @@ import subprocess
 import termios
 import threading
 import time
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set, Tuple
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Set, Tuple, Union
 
 from negotiator_common.callbounds import DEFAULT_KILL_GRACE
 from negotiator_common.deadline import Deadline
@@ -34,9 +34,12 @@ from negotiator_common.processes import (
     COMMANDS, MARKER_VARIABLE, command_processes, kill_command, new_marker, reap_orphans, signal_command,
 )
 from negotiator_common.transport import ReadBuffer
+from negotiator_common.warm import WARM_PYTHONS, warmable
 
 if TYPE_CHECKING:  # annotations only: executor is imported when a command starts
     from negotiator_common.external import ExternalProgram
+    from negotiator_common.warm import WarmProgram, WarmProcess
+    _Process = Union[subprocess.Popen, WarmProcess]
     from negotiator_common.streams import CommandStreams
 
 __all__ = ('ProcessResult', 'run_process', 'clean_environment', 'DEFAULT_PATH',
@@ -116,7 +119,7 @@ class _Pipes(object):
     watched is decided anew before each wait (:meth:`_watch`).
     """
 
-    def __init__(self, process: 'subprocess.Popen', stdin: bytes, max_output: Optional[int],
+    def __init__(self, process: '_Process', stdin: bytes, max_output: Optional[int],
                  on_output: Optional[OutputCallback], streams: Optional['CommandStreams'] = None) -> None:
         # Started with its three pipes (capture, capture_stderr, input): none of them is None.
         assert process.stdin is not None and process.stdout is not None and process.stderr is not None
@@ -321,7 +324,7 @@ class _Supervisor(object):
     POLL_INTERVAL = 0.1
     """Seconds between looks at the cancellation event and the command's exit (neither can be selected on)."""
 
-    def __init__(self, process: 'subprocess.Popen', pipes: _Pipes, marker: str, name: str,
+    def __init__(self, process: '_Process', pipes: _Pipes, marker: str, name: str,
                  timeout: Optional[float], cancelled: Optional[threading.Event], kill_grace: float,
                  result: 'ProcessResult') -> None:
         self.process = process
@@ -436,21 +439,34 @@ def _signal_group(pid: int, signum: int) -> None:
 
 
 def _start(argv: List[str], environment: Optional[Dict[str, str]], variables: Optional[Dict[str, str]],
-           directory: str, marker: str) -> Tuple['ExternalProgram', 'subprocess.Popen']:
-    """Start the command and register it with :data:`~negotiator_common.processes.COMMANDS`."""
+           directory: str, marker: str, warm: bool) -> Tuple['Union[ExternalProgram, WarmProgram]', '_Process']:
+    """
+    Start the command (``warm``: forked by a warm Python, when :func:`~negotiator_common.warm.warmable`
+    says it may be and its zygote runs) and register it with :data:`~negotiator_common.processes.COMMANDS`.
+    """
     from negotiator_common.external import ExternalProgram  # imported lazily: executor costs tens of milliseconds
 
     command_environment = clean_environment(environment, variables)
     command_environment[MARKER_VARIABLE] = marker
-    program = ExternalProgram(argv, environment=command_environment, new_session=True, stdin=True,
-                              directory=directory, logger_name=__name__)
     with COMMANDS.starting():
-        try:
-            process = program.start()
-        except OSError as exc:
-            raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
-        COMMANDS.add(process.pid, marker)
-    return program, process
+        started: 'Optional[Tuple[Union[ExternalProgram, WarmProgram], _Process]]' = None
+        if warm and warmable(argv, variables):
+            # The zygote starts with a marker of the same length, which each process it forks overwrites.
+            zygote_environment = dict(clean_environment(), **{MARKER_VARIABLE: '0' * len(marker)})
+            try:
+                started = WARM_PYTHONS.start(argv[0], directory, command_environment, zygote_environment,
+                                             mark=MARKER_VARIABLE)
+            except OSError as exc:  # the zygote could not fork
+                raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
+        if started is None:
+            program = ExternalProgram(argv, environment=command_environment, new_session=True, stdin=True,
+                                      directory=directory, logger_name=__name__)
+            try:
+                started = program, program.start()
+            except OSError as exc:
+                raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
+        COMMANDS.add(started[1].pid, marker)
+    return started
 
 
 def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = None,
@@ -458,7 +474,7 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
                 environment: Optional[Dict[str, str]] = None, cancelled: Optional[threading.Event] = None,
                 kill_grace: float = DEFAULT_KILL_GRACE, directory: str = '/',
                 streams: Optional['CommandStreams'] = None,
-                variables: Optional[Dict[str, str]] = None) -> ProcessResult:
+                variables: Optional[Dict[str, str]] = None, warm: bool = False) -> ProcessResult:
     """
     Run ``argv`` (a list; ``argv[0]`` an absolute path, or a name looked up in the command's
     ``PATH``) in ``directory`` and stream its output to ``on_output``. ``environment`` adds
@@ -476,11 +492,15 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
     With ``streams`` (:class:`~negotiator_common.streams.CommandStreams`), the command's input
     is the caller's streamed input when the streams carry one (``stdin`` is then ignored), and
     its output is read only as far as the caller's room goes (see :class:`_Pipes`).
+
+    With ``warm``, a Python interpreter alone (``argv`` of one absolute path, whose program is
+    its input) runs in a process forked from a warm Python (:mod:`negotiator_common.warm`),
+    else as any command.
     """
     result = ProcessResult()
     started = time.monotonic()
     marker = new_marker()
-    program, process = _start(argv, environment, variables, directory, marker)
+    program, process = _start(argv, environment, variables, directory, marker, warm)
     pipes = _Pipes(process, stdin, max_output, on_output, streams)
     supervisor = _Supervisor(process, pipes, marker, argv[0], timeout, cancelled, kill_grace, result)
     completed = False

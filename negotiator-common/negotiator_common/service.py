@@ -192,9 +192,9 @@ class AgentService(object):
         return self.register(Dispatcher())
 
     def hello(self, params: Dict[str, Any], context: CallContext) -> Dict[str, Any]:
-        capabilities = list(CAPABILITIES) + ([EXEC_CAPABILITY] if self.allow_exec else [])
+        from negotiator_common.client import FILES_CAPABILITY, WARM_PYTHON
+        capabilities = list(CAPABILITIES) + ([EXEC_CAPABILITY, WARM_PYTHON] if self.allow_exec else [])
         if self.files is not None and self.files.enabled:
-            from negotiator_common.client import FILES_CAPABILITY
             capabilities.append(FILES_CAPABILITY)
         return {'protocol': PROTOCOL_VERSION, 'agent': self.agent, 'version': self.version,
                 'capabilities': capabilities, 'limits': self.limits.to_wire()}
@@ -291,6 +291,7 @@ class AgentService(object):
         params['args'] = argv
         options = self._parse_execute(params)
         options.update(self._parse_place(params))
+        options['warm'] = get_param(params, 'warm', (bool,), False)
         return self._serve(options, context, lambda output: self._run_program(
             options['args'], argv[0], {}, options, context, output))
 
@@ -360,7 +361,8 @@ class AgentService(object):
         process = run_process(argv, stdin=options['stdin'], timeout=options['timeout'], max_output=max_output,
                               on_output=output, environment=environment, cancelled=context.cancelled,
                               kill_grace=self.limits.kill_grace, streams=output.streams,
-                              directory=options.get('cwd', '/'), variables=options.get('env'))
+                              directory=options.get('cwd', '/'), variables=options.get('env'),
+                              warm=options.get('warm', False))
         if output.streams.error is not None:
             raise output.streams.error
         result = {'exit_status': process.exit_status, 'signal': process.signal, 'duration': process.duration,

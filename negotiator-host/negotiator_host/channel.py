@@ -442,7 +442,7 @@ class GuestChannel(object):
     def exec(self, argv: Sequence[str], input: Optional[InputSource] = None, timeout: Optional[float] = None,
              check: bool = False, stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
              cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-             max_output: Optional[int] = DEFAULT_MAX_OUTPUT) -> ExecuteResult:
+             max_output: Optional[int] = DEFAULT_MAX_OUTPUT, warm: bool = False) -> ExecuteResult:
         """
         Run the program ``argv`` (a list; no shell is added: ``['/bin/sh', '-c', SCRIPT]`` is
         the caller's choice) in the guest, in the directory ``cwd`` (default ``/``) with
@@ -453,6 +453,12 @@ class GuestChannel(object):
         ``exec``) the call raises :class:`~negotiator_common.errors.CommandNotAllowed`, which
         names the switch (exit status 77 in the CLIs).
 
+        With ``warm``, ``argv`` is a Python interpreter alone and ``input`` its program: an
+        agent that offers it (``warm-python`` in its ``hello``) runs the program in a process
+        forked from that interpreter with its standard library already imported, which saves
+        seconds per program in an emulated guest (``docs/protocol.rst``, "Warm Python");
+        otherwise the interpreter starts as usual.
+
         >>> GuestChannel('web-1').exec(['/bin/sh', '-c', 'echo $0 | tr a-z A-Z', 'hi']).stdout
         b'HI\\n'
         """
@@ -460,7 +466,7 @@ class GuestChannel(object):
         deadline = Deadline(timeout)
         client = self._connected_client(timeout)
         return client.exec(argv, input=input, timeout=_remaining(deadline), check=check, stdout=stdout,
-                           stderr=stderr, cwd=cwd, env=env, max_output=max_output)
+                           stderr=stderr, cwd=cwd, env=env, max_output=max_output, warm=warm)
 
 
 class GuestOutcome(object):

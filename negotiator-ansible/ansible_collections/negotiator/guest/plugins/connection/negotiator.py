@@ -130,12 +130,42 @@ options:
         key: pipelining
     vars:
       - name: ansible_pipelining
+  warm_python:
+    description:
+      - Run a pipelined module (without C(become)) in a process that the agent forks from a
+        Python that has already imported its standard library, instead of in a new interpreter
+        (seconds sooner per task in an emulated guest). The first task after the agent starts
+        pays for that interpreter's imports once. Where the agent does not offer it (older than
+        it, or the interpreter cannot be warm), the module runs in a new interpreter as usual.
+    type: boolean
+    default: true
+    env:
+      - name: NEGOTIATOR_WARM_PYTHON
+    vars:
+      - name: ansible_negotiator_warm_python
 """
 
 display = Display()
 
 LONGEST_COMMAND = 24 * 3600.0
 """Seconds for a command when the agent announces no ``max_timeout`` (the agent's own default)."""
+
+
+def pipelined_interpreter(cmd, shell):
+    """
+    The Python interpreter of ``cmd`` when it is a pipelined module's command line and nothing
+    else, as Ansible makes it: ``SHELL -c 'PYTHON && sleep 0'`` with ``PYTHON`` an absolute path;
+    else None. Anything more (``become``, variables set before the interpreter, arguments) is
+    not a bare interpreter, and runs through the shell as written.
+    """
+    try:
+        outer = shlex.split(cmd)
+        inner = shlex.split(outer[2]) if len(outer) == 3 and outer[:2] == [shell, '-c'] else None
+    except ValueError:  # unbalanced quotes: not Ansible's
+        return None
+    if inner is not None and len(inner) == 4 and inner[1:] == ['&&', 'sleep', '0'] and inner[0].startswith('/'):
+        return inner[0]
+    return None
 
 
 class Connection(ConnectionBase):
@@ -183,9 +213,12 @@ class Connection(ConnectionBase):
             raise AnsibleError('negotiator cannot answer a password prompt of %s (the agent has no terminal): the'
                                ' agent runs as root in the guest, which becomes any user without a password'
                                % self.become.name)
-        display.vvv('negotiator: exec %s' % cmd, host=self._guest())
+        interpreter = pipelined_interpreter(cmd, self.get_option('shell')) if in_data else None
+        warm = interpreter is not None and bool(self.get_option('warm_python'))
+        argv = [interpreter] if warm else [self.get_option('shell'), '-c', cmd]
+        display.vvv('negotiator: exec %s%s' % (cmd, ' (warm Python)' if warm else ''), host=self._guest())
         stdout, stderr = io.BytesIO(), io.BytesIO()
-        result = self._call(self._open_channel().exec, [self.get_option('shell'), '-c', cmd], input=in_data,
+        result = self._call(self._open_channel().exec, argv, input=in_data, warm=warm,
                             timeout=self._command_timeout(), stdout=stdout, stderr=stderr)
         return exit_status_of_result(result.exit_status, result.signal), stdout.getvalue(), stderr.getvalue()
 
