@@ -186,7 +186,8 @@ def test_the_daemon_from_the_archive_serves_a_host(pyz, version, pty_port, tmp_p
     write_command(commands, 'argv', 'printf "%s\\0" "$@"')
     write_command(commands, 'echo-input', 'cat; printf "\\376err" >&2; exit 3')
     daemon = subprocess.Popen([interpreter(version), pyz, '--daemon', '--character-device', path,
-                               '--commands-dir', str(commands)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                               '--commands-dir', str(commands), '--allow-exec'],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         # Reading the master before the daemon opened the slave would be an end of stream.
         opened = wait_until(lambda: host_connected(master) or daemon.poll() is not None, timeout=60, interval=0.01)
@@ -194,7 +195,7 @@ def test_the_daemon_from_the_archive_serves_a_host(pyz, version, pty_port, tmp_p
         with Endpoint(Transport(master, close_fd=False), name='agent').start() as endpoint:
             hello = endpoint.handshake(timeout=30)
             assert (hello['agent'], hello['version']) == ('negotiator-guest', __version__)
-            client = AgentClient(endpoint, hello.get('limits'))
+            client = AgentClient(endpoint, hello)
             assert client.ping(timeout=10) < 5
             names = [command.name for command in client.list_commands(timeout=10)]
             assert {'argv', 'echo-input', 'os-release', 'hostname'} <= set(names)
@@ -203,6 +204,10 @@ def test_the_daemon_from_the_archive_serves_a_host(pyz, version, pty_port, tmp_p
             data = b'\xff\x00 binary input\n' * 1000
             result = client.execute('echo-input', input=data, timeout=30)
             assert (result.exit_status, result.stdout, result.stderr) == (3, data, b'\xfeerr')
+            # The warm Python's program comes out of the archive too (pkgutil.get_data).
+            warm = client.exec([os.path.realpath(interpreter(version))], warm=True, timeout=60,
+                               input=b"import sys\nprint('warm' if 'json' in sys.modules else 'cold')\n")
+            assert (warm.exit_status, warm.stdout) == (0, b'warm\n')
         daemon.send_signal(signal.SIGTERM)
         _, log = daemon.communicate(timeout=30)
     finally:
