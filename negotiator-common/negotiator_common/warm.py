@@ -4,7 +4,7 @@ that has already imported the standard library, instead of in a new interpreter.
 
 Ansible runs each task as one Python program piped into ``python3`` (its "pipelining"). In an
 emulated guest most of such a task is the interpreter importing its standard library, over and
-over: ``AnsiballZ_ping.py`` took 7.4 s cold and 2.0 s warm in the test guest (docs/benchmark.rst).
+over: ``AnsiballZ_ping.py`` took 7.4 s cold and 1.4 s warm in the test guest (docs/benchmark.rst).
 So an ``exec`` that asks for it (``warm``, ``docs/protocol.rst``) and names an interpreter alone,
 with no arguments, runs in a process forked from that interpreter's *zygote*
 (:mod:`negotiator_common.zygote`): one per interpreter path, started at its first use with the
