@@ -444,29 +444,30 @@ def _start(argv: List[str], environment: Optional[Dict[str, str]], variables: Op
     Start the command (``warm``: forked by a warm Python, when :func:`~negotiator_common.warm.warmable`
     says it may be and its zygote runs) and register it with :data:`~negotiator_common.processes.COMMANDS`.
     """
-    from negotiator_common.external import ExternalProgram  # imported lazily: executor costs tens of milliseconds
-
     command_environment = clean_environment(environment, variables)
     command_environment[MARKER_VARIABLE] = marker
+    if warm and warmable(argv, variables):
+        # The zygote starts with a marker of the same length, which each process it forks overwrites.
+        zygote_environment = dict(clean_environment(), **{MARKER_VARIABLE: '0' * len(marker)})
+        try:
+            warm_started = WARM_PYTHONS.start(argv[0], directory, command_environment, zygote_environment,
+                                              mark=MARKER_VARIABLE)
+        except OSError as exc:  # the zygote could not fork
+            raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
+        if warm_started is not None:  # the zygote's child, never this process's: the reaper cannot take it
+            COMMANDS.add(warm_started[1].pid, marker)
+            return warm_started
+    from negotiator_common.external import ExternalProgram  # imported lazily: executor costs tens of milliseconds
+
+    program = ExternalProgram(argv, environment=command_environment, new_session=True, stdin=True,
+                              directory=directory, logger_name=__name__)
     with COMMANDS.starting():
-        started: 'Optional[Tuple[Union[ExternalProgram, WarmProgram], _Process]]' = None
-        if warm and warmable(argv, variables):
-            # The zygote starts with a marker of the same length, which each process it forks overwrites.
-            zygote_environment = dict(clean_environment(), **{MARKER_VARIABLE: '0' * len(marker)})
-            try:
-                started = WARM_PYTHONS.start(argv[0], directory, command_environment, zygote_environment,
-                                             mark=MARKER_VARIABLE)
-            except OSError as exc:  # the zygote could not fork
-                raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
-        if started is None:
-            program = ExternalProgram(argv, environment=command_environment, new_session=True, stdin=True,
-                                      directory=directory, logger_name=__name__)
-            try:
-                started = program, program.start()
-            except OSError as exc:
-                raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
-        COMMANDS.add(started[1].pid, marker)
-    return started
+        try:
+            process = program.start()
+        except OSError as exc:
+            raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
+        COMMANDS.add(process.pid, marker)
+    return program, process
 
 
 def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = None,
