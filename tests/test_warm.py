@@ -215,3 +215,12 @@ def test_code_compiled_from_a_zip_is_kept_and_named_after_the_zip_of_each_run(tm
         assert len(entries[0]) == 2 and entries[1] == entries[0]
     else:  # zipimport in C: nothing to keep
         assert entries == [{}, {}]
+
+
+def test_a_missing_directory_or_interpreter_is_refused_as_for_any_command(tmp_path):
+    from negotiator_common.errors import CommandNotFound
+    with pytest.raises(CommandNotFound, match='does not exist'):
+        run(IS_WARM, directory=str(tmp_path / 'absent'))
+    with pytest.raises(CommandNotFound):
+        run(IS_WARM, argv=[str(tmp_path / 'python3')])
+    assert run(IS_WARM)[1] == b'warm\n'

@@ -446,7 +446,8 @@ def _start(argv: List[str], environment: Optional[Dict[str, str]], variables: Op
     """
     command_environment = clean_environment(environment, variables)
     command_environment[MARKER_VARIABLE] = marker
-    if warm and warmable(argv, variables):
+    # A missing interpreter or directory is the cold start's clear refusal, not a zygote's failure.
+    if warm and warmable(argv, variables) and os.access(argv[0], os.X_OK) and os.path.isdir(directory):
         # The zygote starts with a marker of the same length, which each process it forks overwrites.
         zygote_environment = dict(clean_environment(), **{MARKER_VARIABLE: '0' * len(marker)})
         try:

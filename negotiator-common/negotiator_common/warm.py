@@ -234,11 +234,13 @@ class _Zygote(object):
                     self.socket.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', theirs))])
                 except OSError as exc:
                     raise WarmUnavailable('the warm %s is gone: %s' % (self.interpreter, exc)) from exc
-                while request_id not in self.replies and not self.dead:
-                    self.changed.wait()
+                deadline = Deadline(START_TIMEOUT)
+                while request_id not in self.replies and not self.dead and not deadline.expired:
+                    self.changed.wait(deadline.remaining())
                 reply = self.replies.pop(request_id, None)
-                if reply is None:
-                    raise WarmUnavailable('the warm %s ended' % self.interpreter)
+                if reply is None:  # a process it forks later reads an input that has ended, and exits
+                    raise WarmUnavailable('the warm %s %s' % (self.interpreter, 'ended' if self.dead else
+                                                              'did not fork within %s s' % START_TIMEOUT))
                 if 'pid' not in reply:
                     raise OSError(errno.EAGAIN, 'the warm %s could not fork: %s'
                                   % (self.interpreter, reply.get('error')))
