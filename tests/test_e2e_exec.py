@@ -68,7 +68,7 @@ def test_a_python_program_runs_warm_in_the_guest_when_asked(guest):
         cold = channel.exec(['/usr/bin/python3'], input=program)
         warm = [channel.exec(['/usr/bin/python3'], input=program, warm=True) for _ in range(2)]
         with pytest.raises(CommandTimedOut):
-            channel.exec(['/usr/bin/python3'], input=b'import time; time.sleep(600)', warm=True, timeout=5)
+            channel.exec(['/usr/bin/python3'], input=b'import signal; signal.pause()', warm=True, timeout=5)
         after = channel.exec(['/usr/bin/python3'], input=program, warm=True)
     assert (cold.exit_status, cold.stdout) == (5, b'cold True\n')
     assert [(result.exit_status, result.stdout) for result in warm + [after]] == [(5, b'warm True\n')] * 3

@@ -35,6 +35,10 @@ sys.exit(3)
 """
 
 
+UNTIL_STOPPED = b"import signal\nsignal.pause()\n"
+"""A program that runs until a signal stops it."""
+
+
 @pytest.fixture(autouse=True, scope='module')
 def no_zygote_left():
     """The zygotes these tests start end with the module, so that no later test finds their processes."""
@@ -82,7 +86,7 @@ def test_a_warm_program_runs_as_it_runs_under_a_new_interpreter(tmp_path):
     b"import sys\nsys.exit(260)\n",
     b"this is not python\n",
     b"import atexit, sys\natexit.register(lambda: print('at exit', flush=True))\nprint('body')\n",
-    b"import threading, time\nthreading.Thread(target=lambda: (time.sleep(0.3), print('thread'))).start()\n",
+    b"import threading\nthreading.Thread(target=lambda: (threading.main_thread().join(), print('thread'))).start()\n",
     b"raise KeyboardInterrupt\n",
     b"import sys\nsys.stdout.write('unflushed')\nsys.stderr.write('unflushed too')\n",
 ])
@@ -102,7 +106,7 @@ def test_calls_at_once_each_get_their_own_process_and_output():
     outputs = {}
 
     def call(number):
-        outputs[number] = run(b"import sys, time\ntime.sleep(0.2)\nprint(sys.stdin.read() or %d)\n" % number)[1]
+        outputs[number] = run(b"import sys\nprint(sys.stdin.read() or %d)\n" % number)[1]
     threads = [threading.Thread(target=call, args=(number,)) for number in range(8)]
     for thread in threads:
         thread.start()
@@ -119,14 +123,14 @@ def adopting():
     processes.adopt_orphans(False)
 
 
-FORK_AND_ESCAPE = b"""import os, sys, time
+FORK_AND_ESCAPE = b"""import os, signal
 pid = os.fork()
 if pid == 0:
     os.setsid()
-    time.sleep(120)
+    signal.pause()
     os._exit(0)
 print(pid, flush=True)
-time.sleep(120)
+signal.pause()
 """
 """A program whose child leaves the process group without ``exec``: found by the run's marker alone."""
 
@@ -142,7 +146,7 @@ def test_a_timeout_kills_the_warm_program_and_what_it_forked_out_of_its_group(ad
 def test_a_cancelled_warm_program_is_killed_and_the_next_one_runs():
     cancelled = threading.Event()
     threading.Timer(1.0, cancelled.set).start()
-    result, _, _ = run(b"import time\ntime.sleep(120)\n", cancelled=cancelled)
+    result, _, _ = run(UNTIL_STOPPED, cancelled=cancelled)
     assert result.cancelled and result.signal == signal.SIGTERM
     assert run(IS_WARM)[1] == b'warm\n'
 
@@ -152,7 +156,7 @@ def test_a_zygote_that_dies_takes_its_programs_and_the_next_call_starts_another(
     zygote = WARM_PYTHONS._zygotes[PYTHON]
     threading.Timer(1.0, os.kill, (zygote.process.pid, signal.SIGKILL)).start()
     with caplog.at_level(logging.WARNING, logger='negotiator_common.warm'):
-        result, _, _ = run(b"import time\ntime.sleep(120)\n")
+        result, _, _ = run(UNTIL_STOPPED)
         assert wait_until(lambda: 'The warm %s ended' % PYTHON in caplog.text)  # logged by its reader thread
     assert result.signal == signal.SIGKILL
     assert run(IS_WARM)[1] == b'warm\n'

@@ -438,6 +438,10 @@ def _signal_group(pid: int, signum: int) -> None:
         pass
 
 
+def _cannot_start(program: str, exc: OSError) -> CommandNotFound:
+    return CommandNotFound('cannot start %s: %s' % (program, exc.strerror or exc))
+
+
 def _start(argv: List[str], environment: Optional[Dict[str, str]], variables: Optional[Dict[str, str]],
            directory: str, marker: str, warm: bool) -> Tuple['Union[ExternalProgram, WarmProgram]', '_Process']:
     """
@@ -454,7 +458,7 @@ def _start(argv: List[str], environment: Optional[Dict[str, str]], variables: Op
             warm_started = WARM_PYTHONS.start(argv[0], directory, command_environment, zygote_environment,
                                               mark=MARKER_VARIABLE)
         except OSError as exc:  # the zygote could not fork
-            raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
+            raise _cannot_start(argv[0], exc) from exc
         if warm_started is not None:  # the zygote's child, never this process's: the reaper cannot take it
             COMMANDS.add(warm_started[1].pid, marker)
             return warm_started
@@ -466,7 +470,7 @@ def _start(argv: List[str], environment: Optional[Dict[str, str]], variables: Op
         try:
             process = program.start()
         except OSError as exc:
-            raise CommandNotFound('cannot start %s: %s' % (argv[0], exc.strerror or exc)) from exc
+            raise _cannot_start(argv[0], exc) from exc
         COMMANDS.add(process.pid, marker)
     return program, process
 
