@@ -297,7 +297,7 @@ class FakeGuestSide(object):
         conn, _ = self.sock.accept()
         conn.setblocking(True)
         self.endpoint = Endpoint(Transport.from_socket(conn), name='host').start()
-        self.endpoint.handshake(5, agent='negotiator-guest')
+        self.endpoint.handshake(30, agent='negotiator-guest')
         return AgentClient(self.endpoint)
 
     def close(self) -> None:

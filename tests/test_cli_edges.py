@@ -153,7 +153,7 @@ def small_agent():
     service = AgentService('negotiator-guest', CommandRegistry([]), limits=Limits(max_line_length=4096))
     server = Endpoint(Transport.from_socket(theirs), service.dispatcher(), name='agent').start()
     endpoint = Endpoint(Transport.from_socket(ours), name='client').start()
-    client = AgentClient(endpoint, endpoint.handshake(5))
+    client = AgentClient(endpoint, endpoint.handshake(30))
     yield client
     endpoint.close()
     server.close()
@@ -179,7 +179,7 @@ def test_a_command_that_ignores_sigterm_is_answered_before_the_callers_deadline(
     server = Endpoint(Transport.from_socket(theirs), service.dispatcher(), name='agent').start()
     endpoint = Endpoint(Transport.from_socket(ours), name='client').start()
     try:
-        client = AgentClient(endpoint, endpoint.handshake(5))
+        client = AgentClient(endpoint, endpoint.handshake(30))
         with pytest.raises(CommandTimedOut) as excinfo:
             client.execute('stubborn', timeout=6)
         assert excinfo.value.data['signal'] == signal.SIGKILL

@@ -52,7 +52,7 @@ def agent(commands_dir):
                            limits=Limits(max_stdin=2 * 1024 * 1024, max_args=10000))
     server = Endpoint(Transport.from_socket(server_sock), service.dispatcher(), name='guest-ü.1').start()
     client = Endpoint(Transport.from_socket(client_sock), name='client').start()
-    client.handshake(timeout=5)
+    client.handshake(timeout=30)
     yield AgentClient(client)
     client.close()
     server.close()

@@ -225,7 +225,7 @@ def test_handshake_drops_stale_lines_left_by_an_earlier_client(caplog):
     caplog.set_level(logging.WARNING, logger='negotiator_common.endpoint.server')
     server.start()
     try:
-        assert client.handshake(timeout=2) == {'protocol': 1}
+        assert client.handshake(timeout=30) == {'protocol': 1}
         # The handshake's leading newline ended the server's half line: one bad line, answered
         # with an error that the resynchronising client dropped, and hello read on its own.
         assert [r.getMessage().split(':')[0] for r in caplog.records if r.name == 'negotiator_common.endpoint.server'] \
@@ -241,7 +241,7 @@ def test_handshake_sends_more_params_beside_protocol_and_agent(pair):
     # What a client of the host daemon's socket says to attach to a guest: hello with ``guest``.
     left, right, gates = pair
     right.dispatcher.register('hello', lambda params, ctx: dict(params), inline=True)
-    said = left.handshake(timeout=2, agent='negotiator-host', params={'guest': 'web-1', 'agent': 'forged'})
+    said = left.handshake(timeout=30, agent='negotiator-host', params={'guest': 'web-1', 'agent': 'forged'})
     assert said == {'guest': 'web-1', 'protocol': 1, 'agent': 'negotiator-host'}
 
 
@@ -310,7 +310,7 @@ def test_a_stale_raw_output_header_cannot_swallow_the_hello_reply():
     client = Endpoint(Transport.from_socket(client_sock), name='client').start()
     server = Endpoint(Transport.from_socket(server_sock), dispatcher, name='server').start()
     try:
-        assert client.handshake(timeout=3) == {'protocol': 1}
+        assert client.handshake(timeout=30) == {'protocol': 1}
     finally:
         client.close()
         server.close()

@@ -31,7 +31,7 @@ class Pair(object):
         server_sock, client_sock = socket.socketpair()
         self.server = Endpoint(Transport.from_socket(server_sock), dispatcher, name='agent').start()
         self.endpoint = Endpoint(Transport.from_socket(client_sock), name='client').start()
-        self.hello = self.endpoint.handshake(timeout=5)
+        self.hello = self.endpoint.handshake(timeout=30)
         self.client = AgentClient(self.endpoint, self.hello)
 
     def close(self) -> None:

@@ -58,7 +58,7 @@ def served(commands):
 def test_client_disconnect_mid_command_cancels_it(served, tmp_path):
     server, client_sock = served
     client = Endpoint(Transport.from_socket(client_sock), name='client').start()
-    client.handshake(timeout=5)
+    client.handshake(timeout=30)
     pidfile = str(tmp_path / 'long.pid')
     outcome = []
 
@@ -367,7 +367,7 @@ def test_a_stopping_agent_replies_for_the_commands_it_kills(served, tmp_path):
     """The guest daemon's stop path: cancel, wait for the replies to go out, then close."""
     server, client_sock = served
     client = Endpoint(Transport.from_socket(client_sock), name='client').start()
-    client.handshake(timeout=5)
+    client.handshake(timeout=30)
     pidfile = str(tmp_path / 'long.pid')
     outcome = []
     caller = threading.Thread(target=lambda: outcome.append(AgentClient(client).execute('long', pidfile, timeout=60)))

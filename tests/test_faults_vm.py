@@ -156,7 +156,7 @@ def test_client_timeout_with_a_late_reply_in_flight(agent):
     # The raw endpoint, so that the agent's own command timeout (10 s) outlasts the call's (1.5 s).
     endpoint = Endpoint(Transport.from_socket(connect_socket(agent.channel_path(H2G), 10)), name='early').start()
     try:
-        endpoint.handshake(10)
+        endpoint.handshake(30)
         with pytest.raises(CallTimeout):
             endpoint.call('execute', {'command': 'nap', 'args': ['3'], 'timeout': 10}, timeout=1.5)
     finally:

@@ -40,7 +40,7 @@ class Connection(object):
         theirs, ours = socket.socketpair()
         self.server = Endpoint(Transport.from_socket(theirs), self.service.dispatcher(), name='agent').start()
         self.endpoint = Endpoint(Transport.from_socket(ours), name='client').start()
-        self.hello = self.endpoint.handshake(5)
+        self.hello = self.endpoint.handshake(30)
         self.agent = AgentClient(self.endpoint, self.hello)
 
     def close(self):
@@ -501,7 +501,7 @@ def test_an_agent_older_than_files_is_answered_cleanly_not_waited_for(tmp_path):
         theirs, ours = socket.socketpair()
         server = Endpoint(Transport.from_socket(theirs), older.service.dispatcher(), name='old').start()
         endpoint = Endpoint(Transport.from_socket(ours), name='client').start()
-        client = AgentClient(endpoint, endpoint.handshake(5))
+        client = AgentClient(endpoint, endpoint.handshake(30))
         assert not client.files
         with pytest.raises(CommandNotAllowed, match='older agents'):
             client.pull('/etc/hostname', io.BytesIO())

@@ -153,7 +153,7 @@ def test_sessions_one_after_another_without_spinning_in_between(daemon_on_pty):
     for number in range(3):
         host.connect()
         endpoint = Endpoint(Transport(host.fd, close_fd=False), name='guest').start()
-        hello = endpoint.handshake(timeout=2.0)
+        hello = endpoint.handshake(timeout=30)
         assert hello['agent'] == 'negotiator-guest'
         rtt = AgentClient(endpoint).ping(timeout=10)
         assert isinstance(rtt, float) and rtt > 0
@@ -237,7 +237,7 @@ def test_sigterm_kills_commands_releases_port_and_exits_zero(tmp_path):
         assert wait_until(lambda: host_connected(master))  # the daemon has opened the port (the slave)
         transport = Transport(master, close_fd=False)
         endpoint = Endpoint(transport, name='guest').start()
-        endpoint.handshake(timeout=5.0)
+        endpoint.handshake(timeout=30)
         client = AgentClient(endpoint)
         outcomes = {}
         workers = []
@@ -315,7 +315,7 @@ def _pids(directory):
 def _start_escaper(host, directory):
     host.connect()
     endpoint = Endpoint(Transport(host.fd, close_fd=False), name='guest').start()
-    endpoint.handshake(timeout=5.0)
+    endpoint.handshake(timeout=30)
     caller = threading.Thread(target=result_or_error, args=(AgentClient(endpoint).execute, 'escaper', str(directory)),
                               kwargs={'timeout': 60})
     caller.daemon = True
@@ -360,7 +360,7 @@ def test_the_daemon_reaps_what_a_finished_command_left_running(daemon_on_pty, tm
                   'read left < "$1/left"')
     host.connect()
     endpoint = Endpoint(Transport(host.fd, close_fd=False), name='guest').start()
-    endpoint.handshake(timeout=5.0)
+    endpoint.handshake(timeout=30)
     try:
         result = AgentClient(endpoint).execute('starter', str(tmp_path), timeout=10)
         assert result.exit_status == 0 and not result.output_abandoned
@@ -387,7 +387,7 @@ def test_the_agent_runs_32_commands_of_one_connection_at_once(daemon_on_pty, tmp
     host.connect()
     endpoint = Endpoint(Transport(host.fd, close_fd=False), name='guest').start()
     try:
-        hello = endpoint.handshake(timeout=10.0)
+        hello = endpoint.handshake(timeout=30)
         assert hello['limits']['max_in_flight'] == AGENT_MAX_IN_FLIGHT >= 32
         client = AgentClient(endpoint, hello)
         results = []

@@ -106,7 +106,7 @@ def test_host_daemon_memory_stays_bounded_under_costly_lines():
         for conn in conns:
             conn.settimeout(120)
         good = Endpoint(Transport.from_socket(conns.pop()), name='host').start()
-        good.handshake(10, agent='negotiator-guest')
+        good.handshake(30, agent='negotiator-guest')
         line = array_of(b'{}') + b'\n'
         replies = []
         attackers = [threading.Thread(target=lambda conn=conn: (conn.sendall(line),

@@ -35,7 +35,7 @@ service = AgentService('negotiator-guest', CommandRegistry([directory]), policy=
 server_sock, client_sock = socket.socketpair()
 server = Endpoint(Transport.from_socket(server_sock), service.dispatcher(), name='host').start()
 client = Endpoint(Transport.from_socket(client_sock), name='guest').start()
-agent = AgentClient(client, client.handshake(timeout=10))
+agent = AgentClient(client, client.handshake(timeout=30))
 agent.ping(timeout=10)
 try:
     agent.execute('hostname', timeout=10)  # refused by the policy: a warning

@@ -219,7 +219,7 @@ def test_several_mib_of_binary_output_arrive_intact(channel):
     server, client_sock = channel
     client = Endpoint(Transport.from_socket(client_sock), name='client').start()
     try:
-        client.handshake(timeout=5)
+        client.handshake(timeout=30)
         count = 200  # 200 * 32 KiB: 6.25 MiB
         result = AgentClient(client).execute('noise', str(count), timeout=60)
         assert result.exit_status == 0
@@ -234,7 +234,7 @@ def test_raw_output_streams_to_a_sink_while_pings_interleave(channel, tmp_path):
     server, client_sock = channel
     client = Endpoint(Transport.from_socket(client_sock), name='client').start()
     try:
-        client.handshake(timeout=5)
+        client.handshake(timeout=30)
         stop = threading.Event()
         pings = []
 
@@ -284,7 +284,7 @@ def test_an_unknown_stream_mode_is_refused(channel):
     server, client_sock = channel
     client = Endpoint(Transport.from_socket(client_sock), name='client').start()
     try:
-        client.handshake(timeout=5)
+        client.handshake(timeout=30)
         with pytest.raises(InvalidParams):
             client.call('execute', {'command': 'greet', 'stream': 'binary'}, timeout=5)
     finally:
@@ -319,7 +319,7 @@ def test_the_client_asks_an_agent_whose_hello_lacks_raw_output_for_text(capabili
     # (a capability is only a string in a list: a bare string is no list of capabilities).
     server, client, asked = old_agent(capabilities)
     try:
-        agent = AgentClient(client, client.handshake(timeout=5))
+        agent = AgentClient(client, client.handshake(timeout=30))
         assert not agent.raw_output
         assert agent.execute('anything', timeout=5).stdout == b'old\n'
         assert asked == [True]

@@ -249,7 +249,9 @@ def test_a_sweep_waits_while_a_command_is_starting(monkeypatch):
 
 def test_the_kernels_children_lists_find_the_descendants_a_full_scan_finds(tmp_path):
     # The fast walk (/proc/PID/task/TID/children) and the fallback (every process's PPid) agree.
-    shells = [subprocess.Popen(['sh', '-c', 'sleep 60 & sleep 60 & touch "$0"; wait', str(tmp_path / str(n))])
+    # Each shell marks itself ready with a redirection, not with touch: a touch that has made its
+    # file may not have exited yet, and one walk would see it where the next does not.
+    shells = [subprocess.Popen(['sh', '-c', 'sleep 60 & sleep 60 & : > "$0"; wait', str(tmp_path / str(n))])
               for n in range(3)]
     try:
         assert wait_until(lambda: all((tmp_path / str(n)).exists() for n in range(3)))

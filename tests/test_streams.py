@@ -46,7 +46,7 @@ class Connection(object):
         theirs, ours = socket.socketpair()
         self.server = Endpoint(Transport.from_socket(theirs), dispatcher, name='agent').start()
         self.endpoint = Endpoint(Transport.from_socket(ours), name='client').start()
-        announced = self.endpoint.handshake(5)
+        announced = self.endpoint.handshake(30)
         self.agent = AgentClient(self.endpoint, announced if hello is None else hello)
 
     def close(self):
@@ -117,7 +117,7 @@ def on_thread(function, *args, **kwargs):
 
 
 def test_the_agent_announces_streamed_input_and_credit(connection):
-    hello = connection.endpoint.handshake(5)
+    hello = connection.endpoint.handshake(30)
     assert {'escaped-input', 'credit'} <= set(hello['capabilities'])
 
 
