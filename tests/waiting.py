@@ -6,8 +6,13 @@ import time
 __all__ = ('process_alive', 'process_reaped', 'read_pid', 'wait_dead', 'wait_until')
 
 
-def wait_until(predicate, timeout=5.0, interval=0.02):
-    """Call ``predicate`` until it returns something true or ``timeout`` passes; return its last value."""
+def wait_until(predicate, timeout=30.0, interval=0.02):
+    """
+    Call ``predicate`` until it returns something true or ``timeout`` passes; return its last value.
+
+    Every caller waits for something that must happen, so the default is generous: a passing
+    test returns at once, and a loaded CI machine (2 cores, other work) gets time to get there.
+    """
     deadline = time.monotonic() + timeout
     while True:
         value = predicate()
