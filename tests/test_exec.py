@@ -144,6 +144,15 @@ def test_a_timeout_kills_the_program(allowed):
     ({'argv': ['pwd'], 'env': {'A': 5}}, InvalidParams),
     ({'argv': ['pwd'], 'env': {'A': 'x' * 5000}}, LimitExceeded),
     ({'argv': ['x' * 5000]}, LimitExceeded),
+    # A preload (docs/protocol.rst, "Warm Python") is for a warm Python, and checked whole.
+    ({'argv': ['/usr/bin/python3'], 'preload': {'archive': '', 'modules': []}}, InvalidParams),
+    ({'argv': ['/usr/bin/python3'], 'warm': True, 'preload': 'lib.zip'}, InvalidParams),
+    ({'argv': ['/usr/bin/python3'], 'warm': True, 'preload': {'archive': 'not base64!'}}, InvalidParams),
+    ({'argv': ['/usr/bin/python3'], 'warm': True, 'preload': {'archive': 'QUJD' * (3 << 20)}}, InvalidParams),
+    ({'argv': ['/usr/bin/python3'], 'warm': True, 'preload': {'archive': '', 'modules': 'os'}}, InvalidParams),
+    ({'argv': ['/usr/bin/python3'], 'warm': True, 'preload': {'archive': '', 'modules': ['os; rm']}}, InvalidParams),
+    ({'argv': ['/usr/bin/python3'], 'warm': True, 'preload': {'archive': '', 'modules': ['a'] * 3000}},
+     InvalidParams),
 ])
 def test_the_agent_checks_every_parameter(allowed, params, error):
     with pytest.raises(error):

@@ -154,7 +154,7 @@ def test_a_cancelled_warm_program_is_killed_and_the_next_one_runs():
 def test_a_zygote_that_dies_takes_its_programs_and_the_next_call_starts_another(caplog):
     run(IS_WARM)
     zygote = WARM_PYTHONS._zygotes[PYTHON]
-    threading.Timer(1.0, os.kill, (zygote.process.pid, signal.SIGKILL)).start()
+    threading.Timer(1.0, os.kill, (zygote.pid, signal.SIGKILL)).start()
     with caplog.at_level(logging.WARNING, logger='negotiator_common.warm'):
         result, _, _ = run(UNTIL_STOPPED)
         assert wait_until(lambda: 'The warm %s ended' % PYTHON in caplog.text)  # logged by its reader thread

@@ -28,6 +28,7 @@ from negotiator_common.errors import (
 from negotiator_common.protocol import Request, decode_bytes, encode_bytes, encode_message
 
 if TYPE_CHECKING:
+    from negotiator_common.preload import Preload
     from negotiator_common.transfers import LocalFile, Progress
 
 __all__ = ('AgentClient', 'CommandDescription', 'ExecuteResult', 'announces',
@@ -339,7 +340,7 @@ class AgentClient(object):
              timeout: Optional[float] = DEFAULT_TIMEOUT, check: bool = False,
              stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None, cwd: Optional[str] = None,
              env: Optional[Dict[str, str]] = None, max_output: Optional[int] = DEFAULT_MAX_OUTPUT,
-             warm: bool = False) -> ExecuteResult:
+             warm: bool = False, preload: 'Optional[Preload]' = None) -> ExecuteResult:
         """
         Run the program ``argv`` (a list: ``argv[0]`` an absolute path, or a name looked up in
         the ``PATH`` of the agent's clean environment; no shell is added) on the agent's side,
@@ -355,6 +356,9 @@ class AgentClient(object):
         a process forked from that interpreter with its standard library already imported, and
         seconds sooner in an emulated guest (``docs/protocol.rst``, "Warm Python"); any other
         agent, or a program that cannot be warm there, starts the interpreter as usual.
+        ``preload`` (a :class:`~negotiator_common.preload.Preload`: a zip archive and the modules
+        to import from it) asks for a warm Python that has imported those too, for programs that
+        import them at every run (an Ansible module's ``module_utils``).
         """
         argv = list(argv)
         if not argv:
@@ -367,6 +371,8 @@ class AgentClient(object):
             _check_encodable([part for pair in env.items() for part in pair])
         if warm and self.warm_python:
             params['warm'] = True
+            if preload is not None:
+                params['preload'] = preload.to_wire()
         try:
             return self._run('exec', params, argv, input, timeout, check, stdout, stderr, max_output)
         except MethodNotFound as exc:

@@ -38,6 +38,7 @@ from negotiator_common.warm import WARM_PYTHONS, warmable
 
 if TYPE_CHECKING:  # annotations only: executor is imported when a command starts
     from negotiator_common.external import ExternalProgram
+    from negotiator_common.preload import Preload
     from negotiator_common.warm import WarmProgram, WarmProcess
     _Process = Union[subprocess.Popen, WarmProcess]
     from negotiator_common.streams import CommandStreams
@@ -443,10 +444,12 @@ def _cannot_start(program: str, exc: OSError) -> CommandNotFound:
 
 
 def _start(argv: List[str], environment: Optional[Dict[str, str]], variables: Optional[Dict[str, str]],
-           directory: str, marker: str, warm: bool) -> Tuple['Union[ExternalProgram, WarmProgram]', '_Process']:
+           directory: str, marker: str, warm: bool,
+           preload: 'Optional[Preload]') -> Tuple['Union[ExternalProgram, WarmProgram]', '_Process']:
     """
-    Start the command (``warm``: forked by a warm Python, when :func:`~negotiator_common.warm.warmable`
-    says it may be and its zygote runs) and register it with :data:`~negotiator_common.processes.COMMANDS`.
+    Start the command (``warm``: forked by a warm Python, which has imported ``preload`` too, when
+    :func:`~negotiator_common.warm.warmable` says it may be and its zygote runs) and register it
+    with :data:`~negotiator_common.processes.COMMANDS`.
     """
     command_environment = clean_environment(environment, variables)
     command_environment[MARKER_VARIABLE] = marker
@@ -456,7 +459,7 @@ def _start(argv: List[str], environment: Optional[Dict[str, str]], variables: Op
         zygote_environment = dict(clean_environment(), **{MARKER_VARIABLE: '0' * len(marker)})
         try:
             warm_started = WARM_PYTHONS.start(argv[0], directory, command_environment, zygote_environment,
-                                              mark=MARKER_VARIABLE)
+                                              mark=MARKER_VARIABLE, preload=preload)
         except OSError as exc:  # the zygote could not fork
             raise _cannot_start(argv[0], exc) from exc
         if warm_started is not None:  # the zygote's child, never this process's: the reaper cannot take it
@@ -480,7 +483,8 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
                 environment: Optional[Dict[str, str]] = None, cancelled: Optional[threading.Event] = None,
                 kill_grace: float = DEFAULT_KILL_GRACE, directory: str = '/',
                 streams: Optional['CommandStreams'] = None,
-                variables: Optional[Dict[str, str]] = None, warm: bool = False) -> ProcessResult:
+                variables: Optional[Dict[str, str]] = None, warm: bool = False,
+                preload: 'Optional[Preload]' = None) -> ProcessResult:
     """
     Run ``argv`` (a list; ``argv[0]`` an absolute path, or a name looked up in the command's
     ``PATH``) in ``directory`` and stream its output to ``on_output``. ``environment`` adds
@@ -501,12 +505,13 @@ def run_process(argv: List[str], stdin: bytes = b'', timeout: Optional[float] = 
 
     With ``warm``, a Python interpreter alone (``argv`` of one absolute path, whose program is
     its input) runs in a process forked from a warm Python (:mod:`negotiator_common.warm`),
-    else as any command.
+    else as any command; with ``preload`` too, from a warm Python that has also imported its
+    modules (:mod:`negotiator_common.preload`).
     """
     result = ProcessResult()
     started = time.monotonic()
     marker = new_marker()
-    program, process = _start(argv, environment, variables, directory, marker, warm)
+    program, process = _start(argv, environment, variables, directory, marker, warm, preload)
     pipes = _Pipes(process, stdin, max_output, on_output, streams)
     supervisor = _Supervisor(process, pipes, marker, argv[0], timeout, cancelled, kill_grace, result)
     completed = False

@@ -22,6 +22,7 @@ from negotiator_common.errors import (
 )
 from negotiator_common.flow import MAX_CREDIT, MIN_WINDOW
 from negotiator_common.lazylog import get_logger
+from negotiator_common.preload import Preload
 from negotiator_common.protocol import (
     DEFAULT_MAX_LINE_LENGTH, PROTOCOL_VERSION, Notification, decode_bytes, encode_bytes,
 )
@@ -292,6 +293,10 @@ class AgentService(object):
         options = self._parse_execute(params)
         options.update(self._parse_place(params))
         options['warm'] = get_param(params, 'warm', (bool,), False)
+        if params.get('preload') is not None:
+            if not options['warm']:
+                raise InvalidParams('preload is for a warm Python: it needs warm')
+            options['preload'] = Preload.from_wire(params['preload'])
         return self._serve(options, context, lambda output: self._run_program(
             options['args'], argv[0], {}, options, context, output))
 
@@ -362,7 +367,7 @@ class AgentService(object):
                               on_output=output, environment=environment, cancelled=context.cancelled,
                               kill_grace=self.limits.kill_grace, streams=output.streams,
                               directory=options.get('cwd', '/'), variables=options.get('env'),
-                              warm=options.get('warm', False))
+                              warm=options.get('warm', False), preload=options.get('preload'))
         if output.streams.error is not None:
             raise output.streams.error
         result = {'exit_status': process.exit_status, 'signal': process.signal, 'duration': process.duration,

@@ -16,9 +16,21 @@ the zygote's child, not the agent's: the zygote reports its exit. If the zygote 
 processes it forked are killed (their status is then SIGKILL's) and the next call starts a new
 one. An interpreter whose zygote does not start (not a Python 3.6 or later, or not within
 :data:`START_TIMEOUT`) is run cold from then on, and the log says why once.
+
+A call may also name libraries to preload (:class:`~negotiator_common.preload.Preload`: a zip
+archive, and the modules to import from it). Its program then runs in a process forked from a
+*zygote of those libraries*: a process forked from the interpreter's zygote, which imported
+them from the agent's copy of the archive (in the zygote's own directory) and then serves as a
+zygote itself. There is one per (interpreter, archive, modules), at most :data:`MAX_PRELOADED` in
+all: to start another, the one used least recently and running nothing ends; when all run
+something, the program runs in the interpreter's zygote without the libraries. A module that
+fails to import is left out (the program imports it itself). Libraries whose import starts a
+thread (a process forked from a threaded one may inherit a held lock), or whose zygote does not
+start, are not preloaded again until the agent restarts.
 """
 
 import array
+import collections
 import errno
 import json
 import os
@@ -28,21 +40,29 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence, Tuple
 
 from negotiator_common.deadline import Deadline
 from negotiator_common.lazylog import get_logger
 
 if TYPE_CHECKING:  # annotations only: executor is imported when a zygote starts
     from negotiator_common.external import ExternalProgram
+    from negotiator_common.preload import Preload
 
-__all__ = ('WARM_PYTHONS', 'WarmPythons', 'WarmProcess', 'warmable', 'START_TIMEOUT')
+__all__ = ('WARM_PYTHONS', 'WarmPythons', 'WarmProcess', 'warmable', 'MAX_PRELOADED', 'START_TIMEOUT')
 
 logger = get_logger(__name__)
 
 START_TIMEOUT = 60.0
 """Seconds a zygote may take to import what it preloads (about 2 s in the emulated test guest)."""
+
+MAX_PRELOADED = 6
+"""
+How many zygotes of libraries an agent keeps at most: one per Ansible module that a play uses
+is what they are for, each about 10 MiB beside the interpreter's zygote it shares its memory with.
+"""
 
 _INTERPRETER = re.compile(r'/(?:[^/\0]+/)*(?:[^/\0]+-)?python(?:\d+(?:\.\d+)?)?$')
 _STARTUP_VARIABLES = re.compile(r'^(PYTHON|LC_)|^LANG$')
@@ -141,29 +161,20 @@ class WarmProgram(object):
 
 
 class _Zygote(object):
-    """One warm interpreter: started, asked to fork, and told apart from its children's exits by a reader thread."""
+    """
+    One warm interpreter: asked to fork, and told apart from its children's exits by a reader
+    thread. :meth:`start` starts an interpreter's zygote; :meth:`spawn` makes, from one, a
+    zygote of libraries (its ``parent``), which is the parent's child, not the agent's.
+    """
 
-    def __init__(self, interpreter: str, environment: Dict[str, str]) -> None:
-        from negotiator_common.external import ExternalProgram  # imported lazily, as the runner does
-        source = pkgutil.get_data('negotiator_common', 'zygote.py')
-        if source is None:
-            raise WarmUnavailable('the zygote program is not installed')
+    def __init__(self, interpreter: str, channel: socket.socket, pid: int,
+                 started: 'Optional[Tuple[ExternalProgram, subprocess.Popen]]' = None,
+                 parent: 'Optional[_Zygote]' = None) -> None:
         self.interpreter = interpreter
-        self.socket, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-        self.program: 'ExternalProgram' = ExternalProgram([interpreter, '-c', _BOOTSTRAP, _NAME],
-                                                          environment=environment, directory='/',
-                                                          connect=theirs.fileno(), logger_name=__name__)
-        try:
-            self.process = self.program.start()
-        except OSError as exc:
-            self.socket.close()
-            raise WarmUnavailable('cannot start %s: %s' % (interpreter, exc.strerror or exc)) from exc
-        finally:
-            theirs.close()
-        try:
-            self.socket.send(source)
-        except OSError:
-            pass  # it ended already: waiting for it to be ready says why
+        self.socket = channel
+        self.pid = pid
+        self.started = started
+        self.parent = parent
         self.lock = threading.Lock()
         self.changed = threading.Condition(self.lock)
         self.next_id = 0
@@ -171,10 +182,56 @@ class _Zygote(object):
         self.exits: Dict[int, int] = {}
         self.running: List[int] = []
         self.dead = False
+        self.closing = False
         self.cache: Optional[str] = None
         self.version = self._wait_until_ready()
         self.reader = threading.Thread(target=self._read, name='zygote %s' % interpreter, daemon=True)
         self.reader.start()
+
+    @classmethod
+    def start(cls, interpreter: str, environment: Dict[str, str]) -> '_Zygote':
+        """Start ``interpreter``'s zygote with ``environment``, and wait until it is ready."""
+        from negotiator_common.external import ExternalProgram  # imported lazily, as the runner does
+        source = pkgutil.get_data('negotiator_common', 'zygote.py')
+        if source is None:
+            raise WarmUnavailable('the zygote program is not installed')
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        program = ExternalProgram([interpreter, '-c', _BOOTSTRAP, _NAME], environment=environment, directory='/',
+                                  connect=theirs.fileno(), logger_name=__name__)
+        try:
+            process = program.start()
+        except OSError as exc:
+            ours.close()
+            raise WarmUnavailable('cannot start %s: %s' % (interpreter, exc.strerror or exc)) from exc
+        finally:
+            theirs.close()
+        try:
+            ours.send(source)
+        except OSError:
+            pass  # it ended already: waiting for it to be ready says why
+        return cls(interpreter, ours, process.pid, started=(program, process))
+
+    def spawn(self, preload: 'Preload', key: str) -> '_Zygote':
+        """A zygote of libraries: a process of this zygote that has imported ``preload``'s modules."""
+        if self.cache is None:
+            raise WarmUnavailable('the warm %s has no directory for archives' % self.interpreter)
+        archive = os.path.join(self.cache, 'preload-%s.zip' % key)
+        try:
+            if not os.path.exists(archive):
+                with tempfile.NamedTemporaryFile(dir=self.cache, delete=False) as handle:
+                    handle.write(preload.archive)
+                os.rename(handle.name, archive)
+        except OSError as exc:
+            raise WarmUnavailable('cannot keep the archive in %s: %s' % (self.cache, exc)) from exc
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            reply = self._ask({'preload': {'archive': archive, 'modules': list(preload.modules)}}, [theirs.fileno()])
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return _Zygote(self.interpreter, ours, reply['pid'], parent=self)
 
     def _wait_until_ready(self) -> str:
         self.socket.settimeout(START_TIMEOUT)
@@ -192,26 +249,38 @@ class _Zygote(object):
         if not isinstance(ready, dict) or 'ready' not in ready:
             ready, reason = {'ready': None}, 'it said %r' % data[:200]
         version, cache = ready['ready'], ready.get('cache')
-        if isinstance(cache, str) and os.path.basename(cache).startswith(_NAME):
-            self.cache = cache
+        if self.parent is None and isinstance(cache, str) and os.path.basename(cache).startswith(_NAME):
+            self.cache = cache  # the interpreter's zygote's: its zygotes of libraries use it, and never remove it
         if not (isinstance(version, list) and len(version) == 2):
+            error = ready.get('error')
+            if isinstance(error, str):
+                reason = error[:500]
             raise WarmUnavailable('%s cannot be a warm Python: %s%s' % (self.interpreter, reason, self._bury()))
         return '%s.%s' % tuple(version)
 
     def _bury(self) -> str:
         """Close, kill if need be and wait for the zygote; the end of what it wrote on its standard error."""
         self.socket.close()
-        if self.process.poll() is None:
-            self.process.kill()
-        self.process.wait()
+        if self.parent is not None:  # its parent waits for it; it writes nothing where the agent reads
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+            self.parent.wait_for(self.pid, START_TIMEOUT)
+            return ''
+        assert self.started is not None
+        program, process = self.started
+        if process.poll() is None:
+            process.kill()
+        process.wait()
         if self.cache is not None:  # the zygote removes it as it ends, but not if it was killed
             shutil.rmtree(self.cache, ignore_errors=True)
-        stderr = self.process.stderr
+        stderr = process.stderr
         try:
             text = stderr.read().decode('utf-8', 'replace').strip() if stderr is not None else ''
         except (OSError, ValueError):
             text = ''
-        self.program.close()
+        program.close()
         return '; it said: %s' % text[-500:] if text else ''
 
     def fork(self, directory: str, environment: Dict[str, str], mark: Optional[str]) -> WarmProcess:
@@ -223,28 +292,7 @@ class _Zygote(object):
         stdin, stdout, stderr = os.pipe(), os.pipe(), os.pipe()
         theirs, ours = (stdin[0], stdout[1], stderr[1]), (stdin[1], stdout[0], stderr[0])
         try:
-            with self.lock:
-                if self.dead:
-                    raise WarmUnavailable('the warm %s ended' % self.interpreter)
-                self.next_id += 1
-                request_id = self.next_id
-                request = {'id': request_id, 'cwd': directory, 'env': environment, 'mark': mark}
-                message = json.dumps(request).encode('utf-8')
-                try:
-                    self.socket.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', theirs))])
-                except OSError as exc:
-                    raise WarmUnavailable('the warm %s is gone: %s' % (self.interpreter, exc)) from exc
-                deadline = Deadline(START_TIMEOUT)
-                while request_id not in self.replies and not self.dead and not deadline.expired:
-                    self.changed.wait(deadline.remaining())
-                reply = self.replies.pop(request_id, None)
-                if reply is None:  # a process it forks later reads an input that has ended, and exits
-                    raise WarmUnavailable('the warm %s %s' % (self.interpreter, 'ended' if self.dead else
-                                                              'did not fork within %s s' % START_TIMEOUT))
-                if 'pid' not in reply:
-                    raise OSError(errno.EAGAIN, 'the warm %s could not fork: %s'
-                                  % (self.interpreter, reply.get('error')))
-                self.running.append(reply['pid'])
+            reply = self._ask({'cwd': directory, 'env': environment, 'mark': mark}, theirs)
         except BaseException:
             for fd in ours:
                 os.close(fd)
@@ -253,6 +301,39 @@ class _Zygote(object):
             for fd in theirs:
                 os.close(fd)
         return WarmProcess(self, reply['pid'], ours)
+
+    def _ask(self, request: Dict[str, Any], fds: Sequence[int]) -> Dict[str, Any]:
+        """Send ``request`` with ``fds`` and wait for the zygote's reply: the pid of the process it forked."""
+        with self.lock:
+            if self.dead:
+                raise WarmUnavailable('the warm %s ended' % self.interpreter)
+            self.next_id += 1
+            request_id = self.next_id
+            message = json.dumps(dict(request, id=request_id)).encode('utf-8')
+            try:
+                self.socket.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array('i', fds))])
+            except OSError as exc:
+                raise WarmUnavailable('the warm %s is gone: %s' % (self.interpreter, exc)) from exc
+            deadline = Deadline(START_TIMEOUT)
+            while request_id not in self.replies and not self.dead and not deadline.expired:
+                self.changed.wait(deadline.remaining())
+            reply = self.replies.pop(request_id, None)
+            if reply is None:  # a process it forks later reads an input that has ended, and exits
+                raise WarmUnavailable('the warm %s %s' % (self.interpreter, 'ended' if self.dead else
+                                                          'did not fork within %s s' % START_TIMEOUT))
+            if 'pid' not in reply:
+                raise OSError(errno.EAGAIN, 'the warm %s could not fork: %s' % (self.interpreter, reply.get('error')))
+            self.running.append(reply['pid'])
+            return reply
+
+    def close(self) -> None:
+        """End the zygote (its reader says so), and with it the programs it is running."""
+        self.closing = True
+        try:
+            self.socket.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass  # ended already
+        self.reader.join()
 
     def wait_for(self, pid: int, timeout: Optional[float]) -> Optional[int]:
         """The wait status of ``pid`` once it has ended, else None after ``timeout`` seconds (None: no limit)."""
@@ -297,24 +378,32 @@ class _Zygote(object):
                         pass
                     self.exits[pid] = signal.SIGKILL  # the wait status of a process killed by SIGKILL
             self.changed.notify_all()
-        logger.warning("The warm %s ended%s", self.interpreter, self._bury())
+        said = self._bury()
+        what = 'warm %s' % self.interpreter if self.parent is None else 'zygote of libraries of %s' % self.interpreter
+        if self.closing:
+            logger.info("Closed the %s%s", what, said)
+        else:
+            logger.warning("The %s ended%s", what, said)
 
 
 class WarmPythons(object):
-    """The zygotes of an agent, one per interpreter path, each started at its first use."""
+    """The zygotes of an agent: one per interpreter path, each started at its first use, and those of libraries."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._zygotes: Dict[str, _Zygote] = {}
         self._refused: Dict[str, str] = {}
+        self._preloaded: 'collections.OrderedDict[Tuple[str, str], _Zygote]' = collections.OrderedDict()
+        self._refused_preloads: Dict[Tuple[str, str], str] = {}
 
     def start(self, interpreter: str, directory: str, environment: Dict[str, str],
-              zygote_environment: Dict[str, str],
-              mark: Optional[str] = None) -> Optional[Tuple[WarmProgram, WarmProcess]]:
+              zygote_environment: Dict[str, str], mark: Optional[str] = None,
+              preload: 'Optional[Preload]' = None) -> Optional[Tuple[WarmProgram, WarmProcess]]:
         """
         Fork a process of ``interpreter``'s zygote (started now with ``zygote_environment`` if
-        it is not running); None if that interpreter cannot be warm, and the program must start
-        cold. ``mark``: the variable of ``environment`` that the process also writes over its
+        it is not running), or of its zygote of ``preload``'s libraries (made now if need be and
+        possible); None if that interpreter cannot be warm, and the program must start cold.
+        ``mark``: the variable of ``environment`` that the process also writes over its
         inherited one (``zygote_environment`` holds it with a value of the same length).
         """
         with self._lock:
@@ -323,13 +412,15 @@ class WarmPythons(object):
                 if interpreter in self._refused:
                     return None
                 try:
-                    zygote = _Zygote(interpreter, zygote_environment)
+                    zygote = _Zygote.start(interpreter, zygote_environment)
                 except WarmUnavailable as exc:
                     logger.warning("Running %s cold from now on: %s", interpreter, exc)
                     self._refused[interpreter] = str(exc)
                     return None
                 logger.info("Started a warm Python %s (%s)", zygote.version, interpreter)
                 self._zygotes[interpreter] = zygote
+            if preload is not None:
+                zygote = self._with_libraries(zygote, preload)
         try:
             process = zygote.fork(directory, environment, mark)
         except WarmUnavailable as exc:
@@ -337,17 +428,49 @@ class WarmPythons(object):
             return None
         return WarmProgram(process), process
 
+    def _with_libraries(self, zygote: _Zygote, preload: 'Preload') -> _Zygote:
+        """The zygote of ``preload``'s libraries made from ``zygote``, or ``zygote`` itself when there cannot be one."""
+        key = (zygote.interpreter, preload.key)
+        preloaded = self._preloaded.get(key)
+        if preloaded is not None and not preloaded.dead and preloaded.parent is zygote:
+            self._preloaded.move_to_end(key)
+            return preloaded
+        self._preloaded.pop(key, None)
+        if key in self._refused_preloads or not self._room_for_one_more():
+            return zygote
+        try:
+            preloaded = zygote.spawn(preload, key[1])
+        except WarmUnavailable as exc:
+            logger.warning("Not preloading %d modules for %s from now on: %s", len(preload.modules),
+                           zygote.interpreter, exc)
+            self._refused_preloads[key] = str(exc)
+            return zygote
+        logger.info("Preloaded %d modules in a warm %s", len(preload.modules), zygote.interpreter)
+        self._preloaded[key] = preloaded
+        return preloaded
+
+    def _room_for_one_more(self) -> bool:
+        """Whether another zygote of libraries may start: fewer than the most run, or one that runs nothing ends."""
+        for key, preloaded in list(self._preloaded.items()):
+            if preloaded.dead:
+                del self._preloaded[key]
+        if len(self._preloaded) < MAX_PRELOADED:
+            return True
+        for key, preloaded in self._preloaded.items():  # the least recently used first
+            if not preloaded.running:
+                del self._preloaded[key]
+                preloaded.close()
+                return True
+        return False
 
     def close(self) -> None:
         """End every zygote, and with them the programs they are running (as when one dies)."""
         with self._lock:
-            zygotes, self._zygotes = list(self._zygotes.values()), {}
+            zygotes = list(self._preloaded.values()) + list(self._zygotes.values())
+            self._preloaded.clear()
+            self._zygotes = {}
         for zygote in zygotes:
-            try:
-                zygote.socket.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass  # ended already
-            zygote.reader.join()
+            zygote.close()
 
 
 WARM_PYTHONS = WarmPythons()

@@ -21,6 +21,10 @@ socket, one JSON message per packet:
 - the agent sends ``{"id": N, "cwd": PATH, "env": {...}, "mark": NAME}`` with three descriptors (the
   program's standard input, output and error) as ``SCM_RIGHTS``; it forks, and answers
   ``{"id": N, "pid": PID}`` (or ``{"id": N, "error": TEXT}``);
+- the agent may instead send ``{"id": N, "preload": {"archive": PATH, "modules": [NAME, ...]}}``
+  with one descriptor, a new socket of the same kind: it forks a *zygote of libraries*
+  (:func:`_become_a_zygote_of_libraries`), which imports those modules from the archive and
+  then serves that socket as this program serves its own; the answer is the same;
 - when a process it forked ends, it sends ``{"exited": PID, "status": WAITSTATUS}``;
 - at the end of its socket (the agent is gone) it exits; the processes it forked run on.
 
@@ -198,8 +202,8 @@ def _remember_compiled_sources(directory):
     import types
     zipimport = sys.modules.get('zipimport')
     compile_source = getattr(zipimport, '_compile_source', None)
-    if compile_source is None or not hasattr(types.CodeType, 'replace'):
-        return
+    if compile_source is None or not hasattr(types.CodeType, 'replace') or hasattr(compile_source, 'remembered'):
+        return  # nothing to wrap, or wrapped already (in a zygote of libraries)
 
     def renamed(code, filename):
         consts = tuple(renamed(const, filename) if isinstance(const, types.CodeType) else const
@@ -226,6 +230,7 @@ def _remember_compiled_sources(directory):
             pass
         return code
 
+    compile_remembered.remembered = True
     zipimport._compile_source = compile_remembered
 
 
@@ -304,6 +309,58 @@ def _report_exits(channel):
         _send(channel, {'exited': pid, 'status': status})
 
 
+def _become_a_zygote_of_libraries(preload, fds, parent_channel):
+    """
+    In the forked process: import ``preload``'s modules from its archive, then serve the socket
+    received (``fds[0]``) as a zygote; never returns.
+
+    Its standard streams become ``/dev/null`` and it keeps no descriptor of its parent's: the
+    agent reads the end of its parent's socket and standard error when its parent ends, and this
+    process must not hold them open. It forms a process group of its own, so that the agent can
+    kill it with what it is running. It says why it cannot serve in its ready message.
+    """
+    try:
+        os.setpgid(0, 0)
+        signal.set_wakeup_fd(-1)
+        channel = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET, fileno=os.dup(fds[0]))
+        null = os.open(os.devnull, os.O_RDWR)
+        for target in range(3):
+            os.dup2(null, target)
+        parent_channel.close()
+        keep = channel.fileno()
+        os.closerange(3, keep)
+        os.closerange(keep + 1, os.sysconf('SC_OPEN_MAX') if hasattr(os, 'sysconf') else 65536)
+        if _import_preloaded(preload['archive'], preload['modules']):
+            serve(channel)
+        else:
+            _send(channel, {'ready': None, 'error': 'importing the libraries started a thread'})
+    finally:
+        os._exit(0)
+
+
+def _import_preloaded(archive, modules):
+    """
+    Import ``modules`` from ``archive`` (on ``sys.path`` meanwhile); False if that started a thread.
+
+    A module that fails to import is left out, as the standard library's are (:func:`_preload`):
+    a program that needs it imports it itself, and fails as it would in a new interpreter.
+    """
+    if _compiled_cache is not None:
+        _remember_compiled_sources(_compiled_cache)
+    sys.path.insert(0, archive)
+    try:
+        for name in modules:
+            try:
+                __import__(name)
+            except Exception:
+                pass
+    finally:
+        if archive in sys.path:
+            sys.path.remove(archive)
+    threading = sys.modules.get('threading')
+    return threading is None or threading.active_count() == 1
+
+
 def serve(channel):
     """Serve the agent on ``channel`` until it closes it."""
     wake_read, wake_write = os.pipe()
@@ -327,6 +384,8 @@ def serve(channel):
                 _send(channel, {'id': request.get('id'), 'error': str(exc)})
             else:
                 if pid == 0:
+                    if 'preload' in request:
+                        _become_a_zygote_of_libraries(request['preload'], fds, channel)
                     channel.close()
                     _become_the_program(request, fds)
                 _send(channel, {'id': request.get('id'), 'pid': pid})

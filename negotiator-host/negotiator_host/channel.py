@@ -49,6 +49,7 @@ if TYPE_CHECKING:  # discovery is imported when a direct connection needs it: no
     from negotiator_host.discovery import Guest, LibvirtPaths
     from negotiator_host.remote import SshBridge
     from negotiator_common.transfers import LocalFile, Progress
+    from negotiator_common.preload import Preload
 
 __all__ = ('GuestChannel', 'GuestOutcome', 'map_guests', 'daemon_guests', 'connect_socket', 'DEFAULT_TIMEOUT',
            'THROUGH_DAEMON', 'DIRECT', 'REMOTE')
@@ -442,7 +443,8 @@ class GuestChannel(object):
     def exec(self, argv: Sequence[str], input: Optional[InputSource] = None, timeout: Optional[float] = None,
              check: bool = False, stdout: Optional[BinaryIO] = None, stderr: Optional[BinaryIO] = None,
              cwd: Optional[str] = None, env: Optional[Dict[str, str]] = None,
-             max_output: Optional[int] = DEFAULT_MAX_OUTPUT, warm: bool = False) -> ExecuteResult:
+             max_output: Optional[int] = DEFAULT_MAX_OUTPUT, warm: bool = False,
+             preload: 'Optional[Preload]' = None) -> ExecuteResult:
         """
         Run the program ``argv`` (a list; no shell is added: ``['/bin/sh', '-c', SCRIPT]`` is
         the caller's choice) in the guest, in the directory ``cwd`` (default ``/``) with
@@ -457,7 +459,10 @@ class GuestChannel(object):
         agent that offers it (``warm-python`` in its ``hello``) runs the program in a process
         forked from that interpreter with its standard library already imported, which saves
         seconds per program in an emulated guest (``docs/protocol.rst``, "Warm Python");
-        otherwise the interpreter starts as usual.
+        otherwise the interpreter starts as usual. ``preload``
+        (:class:`~negotiator_common.preload.Preload`) adds modules that such a warm Python imports
+        from a zip archive before it forks the program (the connection plugin for Ansible sends a
+        module's ``module_utils`` this way).
 
         >>> GuestChannel('web-1').exec(['/bin/sh', '-c', 'echo $0 | tr a-z A-Z', 'hi']).stdout
         b'HI\\n'
@@ -466,7 +471,8 @@ class GuestChannel(object):
         deadline = Deadline(timeout)
         client = self._connected_client(timeout)
         return client.exec(argv, input=input, timeout=_remaining(deadline), check=check, stdout=stdout,
-                           stderr=stderr, cwd=cwd, env=env, max_output=max_output, warm=warm)
+                           stderr=stderr, cwd=cwd, env=env, max_output=max_output, warm=warm,
+                           preload=preload)
 
 
 class GuestOutcome(object):
