@@ -53,8 +53,9 @@ class FakeChannel(object):
             raise self.hello_error
         return dict(self.agent_info)
 
-    def exec(self, argv, input=None, timeout=None, stdout=None, stderr=None, warm=False):
-        self.calls.append(('exec', list(argv), input, timeout) + (('warm',) if warm else ()))
+    def exec(self, argv, input=None, timeout=None, stdout=None, stderr=None, warm=False, preload=None):
+        self.calls.append(('exec', list(argv), input, timeout) + (('warm',) if warm else ())
+                          + ((preload,) if preload is not None else ()))
         result = self._step('exec') or ExecuteResult('exec', argv, 0)
         stdout.write(b'out:' + (input or b''))
         stderr.write(b'err')
@@ -153,6 +154,50 @@ def test_the_warm_python_is_an_option(connection):
     cmd = "/bin/sh -c '/usr/bin/python3 && sleep 0'"
     connection(ansible_negotiator_warm_python=False).exec_command(cmd, in_data=b'module')
     assert FakeChannel.opened[0].calls[1] == ('exec', ['/bin/sh', '-c', cmd], b'module', 7200.0)
+
+
+def ansiballz(date_time, style='2.19'):
+    """A pipelined module as AnsiballZ makes it: a program with its zip file in base64, stamped ``date_time``."""
+    import base64
+    import io
+    import zipfile
+    written = io.BytesIO()
+    with zipfile.ZipFile(written, 'w', zipfile.ZIP_DEFLATED) as archive:
+        for name, text in (('ansible/__init__.py', ''), ('ansible/module_utils/__init__.py', ''),
+                           ('ansible/module_utils/basic.py', 'X = 1\n'), ('ansible/modules/__init__.py', ''),
+                           ('ansible/modules/ping.py', 'print(1)\n'), ('ansible/module_utils/data.json', '{}')):
+            archive.writestr(zipfile.ZipInfo(name, date_time=date_time), text)
+    encoded = base64.b64encode(written.getvalue()).decode()
+    if style == '2.19':
+        return ("def _ansiballz_main(zip_data): pass\n_ansiballz_main(\nzip_data='%s',\n)\n" % encoded).encode()
+    return ('ZIPDATA = """%s"""\n' % '\n'.join(encoded[i:i + 76] for i in range(0, len(encoded), 76))).encode()
+
+
+def test_a_modules_own_libraries_are_sent_to_preload_the_same_for_every_run_of_the_controller(connection):
+    import io
+    import zipfile
+    cmd = "/bin/sh -c '/usr/bin/python3 && sleep 0'"
+    plugin = connection()
+    for date_time, style in (((2026, 12, 1, 6, 42, 26), '2.19'), ((2026, 12, 1, 7, 0, 1), '2.19'),
+                             ((2025, 1, 2, 3, 4, 6), 'older')):
+        plugin.exec_command(cmd, in_data=ansiballz(date_time, style))
+    calls = FakeChannel.opened[0].calls[1:]
+    assert [call[4] for call in calls] == ['warm'] * 3
+    preloads = [call[5] for call in calls]
+    assert preloads[0].modules == ('ansible.module_utils', 'ansible.module_utils.basic')
+    assert len({preload.key for preload in preloads}) == 1  # the time each run stamps is not part of it
+    archive = zipfile.ZipFile(io.BytesIO(preloads[0].archive))
+    assert sorted(archive.namelist())[-1] == 'ansible/modules/ping.py'  # whole: the module is found beside them
+    assert {entry.date_time for entry in archive.infolist()} == {(1980, 1, 1, 0, 0, 0)}
+
+
+def test_preloading_is_an_option_and_a_program_without_a_zip_file_runs_warm_without(connection):
+    cmd = "/bin/sh -c '/usr/bin/python3 && sleep 0'"
+    module = ansiballz((2026, 12, 1, 6, 42, 26))
+    connection(ansible_negotiator_preload_module_utils=False).exec_command(cmd, in_data=module)
+    connection().exec_command(cmd, in_data=b"zip_data='bm90IGEgemlw'")  # base64, but not of a zip file
+    assert FakeChannel.opened[0].calls[1] == ('exec', ['/usr/bin/python3'], module, 7200.0, 'warm')
+    assert FakeChannel.opened[1].calls[1][4:] == ('warm',)
 
 
 def test_the_command_timeout_and_the_shell_are_options(connection):

@@ -155,7 +155,8 @@ def test_ad_hoc_ping(inventory):
     status, results, output = run_ansible('ansible', inventory, 'ok', '-m', 'ansible.builtin.ping', '-vvv')
     assert status == 0, output
     assert results['ok'][0]['ping'] == 'pong'
-    assert "sleep 0' (warm Python)" in output, output  # the pipelined module ran in the agent's warm Python
+    # The pipelined module ran in the agent's warm Python, which imported its module_utils first.
+    assert "sleep 0' (warm Python, " in output and 'modules of its own preloaded)' in output, output
 
 
 def test_a_missing_guest_is_unreachable_and_an_agent_without_exec_fails_clearly(inventory):

@@ -11,9 +11,11 @@ exec off in that guest (its agent restarts without the switch).
 """
 
 import hashlib
+import io
 import os
 import subprocess
 import sys
+import zipfile
 
 import pytest
 
@@ -26,6 +28,7 @@ from support import result_or_error  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 from negotiator_common.errors import ChannelNotFound, CommandNotAllowed, CommandTimedOut  # noqa: E402
+from negotiator_common.preload import Preload  # noqa: E402
 from negotiator_host import GuestChannel  # noqa: E402
 
 pytestmark = pytest.mark.vm
@@ -72,6 +75,21 @@ def test_a_python_program_runs_warm_in_the_guest_when_asked(guest):
         after = channel.exec(['/usr/bin/python3'], input=program, warm=True)
     assert (cold.exit_status, cold.stdout) == (5, b'cold True\n')
     assert [(result.exit_status, result.stdout) for result in warm + [after]] == [(5, b'warm True\n')] * 3
+
+
+def test_preloaded_libraries_are_imported_once_in_the_guest_before_the_programs_run(guest):
+    written = io.BytesIO()
+    with zipfile.ZipFile(written, 'w') as archive:
+        archive.writestr('probe/__init__.py', '')
+        archive.writestr('probe/lib.py', 'import os\nIMPORTED_IN = os.getpid()\n')
+    preload = Preload(written.getvalue(), ['probe.lib'])
+    program = b"import os, probe.lib\nprint(probe.lib.IMPORTED_IN != os.getpid(), probe.lib.IMPORTED_IN)\n"
+    with GuestChannel(guest.name, direct=True, timeout=120) as channel:
+        runs = [channel.exec(['/usr/bin/python3'], input=program, warm=True, preload=preload) for _ in range(3)]
+        without = channel.exec(['/usr/bin/python3'], input=program, warm=True)
+    assert [result.exit_status for result in runs] == [0] * 3
+    assert len({result.stdout for result in runs}) == 1 and runs[0].stdout.startswith(b'True ')  # one zygote's import
+    assert without.exit_status == 1 and b"No module named 'probe'" in without.stderr
 
 
 def test_pipes_quotes_and_a_non_zero_exit_through_sh_c(guest):

@@ -59,8 +59,8 @@ def archive_of(directory, modules, name='lib.zip'):
 
 def probe_library(directory, imports_log, extra=''):
     """A ``probe.lib`` that writes its pid in ``imports_log`` each time it is imported."""
-    source = ("import os\nIMPORTED_IN = os.getpid()\nwith open(%r, 'a') as log:\n    log.write('%%d\\n' %% IMPORTED_IN)\n%s"
-              % (str(imports_log), extra))
+    source = ("import os\nIMPORTED_IN = os.getpid()\nwith open(%r, 'a') as log:\n"
+              "    log.write('%%d\\n' %% IMPORTED_IN)\n%s" % (str(imports_log), extra))
     return archive_of(directory, {'probe.lib': source})
 
 
