@@ -9,6 +9,7 @@ the ``ansible`` fixture, not by the module: the environments without it collect 
 """
 
 import os
+import shlex
 import subprocess
 import sys
 
@@ -139,21 +140,36 @@ def test_a_pipelined_module_runs_in_a_warm_python(connection, cmd, interpreter):
 @pytest.mark.parametrize('cmd, in_data', [
     ("/bin/sh -c '/usr/bin/python3 && sleep 0'", None),  # not pipelined: the program comes from a file
     ("/bin/sh -c 'LANG=C /usr/bin/python3 && sleep 0'", b'module'),  # a variable set for it
-    ("/bin/sh -c 'sudo -H -S -n  -u root /bin/sh -c '\\''/usr/bin/python3'\\'' && sleep 0'", b'module'),  # become
+    ("/bin/sh -c 'sudo -H -S -n  -u root /bin/sh -c '\"'\"'/usr/bin/python3'\"'\"' && sleep 0'", b'module'),  # become
     ("/bin/sh -c 'python3 && sleep 0'", b'module'),  # not an absolute path
     ("/bin/sh -c '/usr/bin/python3 /tmp/x.py && sleep 0'", b'module'),
     ("/bin/bash -c '/usr/bin/python3 && sleep 0'", b'module'),  # not the shell of the option
-    ("/bin/sh -c '/usr/bin/python3 && sleep 0", b'module'),  # unbalanced quotes
 ])
-def test_anything_but_a_bare_pipelined_interpreter_runs_through_the_shell_as_written(connection, cmd, in_data):
+def test_anything_but_a_bare_pipelined_interpreter_runs_as_a_shells_script(connection, cmd, in_data):
+    # Ansible's EXECUTABLE -c 'SCRIPT' (shlex.quote): the agent runs EXECUTABLE, not a shell that runs it.
     connection().exec_command(cmd, in_data=in_data)
-    assert FakeChannel.opened[0].calls[1] == ('exec', ['/bin/sh', '-c', cmd], in_data, 7200.0)
+    executable, script = cmd.split(' -c ', 1)
+    assert FakeChannel.opened[0].calls[1] == ('exec', [executable, '-c', shlex.split(script)[0]], in_data, 7200.0)
+
+
+@pytest.mark.parametrize('cmd', [
+    "/bin/sh -c '/usr/bin/python3 && sleep 0",  # unbalanced quotes
+    "/bin/sh -c 'sudo -u root /bin/sh -c '\\''/usr/bin/python3'\\'' && sleep 0'",  # not shlex.quote's quoting
+    "/bin/sh -c \"$HOME/x\"",  # the outer shell would expand it
+    "/bin/sh -c 'a' ; rm -rf /tmp/x",  # more than one command
+    "sh -c 'true'",  # looked up in PATH by the outer shell
+    "echo 'a b' | wc -w",
+])
+def test_a_command_line_that_is_not_exactly_ansibles_runs_through_the_shell_as_written(connection, cmd):
+    connection().exec_command(cmd, in_data=b'x')
+    assert FakeChannel.opened[0].calls[1] == ('exec', ['/bin/sh', '-c', cmd], b'x', 7200.0)
 
 
 def test_the_warm_python_is_an_option(connection):
     cmd = "/bin/sh -c '/usr/bin/python3 && sleep 0'"
     connection(ansible_negotiator_warm_python=False).exec_command(cmd, in_data=b'module')
-    assert FakeChannel.opened[0].calls[1] == ('exec', ['/bin/sh', '-c', cmd], b'module', 7200.0)
+    assert FakeChannel.opened[0].calls[1] == ('exec', ['/bin/sh', '-c', '/usr/bin/python3 && sleep 0'], b'module',
+                                              7200.0)
 
 
 def ansiballz(date_time, style='2.19'):

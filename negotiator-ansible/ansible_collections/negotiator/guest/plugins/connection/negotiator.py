@@ -186,6 +186,24 @@ def pipelined_interpreter(cmd, shell):
     return None
 
 
+def without_outer_shell(cmd):
+    """
+    The argv of ``cmd`` without its outer shell, when ``cmd`` is ``EXECUTABLE -c 'SCRIPT'`` exactly
+    as Ansible builds its commands (``EXECUTABLE + ' -c ' + shlex.quote(SCRIPT)``, EXECUTABLE an
+    absolute path): a shell given that line would only take the quotes off and run EXECUTABLE,
+    so the agent runs ``[EXECUTABLE, '-c', SCRIPT]`` itself and the guest starts one shell, not
+    two. Else None: anything the outer shell would expand runs through it as written.
+    """
+    try:
+        words = shlex.split(cmd)
+    except ValueError:  # unbalanced quotes: not Ansible's
+        return None
+    if len(words) == 3 and words[1] == '-c' and words[0].startswith('/') and cmd == ' '.join(
+            shlex.quote(word) for word in words):
+        return words
+    return None
+
+
 _ZIP_DATA = re.compile(rb"zip_data='([A-Za-z0-9+/=]+)'|ZIPDATA = \"\"\"([A-Za-z0-9+/=\s]+)\"\"\"")
 """Where an AnsiballZ module holds its zip file, in base64: ansible-core 2.19's keyword, or the older constant."""
 
@@ -282,14 +300,17 @@ class Connection(ConnectionBase):
                                % self.become.name)
         interpreter = pipelined_interpreter(cmd, self.get_option('shell')) if in_data else None
         warm = interpreter is not None and bool(self.get_option('warm_python'))
-        argv = [interpreter] if warm else [self.get_option('shell'), '-c', cmd]
+        argv = [interpreter] if warm else without_outer_shell(cmd) or [self.get_option('shell'), '-c', cmd]
         preload = module_libraries(in_data) if warm and self.get_option('preload_module_utils') else None
         display.vvv('negotiator: exec %s%s' % (cmd, _how_warm(warm, preload)), host=self._guest())
         stdout, stderr = io.BytesIO(), io.BytesIO()
         options = {'preload': preload} if preload is not None else {}
         result = self._call(self._open_channel().exec, argv, input=in_data, warm=warm,
                             timeout=self._command_timeout(), stdout=stdout, stderr=stderr, **options)
-        return exit_status_of_result(result.exit_status, result.signal), stdout.getvalue(), stderr.getvalue()
+        status = exit_status_of_result(result.exit_status, result.signal)
+        display.vvv('negotiator: exit status %d after %.2f s in the guest' % (status, result.duration),
+                    host=self._guest())
+        return status, stdout.getvalue(), stderr.getvalue()
 
     def put_file(self, in_path, out_path):
         """Copy the controller's file ``in_path`` to ``out_path`` in the guest (streamed)."""
