@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence, Tuple
 
 import pytest
 
+from negotiator_common import processes
 from negotiator_common.client import AgentClient
 from negotiator_common.commands import CommandRegistry
 from negotiator_common.dispatcher import Dispatcher
@@ -503,3 +504,23 @@ class StalledFile(object):
 
     def flush(self) -> None:
         pass
+
+
+@pytest.fixture
+def adopting():
+    """Adopt orphans as the daemons do, so that a process that left its group stays findable."""
+    processes.adopt_orphans(True)
+    yield
+    processes.adopt_orphans(False)
+
+
+FORK_AND_ESCAPE = b"""import os, signal
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    signal.pause()
+    os._exit(0)
+print(pid, flush=True)
+signal.pause()
+"""
+"""A Python program whose child leaves the process group without ``exec``: found by the run's marker alone."""

@@ -15,11 +15,12 @@ import zipfile
 
 import pytest
 
-from negotiator_common import processes, warm
+from negotiator_common import warm
 from negotiator_common.preload import Preload
 from negotiator_common.runner import run_process
 from negotiator_common.warm import WarmPythons
 
+from support import FORK_AND_ESCAPE, adopting  # noqa: F401 (adopting: a fixture)
 from waiting import process_alive, wait_until
 
 PYTHON = os.path.realpath(sys.executable)
@@ -152,25 +153,8 @@ def test_libraries_that_start_a_thread_are_not_preloaded_and_the_program_runs_wa
     assert not pythons._preloaded
 
 
-@pytest.fixture
-def adopting():
-    processes.adopt_orphans(True)
-    yield
-    processes.adopt_orphans(False)
-
-
-FORK_AND_ESCAPE = b"""import os, signal
-pid = os.fork()
-if pid == 0:
-    os.setsid()
-    signal.pause()
-    os._exit(0)
-print(pid, flush=True)
-signal.pause()
-"""
-
-
-def test_a_timeout_kills_a_preloaded_program_and_what_it_forked_out_of_its_group(pythons, tmp_path, adopting):
+def test_a_timeout_kills_a_preloaded_program_and_what_it_forked_out_of_its_group(pythons, tmp_path,
+                                                                              adopting):  # noqa: F811 (the fixture)
     preload = Preload(probe_library(tmp_path, tmp_path / 'imports'), ['probe.lib'])
     result, stdout, _ = run(FORK_AND_ESCAPE, preload, timeout=3, kill_grace=1)
     assert result.timed_out and result.signal == signal.SIGTERM

@@ -13,11 +13,10 @@ import threading
 
 import pytest
 
-from negotiator_common import processes
 from negotiator_common.runner import run_process
 from negotiator_common.warm import WARM_PYTHONS, WarmPythons, warmable
 
-from support import write_command
+from support import FORK_AND_ESCAPE, adopting, write_command  # noqa: F401 (adopting: a fixture)
 from waiting import process_alive, wait_until
 
 PYTHON = os.path.realpath(sys.executable)
@@ -115,27 +114,7 @@ def test_calls_at_once_each_get_their_own_process_and_output():
     assert outputs == {number: b'%d\n' % number for number in range(8)}
 
 
-@pytest.fixture
-def adopting():
-    """Adopt orphans as the daemons do, so that a process that left its group stays findable."""
-    processes.adopt_orphans(True)
-    yield
-    processes.adopt_orphans(False)
-
-
-FORK_AND_ESCAPE = b"""import os, signal
-pid = os.fork()
-if pid == 0:
-    os.setsid()
-    signal.pause()
-    os._exit(0)
-print(pid, flush=True)
-signal.pause()
-"""
-"""A program whose child leaves the process group without ``exec``: found by the run's marker alone."""
-
-
-def test_a_timeout_kills_the_warm_program_and_what_it_forked_out_of_its_group(adopting):
+def test_a_timeout_kills_the_warm_program_and_what_it_forked_out_of_its_group(adopting):  # noqa: F811 (the fixture)
     result, stdout, _ = run(FORK_AND_ESCAPE, timeout=3, kill_grace=1)
     assert result.timed_out and result.signal == signal.SIGTERM
     escaped = int(stdout.split()[0])
