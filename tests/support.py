@@ -524,3 +524,14 @@ print(pid, flush=True)
 signal.pause()
 """
 """A Python program whose child leaves the process group without ``exec``: found by the run's marker alone."""
+
+
+def interruptible() -> None:
+    """
+    A ``preexec_fn`` for a CLI that a test interrupts with SIGINT: Ctrl-C's default action, as
+    at a terminal. A shell without job control starts a background command with SIGINT ignored,
+    and its children inherit that (Python then raises no ``KeyboardInterrupt``): the suite
+    started that way must not make the CLI deaf to the test's Ctrl-C.
+    """
+    import signal
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

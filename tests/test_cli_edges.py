@@ -26,7 +26,7 @@ from negotiator_guest import cli as guest_cli
 from negotiator_host.cli import MAX_PENDING_LINE, _LinePrefixer
 
 from fake_libvirt import FakeLibvirt
-from support import start_agents, start_odd_agent
+from support import interruptible, start_agents, start_odd_agent
 from measuring import peak_rss, start_measured
 from waiting import wait_dead, wait_until
 
@@ -307,7 +307,8 @@ def test_a_closed_pipe_ends_quietly_with_141_and_the_guests_commands_end(world, 
 ])
 def test_ctrl_c_cancels_the_calls_in_the_guests_and_exits_130(world, tmp_path, args, guests):
     process = subprocess.Popen(cli_command('-t', '0', '-e', 'sleep-pid %s' % tmp_path, *args),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=world.environ)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=world.environ,
+                               preexec_fn=interruptible)
     try:
         pids = wait_for_pids(tmp_path, guests)
         process.send_signal(signal.SIGINT)

@@ -38,6 +38,7 @@ from e2e_support import (  # noqa: E402
     GUEST_CLI, host_cli_argv, read_log, remove_guests, start_agents, start_host_daemon, stop_host_daemon,
 )
 from measuring import status_kib  # noqa: E402
+from support import interruptible  # noqa: E402
 from waiting import wait_until  # noqa: E402
 
 pytestmark = pytest.mark.vm
@@ -181,7 +182,7 @@ def test_a_hostile_guest_program_is_answered_and_the_host_daemon_stays_small(gue
 
 def test_ctrl_c_ends_the_cli_at_once_and_kills_the_command_in_the_guest(guest, host_daemon):
     cli = subprocess.Popen(host_cli_argv('--timeout', '200', '--execute', 'long 600', guest.name, daemon=host_daemon),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=interruptible)
     try:
         guest.wait_for_console('negotiator-long-started', timeout=60)
         started = time.monotonic()

@@ -22,7 +22,7 @@ from negotiator_host.channel import DIRECT, THROUGH_DAEMON
 from negotiator_host.local_socket import DEFAULT_SOCKET, socket_path
 
 from fake_libvirt import FakeLibvirt
-from support import AGENT_GUESTS, FakeHostDaemon, listening_socket, short_tempdir, start_agents
+from support import AGENT_GUESTS, FakeHostDaemon, interruptible, listening_socket, short_tempdir, start_agents
 from waiting import wait_dead, wait_until
 
 
@@ -363,7 +363,8 @@ def test_the_quick_way_says_a_refusal_once(world):
 def test_the_quick_way_ends_as_the_full_way_and_the_command_ends_too(world, tmp_path, how):
     command = ('flood-pid %s' if how == 'closed pipe' else 'sleep-pid %s') % tmp_path
     process = subprocess.Popen([sys.executable, '-m', 'negotiator_host', '-t', '60', '-e', command, 'alpha'],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=world.fake.environ)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=world.fake.environ,
+                               preexec_fn=interruptible)
     try:
         assert wait_until(lambda: os.listdir(str(tmp_path)), timeout=30)
         if how == 'closed pipe':
