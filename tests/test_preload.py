@@ -101,6 +101,7 @@ def test_each_content_has_its_own_zygote_and_the_least_recently_used_idle_one_ma
         zygotes.append(pythons._preloaded[(PYTHON, preload.key)])
     assert len(set(zygotes)) == 3 and len(pythons._preloaded) == 2
     assert zygotes[0].dead and not process_alive(zygotes[0].pid)  # the first, used least recently, ended
+    assert not os.path.exists(zygotes[0].archive) and os.path.exists(zygotes[2].archive)  # and its archive with it
     assert not zygotes[1].dead and not zygotes[2].dead
     assert run(PROBE, preloads[2])[1] == b'True True True\n'
     assert pythons._preloaded[(PYTHON, preloads[2].key)] is zygotes[2]  # kept, not made again
@@ -171,7 +172,9 @@ def test_a_zygote_of_libraries_that_dies_takes_its_programs_and_the_next_call_ma
     result, _, _ = run(UNTIL_STOPPED, preload)
     assert result.signal == signal.SIGKILL
     assert run(PROBE, preload)[1] == b'True True True\n'
-    assert pythons._preloaded[(PYTHON, preload.key)] is not zygote
+    again = pythons._preloaded[(PYTHON, preload.key)]
+    assert again is not zygote and again.archive != zygote.archive
+    assert not os.path.exists(zygote.archive) and os.path.exists(again.archive)
     assert len((tmp_path / 'imports').read_text().split()) == 2
 
 
@@ -181,8 +184,7 @@ def test_closing_ends_every_zygote_and_their_directory(tmp_path, monkeypatch):
     preload = Preload(probe_library(tmp_path, tmp_path / 'imports'), ['probe.lib'])
     run(PROBE, preload)
     base, preloaded = pythons._zygotes[PYTHON], pythons._preloaded[(PYTHON, preload.key)]
-    archive = os.path.join(base.cache, 'preload-%s.zip' % preload.key)
-    assert os.path.exists(archive)
+    assert os.path.dirname(preloaded.archive) == base.cache and os.path.exists(preloaded.archive)
     pythons.close()
     assert base.dead and preloaded.dead
     assert not process_alive(base.pid) and not process_alive(preloaded.pid)

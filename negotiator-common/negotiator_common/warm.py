@@ -86,6 +86,13 @@ def warmable(argv: List[str], variables: Optional[Dict[str, str]]) -> bool:
             and not any(_STARTUP_VARIABLES.match(name) for name in (variables or {})))
 
 
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 class WarmUnavailable(Exception):
     """The zygote could not start, or died: run the program cold."""
 
@@ -169,8 +176,9 @@ class _Zygote(object):
 
     def __init__(self, interpreter: str, channel: socket.socket, pid: int,
                  started: 'Optional[Tuple[ExternalProgram, subprocess.Popen]]' = None,
-                 parent: 'Optional[_Zygote]' = None) -> None:
+                 parent: 'Optional[_Zygote]' = None, archive: Optional[str] = None) -> None:
         self.interpreter = interpreter
+        self.archive = archive
         self.socket = channel
         self.pid = pid
         self.started = started
@@ -215,12 +223,11 @@ class _Zygote(object):
         """A zygote of libraries: a process of this zygote that has imported ``preload``'s modules."""
         if self.cache is None:
             raise WarmUnavailable('the warm %s has no directory for archives' % self.interpreter)
-        archive = os.path.join(self.cache, 'preload-%s.zip' % key)
-        try:
-            if not os.path.exists(archive):
-                with tempfile.NamedTemporaryFile(dir=self.cache, delete=False) as handle:
-                    handle.write(preload.archive)
-                os.rename(handle.name, archive)
+        try:  # a file of its own, removed when it ends: another of the same content may be starting
+            with tempfile.NamedTemporaryFile(dir=self.cache, prefix='preload-%s-' % key[:16], suffix='.zip',
+                                             delete=False) as handle:
+                archive = handle.name
+                handle.write(preload.archive)
         except OSError as exc:
             raise WarmUnavailable('cannot keep the archive in %s: %s' % (self.cache, exc)) from exc
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -228,10 +235,11 @@ class _Zygote(object):
             reply = self._ask({'preload': {'archive': archive, 'modules': list(preload.modules)}}, [theirs.fileno()])
         except BaseException:
             ours.close()
+            _remove(archive)
             raise
         finally:
             theirs.close()
-        return _Zygote(self.interpreter, ours, reply['pid'], parent=self)
+        return _Zygote(self.interpreter, ours, reply['pid'], parent=self, archive=archive)
 
     def _wait_until_ready(self) -> str:
         self.socket.settimeout(START_TIMEOUT)
@@ -267,6 +275,8 @@ class _Zygote(object):
             except (ProcessLookupError, PermissionError):
                 pass
             self.parent.wait_for(self.pid, START_TIMEOUT)
+            if self.archive is not None:  # what it imported: the warm Python's directory holds no archive for long
+                _remove(self.archive)
             return ''
         assert self.started is not None
         program, process = self.started
