@@ -146,10 +146,45 @@ def test_a_pipelined_module_runs_in_a_warm_python(connection, cmd, interpreter):
     ("/bin/bash -c '/usr/bin/python3 && sleep 0'", b'module'),  # not the shell of the option
 ])
 def test_anything_but_a_bare_pipelined_interpreter_runs_as_a_shells_script(connection, cmd, in_data):
-    # Ansible's EXECUTABLE -c 'SCRIPT' (shlex.quote): the agent runs EXECUTABLE, not a shell that runs it.
+    # Ansible's EXECUTABLE -c 'SCRIPT' (shlex.quote): the agent runs EXECUTABLE, not a shell that runs it,
+    # and the shell ends with its null command where Ansible has it start sleep.
     connection().exec_command(cmd, in_data=in_data)
     executable, script = cmd.split(' -c ', 1)
-    assert FakeChannel.opened[0].calls[1] == ('exec', [executable, '-c', shlex.split(script)[0]], in_data, 7200.0)
+    script = shlex.split(script)[0]
+    assert script.endswith(' && sleep 0')
+    assert FakeChannel.opened[0].calls[1] == ('exec', [executable, '-c', script[:-len('sleep 0')] + ':'], in_data,
+                                              7200.0)
+
+
+@pytest.mark.parametrize('script', [
+    'chmod u+rwx /nonexistent/x && sleep 0',
+    'rm -f -r /nonexistent/x/ > /dev/null 2>&1 && sleep 0',
+    'false && sleep 0',
+    'echo a; exit 3 && sleep 0',
+    'echo a # a comment && sleep 0',
+    "echo 'a && sleep 0",  # unbalanced: the same syntax error
+])
+def test_the_null_command_for_sleep_0_changes_neither_output_nor_exit_status(connection, script):
+    connection().exec_command('/bin/sh -c ' + shlex.quote(script))
+    argv = FakeChannel.opened[0].calls[1][1]
+    assert argv == ['/bin/sh', '-c', script[:-len('sleep 0')] + ':']
+    # Both run for real by the shell that Ansible names: only the program started differs.
+    ran = [subprocess.run(each, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+           for each in (argv, ['/bin/sh', '-c', script])]
+    assert [(done.returncode, done.stdout, done.stderr) for done in ran] == [
+        (ran[1].returncode, ran[1].stdout, ran[1].stderr)] * 2
+
+
+@pytest.mark.parametrize('cmd', [
+    "/bin/sh -c 'sleep() { echo b; }; true && sleep 0'",  # sleep may be a function
+    "/bin/sh -c 'cat <<EOF\nc\nEOF && sleep 0'",  # the line may be in a here-document
+    "/usr/bin/fish -c 'true && sleep 0'",  # not a POSIX shell: no null command to count on
+    "/bin/sh -c 'sleep 0'",  # the sleep is the command
+    "/bin/sh -c 'true && sleep 1'",
+])
+def test_sleep_stays_where_the_null_command_may_not_mean_the_same(connection, cmd):
+    connection().exec_command(cmd)
+    assert FakeChannel.opened[0].calls[1][1] == shlex.split(cmd)
 
 
 @pytest.mark.parametrize('cmd', [
@@ -168,8 +203,7 @@ def test_a_command_line_that_is_not_exactly_ansibles_runs_through_the_shell_as_w
 def test_the_warm_python_is_an_option(connection):
     cmd = "/bin/sh -c '/usr/bin/python3 && sleep 0'"
     connection(ansible_negotiator_warm_python=False).exec_command(cmd, in_data=b'module')
-    assert FakeChannel.opened[0].calls[1] == ('exec', ['/bin/sh', '-c', '/usr/bin/python3 && sleep 0'], b'module',
-                                              7200.0)
+    assert FakeChannel.opened[0].calls[1] == ('exec', ['/bin/sh', '-c', '/usr/bin/python3 && :'], b'module', 7200.0)
 
 
 def ansiballz(date_time, style='2.19'):
