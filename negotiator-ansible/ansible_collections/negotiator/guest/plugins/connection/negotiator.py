@@ -225,7 +225,7 @@ def with_null_command_for_sleep_0(argv):
     script = argv[2]
     if not script.endswith(_SLEEP_0) or script.count('sleep') != 1 or '<<' in script:
         return argv
-    return [argv[0], '-c', script[:-len('sleep 0')] + ':']
+    return [argv[0], '-c', script[:-len(_SLEEP_0)] + ' && :']
 
 
 def ansibles_shell_command(cmd):
